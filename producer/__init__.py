@@ -1,0 +1,24 @@
+"""qwen-allinone producer: the light client and the job protocol (no torch here)."""
+
+from producer.client import Client
+from producer.errors import (
+    BrokerUnavailable,
+    InvalidRequest,
+    JobNotFound,
+    ProducerError,
+    QueueFull,
+    WaitTimeout,
+)
+from producer.protocol import JobRecord, JobStatus
+
+__all__ = [
+    "BrokerUnavailable",
+    "Client",
+    "InvalidRequest",
+    "JobNotFound",
+    "JobRecord",
+    "JobStatus",
+    "ProducerError",
+    "QueueFull",
+    "WaitTimeout",
+]

@@ -1,0 +1,173 @@
+"""Command line: ``qwen-allinone submit|get|wait|run`` (also ``python -m producer``).
+
+Exit codes: 0 job succeeded (or submitted/found), 1 job ended failed/timed_out/expired,
+2 invalid input, 3 job not found, 4 queue full or broker unreachable, 5 wait timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from producer.client import Client
+from producer.errors import BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, WaitTimeout
+from producer.protocol import LABEL_SETS, JobRecord, JobStatus
+
+EXIT_JOB_FAILED, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_WAIT_TIMEOUT = 1, 2, 3, 4, 5
+
+
+def sentiment_line(record: JobRecord) -> str:
+    sentiment = record.sentiment
+    assert sentiment is not None
+    positive = LABEL_SETS[record.request.options.labels][0]
+    face = "😄" if sentiment.label == positive else "😞"
+    return f"{face} LLM 情感判断: {sentiment.label} (confidence {sentiment.confidence:.2f})"
+
+
+def format_record(record: JobRecord) -> str:
+    lines = [f"job:     {record.job_id}", f"status:  {record.status.value}"]
+    if record.sentiment:
+        lines.append(sentiment_line(record))
+    if record.reply is not None:
+        suffix = "  [truncated at the deadline]" if record.truncated else ""
+        lines.append(f"🤖 reply: {record.reply}{suffix}")
+    if record.error:
+        lines.append(f"error:   {record.error.code.value}: {record.error.message}")
+    t = record.timings
+    steps = [("queue", t.queue_wait_ms), ("sentiment", t.sentiment_ms), ("reply", t.reply_ms), ("total", t.total_ms)]
+    shown = [f"{name} {ms:.0f} ms" for name, ms in steps if ms is not None]
+    if shown:
+        lines.append("timings: " + " · ".join(shown))
+    if record.tokens.generated_tokens is not None:
+        lines.append(
+            f"tokens:  prompt {record.tokens.reply_prompt_tokens} · generated {record.tokens.generated_tokens}"
+        )
+    if record.worker:
+        lines.append(f"worker:  {record.worker} ({record.model_id})")
+    return "\n".join(lines)
+
+
+def _print_record(record: JobRecord, as_json: bool) -> None:
+    print(record.to_json() if as_json else format_record(record))
+
+
+def _final_exit_code(record: JobRecord) -> int:
+    return 0 if record.status is JobStatus.SUCCEEDED else EXIT_JOB_FAILED
+
+
+def _submit(client: Client, args: argparse.Namespace) -> str:
+    return client.submit(
+        args.text,
+        conversation_id=args.conversation_id,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        labels=args.labels,
+    )
+
+
+def cmd_submit(client: Client, args: argparse.Namespace) -> int:
+    job_id = _submit(client, args)
+    print(json.dumps({"job_id": job_id}) if args.json else job_id)
+    return 0
+
+
+def cmd_get(client: Client, args: argparse.Namespace) -> int:
+    record = client.get(args.job_id)
+    if record is None:
+        raise JobNotFound(args.job_id)
+    _print_record(record, args.json)
+    return 0
+
+
+def cmd_wait(client: Client, args: argparse.Namespace) -> int:
+    record = client.wait(args.job_id, timeout=args.timeout)
+    _print_record(record, args.json)
+    return _final_exit_code(record)
+
+
+def cmd_run(client: Client, args: argparse.Namespace) -> int:
+    job_id = _submit(client, args)
+    if not args.json:
+        print(f"job {job_id} queued", file=sys.stderr)
+    shown_status, shown_sentiment, record = JobStatus.QUEUED, False, None
+    for record in client.watch(job_id, timeout=args.timeout):
+        if args.json:
+            continue
+        if record.status is not shown_status and not record.status.is_final:
+            print(f"job {job_id} {record.status.value}", file=sys.stderr)
+            shown_status = record.status
+        if record.sentiment and not shown_sentiment:
+            # Shown as soon as the worker knows it, before the reply exists.
+            print(sentiment_line(record), flush=True)
+            shown_sentiment = True
+    assert record is not None
+    if args.json:
+        print(record.to_json())
+    else:
+        if record.reply is not None:
+            suffix = "  [truncated at the deadline]" if record.truncated else ""
+            print(f"🤖 {record.reply}{suffix}")
+        if record.status is not JobStatus.SUCCEEDED:
+            print(format_record(record), file=sys.stderr)
+    return _final_exit_code(record)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qwen-allinone", description="Submit texts to the qwen-allinone queue and read results."
+    )
+    parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL or redis://127.0.0.1:6379/0)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_job_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("text", help="the user's text")
+        p.add_argument("--conversation-id", help="continue this conversation (its earlier turns are the history)")
+        p.add_argument("--max-new-tokens", type=int, help="longest reply, in tokens (worker default 128)")
+        p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (worker default 0.7)")
+        p.add_argument("--labels", choices=["zh", "en"], default="zh", help="zh: 正面/负面, en: positive/negative")
+
+    def add_common(p: argparse.ArgumentParser, wait: bool = False) -> None:
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        if wait:
+            p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+
+    p = sub.add_parser("submit", help="enqueue a text; print the job id")
+    add_job_args(p)
+    add_common(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("get", help="print a job's current record")
+    p.add_argument("job_id")
+    add_common(p)
+    p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("wait", help="wait until a job is final; print its record")
+    p.add_argument("job_id")
+    add_common(p, wait=True)
+    p.set_defaults(func=cmd_wait)
+
+    p = sub.add_parser("run", help="submit and wait: sentiment first, then the reply")
+    add_job_args(p)
+    add_common(p, wait=True)
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with Client(args.redis_url) as client:
+            return args.func(client, args)
+    except InvalidRequest as err:
+        print(f"invalid input: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    except JobNotFound as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except (QueueFull, BrokerUnavailable) as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except WaitTimeout as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_WAIT_TIMEOUT

@@ -1,0 +1,195 @@
+"""The Python client: submit text, read a job's record, wait for its result."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
+from pydantic import ValidationError
+
+from producer.errors import BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, WaitTimeout
+from producer.protocol import (
+    CELERY_WIRE_CONFIG,
+    TASK_NAME,
+    JobMessage,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    is_job_id,
+    new_job_id,
+)
+from producer.settings import ProducerSettings
+from producer.store import JobStore
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem, each naming the field: ``text: must be at most 2000 characters``."""
+    parts = []
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "request"
+        message = problem["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)
+
+
+class Client:
+    """Submit jobs to the queue and read their records from Redis.
+
+    >>> client = Client("redis://127.0.0.1:6379/0")
+    >>> job_id = client.submit("送餐太慢了，菜都凉了")
+    >>> record = client.wait(job_id, timeout=60)
+    >>> record.sentiment.label, record.reply
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        settings: ProducerSettings | None = None,
+        redis_client: redis.Redis | None = None,
+    ):
+        settings = settings or ProducerSettings()
+        if redis_url is not None:
+            settings = settings.model_copy(update={"redis_url": redis_url})
+        self.settings = settings
+        self._redis = redis_client or redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5, socket_timeout=10
+        )
+        self.store = JobStore(self._redis, settings.result_ttl_s)
+        self._celery = Celery("qwen-allinone-producer", broker=settings.redis_url, set_as_current=False)
+        self._celery.conf.update(
+            CELERY_WIRE_CONFIG,
+            # Fail fast with BrokerUnavailable rather than hang when Redis is down.
+            task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        )
+
+    def close(self) -> None:
+        self._celery.close()
+        self._redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- submit ---
+
+    def submit(
+        self,
+        text: str,
+        *,
+        conversation_id: str | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        labels: str = "zh",
+    ) -> str:
+        """Validate and enqueue one job; return its id.
+
+        Raises InvalidRequest (bad input), QueueFull (MAX_QUEUE jobs waiting) or
+        BrokerUnavailable (Redis unreachable). In each case nothing is written.
+        """
+        request = self._validate(
+            {
+                "text": text,
+                "conversation_id": conversation_id,
+                "options": {"max_new_tokens": max_new_tokens, "temperature": temperature, "labels": labels},
+            }
+        )
+        now = time.time()
+        job_id = new_job_id()
+        message = JobMessage(
+            request=request,
+            submitted_at=now,
+            start_by=now + self.settings.queue_timeout_s,
+            timeout_s=self.settings.job_timeout_s,
+        )
+        record = JobRecord(
+            job_id=job_id,
+            status=JobStatus.QUEUED,
+            request=request,
+            submitted_at=message.submitted_at,
+            start_by=message.start_by,
+            timeout_s=message.timeout_s,
+        )
+        try:
+            depth = self.store.queue_depth()
+            # Check-then-send is not atomic: concurrent submitters can overshoot
+            # MAX_QUEUE by at most their own number, which keeps memory bounded.
+            if depth >= self.settings.max_queue:
+                raise QueueFull(depth, self.settings.max_queue)
+            # The record exists before the message, so a worker never sees a job without one.
+            self.store.put(record)
+            try:
+                self._celery.send_task(
+                    TASK_NAME,
+                    task_id=job_id,
+                    kwargs={"message": message.model_dump(mode="json")},
+                    time_limit=self.settings.hard_time_limit_s,
+                )
+            except BaseException:
+                self.store.delete(job_id)
+                raise
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
+            raise BrokerUnavailable(f"broker unreachable at {self._safe_url()}: {err}") from err
+        return job_id
+
+    def _validate(self, data: dict) -> JobRequest:
+        data["options"] = {k: v for k, v in data["options"].items() if v is not None}
+        try:
+            return JobRequest.model_validate(
+                data, context={"max_input_chars": self.settings.max_input_chars}
+            )
+        except ValidationError as err:
+            raise InvalidRequest(describe_validation_error(err)) from None
+
+    def _safe_url(self) -> str:
+        # Never print a password that may be part of REDIS_URL.
+        pool_kwargs = self._redis.connection_pool.connection_kwargs
+        return f"{pool_kwargs.get('host', '?')}:{pool_kwargs.get('port', '?')}"
+
+    # --- read ---
+
+    def get(self, job_id: str) -> JobRecord | None:
+        """The job's record, or None if the id is unknown or its record expired."""
+        if not is_job_id(job_id):
+            return None
+        try:
+            return self.store.get(job_id)
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            raise BrokerUnavailable(f"broker unreachable at {self._safe_url()}: {err}") from err
+
+    def queue_depth(self) -> int:
+        return self.store.queue_depth()
+
+    def watch(self, job_id: str, timeout: float, poll_interval: float = 0.2) -> Iterator[JobRecord]:
+        """Yield the record each time it changes, until it is final.
+
+        Raises JobNotFound if the record is missing, WaitTimeout after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        last: JobRecord | None = None
+        while True:
+            record = self.get(job_id)
+            if record is None:
+                raise JobNotFound(job_id)
+            if record != last:
+                yield record
+                last = record
+            if record.status.is_final:
+                return
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(job_id, timeout, record.status.value)
+            time.sleep(poll_interval)
+
+    def wait(self, job_id: str, timeout: float = 120.0, poll_interval: float = 0.2) -> JobRecord:
+        """Poll until the job is final and return its record."""
+        record = None
+        for record in self.watch(job_id, timeout, poll_interval):
+            pass
+        assert record is not None
+        return record
+

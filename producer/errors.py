@@ -1,0 +1,46 @@
+"""Errors a producer raises. Each message says what went wrong and what to do."""
+
+from __future__ import annotations
+
+
+class ProducerError(Exception):
+    """Base class of every error raised by the producer."""
+
+
+class InvalidRequest(ProducerError, ValueError):
+    """The request failed validation; nothing was enqueued or written."""
+
+
+class QueueFull(ProducerError):
+    """The queue already holds MAX_QUEUE jobs; nothing was enqueued or written."""
+
+    def __init__(self, depth: int, limit: int):
+        self.depth = depth
+        self.limit = limit
+        super().__init__(
+            f"queue full: {depth} jobs waiting, MAX_QUEUE={limit}; retry later or add workers"
+        )
+
+
+class BrokerUnavailable(ProducerError, ConnectionError):
+    """Redis could not be reached; nothing was enqueued."""
+
+
+class JobNotFound(ProducerError, LookupError):
+    """No record for this job id: never submitted, or expired from the store."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"job {job_id} not found (unknown id, or its record expired)")
+
+
+class WaitTimeout(ProducerError, TimeoutError):
+    """The job did not reach a final status within the wait timeout."""
+
+    def __init__(self, job_id: str, timeout: float, status: str):
+        self.job_id = job_id
+        self.status = status
+        super().__init__(
+            f"job {job_id} still {status} after waiting {timeout:g}s; "
+            "it keeps running: wait again or check it later with `get`"
+        )

@@ -1,0 +1,232 @@
+"""The job protocol: every name, key and message shape shared by producers and workers.
+
+This is the ONE module that defines what travels over Redis. Producers write
+a ``queued`` record and send a Celery message; workers update the record as
+the job runs. Everything is JSON; nothing here imports torch.
+
+Redis key scheme (all keys share ``KEY_PREFIX``):
+
+==========================================  ======  ==========================================
+key                                         type    holds
+==========================================  ======  ==========================================
+``qwen-allinone`` (``QUEUE_NAME``)          list    Celery messages waiting for a worker
+``qwen-allinone:job:<job_id>``              string  the job record (``JobRecord`` as JSON)
+``qwen-allinone:conv:<conversation_id>``    list    earlier turns (``Turn`` as JSON), newest last
+==========================================  ======  ==========================================
+
+Job records and conversations expire ``RESULT_TTL_S`` after their last write.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+# --- names -------------------------------------------------------------------
+
+KEY_PREFIX = "qwen-allinone"
+#: Celery queue; with the Redis transport it is also the key of the list of waiting messages.
+QUEUE_NAME = "qwen-allinone"
+#: Celery task name; producers send by name and never import the worker.
+TASK_NAME = "qwen_allinone.run_job"
+
+
+def job_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:job:{job_id}"
+
+
+def conversation_key(conversation_id: str) -> str:
+    return f"{KEY_PREFIX}:conv:{conversation_id}"
+
+
+def new_job_id() -> str:
+    # UUID4: random, so one client cannot guess another client's job id.
+    return str(uuid.uuid4())
+
+
+def is_job_id(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+# --- limits that are part of the protocol (not deployment settings) -----------
+
+MAX_NEW_TOKENS_LIMIT = 1024
+MAX_TIMEOUT_S = 600.0
+MAX_TEMPERATURE = 2.0
+CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+# --- enums -------------------------------------------------------------------
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    EXPIRED = "expired"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+class ErrorCode(str, enum.Enum):
+    INVALID_REQUEST = "invalid_request"  # the message did not match the protocol
+    MODEL_ERROR = "model_error"  # the model raised while running the job
+    INTERNAL_ERROR = "internal_error"  # anything else inside the worker
+    TIMED_OUT = "timed_out"  # killed by the hard time limit
+    EXPIRED = "expired"  # waited in the queue past its start deadline
+
+
+#: Label sets the classifier can answer with, positive label first.
+LABEL_SETS: dict[str, tuple[str, str]] = {
+    "zh": ("正面", "负面"),
+    "en": ("positive", "negative"),
+}
+LabelSetName = Literal["zh", "en"]
+
+
+# --- request -------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobOptions(_Model):
+    """Per-job options; ``None`` means "the worker's default"."""
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS_LIMIT)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] | None = None
+    labels: LabelSetName = "zh"
+
+
+class JobRequest(_Model):
+    """What a user asks for. ``max_input_chars`` comes in through the validation
+    context (``{"max_input_chars": n}``) because it is a deployment setting."""
+
+    text: str
+    conversation_id: Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)] | None = None
+    options: JobOptions = Field(default_factory=JobOptions)
+
+    @field_validator("text")
+    @classmethod
+    def _check_text(cls, text: str, info: ValidationInfo) -> str:
+        # Control characters (NUL, ESC, ...) carry no meaning for the model and
+        # break terminals and logs; tabs and newlines are kept.
+        text = _CONTROL_CHARS.sub("", text)
+        # Lone surrogates cannot be encoded as UTF-8 and would fail later, in Redis.
+        text = text.encode("utf-8", "replace").decode("utf-8")
+        if not text.strip():
+            raise ValueError("must contain non-whitespace text")
+        limit = (info.context or {}).get("max_input_chars")
+        if limit is not None and len(text) > limit:
+            raise ValueError(f"must be at most {limit} characters (got {len(text)})")
+        return text
+
+
+class JobMessage(_Model):
+    """The body of the Celery message (its kwargs). The job id is the Celery task id."""
+
+    request: JobRequest
+    submitted_at: float
+    #: Epoch seconds by which the job must START, or it is recorded ``expired``.
+    start_by: float
+    #: Seconds the job may run once started; generation stops at this deadline.
+    timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]
+
+
+# --- record ----------------------------------------------------------------------
+
+
+class Sentiment(_Model):
+    label: str
+    #: The model's probability of ``label`` among the label words, in [0, 1].
+    confidence: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Timings(_Model):
+    """Milliseconds per step; ``None`` for a step that has not run."""
+
+    queue_wait_ms: float | None = None
+    sentiment_ms: float | None = None
+    history_ms: float | None = None
+    reply_ms: float | None = None
+    #: From submission to the final status: queue wait plus every step.
+    total_ms: float | None = None
+
+
+class TokenCounts(_Model):
+    sentiment_prompt_tokens: int | None = None
+    reply_prompt_tokens: int | None = None
+    generated_tokens: int | None = None
+
+
+class JobError(_Model):
+    code: ErrorCode
+    message: str
+
+
+class JobRecord(_Model):
+    """The state of one job, as stored in Redis and returned to clients."""
+
+    job_id: str
+    status: JobStatus
+    #: None only for a message that did not match the protocol (recorded as failed).
+    request: JobRequest | None
+    submitted_at: float
+    start_by: float | None = None
+    timeout_s: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    #: How many times a worker has started this job (more than 1 after a redelivery).
+    attempts: int = 0
+    sentiment: Sentiment | None = None
+    reply: str | None = None
+    #: True when the deadline cut the reply short.
+    truncated: bool = False
+    timings: Timings = Field(default_factory=Timings)
+    tokens: TokenCounts = Field(default_factory=TokenCounts)
+    model_id: str | None = None
+    worker: str | None = None
+    error: JobError | None = None
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> JobRecord:
+        return cls.model_validate_json(raw)
+
+
+class Turn(_Model):
+    """One exchange of a conversation, stored for the next turn's history."""
+
+    user: str
+    assistant: str
+
+
+# --- Celery wire format (shared by both ends) -----------------------------------
+
+#: Only JSON crosses the wire: a pickle payload is refused, never deserialized.
+CELERY_WIRE_CONFIG = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+    "task_default_queue": QUEUE_NAME,
+    "task_routes": {TASK_NAME: {"queue": QUEUE_NAME}},
+    # Our own records are the results; Celery's result backend is not used.
+    "task_ignore_result": True,
+}

@@ -1,0 +1,38 @@
+"""Settings shared by producers and workers, read from environment variables.
+
+Every setting has a documented default here and one row in the README's
+settings table. Nothing is read at import time: build ``ProducerSettings()``
+where it is needed (a ``Client``, the CLI, the worker's app factory).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from producer.protocol import MAX_TIMEOUT_S
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class ProducerSettings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    #: Redis holding the queue (Celery broker), the job records and conversations.
+    redis_url: str = DEFAULT_REDIS_URL
+    #: Submissions are refused with QueueFull once this many jobs wait.
+    max_queue: int = Field(1000, ge=1)
+    #: Longest accepted input text, in characters.
+    max_input_chars: int = Field(2000, ge=1)
+    #: Job records and conversation histories expire this long after their last write.
+    result_ttl_s: int = Field(86_400, ge=1)
+    #: Time a job may run once started; generation stops here and the reply is marked truncated.
+    job_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S)
+    #: Time a job may wait in the queue before it is recorded ``expired`` without running.
+    queue_timeout_s: float = Field(600.0, gt=0)
+    #: Celery's hard time limit is job_timeout_s plus this; a job killed by it is ``timed_out``.
+    time_limit_grace_s: float = Field(10.0, gt=0)
+
+    @property
+    def hard_time_limit_s(self) -> float:
+        return self.job_timeout_s + self.time_limit_grace_s

@@ -1,0 +1,79 @@
+"""The Celery app: ``celery -A worker.app worker --concurrency 1 --loglevel INFO``.
+
+This module is the worker's composition root: importing it reads the settings
+from the environment (Celery needs the app object at import) and wires the
+signals that load the model once per pool process. It never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from celery import Celery
+from celery.signals import worker_init, worker_process_init
+
+from producer.protocol import CELERY_WIRE_CONFIG
+from worker.model_source import ModelLoadError
+from worker.settings import WorkerSettings
+from worker.tasks import WorkerRuntime, register
+
+log = logging.getLogger("qwen_allinone.worker")
+
+
+def celery_config(settings: WorkerSettings) -> dict:
+    return {
+        **CELERY_WIRE_CONFIG,
+        "broker_url": settings.redis_url,
+        # One job at a time per worker process; the excess waits in Redis, not in memory.
+        "worker_concurrency": 1,
+        "worker_prefetch_multiplier": 1,
+        # Acknowledge after the job's final record is written; if the worker dies
+        # first, the message goes back to the queue.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_time_limit": settings.hard_time_limit_s,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "broker_connection_retry_on_startup": True,
+    }
+
+
+def create_app(settings: WorkerSettings | None = None) -> Celery:
+    settings = settings or WorkerSettings()
+    app = Celery("qwen-allinone")
+    app.conf.update(celery_config(settings))
+    runtime = WorkerRuntime(settings)
+    register(app, runtime)
+    _connect_model_loading(runtime)
+    return app
+
+
+def _connect_model_loading(runtime: WorkerRuntime) -> None:
+    @worker_init.connect(weak=False)
+    def check_model(**_):
+        # In the parent, before forking: resolve MODEL to local files (no torch),
+        # so a bad setting stops the worker here with one line.
+        try:
+            runtime.resolve_model()
+        except ModelLoadError as err:
+            _die(str(err))
+
+    @worker_process_init.connect(weak=False)
+    def load_model(**_):
+        # In each pool process, after the fork: torch is safe to start here.
+        try:
+            runtime.load_engine()
+        except ModelLoadError as err:
+            # Stop the whole worker instead of letting the pool respawn a child that fails again.
+            os.kill(os.getppid(), signal.SIGTERM)
+            _die(str(err))
+
+
+def _die(message: str) -> None:
+    print(f"qwen-allinone worker: cannot start: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+app = create_app()

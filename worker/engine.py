@@ -1,0 +1,207 @@
+"""The model engine: the ONLY module that imports torch and transformers.
+
+``QwenEngine`` holds one causal LM and its tokenizer on an explicit device and
+dtype and does the two jobs of the service. Its outputs are plain dataclasses;
+the task converts them to protocol records at the edge.
+
+User text is never parsed for control tokens: the chat template is rendered
+around placeholders and every message content is tokenized with special tokens
+split, so a user who types ``<|im_end|>`` gets those characters, not the token.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+from producer.protocol import LABEL_SETS
+from worker.model_source import ModelLoadError, ModelSource
+from worker.prompts import REPLY_SYSTEM_PROMPT, classifier_prompt
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Tokens a ChatML message adds around its content: <|im_start|>, role, "\n", <|im_end|>, "\n".
+_MESSAGE_OVERHEAD_TOKENS = 5
+
+
+@dataclass(frozen=True)
+class SentimentResult:
+    label: str
+    #: Probability of ``label`` among the label words (softmax over their scores).
+    confidence: float
+    #: Probability of every label word, in label-set order.
+    probabilities: dict[str, float]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class ReplyResult:
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    #: The deadline stopped generation before EOS or max_new_tokens.
+    truncated: bool
+    #: Earlier turns that fit the history budget and were used.
+    history_turns_used: int
+
+
+class QwenEngine:
+    def __init__(self, model, tokenizer, model_id: str, device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.device = device
+        self.dtype = dtype
+        self.stop_token_ids = _stop_token_ids(tokenizer, model)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        # The first token of each label word, per label set: one forward pass decides.
+        self.label_token_ids = {name: self._label_token_ids(words) for name, words in LABEL_SETS.items()}
+
+    @classmethod
+    def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None) -> QwenEngine:
+        if threads:
+            torch.set_num_threads(threads)
+        # Progress bars would land in the worker log as warnings.
+        transformers_logging.disable_progress_bar()
+        device = torch.device("cpu")
+        torch_dtype = DTYPES[dtype]
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch_dtype, **kwargs)
+        except Exception as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelLoadError(f"MODEL={source.model_id!r} could not be loaded: {reason}") from None
+        if tokenizer.chat_template is None:
+            raise ModelLoadError(f"MODEL={source.model_id!r} has no chat template: a chat model is required")
+        model.to(device=device, dtype=torch_dtype)
+        model.eval()
+        return cls(model, tokenizer, source.model_id, device, torch_dtype)
+
+    # --- the two jobs ---
+
+    @torch.inference_mode()
+    def classify(self, text: str, label_set: str = "zh") -> SentimentResult:
+        """Score the label words as the next token after the classifier prompt."""
+        messages = [{"role": "system", "content": classifier_prompt(label_set)}, {"role": "user", "content": text}]
+        input_ids = self.encode_chat(messages)
+        logits = self.model(torch.tensor([input_ids], device=self.device)).logits[0, -1]
+        label_logits = logits[self.label_token_ids[label_set]].float()
+        probabilities = torch.softmax(label_logits, dim=-1).tolist()
+        words = LABEL_SETS[label_set]
+        best = max(range(len(words)), key=probabilities.__getitem__)
+        return SentimentResult(
+            label=words[best],
+            confidence=probabilities[best],
+            probabilities=dict(zip(words, probabilities)),
+            prompt_tokens=len(input_ids),
+        )
+
+    @torch.inference_mode()
+    def reply(
+        self,
+        text: str,
+        history: list[tuple[str, str]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        deadline: float,
+        history_max_tokens: int,
+    ) -> ReplyResult:
+        """Generate the empathetic reply; stop at EOS, max_new_tokens or ``deadline`` (epoch seconds)."""
+        kept = self.fit_history(history, history_max_tokens)
+        messages = [{"role": "system", "content": REPLY_SYSTEM_PROMPT}]
+        for user, assistant in kept:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": text})
+        input_ids = self.encode_chat(messages)
+
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            return ReplyResult("", len(input_ids), 0, truncated=True, history_turns_used=len(kept))
+        sampling = (
+            {"do_sample": True, "temperature": temperature}
+            if temperature > 0
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        )
+        output = self.model.generate(
+            torch.tensor([input_ids], device=self.device),
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
+            max_new_tokens=max_new_tokens,
+            max_time=remaining,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            **sampling,
+        )
+        new_tokens = output[0, len(input_ids) :].tolist()
+        ended = bool(new_tokens) and new_tokens[-1] in self.stop_token_ids
+        if ended:
+            new_tokens = new_tokens[:-1]
+        truncated = not ended and len(new_tokens) < max_new_tokens
+        return ReplyResult(
+            text=self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
+            prompt_tokens=len(input_ids),
+            generated_tokens=len(new_tokens) + int(ended),
+            truncated=truncated,
+            history_turns_used=len(kept),
+        )
+
+    # --- prompt building ---
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` under the chat template, contents encoded as plain text."""
+        marker = f"\ue000{uuid.uuid4().hex}\ue001"
+        placeholders = [{"role": m["role"], "content": f"{marker}{i}{marker}"} for i, m in enumerate(messages)]
+        rendered = self.tokenizer.apply_chat_template(
+            placeholders, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        pieces = rendered.split(marker)
+        # pieces: template, "0", template, "1", template, ... — odd positions are message indexes.
+        ids: list[int] = []
+        for position, piece in enumerate(pieces):
+            if position % 2:
+                ids += self._encode_text(messages[int(piece)]["content"])
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return ids
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def fit_history(self, history: list[tuple[str, str]], max_tokens: int) -> list[tuple[str, str]]:
+        """The newest turns whose tokens fit ``max_tokens``; older turns are dropped first."""
+        kept: list[tuple[str, str]] = []
+        used = 0
+        for user, assistant in reversed(history):
+            cost = len(self._encode_text(user)) + len(self._encode_text(assistant)) + 2 * _MESSAGE_OVERHEAD_TOKENS
+            if used + cost > max_tokens:
+                break
+            kept.append((user, assistant))
+            used += cost
+        kept.reverse()
+        return kept
+
+    def _label_token_ids(self, words: tuple[str, ...]) -> list[int]:
+        ids = [self._encode_text(word)[0] for word in words]
+        if len(set(ids)) != len(ids):
+            raise ModelLoadError(
+                f"MODEL={self.model_id!r}: the label words {words} share their first token, "
+                "so one forward pass cannot tell them apart"
+            )
+        return ids
+
+
+def _stop_token_ids(tokenizer, model) -> list[int]:
+    ids = []
+    for candidate in (model.generation_config.eos_token_id, tokenizer.eos_token_id,
+                      tokenizer.convert_tokens_to_ids("<|im_end|>")):
+        for token_id in candidate if isinstance(candidate, list) else [candidate]:
+            if isinstance(token_id, int) and token_id >= 0 and token_id not in ids and token_id != tokenizer.unk_token_id:
+                ids.append(token_id)
+    if not ids:
+        raise ModelLoadError("the model defines no end-of-sequence token")
+    return ids

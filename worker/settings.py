@@ -1,0 +1,59 @@
+"""Worker settings: everything the producer knows, plus the model and its limits.
+
+Read from environment variables when the Celery app is created (``worker.app``),
+never at import time. Each field has one row in the README's settings table.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from producer.protocol import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE
+from producer.settings import ProducerSettings
+
+#: The model the original single-process demo used.
+DEFAULT_MODEL = "Qwen/Qwen1.5-0.5B-Chat"
+
+
+def available_cores() -> int:
+    """Cores this process may run on (respects taskset and container cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class WorkerSettings(ProducerSettings):
+    #: Hub id, local model folder, or local .gguf file.
+    model: str = DEFAULT_MODEL
+    #: Weights dtype on the CPU.
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    #: torch intra-op threads; 0 = every core this process may use.
+    torch_threads: int = Field(0, ge=0)
+    #: Reply length when the job does not say.
+    max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    #: Sampling temperature when the job does not say; 0 = greedy.
+    temperature: float = Field(0.7, ge=0.0, le=MAX_TEMPERATURE)
+    #: Earlier turns of a conversation are kept within this many prompt tokens, oldest dropped first.
+    history_max_tokens: int = Field(1024, ge=0)
+    #: At most this many earlier turns are stored per conversation.
+    history_max_turns: int = Field(16, ge=0)
+    #: A message fetched but not acknowledged (its worker died) is redelivered after this long.
+    visibility_timeout_s: int = Field(3600, ge=1)
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_time_limit(self) -> WorkerSettings:
+        # Otherwise Redis would hand a still-running job to a second worker.
+        if self.visibility_timeout_s <= self.hard_time_limit_s:
+            raise ValueError(
+                f"VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must be longer than the hard "
+                f"time limit JOB_TIMEOUT_S + TIME_LIMIT_GRACE_S ({self.hard_time_limit_s:g})"
+            )
+        return self
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or available_cores()

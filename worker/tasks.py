@@ -1,0 +1,247 @@
+"""The job: sentiment first, then the reply, with every state written to Redis.
+
+``run_job`` turns a Celery message into a sequence of record writes:
+``running`` → sentiment known → ``succeeded`` (or ``failed`` / ``expired``).
+The engine is loaded once per pool process (``load_engine``), never in the
+parent before it forks; the parent only writes ``timed_out`` records when the
+hard time limit kills a child.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import redis
+from billiard.exceptions import TimeLimitExceeded
+from celery import Celery, Task
+from pydantic import ValidationError
+
+from producer.client import describe_validation_error
+from producer.protocol import (
+    TASK_NAME,
+    ErrorCode,
+    JobError,
+    JobMessage,
+    JobRecord,
+    JobStatus,
+    Sentiment,
+    Turn,
+)
+from producer.store import JobStore
+from worker.model_source import ModelSource, resolve_model_source
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("qwen_allinone.worker")
+
+#: A job whose worker died this many times while running it is failed, not retried again.
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class WorkerRuntime:
+    """What one worker process holds: settings, the Redis store and (in pool processes) the engine."""
+
+    settings: WorkerSettings
+    source: ModelSource | None = None
+    engine: object | None = None  # worker.engine.QwenEngine; imported lazily to keep torch out of the parent
+    _store: JobStore | None = field(default=None, repr=False)
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=10, socket_timeout=30)
+            self._store = JobStore(client, self.settings.result_ttl_s)
+        return self._store
+
+    def resolve_model(self) -> ModelSource:
+        if self.source is None:
+            self.source = resolve_model_source(self.settings.model)
+        return self.source
+
+    def load_engine(self):
+        if self.engine is None:
+            from worker.engine import QwenEngine  # the only torch import, inside the pool process
+
+            started = time.perf_counter()
+            self.engine = QwenEngine.load(self.resolve_model(), self.settings.dtype, self.settings.threads)
+            log.info(
+                "model %s loaded (dtype=%s, threads=%d) in %.1fs",
+                self.settings.model, self.settings.dtype, self.settings.threads, time.perf_counter() - started,
+            )
+        return self.engine
+
+
+class JobTask(Task):
+    """Celery task class; records ``timed_out`` when the hard time limit kills the job.
+
+    Celery calls ``on_failure`` in the parent process for a hard time limit, so
+    this needs only the store, not the model.
+    """
+
+    runtime: WorkerRuntime  # set by register()
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        if not isinstance(exc, TimeLimitExceeded):
+            return
+        store = self.runtime.store
+        record = store.get(task_id)
+        if record is None or record.status.is_final:
+            return
+        limit = self.runtime.settings.hard_time_limit_s
+        _finish(
+            record,
+            JobStatus.TIMED_OUT,
+            JobError(
+                code=ErrorCode.TIMED_OUT,
+                message=f"killed by the hard time limit ({exc.args[0] if exc.args else limit}s); "
+                "the worker moved on to the next job",
+            ),
+        )
+        store.put(record)
+        _log_outcome(record)
+
+
+def register(app: Celery, runtime: WorkerRuntime) -> Task:
+    @app.task(name=TASK_NAME, bind=True, base=JobTask, runtime=runtime)
+    def run_job(self: JobTask, *args, **kwargs) -> None:
+        # Any arguments are accepted here and checked in run(), so a malformed
+        # message is recorded as failed instead of dying in Celery's argument check.
+        message = kwargs.pop("message", None)
+        unexpected = {f"args[{i}]" for i in range(len(args))} | set(kwargs)
+        run(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
+
+    return run_job
+
+
+def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], hostname: str) -> JobRecord:
+    """Run one job and return its final record (also written to Redis)."""
+    store, settings = runtime.store, runtime.settings
+    record = store.get(job_id)
+    if record is not None and record.status.is_final:
+        # A redelivered message whose job already finished: the client has its one result.
+        log.info("job=%s already %s, skipping redelivered message", job_id, record.status.value)
+        return record
+
+    now = time.time()
+    try:
+        if unexpected:
+            raise ValueError(f"unexpected task arguments: {sorted(unexpected)}")
+        message = JobMessage.model_validate(raw_message, context={"max_input_chars": settings.max_input_chars})
+    except (ValidationError, ValueError) as err:
+        detail = describe_validation_error(err) if isinstance(err, ValidationError) else str(err)
+        record = record or JobRecord(job_id=job_id, status=JobStatus.QUEUED, request=None, submitted_at=now)
+        _finish(record, JobStatus.FAILED, JobError(code=ErrorCode.INVALID_REQUEST, message=f"invalid job message: {detail}"))
+        return _save(store, record)
+
+    record = record or JobRecord(
+        job_id=job_id,
+        status=JobStatus.QUEUED,
+        request=message.request,
+        submitted_at=message.submitted_at,
+        start_by=message.start_by,
+        timeout_s=message.timeout_s,
+    )
+    record.attempts += 1
+    record.worker = hostname
+    if record.attempts > MAX_ATTEMPTS:
+        error = JobError(
+            code=ErrorCode.INTERNAL_ERROR,
+            message=f"the worker died {record.attempts - 1} times while running this job; not retried again",
+        )
+        _finish(record, JobStatus.FAILED, error)
+        return _save(store, record)
+    if now > message.start_by:
+        waited = now - message.submitted_at
+        error = JobError(
+            code=ErrorCode.EXPIRED,
+            message=f"waited {waited:.0f}s in the queue, past its start deadline; not run (QUEUE_TIMEOUT_S)",
+        )
+        _finish(record, JobStatus.EXPIRED, error)
+        return _save(store, record)
+
+    record.status = JobStatus.RUNNING
+    record.started_at = now
+    record.timings.queue_wait_ms = _ms(now - message.submitted_at)
+    store.put(record)
+    try:
+        _run_steps(runtime, record, message, deadline=now + message.timeout_s)
+    except Exception as err:  # one bad job never takes the worker down
+        log.exception("job=%s failed", job_id)
+        code = ErrorCode.INTERNAL_ERROR if isinstance(err, redis.RedisError) else ErrorCode.MODEL_ERROR
+        _finish(record, JobStatus.FAILED, JobError(code=code, message=f"{type(err).__name__}: {err}"[:500]))
+        return _save(store, record)
+    _finish(record, JobStatus.SUCCEEDED)
+    return _save(store, record)
+
+
+def _run_steps(runtime: WorkerRuntime, record: JobRecord, message: JobMessage, deadline: float) -> None:
+    engine, store, settings = runtime.load_engine(), runtime.store, runtime.settings
+    request = message.request
+    record.model_id = engine.model_id
+
+    step = time.perf_counter()
+    sentiment = engine.classify(request.text, request.options.labels)
+    record.timings.sentiment_ms = _ms(time.perf_counter() - step)
+    record.sentiment = Sentiment(label=sentiment.label, confidence=sentiment.confidence)
+    record.tokens.sentiment_prompt_tokens = sentiment.prompt_tokens
+    store.put(record)  # the client can show the sentiment before the reply exists
+
+    step = time.perf_counter()
+    turns = store.load_turns(request.conversation_id, settings.history_max_turns) if request.conversation_id else []
+    record.timings.history_ms = _ms(time.perf_counter() - step)
+
+    step = time.perf_counter()
+    reply = engine.reply(
+        request.text,
+        [(turn.user, turn.assistant) for turn in turns],
+        max_new_tokens=request.options.max_new_tokens or settings.max_new_tokens,
+        temperature=settings.temperature if request.options.temperature is None else request.options.temperature,
+        deadline=deadline,
+        history_max_tokens=settings.history_max_tokens,
+    )
+    record.timings.reply_ms = _ms(time.perf_counter() - step)
+    record.reply = reply.text
+    record.truncated = reply.truncated
+    record.tokens.reply_prompt_tokens = reply.prompt_tokens
+    record.tokens.generated_tokens = reply.generated_tokens
+    if request.conversation_id and settings.history_max_turns:
+        # Stored before the record turns final, so a client's next turn always sees it.
+        store.append_turn(request.conversation_id, Turn(user=request.text, assistant=reply.text), settings.history_max_turns)
+
+
+def _finish(record: JobRecord, status: JobStatus, error: JobError | None = None) -> None:
+    record.status = status
+    record.error = error
+    record.finished_at = time.time()
+    record.timings.total_ms = _ms(record.finished_at - record.submitted_at)
+
+
+def _save(store: JobStore, record: JobRecord) -> JobRecord:
+    store.put(record)
+    _log_outcome(record)
+    return record
+
+
+def _log_outcome(record: JobRecord) -> None:
+    t, n = record.timings, record.tokens
+    log.info(
+        "job=%s status=%s label=%s confidence=%s queue_ms=%s sentiment_ms=%s reply_ms=%s total_ms=%s "
+        "prompt_tokens=%s generated_tokens=%s truncated=%s attempts=%d error=%s",
+        record.job_id,
+        record.status.value,
+        record.sentiment.label if record.sentiment else "-",
+        f"{record.sentiment.confidence:.2f}" if record.sentiment else "-",
+        _fmt(t.queue_wait_ms), _fmt(t.sentiment_ms), _fmt(t.reply_ms), _fmt(t.total_ms),
+        n.reply_prompt_tokens, n.generated_tokens, record.truncated, record.attempts,
+        record.error.code.value if record.error else "-",
+    )
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)
+
+
+def _fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.0f}"
