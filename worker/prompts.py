@@ -16,10 +16,9 @@ CLASSIFIER_PROMPTS: dict[str, str] = {
     ),
 }
 
-REPLY_SYSTEM_PROMPT = (
-    "你是一个温暖、善解人意的助手。先体会用户的感受，再用简短、真诚、有帮助的话回应。"
-    "用用户使用的语言回答。"
-)
+# Chosen by reading greedy replies of Qwen2.5-0.5B-Instruct to a few reviews:
+# "one or two short sentences" kept it from drifting into lists of advice.
+REPLY_SYSTEM_PROMPT = "你是一个温暖、善解人意的助手。请体会用户的感受，用一两句简短、真诚的话回应用户。"
 
 
 def classifier_prompt(label_set: str) -> str:

@@ -1,0 +1,167 @@
+"""Shared fixtures: a real Redis database, a tiny Qwen2 model, real Celery workers.
+
+REDIS_URL defaults to redis://127.0.0.1:6379/15; only that database is
+flushed. Where nothing answers there, a private redis-server is started on a
+free port if the binary is installed; otherwise the session fails with one line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer.client import Client
+from producer.settings import ProducerSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+WORKER_START_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    url = os.environ.get("REDIS_URL", DEFAULT_TEST_REDIS_URL)
+    server = None
+    if not _answers(url):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail(f"no Redis answers at {url} and redis-server is not installed", pytrace=False)
+        port = _free_port()
+        workdir = tmp_path_factory.mktemp("redis")
+        server = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(workdir)],
+            stdout=subprocess.DEVNULL,
+        )
+        url = f"redis://127.0.0.1:{port}/15"
+        deadline = time.monotonic() + 10
+        while not _answers(url):
+            if time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"started redis-server on port {port} but it does not answer", pytrace=False)
+            time.sleep(0.1)
+    # Flushed once, before any worker binds its queue: flushing later would
+    # remove Celery's routing keys from under a running worker.
+    redis.Redis.from_url(url).flushdb()
+    yield url
+    if server is not None:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from tests.support.tiny_model import build_tiny_qwen
+
+    return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+@pytest.fixture
+def make_client(redis_url):
+    """Client factory; keyword arguments override ProducerSettings fields."""
+    clients = []
+
+    def make(**overrides) -> Client:
+        client = Client(settings=ProducerSettings(redis_url=redis_url, **overrides))
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@dataclass
+class WorkerProcess:
+    """A real ``celery worker`` subprocess and its log file."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pool_child_pids(self) -> list[int]:
+        import psutil
+
+        return [child.pid for child in psutil.Process(self.process.pid).children()]
+
+    def wait_for_log(self, needle: str, timeout: float, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while self.log().count(needle) < count:
+            if self.process.poll() is not None:
+                raise AssertionError(f"worker exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {needle!r} in the worker log after {timeout}s:\n{self.log()[-3000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def start_worker(
+    app: str, log_path: Path, env: dict[str, str], *, wait_loaded: bool = True, name: str = "test"
+) -> WorkerProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    log_file = open(log_path, "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", app, "worker", "--concurrency", "1",
+         "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-n", f"{name}-{os.getpid()}@%h"],
+        cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+    )
+    log_file.close()
+    worker = WorkerProcess(process, log_path)
+    if wait_loaded:
+        worker.wait_for_log("ready.", WORKER_START_TIMEOUT_S)
+        worker.wait_for_log(" loaded (dtype=", WORKER_START_TIMEOUT_S)
+    return worker
+
+
+@pytest.fixture(scope="module")
+def worker_env(redis_url, tiny_model_dir) -> dict[str, str]:
+    return {"REDIS_URL": redis_url, "MODEL": str(tiny_model_dir), "TORCH_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def fault_worker(worker_env, tmp_path_factory):
+    """One worker running the production app plus the test fault hooks."""
+    worker = start_worker(
+        "tests.support.fault_app", tmp_path_factory.mktemp("logs") / "fault-worker.log", worker_env, name="fault"
+    )
+    yield worker
+    worker.stop()

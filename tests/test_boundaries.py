@@ -1,0 +1,45 @@
+"""Import boundaries: the producer never pulls in torch, and neither does the worker's parent process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_producer_never_imports_torch():
+    result = _run(
+        "import sys, producer, producer.cli, producer.client, producer.store, producer.protocol\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_worker_app_module_does_not_import_torch_before_fork(tiny_model_dir):
+    # celery imports worker.app in the parent; torch must first start in the pool child.
+    result = _run(
+        "import sys, worker.app\nassert 'torch' not in sys.modules, 'torch imported in the parent'\n",
+        MODEL=str(tiny_model_dir),
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_only_the_engine_imports_torch():
+    offenders = []
+    for path in sorted((ROOT / "worker").glob("*.py")) + sorted((ROOT / "producer").glob("*.py")):
+        if path.name == "engine.py":
+            continue
+        for line in path.read_text().splitlines():
+            stripped = line.strip()
+            if stripped.startswith(("import torch", "from torch", "import transformers", "from transformers")):
+                offenders.append(f"{path.name}: {stripped}")
+    assert offenders == []

@@ -1,0 +1,116 @@
+"""The producer client against fakeredis: validation, admission control, reading, waiting."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import fakeredis
+import pytest
+
+from producer import BrokerUnavailable, Client, InvalidRequest, JobNotFound, JobStatus, QueueFull, WaitTimeout
+from producer.protocol import QUEUE_NAME, JobRecord, job_key, new_job_id
+from producer.settings import ProducerSettings
+
+
+@pytest.fixture
+def fake():
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def client(fake):
+    # The broker URL is never contacted in these tests: they stop before sending.
+    settings = ProducerSettings(redis_url="redis://127.0.0.1:1/0", max_queue=3, max_input_chars=20)
+    with Client(settings=settings, redis_client=fake) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "limit"),
+    [
+        ({"text": ""}, "text", "non-whitespace"),
+        ({"text": "x" * 21}, "text", "at most 20 characters"),
+        ({"text": "ok", "max_new_tokens": 0}, "options.max_new_tokens", "greater than or equal to 1"),
+        ({"text": "ok", "temperature": 5.0}, "options.temperature", "less than or equal to 2"),
+        ({"text": "ok", "labels": "fr"}, "options.labels", "'zh' or 'en'"),
+        ({"text": "ok", "conversation_id": "a b"}, "conversation_id", "pattern"),
+    ],
+)
+def test_bad_input_names_field_and_limit_and_writes_nothing(client, fake, kwargs, field, limit):
+    text = kwargs.pop("text")
+    with pytest.raises(InvalidRequest) as err:
+        client.submit(text, **kwargs)
+    assert str(err.value).startswith(f"{field}: ")
+    assert limit in str(err.value)
+    assert fake.keys("*") == []
+
+
+def test_queue_full_is_refused_and_writes_nothing(client, fake):
+    fake.rpush(QUEUE_NAME, "m1", "m2", "m3")
+    with pytest.raises(QueueFull, match="3 jobs waiting, MAX_QUEUE=3"):
+        client.submit("hello")
+    assert sorted(fake.keys("*")) == [QUEUE_NAME.encode()]
+    assert fake.llen(QUEUE_NAME) == 3
+
+
+def test_get_unknown_or_malformed_id_is_none(client):
+    assert client.get(new_job_id()) is None
+    assert client.get("not-a-job-id") is None
+
+
+def _write(fake, status: JobStatus, **fields) -> JobRecord:
+    record = JobRecord(job_id=new_job_id(), status=status, request={"text": "hi"}, submitted_at=time.time(), **fields)
+    fake.set(job_key(record.job_id), record.to_json())
+    return record
+
+
+def test_get_returns_the_stored_record(client, fake):
+    record = _write(fake, JobStatus.RUNNING)
+    assert client.get(record.job_id) == record
+
+
+def test_wait_unknown_job_raises_not_found(client):
+    with pytest.raises(JobNotFound, match="not found"):
+        client.wait(new_job_id(), timeout=1)
+
+
+def test_wait_times_out_with_the_current_status(client, fake):
+    record = _write(fake, JobStatus.QUEUED)
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout, match="still queued after waiting 0.3s"):
+        client.wait(record.job_id, timeout=0.3, poll_interval=0.05)
+    assert time.monotonic() - started < 2
+
+
+def test_watch_yields_each_change_until_final(client, fake):
+    record = _write(fake, JobStatus.QUEUED)
+
+    def progress():
+        for status in (JobStatus.RUNNING, JobStatus.SUCCEEDED):
+            time.sleep(0.2)
+            fake.set(job_key(record.job_id), record.model_copy(update={"status": status}).to_json())
+
+    thread = threading.Thread(target=progress)
+    thread.start()
+    seen = [r.status for r in client.watch(record.job_id, timeout=5, poll_interval=0.02)]
+    thread.join()
+    assert seen == [JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED]
+
+
+def test_unreachable_broker_is_a_clear_error_not_a_hang():
+    settings = ProducerSettings(redis_url="redis://127.0.0.1:1/0")
+    with Client(settings=settings) as client:
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="broker unreachable at 127.0.0.1:1"):
+            client.submit("hello")
+        with pytest.raises(BrokerUnavailable):
+            client.get(new_job_id())
+    assert time.monotonic() - started < 10
+
+
+def test_password_is_not_printed_in_errors():
+    with Client(settings=ProducerSettings(redis_url="redis://:s3cret@127.0.0.1:1/0")) as client:
+        with pytest.raises(BrokerUnavailable) as err:
+            client.submit("hello")
+    assert "s3cret" not in str(err.value)

@@ -1,0 +1,117 @@
+"""End to end: producer → real Redis → real `celery -A worker.app` subprocess → record → client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from producer.protocol import LABEL_SETS, JobRecord, JobStatus, conversation_key, job_key, new_job_id
+from tests.conftest import ROOT, start_worker
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def worker(worker_env, tmp_path_factory):
+    process = start_worker("worker.app", tmp_path_factory.mktemp("logs") / "worker.log", worker_env, name="main")
+    yield process
+    process.stop()
+
+
+def cli(redis_url, *args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "producer", "--redis-url", redis_url, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_job_succeeds_with_a_complete_record(worker, make_client, redis_client):
+    client = make_client()
+    job_id = client.submit("送餐太慢了，等了两个小时，菜都凉了", max_new_tokens=20)
+    record = client.wait(job_id, timeout=60)
+
+    assert record.status is JobStatus.SUCCEEDED, record.error
+    assert record.sentiment.label in LABEL_SETS["zh"]
+    assert 0.0 <= record.sentiment.confidence <= 1.0
+    assert isinstance(record.reply, str) and record.truncated is False
+    t = record.timings
+    assert all(ms is not None and ms >= 0 for ms in (t.queue_wait_ms, t.sentiment_ms, t.history_ms, t.reply_ms))
+    assert t.total_ms >= t.queue_wait_ms + t.sentiment_ms + t.reply_ms - 1
+    assert record.tokens.sentiment_prompt_tokens > 0 and record.tokens.reply_prompt_tokens > 0
+    assert 1 <= record.tokens.generated_tokens <= 20
+    assert record.model_id == worker_model(worker)
+    assert record.worker.startswith("main-")
+    assert record.attempts == 1 and record.error is None
+    assert record.submitted_at <= record.started_at <= record.finished_at
+    ttl = redis_client.ttl(job_key(job_id))
+    assert 0 < ttl <= client.settings.result_ttl_s
+    assert f"job={job_id} status=succeeded" in worker.log()
+
+
+def worker_model(worker) -> str:
+    for line in worker.log().splitlines():
+        if " loaded (dtype=" in line:
+            return line.split("model ", 1)[1].split(" loaded", 1)[0]
+    raise AssertionError("no model line in the worker log")
+
+
+def test_english_labels(worker, make_client):
+    client = make_client()
+    record = client.wait(client.submit("The food was great", labels="en", max_new_tokens=4), timeout=60)
+    assert record.status is JobStatus.SUCCEEDED
+    assert record.sentiment.label in ("positive", "negative")
+
+
+def test_unknown_job_is_not_found_never_queued(worker, make_client, redis_url):
+    assert make_client().get(new_job_id()) is None
+    result = cli(redis_url, "get", new_job_id())
+    assert result.returncode == 3 and "not found" in result.stderr
+
+
+def test_conversation_history_is_used_for_the_next_turn(worker, make_client, redis_client):
+    client = make_client()
+    text = "我今天很开心"
+    alone = client.wait(client.submit(text, max_new_tokens=8), timeout=60)
+    first = client.wait(client.submit("送餐太慢了", conversation_id="conv-1", max_new_tokens=8), timeout=60)
+    second = client.wait(client.submit(text, conversation_id="conv-1", max_new_tokens=8), timeout=60)
+    assert first.status is second.status is alone.status is JobStatus.SUCCEEDED
+    # Same text, same system prompt: the only difference is turn 1 in the history.
+    assert second.tokens.reply_prompt_tokens > alone.tokens.reply_prompt_tokens
+    stored = [json.loads(t) for t in redis_client.lrange(conversation_key("conv-1"), 0, -1)]
+    assert [t["user"] for t in stored] == ["送餐太慢了", text]
+    assert stored[0]["assistant"] == first.reply
+    # The sentiment never sees the history: same text, same prompt length.
+    assert second.tokens.sentiment_prompt_tokens == alone.tokens.sentiment_prompt_tokens
+
+
+def test_cli_run_prints_sentiment_then_reply(worker, redis_url):
+    result = cli(redis_url, "run", "很快，好吃，味道足，量大", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "LLM 情感判断: " in lines[0] and lines[0].split("LLM 情感判断: ")[1].split()[0] in LABEL_SETS["zh"]
+    assert lines[1].startswith("🤖")
+    assert "queued" in result.stderr
+
+
+def test_cli_submit_get_wait_json(worker, redis_url):
+    submitted = cli(redis_url, "submit", "服务很好", "--json", "--labels", "en")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = json.loads(submitted.stdout)["job_id"]
+    waited = cli(redis_url, "wait", job_id, "--json", "--timeout", "60")
+    assert waited.returncode == 0, waited.stderr
+    record = JobRecord.from_json(waited.stdout)
+    assert record.job_id == job_id and record.status is JobStatus.SUCCEEDED
+    got = cli(redis_url, "get", job_id)
+    assert got.returncode == 0 and "status:  succeeded" in got.stdout
+
+
+def test_cli_bad_input_names_the_field_and_enqueues_nothing(worker, redis_url, make_client):
+    client = make_client()
+    before = client.queue_depth()
+    result = cli(redis_url, "submit", "x" * 2001)
+    assert result.returncode == 2
+    assert "text: must be at most 2000 characters (got 2001)" in result.stderr
+    assert client.queue_depth() == before

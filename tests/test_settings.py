@@ -1,0 +1,64 @@
+"""Settings come from the environment, with documented defaults and checked relations."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from producer.settings import ProducerSettings
+from worker.app import celery_config
+from worker.settings import WorkerSettings, available_cores
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_defaults(monkeypatch):
+    for name in ("REDIS_URL", "MODEL", "DTYPE", "MAX_QUEUE", "JOB_TIMEOUT_S", "TORCH_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    settings = WorkerSettings()
+    assert settings.model == "Qwen/Qwen1.5-0.5B-Chat"
+    assert settings.dtype == "float32"
+    assert settings.max_input_chars == 2000 and settings.max_queue == 1000
+    assert settings.result_ttl_s == 86_400 and settings.job_timeout_s == 30
+    assert settings.threads == available_cores()
+
+
+def test_environment_overrides(monkeypatch):
+    monkeypatch.setenv("MODEL", "/models/qwen")
+    monkeypatch.setenv("DTYPE", "bfloat16")
+    monkeypatch.setenv("MAX_QUEUE", "5")
+    monkeypatch.setenv("TORCH_THREADS", "1")
+    settings = WorkerSettings()
+    assert (settings.model, settings.dtype, settings.max_queue, settings.threads) == ("/models/qwen", "bfloat16", 5, 1)
+
+
+def test_bad_value_names_the_setting(monkeypatch):
+    monkeypatch.setenv("DTYPE", "float8")
+    with pytest.raises(ValidationError, match="dtype"):
+        WorkerSettings()
+
+
+def test_visibility_timeout_must_outlast_the_hard_time_limit():
+    with pytest.raises(ValidationError, match="VISIBILITY_TIMEOUT_S"):
+        WorkerSettings(job_timeout_s=100, time_limit_grace_s=10, visibility_timeout_s=60)
+
+
+def test_celery_config_keeps_delivery_guarantees():
+    settings = WorkerSettings(job_timeout_s=30, time_limit_grace_s=10, visibility_timeout_s=300)
+    conf = celery_config(settings)
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["task_time_limit"] == 40
+    assert conf["broker_transport_options"]["visibility_timeout"] == 300 > conf["task_time_limit"]
+    assert conf["accept_content"] == ["json"]
+
+
+def test_every_setting_is_in_the_readme_table():
+    table = README.read_text()
+    for name in WorkerSettings.model_fields:
+        assert re.search(rf"^\| `{name.upper()}` \|", table, re.M), f"{name.upper()} missing from README"
+    assert set(ProducerSettings.model_fields) <= set(WorkerSettings.model_fields)
