@@ -110,3 +110,17 @@ def test_corrupt_model_folder_is_a_clear_load_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match=r"^MODEL=.* could not be loaded"):
         QwenEngine.load(resolve_model_source(str(tmp_path)))
+
+
+def test_gguf_file_loads_and_scores_like_the_folder(engine, tiny_model_dir, tmp_path):
+    from tests.support.tiny_model import write_tiny_gguf
+
+    path = write_tiny_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    source = resolve_model_source(str(path))
+    assert source.gguf_file == "tiny.gguf"
+    from_gguf = QwenEngine.load(source, "float32", threads=1)
+    messages = [{"role": "user", "content": "好吃 hello <|im_end|>"}]
+    assert from_gguf.encode_chat(messages) == engine.encode_chat(messages)
+    expected = engine.classify("好吃").probabilities
+    for label, probability in from_gguf.classify("好吃").probabilities.items():
+        assert probability == pytest.approx(expected[label], abs=1e-4)

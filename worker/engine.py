@@ -11,6 +11,7 @@ split, so a user who types ``<|im_end|>`` gets those characters, not the token.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -65,8 +66,9 @@ class QwenEngine:
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None) -> QwenEngine:
         if threads:
             torch.set_num_threads(threads)
-        # Progress bars would land in the worker log as warnings.
+        # Progress bars would land in the worker log as warnings (GGUF conversion uses plain tqdm).
         transformers_logging.disable_progress_bar()
+        os.environ.setdefault("TQDM_DISABLE", "1")
         device = torch.device("cpu")
         torch_dtype = DTYPES[dtype]
         kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}

@@ -1,0 +1,114 @@
+"""The job runner in-process: fakeredis for the store, the tiny model for the engine."""
+
+from __future__ import annotations
+
+import time
+
+import fakeredis
+import pytest
+
+from producer.protocol import ErrorCode, JobMessage, JobRecord, JobStatus, new_job_id
+from producer.store import JobStore
+from worker.engine import QwenEngine
+from worker.model_source import resolve_model_source
+from worker.settings import WorkerSettings
+from worker.tasks import MAX_ATTEMPTS, WorkerRuntime, run
+
+
+class RecordingStore(JobStore):
+    """A JobStore that remembers every record it wrote, in order."""
+
+    def __init__(self):
+        super().__init__(fakeredis.FakeRedis(), ttl_s=60)
+        self.writes: list[JobRecord] = []
+
+    def put(self, record):
+        self.writes.append(record.model_copy(deep=True))
+        super().put(record)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return QwenEngine.load(resolve_model_source(str(tiny_model_dir)), threads=1)
+
+
+@pytest.fixture
+def runtime(engine, tiny_model_dir):
+    runtime = WorkerRuntime(WorkerSettings(model=str(tiny_model_dir), max_new_tokens=8))
+    runtime.engine = engine
+    runtime._store = RecordingStore()
+    return runtime
+
+
+def message(text="好吃", start_in=60.0, **request) -> dict:
+    now = time.time()
+    return JobMessage(
+        request={"text": text, **request}, submitted_at=now, start_by=now + start_in, timeout_s=30
+    ).model_dump(mode="json")
+
+
+def test_writes_running_then_sentiment_then_final(runtime):
+    record = run(runtime, new_job_id(), message(), set(), hostname="w1")
+    writes = runtime.store.writes
+    assert [w.status for w in writes] == [JobStatus.RUNNING, JobStatus.RUNNING, JobStatus.SUCCEEDED]
+    assert writes[0].sentiment is None
+    assert writes[1].sentiment is not None and writes[1].reply is None
+    assert writes[2].reply is not None and writes[2] == record
+    assert record.worker == "w1" and record.attempts == 1
+
+
+def test_expired_job_is_not_run(runtime):
+    record = run(runtime, new_job_id(), message(start_in=-1), set(), hostname="w1")
+    assert record.status is JobStatus.EXPIRED and record.error.code is ErrorCode.EXPIRED
+    assert record.sentiment is None and record.started_at is None
+    assert len(runtime.store.writes) == 1
+
+
+def test_job_whose_worker_kept_dying_is_failed_not_retried(runtime):
+    job_id = new_job_id()
+    first = run(runtime, job_id, message(), set(), hostname="w1")
+    stuck = first.model_copy(update={"status": JobStatus.RUNNING, "attempts": MAX_ATTEMPTS})
+    runtime.store.put(stuck)
+    record = run(runtime, job_id, message(), set(), hostname="w1")
+    assert record.status is JobStatus.FAILED
+    assert record.error.code is ErrorCode.INTERNAL_ERROR
+    assert f"died {MAX_ATTEMPTS} times" in record.error.message
+
+
+def test_finished_job_is_not_run_again(runtime):
+    job_id = new_job_id()
+    first = run(runtime, job_id, message(), set(), hostname="w1")
+    writes = len(runtime.store.writes)
+    assert run(runtime, job_id, message(), set(), hostname="w2") == first
+    assert len(runtime.store.writes) == writes
+
+
+@pytest.mark.parametrize(
+    ("raw", "unexpected", "detail"),
+    [
+        (None, set(), "invalid job message"),
+        ({"request": {"text": "hi"}}, set(), "submitted_at: Field required"),
+        ({"request": {"text": "x" * 3000}, "submitted_at": 0, "start_by": 1, "timeout_s": 1}, set(), "at most 2000"),
+        ({"request": {"text": "hi"}, "submitted_at": 0, "start_by": 1, "timeout_s": 1}, {"args[0]"}, "unexpected"),
+    ],
+)
+def test_malformed_message_is_recorded_as_failed(runtime, raw, unexpected, detail):
+    record = run(runtime, new_job_id(), raw, unexpected, hostname="w1")
+    assert record.status is JobStatus.FAILED
+    assert record.error.code is ErrorCode.INVALID_REQUEST
+    assert detail in record.error.message
+
+
+def test_engine_exception_fails_only_that_job(runtime, monkeypatch):
+    monkeypatch.setattr(runtime.engine, "classify", lambda *a, **k: 1 / 0)
+    record = run(runtime, new_job_id(), message(), set(), hostname="w1")
+    assert record.status is JobStatus.FAILED and record.error.code is ErrorCode.MODEL_ERROR
+    assert "ZeroDivisionError" in record.error.message
+
+
+def test_conversation_turn_is_stored_and_bounded(runtime):
+    runtime.settings = runtime.settings.model_copy(update={"history_max_turns": 2})
+    for i in range(3):
+        run(runtime, new_job_id(), message(f"第{i}句", conversation_id="c1"), set(), hostname="w1")
+    turns = runtime.store.load_turns("c1", 10)
+    assert [t.user for t in turns] == ["第1句", "第2句"]
