@@ -22,7 +22,7 @@ from producer.protocol import (
     new_job_id,
 )
 from producer.settings import ProducerSettings
-from producer.store import JobStore
+from producer.store import JobStore, connect_redis
 
 
 def describe_validation_error(err: ValidationError) -> str:
@@ -55,9 +55,7 @@ class Client:
         if redis_url is not None:
             settings = settings.model_copy(update={"redis_url": redis_url})
         self.settings = settings
-        self._redis = redis_client or redis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, socket_timeout=10
-        )
+        self._redis = redis_client or connect_redis(settings.redis_url, retries=2)
         self.store = JobStore(self._redis, settings.result_ttl_s)
         self._celery = Celery("qwen-allinone-producer", broker=settings.redis_url, set_as_current=False)
         self._celery.conf.update(
@@ -128,7 +126,6 @@ class Client:
                     TASK_NAME,
                     task_id=job_id,
                     kwargs={"message": message.model_dump(mode="json")},
-                    time_limit=self.settings.hard_time_limit_s,
                 )
             except BaseException:
                 self.store.delete(job_id)

@@ -27,12 +27,7 @@ class ProducerSettings(BaseSettings):
     #: Job records and conversation histories expire this long after their last write.
     result_ttl_s: int = Field(86_400, ge=1)
     #: Time a job may run once started; generation stops here and the reply is marked truncated.
+    #: Producers ask for it per job; a worker caps it at its own value.
     job_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S)
     #: Time a job may wait in the queue before it is recorded ``expired`` without running.
     queue_timeout_s: float = Field(600.0, gt=0)
-    #: Celery's hard time limit is job_timeout_s plus this; a job killed by it is ``timed_out``.
-    time_limit_grace_s: float = Field(10.0, gt=0)
-
-    @property
-    def hard_time_limit_s(self) -> float:
-        return self.job_timeout_s + self.time_limit_grace_s

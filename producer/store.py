@@ -8,6 +8,8 @@ reader sees either the old or the new version, never half of one.
 from __future__ import annotations
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from producer.protocol import (
     QUEUE_NAME,
@@ -16,6 +18,21 @@ from producer.protocol import (
     conversation_key,
     job_key,
 )
+
+
+def connect_redis(url: str, *, retries: int) -> redis.Redis:
+    """A Redis client that retries a lost connection ``retries`` times with backoff.
+
+    Producers want few retries (a clear BrokerUnavailable quickly); workers want
+    many, so a Redis restart does not fail the job that is running.
+    """
+    return redis.Redis.from_url(
+        url,
+        socket_connect_timeout=5,
+        socket_timeout=30,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
 
 
 class JobStore:

@@ -159,9 +159,10 @@ def worker_env(redis_url, tiny_model_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fault_worker(worker_env, tmp_path_factory):
-    """One worker running the production app plus the test fault hooks."""
+    """One worker running the production app plus the test fault hooks; hard time limit 6 s."""
+    env = {**worker_env, "JOB_TIMEOUT_S": "5", "TIME_LIMIT_GRACE_S": "1"}
     worker = start_worker(
-        "tests.support.fault_app", tmp_path_factory.mktemp("logs") / "fault-worker.log", worker_env, name="fault"
+        "tests.support.fault_app", tmp_path_factory.mktemp("logs") / "fault-worker.log", env, name="fault"
     )
     yield worker
     worker.stop()

@@ -62,9 +62,10 @@ def test_deadline_truncates_the_reply_and_the_worker_moves_on(fault_worker, make
 
 
 def test_hard_time_limit_records_timed_out_and_the_worker_recovers(fault_worker, make_client):
-    client = make_client(job_timeout_s=1.0, time_limit_grace_s=1.0)
-    # One forward pass of 4 s: the deadline cannot stop it, the 2 s hard limit kills it.
-    record = client.wait(client.submit("[[slow=4]] 你好"), timeout=60)
+    client = make_client()
+    # One forward pass of 7 s: the deadline cannot stop it; the worker's hard limit
+    # (JOB_TIMEOUT_S 5 + TIME_LIMIT_GRACE_S 1, see fault_worker) kills it.
+    record = client.wait(client.submit("[[slow=7]] 你好"), timeout=60)
     assert record.status is JobStatus.TIMED_OUT
     assert record.error.code is ErrorCode.TIMED_OUT
     assert record.finished_at is not None

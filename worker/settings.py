@@ -41,6 +41,8 @@ class WorkerSettings(ProducerSettings):
     history_max_tokens: int = Field(1024, ge=0)
     #: At most this many earlier turns are stored per conversation.
     history_max_turns: int = Field(16, ge=0)
+    #: Celery's hard time limit is job_timeout_s plus this; a job killed by it is ``timed_out``.
+    time_limit_grace_s: float = Field(10.0, gt=0)
     #: A message fetched but not acknowledged (its worker died) is redelivered after this long.
     visibility_timeout_s: int = Field(3600, ge=1)
 
@@ -53,6 +55,10 @@ class WorkerSettings(ProducerSettings):
                 f"time limit JOB_TIMEOUT_S + TIME_LIMIT_GRACE_S ({self.hard_time_limit_s:g})"
             )
         return self
+
+    @property
+    def hard_time_limit_s(self) -> float:
+        return self.job_timeout_s + self.time_limit_grace_s
 
     @property
     def threads(self) -> int:

@@ -29,7 +29,7 @@ from producer.protocol import (
     Sentiment,
     Turn,
 )
-from producer.store import JobStore
+from producer.store import JobStore, connect_redis
 from worker.model_source import ModelSource, resolve_model_source
 from worker.settings import WorkerSettings
 
@@ -51,8 +51,8 @@ class WorkerRuntime:
     @property
     def store(self) -> JobStore:
         if self._store is None:
-            client = redis.Redis.from_url(self.settings.redis_url, socket_connect_timeout=10, socket_timeout=30)
-            self._store = JobStore(client, self.settings.result_ttl_s)
+            # About 30 s of retries: a Redis restart does not fail the running job.
+            self._store = JobStore(connect_redis(self.settings.redis_url, retries=20), self.settings.result_ttl_s)
         return self._store
 
     def resolve_model(self) -> ModelSource:
@@ -143,6 +143,9 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
         start_by=message.start_by,
         timeout_s=message.timeout_s,
     )
+    # The worker's own JOB_TIMEOUT_S caps the job: its hard time limit and the
+    # broker's visibility timeout are set from that, not from the producer.
+    record.timeout_s = min(message.timeout_s, settings.job_timeout_s)
     record.attempts += 1
     record.worker = hostname
     if record.attempts > MAX_ATTEMPTS:
@@ -166,7 +169,7 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
     record.timings.queue_wait_ms = _ms(now - message.submitted_at)
     store.put(record)
     try:
-        _run_steps(runtime, record, message, deadline=now + message.timeout_s)
+        _run_steps(runtime, record, message, deadline=now + record.timeout_s)
     except Exception as err:  # one bad job never takes the worker down
         log.exception("job=%s failed", job_id)
         code = ErrorCode.INTERNAL_ERROR if isinstance(err, redis.RedisError) else ErrorCode.MODEL_ERROR
