@@ -1,7 +1,8 @@
 """Command line: ``qwen-allinone submit|get|wait|run`` (also ``python -m producer``).
 
-Exit codes: 0 job succeeded (or submitted/found), 1 job ended failed/timed_out/expired,
-2 invalid input, 3 job not found, 4 queue full or broker unreachable, 5 wait timed out.
+Exit codes: 0 job succeeded (or submitted/found), 1 job ended failed/timed_out/expired
+(or its record is unreadable), 2 invalid input or setting, 3 job not found, 4 queue full
+or broker unreachable, 5 wait timed out.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import json
 import sys
 
 from producer.client import Client
-from producer.errors import BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, WaitTimeout
-from producer.protocol import LABEL_SETS, JobRecord, JobStatus
+from pydantic import ValidationError
+
+from producer.errors import BrokerUnavailable, InvalidRequest, JobNotFound, ProducerError, QueueFull, WaitTimeout
+from producer.protocol import LABEL_SETS, JobRecord, JobStatus, describe_validation_error
 
 EXIT_JOB_FAILED, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_WAIT_TIMEOUT = 1, 2, 3, 4, 5
 
@@ -20,7 +23,8 @@ EXIT_JOB_FAILED, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_WAIT_TIMEO
 def sentiment_line(record: JobRecord) -> str:
     sentiment = record.sentiment
     assert sentiment is not None
-    positive = LABEL_SETS[record.request.options.labels][0]
+    labels = record.request.options.labels if record.request else "zh"
+    positive = LABEL_SETS[labels][0]
     face = "😄" if sentiment.label == positive else "😞"
     return f"{face} LLM 情感判断: {sentiment.label} (confidence {sentiment.confidence:.2f})"
 
@@ -171,3 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except WaitTimeout as err:
         print(str(err), file=sys.stderr)
         return EXIT_WAIT_TIMEOUT
+    except ProducerError as err:  # e.g. a record this version cannot read
+        print(str(err), file=sys.stderr)
+        return EXIT_JOB_FAILED
+    except ValidationError as err:  # a bad environment variable
+        print(f"invalid setting: {describe_validation_error(err)}", file=sys.stderr)
+        return EXIT_INVALID

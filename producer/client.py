@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -14,6 +15,7 @@ from producer.errors import BrokerUnavailable, InvalidRequest, JobNotFound, Queu
 from producer.protocol import (
     CELERY_WIRE_CONFIG,
     TASK_NAME,
+    describe_validation_error,
     JobMessage,
     JobRecord,
     JobRequest,
@@ -23,16 +25,6 @@ from producer.protocol import (
 )
 from producer.settings import ProducerSettings
 from producer.store import JobStore, connect_redis
-
-
-def describe_validation_error(err: ValidationError) -> str:
-    """One line per problem, each naming the field: ``text: must be at most 2000 characters``."""
-    parts = []
-    for problem in err.errors():
-        field = ".".join(str(p) for p in problem["loc"]) or "request"
-        message = problem["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {message}")
-    return "; ".join(parts)
 
 
 class Client:
@@ -55,7 +47,7 @@ class Client:
         if redis_url is not None:
             settings = settings.model_copy(update={"redis_url": redis_url})
         self.settings = settings
-        self._redis = redis_client or connect_redis(settings.redis_url, retries=2)
+        self._redis = redis_client or connect_redis(settings.redis_url, retries=2, socket_timeout=5)
         self.store = JobStore(self._redis, settings.result_ttl_s)
         self._celery = Celery("qwen-allinone-producer", broker=settings.redis_url, set_as_current=False)
         self._celery.conf.update(
@@ -87,8 +79,9 @@ class Client:
     ) -> str:
         """Validate and enqueue one job; return its id.
 
-        Raises InvalidRequest (bad input), QueueFull (MAX_QUEUE jobs waiting) or
-        BrokerUnavailable (Redis unreachable). In each case nothing is written.
+        Raises InvalidRequest (bad input) or QueueFull (MAX_QUEUE jobs waiting)
+        before anything is written, and BrokerUnavailable when Redis cannot be
+        reached (a record written before the failure is removed if Redis allows).
         """
         request = self._validate(
             {
@@ -113,7 +106,7 @@ class Client:
             start_by=message.start_by,
             timeout_s=message.timeout_s,
         )
-        try:
+        with self._broker_errors():
             depth = self.store.queue_depth()
             # Check-then-send is not atomic: concurrent submitters can overshoot
             # MAX_QUEUE by at most their own number, which keeps memory bounded.
@@ -128,10 +121,11 @@ class Client:
                     kwargs={"message": message.model_dump(mode="json")},
                 )
             except BaseException:
-                self.store.delete(job_id)
+                # Best effort: with Redis down the delete fails too, and the
+                # orphan record expires after RESULT_TTL_S.
+                with contextlib.suppress(redis.RedisError):
+                    self.store.delete(job_id)
                 raise
-        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
-            raise BrokerUnavailable(f"broker unreachable at {self._safe_url()}: {err}") from err
         return job_id
 
     def _validate(self, data: dict) -> JobRequest:
@@ -142,6 +136,13 @@ class Client:
             )
         except ValidationError as err:
             raise InvalidRequest(describe_validation_error(err)) from None
+
+    @contextlib.contextmanager
+    def _broker_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
+            raise BrokerUnavailable(f"broker unreachable at {self._safe_url()}: {err}") from err
 
     def _safe_url(self) -> str:
         # Never print a password that may be part of REDIS_URL.
@@ -154,13 +155,12 @@ class Client:
         """The job's record, or None if the id is unknown or its record expired."""
         if not is_job_id(job_id):
             return None
-        try:
+        with self._broker_errors():
             return self.store.get(job_id)
-        except (redis.ConnectionError, redis.TimeoutError) as err:
-            raise BrokerUnavailable(f"broker unreachable at {self._safe_url()}: {err}") from err
 
     def queue_depth(self) -> int:
-        return self.store.queue_depth()
+        with self._broker_errors():
+            return self.store.queue_depth()
 
     def watch(self, job_id: str, timeout: float, poll_interval: float = 0.2) -> Iterator[JobRecord]:
         """Yield the record each time it changes, until it is final.

@@ -26,6 +26,10 @@ class BrokerUnavailable(ProducerError, ConnectionError):
     """Redis could not be reached; nothing was enqueued."""
 
 
+class UnreadableRecord(ProducerError, ValueError):
+    """The value stored under a job key is not a record this version can read."""
+
+
 class JobNotFound(ProducerError, LookupError):
     """No record for this job id: never submitted, or expired from the store."""
 

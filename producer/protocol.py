@@ -24,7 +24,7 @@ import re
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 # --- names -------------------------------------------------------------------
 
@@ -101,7 +101,8 @@ LabelSetName = Literal["zh", "en"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinity are valid in kombu's JSON but would poison a record.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class JobOptions(_Model):
@@ -145,6 +146,12 @@ class JobMessage(_Model):
     start_by: float
     #: Seconds the job may run once started; generation stops at this deadline.
     timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]
+
+    @model_validator(mode="after")
+    def _start_after_submit(self) -> JobMessage:
+        if self.start_by < self.submitted_at:
+            raise ValueError("start_by must not be earlier than submitted_at")
+        return self
 
 
 # --- record ----------------------------------------------------------------------
@@ -213,8 +220,20 @@ class JobRecord(_Model):
 class Turn(_Model):
     """One exchange of a conversation, stored for the next turn's history."""
 
+    #: The job that produced this turn: a redelivered job does not store its turn twice.
+    job_id: str
     user: str
     assistant: str
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem, each naming the field: ``text: must be at most 2000 characters``."""
+    parts = []
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "request"
+        message = problem["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)
 
 
 # --- Celery wire format (shared by both ends) -----------------------------------

@@ -2,15 +2,18 @@
 
 Keys come from ``producer.protocol``; this module is the only place that
 touches them. A record is one JSON string written with a single SET, so a
-reader sees either the old or the new version, never half of one.
+reader sees either the old or the new version, never half of one, and a
+record with a final status is never overwritten.
 """
 
 from __future__ import annotations
 
 import redis
+from pydantic import ValidationError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from producer.errors import UnreadableRecord
 from producer.protocol import (
     QUEUE_NAME,
     JobRecord,
@@ -20,8 +23,8 @@ from producer.protocol import (
 )
 
 
-def connect_redis(url: str, *, retries: int) -> redis.Redis:
-    """A Redis client that retries a lost connection ``retries`` times with backoff.
+def connect_redis(url: str, *, retries: int, socket_timeout: float) -> redis.Redis:
+    """A Redis client that retries a refused or dropped connection ``retries`` times with backoff.
 
     Producers want few retries (a clear BrokerUnavailable quickly); workers want
     many, so a Redis restart does not fail the job that is running.
@@ -29,9 +32,9 @@ def connect_redis(url: str, *, retries: int) -> redis.Redis:
     return redis.Redis.from_url(
         url,
         socket_connect_timeout=5,
-        socket_timeout=30,
+        socket_timeout=socket_timeout,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        retry_on_error=[redis.ConnectionError],
     )
 
 
@@ -43,11 +46,33 @@ class JobStore:
     # --- job records ---
 
     def get(self, job_id: str) -> JobRecord | None:
-        raw = self.redis.get(job_key(job_id))
-        return None if raw is None else JobRecord.from_json(raw)
+        return _parse(job_id, self.redis.get(job_key(job_id)))
 
-    def put(self, record: JobRecord) -> None:
-        self.redis.set(job_key(record.job_id), record.to_json(), ex=self.ttl_s)
+    def put(self, record: JobRecord) -> bool:
+        """Write ``record`` unless the stored one is already final; return whether it was written.
+
+        Two writers can race at the end of a job (the hard time limit writes
+        ``timed_out`` in the worker's parent while the child may still write);
+        the first final status wins.
+        """
+        key = job_key(record.job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    try:
+                        stored = _parse(record.job_id, pipe.get(key))
+                    except UnreadableRecord:
+                        stored = None  # garbage is replaced, never kept
+                    if stored is not None and stored.status.is_final:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.set(key, record.to_json(), ex=self.ttl_s)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
 
     def delete(self, job_id: str) -> None:
         self.redis.delete(job_key(job_id))
@@ -61,13 +86,39 @@ class JobStore:
     # --- conversations ---
 
     def load_turns(self, conversation_id: str, max_turns: int) -> list[Turn]:
+        if max_turns <= 0:
+            return []
         raw = self.redis.lrange(conversation_key(conversation_id), -max_turns, -1)
         return [Turn.model_validate_json(item) for item in raw]
 
     def append_turn(self, conversation_id: str, turn: Turn, max_turns: int) -> None:
+        """Append ``turn`` once: a retried or redelivered job does not store its turn twice."""
+        if max_turns <= 0:
+            return
         key = conversation_key(conversation_id)
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, turn.model_dump_json())
-            pipe.ltrim(key, -max_turns, -1)
-            pipe.expire(key, self.ttl_s)
-            pipe.execute()
+            while True:
+                try:
+                    pipe.watch(key)
+                    last = pipe.lindex(key, -1)
+                    if last is not None and Turn.model_validate_json(last).job_id == turn.job_id:
+                        pipe.unwatch()
+                        return
+                    pipe.multi()
+                    pipe.rpush(key, turn.model_dump_json())
+                    pipe.ltrim(key, -max_turns, -1)
+                    pipe.expire(key, self.ttl_s)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+
+
+def _parse(job_id: str, raw: bytes | None) -> JobRecord | None:
+    if raw is None:
+        return None
+    try:
+        return JobRecord.from_json(raw)
+    except ValidationError as err:
+        raise UnreadableRecord(f"the record of job {job_id} is unreadable: {err.errors()[0]['msg']}") from None
+

@@ -114,3 +114,22 @@ def test_password_is_not_printed_in_errors():
         with pytest.raises(BrokerUnavailable) as err:
             client.submit("hello")
     assert "s3cret" not in str(err.value)
+
+
+def test_failed_send_removes_the_record_it_wrote(fake):
+    # Redis for records answers (fakeredis), the broker does not: the record written
+    # before the send must not stay behind as a job that never runs.
+    settings = ProducerSettings(redis_url="redis://127.0.0.1:1/0")
+    with Client(settings=settings, redis_client=fake) as client:
+        with pytest.raises(BrokerUnavailable):
+            client.submit("hello")
+    assert fake.keys("qwen-allinone:job:*") == []
+
+
+def test_unreadable_record_is_a_clear_error(client, fake):
+    from producer.errors import UnreadableRecord
+
+    job_id = new_job_id()
+    fake.set(job_key(job_id), '{"job_id": "x", "status": "from-the-future"}')
+    with pytest.raises(UnreadableRecord, match=f"record of job {job_id} is unreadable"):
+        client.get(job_id)

@@ -53,6 +53,7 @@ def test_encode_chat_matches_the_template_for_plain_text(engine):
 def test_reply_stops_at_max_new_tokens(engine):
     result = reply(engine, max_new_tokens=5)
     assert 1 <= result.generated_tokens <= 5
+    assert result.truncated is False  # a length stop is not a deadline cut
     assert isinstance(result.text, str)
 
 

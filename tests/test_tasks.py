@@ -24,7 +24,7 @@ class RecordingStore(JobStore):
 
     def put(self, record):
         self.writes.append(record.model_copy(deep=True))
-        super().put(record)
+        return super().put(record)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,9 @@ def runtime(engine, tiny_model_dir):
 
 def message(text="好吃", start_in=60.0, **request) -> dict:
     now = time.time()
+    submitted = now + min(start_in, 0) - 1  # a job that should have started already was submitted earlier
     return JobMessage(
-        request={"text": text, **request}, submitted_at=now, start_by=now + start_in, timeout_s=30
+        request={"text": text, **request}, submitted_at=submitted, start_by=now + start_in, timeout_s=30
     ).model_dump(mode="json")
 
 
@@ -65,11 +66,11 @@ def test_expired_job_is_not_run(runtime):
 
 
 def test_job_whose_worker_kept_dying_is_failed_not_retried(runtime):
-    job_id = new_job_id()
-    first = run(runtime, job_id, message(), set(), hostname="w1")
-    stuck = first.model_copy(update={"status": JobStatus.RUNNING, "attempts": MAX_ATTEMPTS})
+    job_id, raw = new_job_id(), message()
+    stuck = JobRecord(job_id=job_id, status=JobStatus.RUNNING, request=raw["request"],
+                      submitted_at=raw["submitted_at"], attempts=MAX_ATTEMPTS)
     runtime.store.put(stuck)
-    record = run(runtime, job_id, message(), set(), hostname="w1")
+    record = run(runtime, job_id, raw, set(), hostname="w1")
     assert record.status is JobStatus.FAILED
     assert record.error.code is ErrorCode.INTERNAL_ERROR
     assert f"died {MAX_ATTEMPTS} times" in record.error.message
@@ -86,7 +87,9 @@ def test_finished_job_is_not_run_again(runtime):
 @pytest.mark.parametrize(
     ("raw", "unexpected", "detail"),
     [
-        (None, set(), "invalid job message"),
+        (None, set(), "valid dictionary"),
+        ({"request": {"text": "hi"}, "submitted_at": "NaN", "start_by": 1, "timeout_s": 1}, set(), "finite number"),
+        ({"request": {"text": "hi"}, "submitted_at": 5, "start_by": 1, "timeout_s": 1}, set(), "start_by"),
         ({"request": {"text": "hi"}}, set(), "submitted_at: Field required"),
         ({"request": {"text": "x" * 3000}, "submitted_at": 0, "start_by": 1, "timeout_s": 1}, set(), "at most 2000"),
         ({"request": {"text": "hi"}, "submitted_at": 0, "start_by": 1, "timeout_s": 1}, {"args[0]"}, "unexpected"),
@@ -112,3 +115,40 @@ def test_conversation_turn_is_stored_and_bounded(runtime):
         run(runtime, new_job_id(), message(f"第{i}句", conversation_id="c1"), set(), hostname="w1")
     turns = runtime.store.load_turns("c1", 10)
     assert [t.user for t in turns] == ["第1句", "第2句"]
+
+
+def test_job_whose_worker_died_runs_again_even_past_its_start_deadline(runtime):
+    job_id, raw = new_job_id(), message(start_in=-1)
+    runtime.store.put(JobRecord(job_id=job_id, status=JobStatus.RUNNING, request=raw["request"],
+                                submitted_at=raw["submitted_at"], attempts=1,
+                                sentiment={"label": "正面", "confidence": 0.5}))
+    record = run(runtime, job_id, raw, set(), hostname="w2")
+    assert record.status is JobStatus.SUCCEEDED and record.attempts == 2
+    # The first write of the new attempt does not show the dead attempt's sentiment.
+    restart = [w for w in runtime.store.writes if w.attempts == 2][0]
+    assert restart.status is JobStatus.RUNNING and restart.sentiment is None
+
+
+def test_final_records_are_never_overwritten(runtime):
+    record = run(runtime, new_job_id(), message(), set(), hostname="w1")
+    late = record.model_copy(update={"status": JobStatus.TIMED_OUT})
+    assert runtime.store.put(late) is False
+    assert runtime.store.get(record.job_id).status is JobStatus.SUCCEEDED
+
+
+def test_unreadable_stored_record_is_replaced(runtime):
+    job_id = new_job_id()
+    runtime.store.redis.set(f"qwen-allinone:job:{job_id}", b"\xff not json")
+    assert run(runtime, job_id, message(), set(), hostname="w1").status is JobStatus.SUCCEEDED
+
+
+def test_turn_is_stored_once_and_history_off_stores_nothing(runtime):
+    from producer.protocol import Turn
+
+    turn = Turn(job_id="j1", user="u", assistant="a")
+    runtime.store.append_turn("c2", turn, 4)
+    runtime.store.append_turn("c2", turn, 4)  # a retried write or a redelivered job
+    assert len(runtime.store.load_turns("c2", 4)) == 1
+    assert runtime.store.load_turns("c2", 0) == []
+    runtime.store.append_turn("c3", turn, 0)
+    assert runtime.store.load_turns("c3", 4) == []

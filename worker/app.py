@@ -65,10 +65,10 @@ def _connect_model_loading(runtime: WorkerRuntime) -> None:
         # In each pool process, after the fork: torch is safe to start here.
         try:
             runtime.load_engine()
-        except ModelLoadError as err:
+        except Exception as err:  # ModelLoadError, or anything else the load raised
             # Stop the whole worker instead of letting the pool respawn a child that fails again.
             os.kill(os.getppid(), signal.SIGTERM)
-            _die(str(err))
+            _die(str(err) if isinstance(err, ModelLoadError) else f"MODEL={runtime.settings.model!r}: {err!r}")
 
 
 def _die(message: str) -> None:

@@ -16,13 +16,17 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as transformers_logging
+# tqdm reads this when first imported; the GGUF conversion's progress bar
+# would otherwise land in the worker log, one warning line per update.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
-from producer.protocol import LABEL_SETS
-from worker.model_source import ModelLoadError, ModelSource
-from worker.prompts import REPLY_SYSTEM_PROMPT, classifier_prompt
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
+from producer.protocol import LABEL_SETS  # noqa: E402
+from worker.model_source import ModelLoadError, ModelSource  # noqa: E402
+from worker.prompts import REPLY_SYSTEM_PROMPT, classifier_prompt  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Tokens a ChatML message adds around its content: <|im_start|>, role, "\n", <|im_end|>, "\n".
@@ -66,9 +70,8 @@ class QwenEngine:
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None) -> QwenEngine:
         if threads:
             torch.set_num_threads(threads)
-        # Progress bars would land in the worker log as warnings (GGUF conversion uses plain tqdm).
+        # Progress bars would land in the worker log as warnings.
         transformers_logging.disable_progress_bar()
-        os.environ.setdefault("TQDM_DISABLE", "1")
         device = torch.device("cpu")
         torch_dtype = DTYPES[dtype]
         kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}

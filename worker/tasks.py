@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 from billiard.exceptions import TimeLimitExceeded
 from celery import Celery, Task
+from celery.exceptions import Reject
 from pydantic import ValidationError
 
-from producer.client import describe_validation_error
 from producer.protocol import (
     TASK_NAME,
     ErrorCode,
@@ -27,11 +28,17 @@ from producer.protocol import (
     JobRecord,
     JobStatus,
     Sentiment,
+    Timings,
     Turn,
+    describe_validation_error,
 )
+from producer.errors import UnreadableRecord
 from producer.store import JobStore, connect_redis
 from worker.model_source import ModelSource, resolve_model_source
 from worker.settings import WorkerSettings
+
+if TYPE_CHECKING:  # the engine imports torch: only inside pool processes
+    from worker.engine import QwenEngine
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -45,14 +52,15 @@ class WorkerRuntime:
 
     settings: WorkerSettings
     source: ModelSource | None = None
-    engine: object | None = None  # worker.engine.QwenEngine; imported lazily to keep torch out of the parent
+    engine: QwenEngine | None = None
     _store: JobStore | None = field(default=None, repr=False)
 
     @property
     def store(self) -> JobStore:
         if self._store is None:
-            # About 30 s of retries: a Redis restart does not fail the running job.
-            self._store = JobStore(connect_redis(self.settings.redis_url, retries=20), self.settings.result_ttl_s)
+            # About 30 s of reconnects: a Redis restart does not fail the running job.
+            client = connect_redis(self.settings.redis_url, retries=20, socket_timeout=30)
+            self._store = JobStore(client, self.settings.result_ttl_s)
         return self._store
 
     def resolve_model(self) -> ModelSource:
@@ -60,7 +68,7 @@ class WorkerRuntime:
             self.source = resolve_model_source(self.settings.model)
         return self.source
 
-    def load_engine(self):
+    def load_engine(self) -> QwenEngine:
         if self.engine is None:
             from worker.engine import QwenEngine  # the only torch import, inside the pool process
 
@@ -85,22 +93,16 @@ class JobTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         if not isinstance(exc, TimeLimitExceeded):
             return
-        store = self.runtime.store
-        record = store.get(task_id)
-        if record is None or record.status.is_final:
-            return
-        limit = self.runtime.settings.hard_time_limit_s
-        _finish(
-            record,
-            JobStatus.TIMED_OUT,
-            JobError(
-                code=ErrorCode.TIMED_OUT,
-                message=f"killed by the hard time limit ({exc.args[0] if exc.args else limit}s); "
-                "the worker moved on to the next job",
-            ),
-        )
-        store.put(record)
-        _log_outcome(record)
+        try:
+            record = self.runtime.store.get(task_id)
+            if record is None or record.status.is_final:
+                return
+            limit = self.runtime.settings.hard_time_limit_s
+            message = f"killed by the hard time limit ({limit:g}s); the worker moved on to the next job"
+            _finish(record, JobStatus.TIMED_OUT, JobError(code=ErrorCode.TIMED_OUT, message=message))
+            _save(self.runtime.store, record)
+        except Exception:  # never let bookkeeping break Celery's acknowledgement
+            log.exception("job=%s could not be recorded as timed_out", task_id)
 
 
 def register(app: Celery, runtime: WorkerRuntime) -> Task:
@@ -110,7 +112,13 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
         # message is recorded as failed instead of dying in Celery's argument check.
         message = kwargs.pop("message", None)
         unexpected = {f"args[{i}]" for i in range(len(args))} | set(kwargs)
-        run(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
+        try:
+            run(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
+        except redis.RedisError as err:
+            # Redis is gone even after retries: hand the job back rather than
+            # acknowledge it with its record unfinished.
+            log.error("job=%s handed back to the queue: Redis error %s", self.request.id, err)
+            raise Reject(str(err), requeue=True) from err
 
     return run_job
 
@@ -118,7 +126,11 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
 def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], hostname: str) -> JobRecord:
     """Run one job and return its final record (also written to Redis)."""
     store, settings = runtime.store, runtime.settings
-    record = store.get(job_id)
+    try:
+        record = store.get(job_id)
+    except UnreadableRecord as err:
+        log.warning("job=%s: %s; writing a new one", job_id, err)
+        record = None
     if record is not None and record.status.is_final:
         # A redelivered message whose job already finished: the client has its one result.
         log.info("job=%s already %s, skipping redelivered message", job_id, record.status.value)
@@ -155,7 +167,12 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
         )
         _finish(record, JobStatus.FAILED, error)
         return _save(store, record)
-    if now > message.start_by:
+    restarted = record.status is JobStatus.RUNNING
+    if restarted:
+        # An earlier attempt started and its worker died: run it again from
+        # scratch, however late (the job was accepted and already began).
+        record.sentiment, record.reply, record.truncated, record.error = None, None, False, None
+    elif now > message.start_by:
         waited = now - message.submitted_at
         error = JobError(
             code=ErrorCode.EXPIRED,
@@ -166,7 +183,7 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
 
     record.status = JobStatus.RUNNING
     record.started_at = now
-    record.timings.queue_wait_ms = _ms(now - message.submitted_at)
+    record.timings = Timings(queue_wait_ms=_ms(now - message.submitted_at))
     store.put(record)
     try:
         _run_steps(runtime, record, message, deadline=now + record.timeout_s)
@@ -209,9 +226,10 @@ def _run_steps(runtime: WorkerRuntime, record: JobRecord, message: JobMessage, d
     record.truncated = reply.truncated
     record.tokens.reply_prompt_tokens = reply.prompt_tokens
     record.tokens.generated_tokens = reply.generated_tokens
-    if request.conversation_id and settings.history_max_turns:
+    if request.conversation_id and reply.text:
         # Stored before the record turns final, so a client's next turn always sees it.
-        store.append_turn(request.conversation_id, Turn(user=request.text, assistant=reply.text), settings.history_max_turns)
+        turn = Turn(job_id=record.job_id, user=request.text, assistant=reply.text)
+        store.append_turn(request.conversation_id, turn, settings.history_max_turns)
 
 
 def _finish(record: JobRecord, status: JobStatus, error: JobError | None = None) -> None:
