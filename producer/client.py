@@ -114,6 +114,8 @@ class Client:
                 raise QueueFull(depth, self.settings.max_queue)
             # The record exists before the message, so a worker never sees a job without one.
             self.store.put(record)
+            if conversation_id:
+                self.store.push_pending_turn(conversation_id, job_id)
             try:
                 self._celery.send_task(
                     TASK_NAME,
@@ -125,6 +127,8 @@ class Client:
                 # orphan record expires after RESULT_TTL_S.
                 with contextlib.suppress(redis.RedisError):
                     self.store.delete(job_id)
+                    if conversation_id:
+                        self.store.remove_pending_turn(conversation_id, job_id)
                 raise
         return job_id
 

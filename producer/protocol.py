@@ -12,6 +12,7 @@ key                                         type    holds
 ``qwen-allinone`` (``QUEUE_NAME``)          list    Celery messages waiting for a worker
 ``qwen-allinone:job:<job_id>``              string  the job record (``JobRecord`` as JSON)
 ``qwen-allinone:conv:<conversation_id>``    list    earlier turns (``Turn`` as JSON), newest last
+``qwen-allinone:turns:<conversation_id>``   list    ids of the conversation's unfinished jobs, oldest first
 ==========================================  ======  ==========================================
 
 Job records and conversations expire ``RESULT_TTL_S`` after their last write.
@@ -41,6 +42,10 @@ def job_key(job_id: str) -> str:
 
 def conversation_key(conversation_id: str) -> str:
     return f"{KEY_PREFIX}:conv:{conversation_id}"
+
+
+def pending_turns_key(conversation_id: str) -> str:
+    return f"{KEY_PREFIX}:turns:{conversation_id}"
 
 
 def new_job_id() -> str:

@@ -20,6 +20,7 @@ from producer.protocol import (
     Turn,
     conversation_key,
     job_key,
+    pending_turns_key,
 )
 
 
@@ -112,6 +113,23 @@ class JobStore:
                     return
                 except redis.WatchError:
                     continue
+
+
+    # --- per-conversation order: a turn runs only after the earlier ones finished ---
+
+    def push_pending_turn(self, conversation_id: str, job_id: str) -> None:
+        key = pending_turns_key(conversation_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, job_id)
+            pipe.expire(key, self.ttl_s)
+            pipe.execute()
+
+    def first_pending_turn(self, conversation_id: str) -> str | None:
+        first = self.redis.lindex(pending_turns_key(conversation_id), 0)
+        return None if first is None else first.decode()
+
+    def remove_pending_turn(self, conversation_id: str, job_id: str) -> None:
+        self.redis.lrem(pending_turns_key(conversation_id), 0, job_id)
 
 
 def _parse(job_id: str, raw: bytes | None) -> JobRecord | None:

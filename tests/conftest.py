@@ -7,6 +7,7 @@ free port if the binary is installed; otherwise the session fails with one line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -106,6 +107,8 @@ class WorkerProcess:
 
     process: subprocess.Popen
     log_path: Path
+    #: Job records name their worker ``<name>-<pytest pid>@<host>``; this is that up to the ``@``.
+    name: str
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -114,6 +117,17 @@ class WorkerProcess:
         import psutil
 
         return [child.pid for child in psutil.Process(self.process.pid).children()]
+
+    def pool_rss_bytes(self) -> int:
+        import psutil
+
+        return sum(psutil.Process(pid).memory_info().rss for pid in self.pool_child_pids())
+
+    def kill_all(self) -> None:
+        """SIGKILL the worker and its pool processes at once, as a crashed container would be."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
 
     def wait_for_log(self, needle: str, timeout: float, count: int = 1) -> None:
         deadline = time.monotonic() + timeout
@@ -130,22 +144,22 @@ class WorkerProcess:
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+                self.kill_all()
 
 
 def start_worker(
     app: str, log_path: Path, env: dict[str, str], *, wait_loaded: bool = True, name: str = "test"
 ) -> WorkerProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-    log_file = open(log_path, "w")
+    log_file = open(log_path, "a")
     process = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", app, "worker", "--concurrency", "1",
          "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-n", f"{name}-{os.getpid()}@%h"],
         cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so a test can kill it whole
     )
     log_file.close()
-    worker = WorkerProcess(process, log_path)
+    worker = WorkerProcess(process, log_path, f"{name}-{os.getpid()}@")
     if wait_loaded:
         worker.wait_for_log("ready.", WORKER_START_TIMEOUT_S)
         worker.wait_for_log(" loaded (dtype=", WORKER_START_TIMEOUT_S)

@@ -35,7 +35,14 @@ def celery_config(settings: WorkerSettings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_time_limit": settings.hard_time_limit_s,
-        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        # Kombu's Redis transport, hardened against undecodable messages.
+        "broker_transport": "worker.transport:Transport",
+        "broker_transport_options": {
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Sweep for messages of dead workers often enough for a short visibility timeout.
+            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
+            "unacked_restore_throttle": 1,
+        },
         "broker_connection_retry_on_startup": True,
     }
 

@@ -44,6 +44,8 @@ log = logging.getLogger("qwen_allinone.worker")
 
 #: A job whose worker died this many times while running it is failed, not retried again.
 MAX_ATTEMPTS = 3
+#: A later turn of a conversation whose earlier turn still runs is retried after this long.
+TURN_RETRY_S = 0.25
 
 
 @dataclass
@@ -99,8 +101,7 @@ class JobTask(Task):
                 return
             limit = self.runtime.settings.hard_time_limit_s
             message = f"killed by the hard time limit ({limit:g}s); the worker moved on to the next job"
-            _finish(record, JobStatus.TIMED_OUT, JobError(code=ErrorCode.TIMED_OUT, message=message))
-            _save(self.runtime.store, record)
+            _save(self.runtime.store, _finish(record, JobStatus.TIMED_OUT, JobError(code=ErrorCode.TIMED_OUT, message=message)))
         except Exception:  # never let bookkeeping break Celery's acknowledgement
             log.exception("job=%s could not be recorded as timed_out", task_id)
 
@@ -114,6 +115,10 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
         unexpected = {f"args[{i}]" for i in range(len(args))} | set(kwargs)
         try:
             run(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
+        except TurnNotReady as wait:
+            # Back to the queue for a moment; the worker serves other jobs meanwhile.
+            log.info("job=%s waits: %s", self.request.id, wait)
+            raise self.retry(countdown=TURN_RETRY_S, max_retries=None) from None
         except redis.RedisError as err:
             # Redis is gone even after retries: hand the job back rather than
             # acknowledge it with its record unfinished.
@@ -123,29 +128,28 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
     return run_job
 
 
+class TurnNotReady(Exception):
+    """An earlier turn of the same conversation has not finished; run this job later."""
+
+
 def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], hostname: str) -> JobRecord:
-    """Run one job and return its final record (also written to Redis)."""
+    """Run one job and return its final record (also written to Redis).
+
+    Raises TurnNotReady, without writing anything, while an earlier turn of
+    the job's conversation is still queued or running.
+    """
     store, settings = runtime.store, runtime.settings
-    try:
-        record = store.get(job_id)
-    except UnreadableRecord as err:
-        log.warning("job=%s: %s; writing a new one", job_id, err)
-        record = None
+    record = _load_record(store, job_id)
     if record is not None and record.status.is_final:
         # A redelivered message whose job already finished: the client has its one result.
         log.info("job=%s already %s, skipping redelivered message", job_id, record.status.value)
         return record
 
     now = time.time()
-    try:
-        if unexpected:
-            raise ValueError(f"unexpected task arguments: {sorted(unexpected)}")
-        message = JobMessage.model_validate(raw_message, context={"max_input_chars": settings.max_input_chars})
-    except (ValidationError, ValueError) as err:
-        detail = describe_validation_error(err) if isinstance(err, ValidationError) else str(err)
+    message = _parse_message(raw_message, unexpected, settings.max_input_chars)
+    if isinstance(message, JobError):
         record = record or JobRecord(job_id=job_id, status=JobStatus.QUEUED, request=None, submitted_at=now)
-        _finish(record, JobStatus.FAILED, JobError(code=ErrorCode.INVALID_REQUEST, message=f"invalid job message: {detail}"))
-        return _save(store, record)
+        return _save(store, _finish(record, JobStatus.FAILED, message))
 
     record = record or JobRecord(
         job_id=job_id,
@@ -158,6 +162,19 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
     # The worker's own JOB_TIMEOUT_S caps the job: its hard time limit and the
     # broker's visibility timeout are set from that, not from the producer.
     record.timeout_s = min(message.timeout_s, settings.job_timeout_s)
+    # An earlier attempt started and its worker died: run it again from the
+    # start, however late (the job was accepted and had begun).
+    restarted = record.status is JobStatus.RUNNING
+    if not restarted and now > message.start_by:
+        waited = now - message.submitted_at
+        error = JobError(
+            code=ErrorCode.EXPIRED,
+            message=f"waited {waited:.0f}s in the queue, past its start deadline; not run (QUEUE_TIMEOUT_S)",
+        )
+        return _save(store, _finish(record, JobStatus.EXPIRED, error))
+    if message.request.conversation_id:
+        _check_turn(store, message.request.conversation_id, job_id)
+
     record.attempts += 1
     record.worker = hostname
     if record.attempts > MAX_ATTEMPTS:
@@ -165,24 +182,11 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
             code=ErrorCode.INTERNAL_ERROR,
             message=f"the worker died {record.attempts - 1} times while running this job; not retried again",
         )
-        _finish(record, JobStatus.FAILED, error)
-        return _save(store, record)
-    restarted = record.status is JobStatus.RUNNING
-    if restarted:
-        # An earlier attempt started and its worker died: run it again from
-        # scratch, however late (the job was accepted and already began).
-        record.sentiment, record.reply, record.truncated, record.error = None, None, False, None
-    elif now > message.start_by:
-        waited = now - message.submitted_at
-        error = JobError(
-            code=ErrorCode.EXPIRED,
-            message=f"waited {waited:.0f}s in the queue, past its start deadline; not run (QUEUE_TIMEOUT_S)",
-        )
-        _finish(record, JobStatus.EXPIRED, error)
-        return _save(store, record)
+        return _save(store, _finish(record, JobStatus.FAILED, error))
 
     record.status = JobStatus.RUNNING
     record.started_at = now
+    record.sentiment, record.reply, record.truncated, record.error = None, None, False, None
     record.timings = Timings(queue_wait_ms=_ms(now - message.submitted_at))
     store.put(record)
     try:
@@ -190,10 +194,41 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
     except Exception as err:  # one bad job never takes the worker down
         log.exception("job=%s failed", job_id)
         code = ErrorCode.INTERNAL_ERROR if isinstance(err, redis.RedisError) else ErrorCode.MODEL_ERROR
-        _finish(record, JobStatus.FAILED, JobError(code=code, message=f"{type(err).__name__}: {err}"[:500]))
-        return _save(store, record)
-    _finish(record, JobStatus.SUCCEEDED)
-    return _save(store, record)
+        error = JobError(code=code, message=f"{type(err).__name__}: {err}"[:500])
+        return _save(store, _finish(record, JobStatus.FAILED, error))
+    return _save(store, _finish(record, JobStatus.SUCCEEDED))
+
+
+def _load_record(store: JobStore, job_id: str) -> JobRecord | None:
+    try:
+        return store.get(job_id)
+    except UnreadableRecord as err:
+        log.warning("job=%s: %s; writing a new one", job_id, err)
+        return None
+
+
+def _parse_message(raw_message, unexpected: set[str], max_input_chars: int) -> JobMessage | JobError:
+    if unexpected:
+        detail = f"unexpected task arguments: {sorted(unexpected)}"
+    else:
+        try:
+            return JobMessage.model_validate(raw_message, context={"max_input_chars": max_input_chars})
+        except ValidationError as err:
+            detail = describe_validation_error(err)
+    return JobError(code=ErrorCode.INVALID_REQUEST, message=f"invalid job message: {detail}")
+
+
+def _check_turn(store: JobStore, conversation_id: str, job_id: str) -> None:
+    """Raise TurnNotReady unless this job is the oldest unfinished turn of its conversation."""
+    while (first := store.first_pending_turn(conversation_id)) not in (None, job_id):
+        earlier = _load_record(store, first)
+        alive = earlier is not None and not earlier.status.is_final and not (
+            # Queued past its start deadline: its message is gone or it will expire unrun.
+            earlier.status is JobStatus.QUEUED and earlier.start_by is not None and time.time() > earlier.start_by
+        )
+        if alive:
+            raise TurnNotReady(f"job {first} is an earlier turn of conversation {conversation_id}")
+        store.remove_pending_turn(conversation_id, first)
 
 
 def _run_steps(runtime: WorkerRuntime, record: JobRecord, message: JobMessage, deadline: float) -> None:
@@ -232,15 +267,19 @@ def _run_steps(runtime: WorkerRuntime, record: JobRecord, message: JobMessage, d
         store.append_turn(request.conversation_id, turn, settings.history_max_turns)
 
 
-def _finish(record: JobRecord, status: JobStatus, error: JobError | None = None) -> None:
+def _finish(record: JobRecord, status: JobStatus, error: JobError | None = None) -> JobRecord:
     record.status = status
     record.error = error
     record.finished_at = time.time()
     record.timings.total_ms = _ms(record.finished_at - record.submitted_at)
+    return record
 
 
 def _save(store: JobStore, record: JobRecord) -> JobRecord:
+    """Write a final record and let the conversation's next turn go."""
     store.put(record)
+    if record.request is not None and record.request.conversation_id:
+        store.remove_pending_turn(record.request.conversation_id, record.job_id)
     _log_outcome(record)
     return record
 

@@ -1,0 +1,80 @@
+"""Workers killed or stopped mid-job: every accepted job still reaches one final state."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import pytest
+
+from producer.protocol import JobStatus
+from tests.conftest import start_worker
+from tests.test_worker_faults import wait_for
+
+pytestmark = pytest.mark.slow
+
+FAULT_APP = "tests.support.fault_app"
+ROUNDS = 10
+
+
+def test_sigkilled_workers_lose_no_job(worker_env, tmp_path, make_client, figures):
+    # Short visibility timeout so the dead worker's job comes back within seconds;
+    # it must still exceed the hard time limit (3 + 1 s).
+    env = {**worker_env, "VISIBILITY_TIMEOUT_S": "6", "JOB_TIMEOUT_S": "3", "TIME_LIMIT_GRACE_S": "1"}
+    names = ["kill-a", "kill-b"]
+    workers = {name: start_worker(FAULT_APP, tmp_path / f"{name}-0.log", env, name=name) for name in names}
+    client = make_client()
+    jobs: list[str] = []
+    killed: list[str] = []
+    try:
+        for round_ in range(ROUNDS):
+            victim = names[round_ % 2]
+            jobs += [client.submit(f"[[slow=0.03]] 第{round_}轮 {k}", max_new_tokens=20, temperature=0.0)
+                     for k in range(3)]
+
+            def running_on_victim():
+                for job_id in jobs:
+                    record = client.get(job_id)
+                    # Kill first attempts only: a job killed MAX_ATTEMPTS times is failed by design.
+                    if (record.status is JobStatus.RUNNING and record.attempts == 1
+                            and record.worker.startswith(workers[victim].name)):
+                        return job_id
+                if client.queue_depth() == 0:  # the other worker took them all: feed more
+                    jobs.append(client.submit(f"[[slow=0.03]] 补充 {round_}", max_new_tokens=20, temperature=0.0))
+                return None
+
+            killed.append(wait_for(running_on_victim, timeout=60, interval=0.02))
+            workers[victim].kill_all()
+            workers[victim] = start_worker(FAULT_APP, tmp_path / f"{victim}-{round_ + 1}.log", env, name=victim)
+
+        finals = {job_id: client.wait(job_id, timeout=180) for job_id in jobs}
+    finally:
+        for worker in workers.values():
+            worker.stop()
+
+    statuses = [record.status for record in finals.values()]
+    lost = sum(status is not JobStatus.SUCCEEDED for status in statuses)
+    logs = "".join(path.read_text() for path in tmp_path.glob("*.log"))
+    # Exactly one final write per job across every worker's log.
+    final_lines = {job_id: len(re.findall(rf"job={job_id} status=succeeded", logs)) for job_id in jobs}
+    figures.update(jobs=len(jobs), kills=len(killed), lost=lost,
+                   redelivered=sum(finals[j].attempts >= 2 for j in killed),
+                   max_attempts=max(r.attempts for r in finals.values()))
+    assert lost == 0, statuses
+    assert all(finals[job_id].attempts >= 2 for job_id in killed)
+    assert set(final_lines.values()) == {1}, final_lines
+
+
+def test_sigterm_lets_the_running_job_finish(worker_env, tmp_path, make_client, figures):
+    worker = start_worker(FAULT_APP, tmp_path / "term.log", worker_env, name="term")
+    client = make_client()
+    job_id = client.submit("[[slow=0.05]] 你好", max_new_tokens=40, temperature=0.0)
+    wait_for(lambda: client.get(job_id).status is JobStatus.RUNNING, timeout=30, interval=0.02)
+    started = time.monotonic()
+    worker.process.send_signal(signal.SIGTERM)  # what `docker compose stop` and scaling down send
+    exit_code = worker.process.wait(60)
+    record = client.get(job_id)
+    figures.update(jobs=1, sigterm=1, shutdown_s=round(time.monotonic() - started, 1), final=record.status.value)
+    assert exit_code == 0
+    assert record.status is JobStatus.SUCCEEDED
