@@ -42,6 +42,30 @@ def _answers(url: str) -> bool:
         return False
 
 
+_FIGURES: dict[str, dict[str, object]] = {}
+
+
+@pytest.fixture
+def figures(request):
+    """A dict a fault test fills with what it did (jobs, kills, lost, RSS, ...).
+
+    The rows are printed at the end of the run; RELIABILITY.md quotes them.
+    """
+    row: dict[str, object] = {}
+    _FIGURES[request.node.name] = row
+    return row
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for name, row in _FIGURES.items():
+        if row:
+            shown = ", ".join(f"{key}={value}" for key, value in row.items())
+            terminalreporter.write_line(f"{name}: {shown}")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     url = os.environ.get("REDIS_URL", DEFAULT_TEST_REDIS_URL)

@@ -152,3 +152,39 @@ def test_turn_is_stored_once_and_history_off_stores_nothing(runtime):
     assert runtime.store.load_turns("c2", 0) == []
     runtime.store.append_turn("c3", turn, 0)
     assert runtime.store.load_turns("c3", 4) == []
+
+
+def test_later_turn_waits_for_an_unfinished_earlier_turn(runtime):
+    from worker.tasks import TurnNotReady
+
+    store = runtime.store
+    first_id, second_id = new_job_id(), new_job_id()
+    first_raw, second_raw = message("第一句", conversation_id="c9"), message("第二句", conversation_id="c9")
+    store.put(JobRecord(job_id=first_id, status=JobStatus.QUEUED, request=first_raw["request"],
+                        submitted_at=first_raw["submitted_at"], start_by=first_raw["start_by"]))
+    store.push_pending_turn("c9", first_id)
+    store.push_pending_turn("c9", second_id)
+    writes = len(store.writes)
+    with pytest.raises(TurnNotReady, match=first_id):
+        run(runtime, second_id, second_raw, set(), hostname="w1")
+    assert len(store.writes) == writes  # waiting writes nothing
+
+    run(runtime, first_id, first_raw, set(), hostname="w1")
+    assert store.first_pending_turn("c9") == second_id  # a final record releases the next turn
+    assert run(runtime, second_id, second_raw, set(), hostname="w1").status is JobStatus.SUCCEEDED
+    assert store.first_pending_turn("c9") is None
+
+
+@pytest.mark.parametrize("earlier", ["missing", "final", "queued past its start deadline"])
+def test_dead_earlier_turn_does_not_block_the_conversation(runtime, earlier):
+    store = runtime.store
+    stale_id, job_id = new_job_id(), new_job_id()
+    raw = message("第二句", conversation_id="c10")
+    if earlier == "final":
+        store.put(JobRecord(job_id=stale_id, status=JobStatus.FAILED, request=raw["request"], submitted_at=0))
+    elif earlier == "queued past its start deadline":
+        store.put(JobRecord(job_id=stale_id, status=JobStatus.QUEUED, request=raw["request"],
+                            submitted_at=0, start_by=1))
+    store.push_pending_turn("c10", stale_id)
+    store.push_pending_turn("c10", job_id)
+    assert run(runtime, job_id, raw, set(), hostname="w1").status is JobStatus.SUCCEEDED

@@ -48,7 +48,7 @@ def test_model_failure_fails_the_job_and_the_worker_serves_the_next(fault_worker
     assert ok.status is JobStatus.SUCCEEDED
 
 
-def test_deadline_truncates_the_reply_and_the_worker_moves_on(fault_worker, make_client):
+def test_deadline_truncates_the_reply_and_the_worker_moves_on(fault_worker, make_client, figures):
     client = make_client(job_timeout_s=1.0)
     record = client.wait(client.submit("[[slow=0.1]] 你好", max_new_tokens=200, temperature=0.0), timeout=60)
     assert record.status is JobStatus.SUCCEEDED
@@ -58,10 +58,13 @@ def test_deadline_truncates_the_reply_and_the_worker_moves_on(fault_worker, make
     following = make_client().submit("好吃", max_new_tokens=4)
     nxt = make_client().wait(following, timeout=30)
     assert nxt.status is JobStatus.SUCCEEDED
-    assert nxt.started_at - record.finished_at < 1.0
+    gap = nxt.started_at - record.finished_at
+    figures.update(jobs=2, truncated=record.truncated, run_s=round(record.finished_at - record.started_at, 2),
+                   next_job_started_after_ms=round(1000 * gap))
+    assert gap < 1.0
 
 
-def test_hard_time_limit_records_timed_out_and_the_worker_recovers(fault_worker, make_client):
+def test_hard_time_limit_records_timed_out_and_the_worker_recovers(fault_worker, make_client, figures):
     client = make_client()
     # One forward pass of 7 s: the deadline cannot stop it; the worker's hard limit
     # (JOB_TIMEOUT_S 5 + TIME_LIMIT_GRACE_S 1, see fault_worker) kills it.
@@ -71,15 +74,19 @@ def test_hard_time_limit_records_timed_out_and_the_worker_recovers(fault_worker,
     assert record.finished_at is not None
     ok = make_client().wait(make_client().submit("好吃", max_new_tokens=4), timeout=120)
     assert ok.status is JobStatus.SUCCEEDED
+    # The killed pool process is replaced and reloads the model before the next job.
+    figures.update(jobs=2, final=record.status.value, next_job_started_after_ms=round(
+        1000 * (ok.started_at - record.finished_at)))
 
 
-def test_job_that_waited_past_its_deadline_expires_without_running(fault_worker, make_client):
+def test_job_that_waited_past_its_deadline_expires_without_running(fault_worker, make_client, figures):
     busy = make_client().submit("[[slow=0.1]] 忙", max_new_tokens=20, temperature=0.0)
     late = make_client(queue_timeout_s=0.5).submit("好吃")
     record = make_client().wait(late, timeout=60)
     assert record.status is JobStatus.EXPIRED
     assert record.error.code is ErrorCode.EXPIRED
     assert record.started_at is None and record.sentiment is None and record.reply is None
+    figures.update(jobs=2, final=record.status.value, ran=record.started_at is not None)
     assert make_client().wait(busy, timeout=60).status is JobStatus.SUCCEEDED
 
 
@@ -98,13 +105,14 @@ def test_queue_full_on_a_real_broker_writes_nothing(fault_worker, make_client, r
         assert client.wait(job_id, timeout=60).status is JobStatus.SUCCEEDED
 
 
-def test_killed_pool_process_job_is_redelivered_and_finishes_once(fault_worker, make_client):
+def test_killed_pool_process_job_is_redelivered_and_finishes_once(fault_worker, make_client, figures):
     client = make_client()
     job_id = client.submit("[[slow=0.1]] 你好", max_new_tokens=30, temperature=0.0)
     wait_for(lambda: client.get(job_id).status is JobStatus.RUNNING)
     for pid in fault_worker.pool_child_pids():
         os.kill(pid, signal.SIGKILL)
     record = client.wait(job_id, timeout=120)
+    figures.update(jobs=1, pool_kills=1, final=record.status.value, attempts=record.attempts)
     assert record.status is JobStatus.SUCCEEDED
     assert record.attempts == 2
 

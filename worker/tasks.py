@@ -107,7 +107,9 @@ class JobTask(Task):
 
 
 def register(app: Celery, runtime: WorkerRuntime) -> Task:
-    @app.task(name=TASK_NAME, bind=True, base=JobTask, runtime=runtime)
+    # max_retries=None: a later turn retries until its earlier turn finishes or it
+    # expires (QUEUE_TIMEOUT_S), never into a MaxRetriesExceededError.
+    @app.task(name=TASK_NAME, bind=True, base=JobTask, runtime=runtime, max_retries=None)
     def run_job(self: JobTask, *args, **kwargs) -> None:
         # Any arguments are accepted here and checked in run(), so a malformed
         # message is recorded as failed instead of dying in Celery's argument check.
@@ -118,7 +120,7 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
         except TurnNotReady as wait:
             # Back to the queue for a moment; the worker serves other jobs meanwhile.
             log.info("job=%s waits: %s", self.request.id, wait)
-            raise self.retry(countdown=TURN_RETRY_S, max_retries=None) from None
+            raise self.retry(countdown=TURN_RETRY_S) from None
         except redis.RedisError as err:
             # Redis is gone even after retries: hand the job back rather than
             # acknowledge it with its record unfinished.
@@ -261,8 +263,9 @@ def _run_steps(runtime: WorkerRuntime, record: JobRecord, message: JobMessage, d
     record.truncated = reply.truncated
     record.tokens.reply_prompt_tokens = reply.prompt_tokens
     record.tokens.generated_tokens = reply.generated_tokens
-    if request.conversation_id and reply.text:
+    if request.conversation_id:
         # Stored before the record turns final, so a client's next turn always sees it.
+        # An empty reply (deadline) is kept too: what the user said is still context.
         turn = Turn(job_id=record.job_id, user=request.text, assistant=reply.text)
         store.append_turn(request.conversation_id, turn, settings.history_max_turns)
 

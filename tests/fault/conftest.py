@@ -1,9 +1,4 @@
-"""Fixtures of the fault suite: private Redis servers and a table of figures.
-
-Each fault test records what it did (jobs, kills, restarts, rejected, lost,
-RSS growth) with the ``figures`` fixture; the table is printed at the end of
-the run and is what RELIABILITY.md quotes.
-"""
+"""Fixtures of the fault suite: private Redis servers that tests may kill and restart."""
 
 from __future__ import annotations
 
@@ -16,27 +11,6 @@ import pytest
 import redis
 
 from tests.conftest import _free_port
-
-_FIGURES: dict[str, dict[str, object]] = {}
-
-
-@pytest.fixture
-def figures(request):
-    """A dict the test fills with its figures, shown under its name in the summary."""
-    row: dict[str, object] = {}
-    _FIGURES[request.node.name] = row
-    return row
-
-
-def pytest_terminal_summary(terminalreporter):
-    if not _FIGURES:
-        return
-    terminalreporter.section("reliability figures")
-    for name, row in _FIGURES.items():
-        if row:
-            shown = ", ".join(f"{key}={value}" for key, value in row.items())
-            terminalreporter.write_line(f"{name}: {shown}")
-
 
 class PrivateRedis:
     """A redis-server of our own, with append-only persistence, that tests may kill and restart."""

@@ -1,0 +1,88 @@
+"""Redis restarted, down at worker start, or password-protected."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from producer import BrokerUnavailable, Client
+from producer.protocol import JobStatus
+from producer.settings import ProducerSettings
+from tests.conftest import start_worker
+from tests.fault.conftest import PrivateRedis
+
+pytestmark = pytest.mark.slow
+
+JOBS = 100
+
+
+def client_for(url: str) -> Client:
+    return Client(settings=ProducerSettings(redis_url=url))
+
+
+def test_redis_restart_loses_no_queued_job(private_redis, worker_env, tmp_path, figures):
+    worker = start_worker("worker.app", tmp_path / "worker.log", {**worker_env, "REDIS_URL": private_redis.url},
+                          name="restart")
+    client = client_for(private_redis.url)
+    try:
+        jobs = [client.submit(f"第{i}条 好吃", max_new_tokens=4) for i in range(JOBS)]
+        waiting = client.queue_depth()
+        private_redis.kill()  # a crash: only the append-only file survives
+        time.sleep(1.0)
+        private_redis.start()
+        finals = [client.wait(job_id, timeout=180) for job_id in jobs]
+    finally:
+        worker.stop()
+        client.close()
+    succeeded = sum(record.status is JobStatus.SUCCEEDED for record in finals)
+    figures.update(jobs=JOBS, waiting_at_restart=waiting, restarts=1, succeeded=succeeded, lost=JOBS - succeeded)
+    assert succeeded == JOBS
+
+
+def test_worker_started_while_redis_is_down_serves_once_it_is_up(tmp_path, worker_env, figures):
+    server = PrivateRedis(tmp_path)  # not started yet
+    worker = start_worker("worker.app", tmp_path / "worker.log", {**worker_env, "REDIS_URL": server.url},
+                          wait_loaded=False, name="early")
+    try:
+        time.sleep(3)
+        assert worker.process.poll() is None, worker.log()[-2000:]  # waiting, not dead
+        server.start()
+        worker.wait_for_log("ready.", timeout=120)
+        with client_for(server.url) as client:
+            record = client.wait(client.submit("好吃", max_new_tokens=4), timeout=120)
+        figures.update(jobs=1, broker_down_at_start_s=3, final=record.status.value)
+        assert record.status is JobStatus.SUCCEEDED
+    finally:
+        worker.stop()
+        server.kill()
+
+
+def test_producer_says_broker_unreachable_instead_of_hanging(private_redis, figures):
+    client = client_for(private_redis.url)
+    private_redis.kill()
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="broker unreachable at 127.0.0.1:"):
+        client.submit("好吃")
+    elapsed = time.monotonic() - started
+    client.close()
+    figures.update(submit_error_after_s=round(elapsed, 2))
+    assert elapsed < 10
+
+
+def test_password_in_redis_url_works(tmp_path, worker_env, figures):
+    server = PrivateRedis(tmp_path, password="s3cret-pw")
+    server.start()
+    worker = start_worker("worker.app", tmp_path / "worker.log", {**worker_env, "REDIS_URL": server.url}, name="auth")
+    try:
+        with client_for(server.url) as client:
+            assert client.wait(client.submit("好吃", max_new_tokens=4), timeout=60).status is JobStatus.SUCCEEDED
+        wrong = server.url.replace("s3cret-pw", "wrong")
+        with client_for(wrong) as client, pytest.raises(BrokerUnavailable) as err:
+            client.submit("好吃")
+        assert "s3cret-pw" not in str(err.value) and "wrong" not in str(err.value)
+        assert "s3cret-pw" not in worker.log()
+        figures.update(jobs=1, auth="requirepass")
+    finally:
+        worker.stop()
+        server.kill()
