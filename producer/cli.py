@@ -65,6 +65,7 @@ def _submit(client: Client, args: argparse.Namespace) -> str:
         args.text,
         conversation_id=args.conversation_id,
         max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
         temperature=args.temperature,
         labels=args.labels,
     )
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("text", help="the user's text")
         p.add_argument("--conversation-id", help="continue this conversation (its earlier turns are the history)")
         p.add_argument("--max-new-tokens", type=int, help="longest reply, in tokens (worker default 128)")
+        p.add_argument("--min-new-tokens", type=int, help="shortest reply, in tokens (EOS ignored until then)")
         p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (worker default 0.7)")
         p.add_argument("--labels", choices=["zh", "en"], default="zh", help="zh: 正面/负面, en: positive/negative")
 

@@ -74,6 +74,7 @@ class Client:
         *,
         conversation_id: str | None = None,
         max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
         temperature: float | None = None,
         labels: str = "zh",
     ) -> str:
@@ -87,7 +88,8 @@ class Client:
             {
                 "text": text,
                 "conversation_id": conversation_id,
-                "options": {"max_new_tokens": max_new_tokens, "temperature": temperature, "labels": labels},
+                "options": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
+                            "temperature": temperature, "labels": labels},
             }
         )
         now = time.time()

@@ -114,6 +114,8 @@ class JobOptions(_Model):
     """Per-job options; ``None`` means "the worker's default"."""
 
     max_new_tokens: Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS_LIMIT)] | None = None
+    #: Generate at least this many tokens (EOS is ignored until then); for benchmarks of fixed length.
+    min_new_tokens: Annotated[int, Field(ge=0, le=MAX_NEW_TOKENS_LIMIT)] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE)] | None = None
     labels: LabelSetName = "zh"
 

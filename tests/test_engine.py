@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 import pytest
 
 from producer.protocol import LABEL_SETS
@@ -125,3 +127,62 @@ def test_gguf_file_loads_and_scores_like_the_folder(engine, tiny_model_dir, tmp_
     expected = engine.classify("好吃").probabilities
     for label, probability in from_gguf.classify("好吃").probabilities.items():
         assert probability == pytest.approx(expected[label], abs=1e-4)
+
+
+def _cache_snapshot(prefix):
+    return [(layer.keys.clone(), layer.values.clone()) for layer in prefix.cache.layers]
+
+
+# int8 quantizes activations with a scale taken from each forward pass's own
+# tokens, so a pass over fewer tokens (the cached path) rounds a little differently.
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-4), ("bfloat16", 2e-2), ("int8", 5e-3)])
+def test_prefix_cache_scores_like_the_uncached_path(tiny_model_dir, dtype, tolerance):
+    engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), dtype, threads=1)
+    for text in ["很快，好吃，味道足，量大", "Terrible service", "😄"]:
+        for label_set in LABEL_SETS:
+            cached = engine.classify(text, label_set).probabilities
+            uncached = engine.classify(text, label_set, use_prefix_cache=False).probabilities
+            for label, probability in cached.items():
+                assert probability == pytest.approx(uncached[label], abs=tolerance)
+
+
+def test_prefix_caches_survive_1000_jobs_unchanged(engine):
+    prefixes = [*engine.classifier_prefixes.values(), engine.reply_prefix]
+    before = [_cache_snapshot(prefix) for prefix in prefixes]
+    lengths = [prefix.cache.get_seq_length() for prefix in prefixes]
+    for i in range(1000):
+        engine.classify(f"第{i}条评论 好吃", "zh" if i % 2 else "en")
+    for i in range(5):
+        reply(engine, text=f"第{i}条 太慢了", history=[("你好", "您好")])
+    assert [prefix.cache.get_seq_length() for prefix in prefixes] == lengths
+    for prefix, snapshot in zip(prefixes, before):
+        for (keys, values), layer in zip(snapshot, prefix.cache.layers):
+            assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values)
+
+
+def test_the_prefix_is_the_fixed_start_of_every_prompt(engine):
+    prefix = engine.classifier_prefixes["zh"]
+    from worker.prompts import classifier_prompt
+
+    for text in ["a", "很长的评论" * 20, "<|im_start|>"]:
+        ids = engine.encode_chat([{"role": "system", "content": classifier_prompt("zh")},
+                                  {"role": "user", "content": text}])
+        assert tuple(ids[: len(prefix.ids)]) == prefix.ids and len(ids) > len(prefix.ids)
+
+
+def test_int8_quantizes_linear_layers_and_keeps_label_rows_exact(tiny_model_dir):
+    source = resolve_model_source(str(tiny_model_dir))
+    full = QwenEngine.load(source, "float32", threads=1)
+    quantized = QwenEngine.load(source, "int8", threads=1)
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    kinds = {type(m) for m in quantized.model.modules()}
+    assert DynamicQuantizedLinear in kinds and torch.nn.Linear not in kinds
+    for token_id, row in full.label_rows.items():
+        assert torch.equal(row, quantized.label_rows[token_id])
+    assert quantized.classify("好吃").label in LABEL_SETS["zh"]
+
+
+def test_min_new_tokens_fixes_the_reply_length(engine):
+    result = reply(engine, max_new_tokens=12, min_new_tokens=12)
+    assert result.generated_tokens == 12 and not result.truncated

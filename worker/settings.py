@@ -29,8 +29,8 @@ def available_cores() -> int:
 class WorkerSettings(ProducerSettings):
     #: Hub id, local model folder, or local .gguf file.
     model: str = DEFAULT_MODEL
-    #: Weights dtype on the CPU.
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    #: Weights on the CPU: float32, bfloat16, or int8 (dynamic int8 linear layers).
+    dtype: Literal["float32", "bfloat16", "int8"] = "float32"
     #: torch intra-op threads; 0 = every core this process may use.
     torch_threads: int = Field(0, ge=0)
     #: Reply length when the job does not say.

@@ -257,6 +257,7 @@ def _run_steps(runtime: WorkerRuntime, record: JobRecord, message: JobMessage, d
         temperature=settings.temperature if request.options.temperature is None else request.options.temperature,
         deadline=deadline,
         history_max_tokens=settings.history_max_tokens,
+        min_new_tokens=request.options.min_new_tokens or 0,
     )
     record.timings.reply_ms = _ms(time.perf_counter() - step)
     record.reply = reply.text

@@ -1,19 +1,32 @@
-"""The model engine: the ONLY module that imports torch and transformers.
+"""QwenEngine: one causal LM and its tokenizer, doing the service's two jobs.
 
-``QwenEngine`` holds one causal LM and its tokenizer on an explicit device and
-dtype and does the two jobs of the service. Its outputs are plain dataclasses;
-the task converts them to protocol records at the edge.
+Explicit device and dtype, ``inference_mode`` at the edge, plain dataclasses
+out; the task converts them to protocol records.
 
 User text is never parsed for control tokens: the chat template is rendered
 around placeholders and every message content is tokenized with special tokens
 split, so a user who types ``<|im_end|>`` gets those characters, not the token.
+
+Speed on a CPU comes from three things:
+
+- weights: ``DTYPE=int8`` quantizes every linear layer to int8 with dynamic
+  per-token activation scales (PyTorch's ``quantize_dynamic``), which decodes
+  about 4x faster than float32 here; see BENCHMARKS.md for why this and not torchao;
+- prompt prefixes: the key/value cache of each fixed prefix (the classifier
+  instructions, the chat system prompt) is computed once at load and copied
+  for every job, so a job only prefills its own text;
+- the sentiment never runs the 151,936-word output layer: the last hidden
+  state is scored against the label words' rows only, kept in float32 even
+  when the rest of the model is quantized.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 
 # tqdm reads this when first imported; the GGUF conversion's progress bar
@@ -21,14 +34,15 @@ from dataclasses import dataclass
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from producer.protocol import LABEL_SETS  # noqa: E402
 from worker.model_source import ModelLoadError, ModelSource  # noqa: E402
 from worker.prompts import REPLY_SYSTEM_PROMPT, classifier_prompt  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: DTYPE setting -> dtype the weights are loaded in (int8 is quantized after loading).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
 # Tokens a ChatML message adds around its content: <|im_start|>, role, "\n", <|im_end|>, "\n".
 _MESSAGE_OVERHEAD_TOKENS = 5
 
@@ -54,48 +68,88 @@ class ReplyResult:
     history_turns_used: int
 
 
+@dataclass(frozen=True)
+class PromptPrefix:
+    """A fixed start of a prompt and its key/value cache, computed once and never mutated."""
+
+    ids: tuple[int, ...]
+    cache: DynamicCache
+
+    def fork(self) -> DynamicCache:
+        # generate() and forward() append to the cache they are given.
+        return copy.deepcopy(self.cache)
+
+
 class QwenEngine:
-    def __init__(self, model, tokenizer, model_id: str, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, tokenizer, model_id: str, device: torch.device, dtype_name: str = "float32",
+                 label_rows: dict[int, torch.Tensor] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.device = device
-        self.dtype = dtype
+        self.dtype_name = dtype_name
         self.stop_token_ids = _stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         # The first token of each label word, per label set: one forward pass decides.
         self.label_token_ids = {name: self._label_token_ids(words) for name, words in LABEL_SETS.items()}
+        if label_rows is None:
+            label_rows = _output_rows(model, sorted({i for ids in self.label_token_ids.values() for i in ids}))
+        #: token id -> float32 row of the output layer, for the label words only.
+        self.label_rows = label_rows
+        self.classifier_prefixes = {
+            name: self._prefix([{"role": "system", "content": classifier_prompt(name)}]) for name in LABEL_SETS
+        }
+        self.reply_prefix = self._prefix([{"role": "system", "content": REPLY_SYSTEM_PROMPT}])
 
     @classmethod
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None) -> QwenEngine:
+        if dtype not in DTYPES:
+            raise ModelLoadError(f"DTYPE={dtype!r} is not one of {sorted(DTYPES)}")
         if threads:
             torch.set_num_threads(threads)
         # Progress bars would land in the worker log as warnings.
         transformers_logging.disable_progress_bar()
         device = torch.device("cpu")
-        torch_dtype = DTYPES[dtype]
         kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch_dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=DTYPES[dtype], **kwargs)
         except Exception as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ModelLoadError(f"MODEL={source.model_id!r} could not be loaded: {reason}") from None
         if tokenizer.chat_template is None:
             raise ModelLoadError(f"MODEL={source.model_id!r} has no chat template: a chat model is required")
-        model.to(device=device, dtype=torch_dtype)
+        model.to(device=device)
         model.eval()
-        return cls(model, tokenizer, source.model_id, device, torch_dtype)
+        return cls.from_model(model, tokenizer, source.model_id, dtype)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, model_id: str, dtype: str = "float32") -> QwenEngine:
+        """Wrap a loaded float model; quantize it first when ``dtype`` is int8."""
+        label_rows = None
+        if dtype == "int8":
+            label_ids = sorted({i for words in LABEL_SETS.values() for i in _first_token_ids(tokenizer, words)})
+            label_rows = _output_rows(model, label_ids)  # taken before quantization, in full precision
+            _quantize_int8(model)
+        return cls(model, tokenizer, model_id, torch.device("cpu"), dtype, label_rows)
 
     # --- the two jobs ---
 
     @torch.inference_mode()
-    def classify(self, text: str, label_set: str = "zh") -> SentimentResult:
-        """Score the label words as the next token after the classifier prompt."""
+    def classify(self, text: str, label_set: str = "zh", *, use_prefix_cache: bool = True) -> SentimentResult:
+        """Score the label words as the next token after the classifier prompt: one forward pass."""
+        prefix = self.classifier_prefixes[label_set]
         messages = [{"role": "system", "content": classifier_prompt(label_set)}, {"role": "user", "content": text}]
         input_ids = self.encode_chat(messages)
-        logits = self.model(torch.tensor([input_ids], device=self.device)).logits[0, -1]
-        label_logits = logits[self.label_token_ids[label_set]].float()
+        if use_prefix_cache:
+            rest = input_ids[len(prefix.ids):]
+            out = self.model.base_model(torch.tensor([rest], device=self.device), past_key_values=prefix.fork(),
+                                   use_cache=True)
+        else:
+            out = self.model.base_model(torch.tensor([input_ids], device=self.device))
+        hidden = out.last_hidden_state[0, -1].float()
+        ids = self.label_token_ids[label_set]
+        label_logits = torch.stack([self.label_rows[i] @ hidden for i in ids])
         probabilities = torch.softmax(label_logits, dim=-1).tolist()
         words = LABEL_SETS[label_set]
         best = max(range(len(words)), key=probabilities.__getitem__)
@@ -116,6 +170,7 @@ class QwenEngine:
         temperature: float,
         deadline: float,
         history_max_tokens: int,
+        min_new_tokens: int = 0,
     ) -> ReplyResult:
         """Generate the empathetic reply; stop at EOS, max_new_tokens or ``deadline`` (epoch seconds)."""
         kept = self.fit_history(history, history_max_tokens)
@@ -124,6 +179,7 @@ class QwenEngine:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": text})
         input_ids = self.encode_chat(messages)
+        assert tuple(input_ids[: len(self.reply_prefix.ids)]) == self.reply_prefix.ids
 
         remaining = deadline - time.time()
         if remaining <= 0:
@@ -136,13 +192,15 @@ class QwenEngine:
         output = self.model.generate(
             torch.tensor([input_ids], device=self.device),
             attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
+            past_key_values=self.reply_prefix.fork(),
             max_new_tokens=max_new_tokens,
+            min_new_tokens=min(min_new_tokens, max_new_tokens),
             max_time=remaining,
             eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
             **sampling,
         )
-        new_tokens = output[0, len(input_ids) :].tolist()
+        new_tokens = output[0, len(input_ids):].tolist()
         ended = bool(new_tokens) and new_tokens[-1] in self.stop_token_ids
         if ended:
             new_tokens = new_tokens[:-1]
@@ -159,6 +217,10 @@ class QwenEngine:
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` under the chat template, contents encoded as plain text."""
+        return self._encode_chat(messages, add_generation_prompt)[0]
+
+    def _encode_chat(self, messages, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+        """(ids, where each message's content starts in ids)."""
         marker = f"\ue000{uuid.uuid4().hex}\ue001"
         placeholders = [{"role": m["role"], "content": f"{marker}{i}{marker}"} for i, m in enumerate(messages)]
         rendered = self.tokenizer.apply_chat_template(
@@ -167,12 +229,23 @@ class QwenEngine:
         pieces = rendered.split(marker)
         # pieces: template, "0", template, "1", template, ... — odd positions are message indexes.
         ids: list[int] = []
+        content_starts: list[int] = []
         for position, piece in enumerate(pieces):
             if position % 2:
+                content_starts.append(len(ids))
                 ids += self._encode_text(messages[int(piece)]["content"])
             elif piece:
                 ids += self.tokenizer.encode(piece, add_special_tokens=False)
-        return ids
+        return ids, content_starts
+
+    def _prefix(self, system: list[dict[str, str]]) -> PromptPrefix:
+        """Cache everything before the first user message's content: it is the same for every job."""
+        ids, starts = self._encode_chat([*system, {"role": "user", "content": "x"}], add_generation_prompt=True)
+        prefix_ids = ids[: starts[1]]
+        with torch.inference_mode():
+            cache = DynamicCache()
+            self.model.base_model(torch.tensor([prefix_ids], device=self.device), past_key_values=cache, use_cache=True)
+        return PromptPrefix(tuple(prefix_ids), cache)
 
     def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
@@ -191,13 +264,32 @@ class QwenEngine:
         return kept
 
     def _label_token_ids(self, words: tuple[str, ...]) -> list[int]:
-        ids = [self._encode_text(word)[0] for word in words]
+        ids = _first_token_ids(self.tokenizer, words)
         if len(set(ids)) != len(ids):
             raise ModelLoadError(
                 f"MODEL={self.model_id!r}: the label words {words} share their first token, "
                 "so one forward pass cannot tell them apart"
             )
         return ids
+
+
+def _first_token_ids(tokenizer, words) -> list[int]:
+    return [tokenizer(word, add_special_tokens=False, split_special_tokens=True)["input_ids"][0] for word in words]
+
+
+def _output_rows(model, token_ids: list[int]) -> dict[int, torch.Tensor]:
+    weight = model.get_output_embeddings().weight
+    return {i: weight[i].detach().float().clone() for i in token_ids}
+
+
+def _quantize_int8(model) -> None:
+    """Every nn.Linear to int8 weights with dynamic int8 activations, in place."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        # Deprecated in favour of torchao, whose CPU int8 kernels are slower here (BENCHMARKS.md).
+        warnings.simplefilter("ignore")
+        quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def _stop_token_ids(tokenizer, model) -> list[int]:

@@ -1,0 +1,10 @@
+"""The model engine: the ONLY package that imports torch and transformers.
+
+``QwenEngine`` (qwen.py) serves jobs; ``baseline.py`` re-creates the original
+single-process pipeline for the benchmark; ``shapes.py`` builds random-weight
+models with the published Qwen shapes, so anyone can benchmark without weights.
+"""
+
+from worker.engine.qwen import DTYPES, PromptPrefix, QwenEngine, ReplyResult, SentimentResult
+
+__all__ = ["DTYPES", "PromptPrefix", "QwenEngine", "ReplyResult", "SentimentResult"]
