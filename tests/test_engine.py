@@ -176,8 +176,14 @@ def test_int8_quantizes_linear_layers_and_keeps_label_rows_exact(tiny_model_dir)
     quantized = QwenEngine.load(source, "int8", threads=1)
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
-    kinds = {type(m) for m in quantized.model.modules()}
-    assert DynamicQuantizedLinear in kinds and torch.nn.Linear not in kinds
+    modules = dict(quantized.model.named_modules())
+    for name, module in modules.items():
+        if name.endswith("mlp.down_proj.exact"):
+            assert type(module) is torch.nn.Linear  # the sentiment's float32 copy: activation outliers
+        elif name.endswith(("_proj", "lm_head", "down_proj.fast")) and not name.endswith("mlp.down_proj"):
+            assert type(module) is DynamicQuantizedLinear, name
+    assert quantized.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert quantized.model.dtype == torch.float32
     for token_id, row in full.label_rows.items():
         assert torch.equal(row, quantized.label_rows[token_id])
     assert quantized.classify("好吃").label in LABEL_SETS["zh"]
@@ -186,3 +192,17 @@ def test_int8_quantizes_linear_layers_and_keeps_label_rows_exact(tiny_model_dir)
 def test_min_new_tokens_fixes_the_reply_length(engine):
     result = reply(engine, max_new_tokens=12, min_new_tokens=12)
     assert result.generated_tokens == 12 and not result.truncated
+
+
+def test_int8_sentiment_reads_float32_down_projections_and_the_reply_int8(tiny_model_dir):
+    engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "int8", threads=1)
+    used = []
+    for layer in engine._dual_layers:
+        layer.exact.register_forward_hook(lambda *_: used.append("exact"))
+        layer.fast.register_forward_hook(lambda *_: used.append("fast"))
+    engine.classify("好吃")
+    assert set(used) == {"exact"}
+    used.clear()
+    reply(engine, max_new_tokens=3, min_new_tokens=3)
+    assert set(used) == {"fast"}
+    assert all(layer.precise for layer in engine._dual_layers)  # left in the sentiment's setting

@@ -20,7 +20,7 @@ def test_defaults(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     settings = WorkerSettings()
     assert settings.model == "Qwen/Qwen1.5-0.5B-Chat"
-    assert settings.dtype == "float32"
+    assert settings.dtype == "int8"
     assert settings.max_input_chars == 2000 and settings.max_queue == 1000
     assert settings.result_ttl_s == 86_400 and settings.job_timeout_s == 30
     assert settings.threads == available_cores()

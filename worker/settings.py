@@ -29,8 +29,9 @@ def available_cores() -> int:
 class WorkerSettings(ProducerSettings):
     #: Hub id, local model folder, or local .gguf file.
     model: str = DEFAULT_MODEL
-    #: Weights on the CPU: float32, bfloat16, or int8 (dynamic int8 linear layers).
-    dtype: Literal["float32", "bfloat16", "int8"] = "float32"
+    #: Weights on the CPU: int8 (dynamic int8 linear layers; the default, chosen by
+    #: measurement in BENCHMARKS.md), bfloat16 or float32.
+    dtype: Literal["float32", "bfloat16", "int8"] = "int8"
     #: torch intra-op threads; 0 = every core this process may use.
     torch_threads: int = Field(0, ge=0)
     #: Reply length when the job does not say.

@@ -9,9 +9,9 @@ split, so a user who types ``<|im_end|>`` gets those characters, not the token.
 
 Speed on a CPU comes from three things:
 
-- weights: ``DTYPE=int8`` quantizes every linear layer to int8 with dynamic
-  per-token activation scales (PyTorch's ``quantize_dynamic``), which decodes
-  about 4x faster than float32 here; see BENCHMARKS.md for why this and not torchao;
+- weights: ``DTYPE=int8`` quantizes the linear layers (all but the MLP
+  down-projections) to int8 with dynamic activation scales (PyTorch's
+  ``quantize_dynamic``); see BENCHMARKS.md for the measurements behind this;
 - prompt prefixes: the key/value cache of each fixed prefix (the classifier
   instructions, the chat system prompt) is computed once at load and copied
   for every job, so a job only prefills its own text;
@@ -22,7 +22,10 @@ Speed on a CPU comes from three things:
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import gc
 import os
 import time
 import uuid
@@ -96,10 +99,13 @@ class QwenEngine:
             label_rows = _output_rows(model, sorted({i for ids in self.label_token_ids.values() for i in ids}))
         #: token id -> float32 row of the output layer, for the label words only.
         self.label_rows = label_rows
-        self.classifier_prefixes = {
-            name: self._prefix([{"role": "system", "content": classifier_prompt(name)}]) for name in LABEL_SETS
-        }
-        self.reply_prefix = self._prefix([{"role": "system", "content": REPLY_SYSTEM_PROMPT}])
+        self._dual_layers = [m for m in model.modules() if isinstance(m, _DualPrecisionLinear)]
+        with self._precision(precise=True):
+            self.classifier_prefixes = {
+                name: self._prefix([{"role": "system", "content": classifier_prompt(name)}]) for name in LABEL_SETS
+            }
+        with self._precision(precise=False):
+            self.reply_prefix = self._prefix([{"role": "system", "content": REPLY_SYSTEM_PROMPT}])
 
     @classmethod
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None) -> QwenEngine:
@@ -141,12 +147,13 @@ class QwenEngine:
         prefix = self.classifier_prefixes[label_set]
         messages = [{"role": "system", "content": classifier_prompt(label_set)}, {"role": "user", "content": text}]
         input_ids = self.encode_chat(messages)
-        if use_prefix_cache:
-            rest = input_ids[len(prefix.ids):]
-            out = self.model.base_model(torch.tensor([rest], device=self.device), past_key_values=prefix.fork(),
-                                   use_cache=True)
-        else:
-            out = self.model.base_model(torch.tensor([input_ids], device=self.device))
+        with self._precision(precise=True):
+            if use_prefix_cache:
+                rest = input_ids[len(prefix.ids):]
+                out = self.model.base_model(torch.tensor([rest], device=self.device),
+                                            past_key_values=prefix.fork(), use_cache=True)
+            else:
+                out = self.model.base_model(torch.tensor([input_ids], device=self.device))
         hidden = out.last_hidden_state[0, -1].float()
         ids = self.label_token_ids[label_set]
         label_logits = torch.stack([self.label_rows[i] @ hidden for i in ids])
@@ -189,17 +196,8 @@ class QwenEngine:
             if temperature > 0
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
-        output = self.model.generate(
-            torch.tensor([input_ids], device=self.device),
-            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
-            past_key_values=self.reply_prefix.fork(),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min(min_new_tokens, max_new_tokens),
-            max_time=remaining,
-            eos_token_id=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            **sampling,
-        )
+        with self._precision(precise=False):
+            output = self._generate(input_ids, max_new_tokens, min_new_tokens, remaining, sampling)
         new_tokens = output[0, len(input_ids):].tolist()
         ended = bool(new_tokens) and new_tokens[-1] in self.stop_token_ids
         if ended:
@@ -212,6 +210,31 @@ class QwenEngine:
             truncated=truncated,
             history_turns_used=len(kept),
         )
+
+    def _generate(self, input_ids: list[int], max_new_tokens: int, min_new_tokens: int, max_time: float,
+                  sampling: dict) -> torch.Tensor:
+        return self.model.generate(
+            torch.tensor([input_ids], device=self.device),
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
+            past_key_values=self.reply_prefix.fork(),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min(min_new_tokens, max_new_tokens),
+            max_time=max_time,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            **sampling,
+        )
+
+    @contextlib.contextmanager
+    def _precision(self, *, precise: bool):
+        """Under int8, pick the float32 (sentiment) or int8 (reply) copy of the dual layers."""
+        for layer in self._dual_layers:
+            layer.precise = precise
+        try:
+            yield
+        finally:
+            for layer in self._dual_layers:
+                layer.precise = True
 
     # --- prompt building ---
 
@@ -282,14 +305,77 @@ def _output_rows(model, token_ids: list[int]) -> dict[int, torch.Tensor]:
     return {i: weight[i].detach().float().clone() for i in token_ids}
 
 
-def _quantize_int8(model) -> None:
-    """Every nn.Linear to int8 weights with dynamic int8 activations, in place."""
-    from torch.ao.quantization import quantize_dynamic
+class _BFloat16Embedding(torch.nn.Module):
+    """An embedding table kept in bfloat16 that returns float32 rows.
 
+    One row is read per token, so its precision costs nothing in speed; halving
+    it saves a quarter of the int8 worker's memory. The table is a buffer, not
+    a parameter, so the model still reports (and computes in) float32.
+    """
+
+    def __init__(self, embedding: torch.nn.Embedding):
+        super().__init__()
+        self.register_buffer("weight", embedding.weight.detach().to(torch.bfloat16))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(input_ids, self.weight).float()
+
+
+class _DualPrecisionLinear(torch.nn.Module):
+    """One linear layer held twice: float32 for the sentiment pass, int8 for generating the reply.
+
+    The MLP down-projections' inputs carry activation outliers that per-tensor
+    dynamic quantization clips: quantized, they cost 7.7 points of sentiment
+    accuracy on the dev sample, and in float32 they double the decode time
+    (BENCHMARKS.md). So the one forward pass that decides the label reads the
+    float32 copy, and the many decoding steps read the int8 one.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, quantized: torch.nn.Module):
+        super().__init__()
+        self.exact = linear
+        self.fast = quantized
+        self.precise = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.exact(x) if self.precise else self.fast(x)
+
+
+def _quantize_int8(model) -> None:
+    """Linear layers to int8 weights with dynamic int8 activations, in place.
+
+    The MLP down-projections become _DualPrecisionLinear: float32 and int8 copies.
+    """
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    # from_pretrained maps the weights file into memory and every tensor is a view
+    # of that one mapping: while any view lives (a bias kept by a quantized
+    # layer, a norm), all ~2 GB of float32 pages stay resident. Own copies first.
+    for parameter in model.parameters():
+        parameter.data = parameter.data.clone()
+    gc.collect()
     with warnings.catch_warnings():
         # Deprecated in favour of torchao, whose CPU int8 kernels are slower here (BENCHMARKS.md).
         warnings.simplefilter("ignore")
-        quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        for layer in model.base_model.layers:
+            down = layer.mlp.down_proj
+            fast = quantize_dynamic(torch.nn.Sequential(copy.deepcopy(down)), {torch.nn.Linear},
+                                    dtype=torch.qint8)[0]
+            layer.mlp.down_proj = _DualPrecisionLinear(down, fast)
+        spec = {name: default_dynamic_qconfig for name, module in model.named_modules()
+                if type(module) is torch.nn.Linear and not name.endswith("down_proj.exact")}
+        quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+    model.set_input_embeddings(_BFloat16Embedding(model.get_input_embeddings()))
+    gc.collect()
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Hand the float32 copies freed by quantization back to the OS (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _stop_token_ids(tokenizer, model) -> list[int]:

@@ -1,0 +1,263 @@
+"""python -m worker.bench: measure the service on this machine.
+
+    python -m worker.bench accuracy --model DIR [--dtypes float32,bfloat16,int8] [--n 400]
+    python -m worker.bench run --model DIR|FILE.gguf [--baseline] ...
+    python -m worker.bench run --shape qwen2.5-0.5b [--baseline] ...
+    python -m worker.bench engine --model DIR [--dtypes float32,bfloat16,int8]
+    python -m worker.bench profile --model DIR [--dtype int8]
+
+See BENCHMARKS.md for the figures and the exact commands that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+from worker.settings import available_cores
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "waimai_10k.csv"
+
+
+def machine_line() -> str:
+    from importlib.metadata import version
+
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{available_cores()} cores ({cpu}), torch {version('torch')}, Python {platform.python_version()}"
+
+
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from worker.bench.accuracy import format_accuracy, measure_accuracy
+    from worker.bench.data import balanced_sample
+    from worker.model_source import resolve_model_source
+
+    examples = balanced_sample(Path(args.data), args.n, args.seed)
+    source = resolve_model_source(args.model)
+    rows = [measure_accuracy(source, dtype, examples, args.threads) for dtype in args.dtypes.split(",")]
+    print(f"\nsentiment accuracy, {args.n} balanced reviews of {Path(args.data).name} (seed {args.seed}); "
+          f"{machine_line()}, {args.threads} threads\n")
+    print(format_accuracy(rows))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import tempfile
+    import time
+
+    from worker.bench import report
+    from worker.bench.data import balanced_sample
+    from worker.bench.service import RssSampler, queue_is_empty, run_level, start_workers
+
+    if not queue_is_empty(args.redis_url):
+        print(f"the queue at {args.redis_url} is not empty: use a Redis database of its own", file=sys.stderr)
+        return 2
+    model = args.model
+    if args.shape:
+        from worker.engine.shapes import build_random_qwen
+
+        model = str(build_random_qwen(args.shape, Path(tempfile.mkdtemp(prefix=f"{args.shape}-"))))
+    examples = balanced_sample(Path(args.data), 400, seed=1)
+    texts = [e.text for e in examples if len(e.text) <= 40][:100]  # short Chinese reviews
+    levels = [int(c) for c in args.concurrency.split(",")]
+    out = [f"# qwen-allinone benchmark, {time.strftime('%Y-%m-%d %H:%M')}",
+           f"machine: {machine_line()}",
+           f"model: {args.shape or args.model}; DTYPE={args.dtype}; reply fixed at {args.reply_tokens} tokens "
+           f"(min_new_tokens = max_new_tokens); inputs: short reviews from {Path(args.data).name}"]
+
+    layouts = [tuple(int(x) for x in layout.split("x")) for layout in args.layouts.split(",")]
+    results = {}
+    for index, (count, threads) in enumerate(layouts):
+        workers = start_workers(model, args.dtype, count, threads, args.redis_url)
+        rss_loaded = workers.rss_bytes()
+        run_level(args.redis_url, texts, 1, 2, args.reply_tokens, "warm-up")
+        with RssSampler(workers) as sampler:
+            if index == 0:
+                c1 = run_level(args.redis_url, texts, 1, args.jobs, args.reply_tokens, f"{count}x{threads} c=1")
+                runs = [c1] + [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c), args.reply_tokens,
+                                         f"{count}x{threads} c={c}") for c in levels if c != 1]
+            else:
+                runs = [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c), args.reply_tokens,
+                                  f"{count}x{threads} c={c}") for c in (1, 8)]
+        workers.stop()
+        results[(count, threads)] = (workers.start_s, rss_loaded, sampler.peak, runs)
+
+    baseline = baseline_rpm = None
+    if args.baseline:
+        baseline, baseline_rpm, engine_lines = run_in_process(args, model, texts)
+        out += engine_lines
+
+    (count, threads) = layouts[0]
+    start_s, rss_loaded, rss_peak, runs = results[layouts[0]]
+    out += ["", f"## Latency per stage, concurrency 1, {count} worker x {threads} threads", "",
+            report.stage_table(runs[0].succeeded, baseline)]
+    out += ["", "## Memory", "", "| worker | RSS after load | peak RSS under load | start s (until loaded and ready) |",
+            "|---|---|---|---|"]
+    for (count_, threads_), (start_, loaded_, peak_, _) in results.items():
+        out.append(f"| {count_} x {threads_} threads, {args.dtype} | {report.mib(loaded_)} | {report.mib(peak_)} | "
+                   f"{start_:.1f} |")
+    if args.float32_rss and args.dtype != "float32":
+        workers = start_workers(model, "float32", 1, layouts[0][1], args.redis_url)
+        rss32 = workers.rss_bytes()
+        workers.stop()
+        out.append(f"| 1 x {layouts[0][1]} threads, float32 | {report.mib(rss32)} | — | {workers.start_s:.1f} |")
+        out.append(f"\n{args.dtype} worker RSS / float32 worker RSS: **{rss_loaded / rss32:.2f}**")
+    out += ["", f"## Concurrency, {count} worker x {threads} threads", "", report.level_table(runs, baseline_rpm)]
+    for layout in layouts[1:]:
+        out += ["", f"## Thread layout: {layout[0]} workers x {layout[1]} threads", "",
+                report.level_table(results[layout][3], baseline_rpm)]
+    print("\n".join(out))
+    return 0
+
+
+def run_in_process(args, model: str, texts: list[str]):
+    """The original pipeline and engine micro-timings, in this process, one after the other."""
+    import gc
+
+    from tqdm import tqdm
+
+    from worker.engine import QwenEngine
+    from worker.engine.baseline import OriginalPipeline
+    from worker.engine.micro import decode_ms_per_token, memory_bandwidth_gbps, prefill_ms, weight_bytes
+    from worker.model_source import resolve_model_source
+
+    source = resolve_model_source(model)
+    threads = int(args.layouts.split(",")[0].split("x")[1])
+    original = OriginalPipeline(source, threads)
+    timings = [original.run(texts[i % len(texts)], args.reply_tokens)
+               for i in tqdm(range(args.baseline_jobs), desc="original pipeline", unit="job")]
+    baseline_rpm = 60_000 / (sum(t.total_ms for t in timings) / len(timings))
+    original_engine = QwenEngine.from_model(original.model, original.tokenizer, model, "float32")
+    rows = [("original (float32, uncached)", prefill_ms(original_engine), decode_ms_per_token(original_engine),
+             weight_bytes(original.model))]
+    del original, original_engine
+    gc.collect()
+    engine = QwenEngine.load(source, args.dtype, threads)
+    rows.append((f"ours ({args.dtype})", prefill_ms(engine), decode_ms_per_token(engine), weight_bytes(engine.model)))
+    bandwidth = memory_bandwidth_gbps()
+    lines = ["", "## Engine, in process", "",
+             f"read bandwidth {bandwidth:.1f} GB/s; floor = weight bytes read per token / bandwidth", "",
+             "| weights | prefill 34 tok ms | decode ms/token | weight bytes | floor ms/token | decode / floor |",
+             "|---|---|---|---|---|---|"]
+    for name, prefill, decode, nbytes in rows:
+        floor = 1000 * nbytes / (bandwidth * 1e9)
+        lines.append(f"| {name} | {prefill:.0f} | {decode:.1f} | {nbytes / 1e6:.0f} MB | {floor:.1f} | "
+                     f"{decode / floor:.2f} |")
+    lines.append(f"\noriginal pipeline: {len(timings)} jobs, "
+                 f"{sum(t.label is None for t in timings)} without a valid label; {baseline_rpm:.1f} jobs/min")
+    return timings, baseline_rpm, lines
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    """Each DTYPE side by side, in process: load time, RSS growth, prefill, decode, sentiment."""
+    import gc
+    import time
+
+    import psutil
+
+    from worker.bench.data import balanced_sample
+    from worker.engine import QwenEngine
+    from worker.engine.micro import decode_ms_per_token, memory_bandwidth_gbps, prefill_ms, weight_bytes
+    from worker.model_source import resolve_model_source
+
+    source = resolve_model_source(args.model)
+    texts = [e.text for e in balanced_sample(Path(args.data), 40, seed=1)]
+    bandwidth = memory_bandwidth_gbps()
+    lines = [f"engine per DTYPE, in process; {machine_line()}, {args.threads} threads; "
+             f"read bandwidth {bandwidth:.1f} GB/s", "",
+             "| DTYPE | load s | RSS added | sentiment ms (p50, 40 reviews) | prefill 34 tok ms | "
+             "decode ms/token | weight MB read/token | floor ms | decode / floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for dtype in args.dtypes.split(","):
+        gc.collect()
+        rss_before = psutil.Process().memory_info().rss
+        started = time.perf_counter()
+        engine = QwenEngine.load(source, dtype, args.threads)
+        load_s = time.perf_counter() - started
+        rss_added = psutil.Process().memory_info().rss - rss_before
+        samples = []
+        for text in texts:
+            started = time.perf_counter()
+            engine.classify(text)
+            samples.append(1000 * (time.perf_counter() - started))
+        decode = decode_ms_per_token(engine)
+        nbytes = weight_bytes(engine.model)
+        floor = 1000 * nbytes / (bandwidth * 1e9)
+        lines.append(f"| {dtype} | {load_s:.1f} | {rss_added / 2**20:.0f} MiB | {sorted(samples)[len(samples) // 2]:.0f} | "
+                     f"{prefill_ms(engine):.0f} | {decode:.1f} | {nbytes / 1e6:.0f} | {floor:.1f} | {decode / floor:.2f} |")
+        del engine
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from worker.engine import QwenEngine
+    from worker.engine.micro import profile_decode
+    from worker.model_source import resolve_model_source
+
+    engine = QwenEngine.load(resolve_model_source(args.model), args.dtype, args.threads)
+    print(f"decode profile, {args.tokens} tokens, DTYPE={args.dtype}; {machine_line()}, {args.threads} threads\n")
+    print(profile_decode(engine, args.tokens))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("accuracy", help="sentiment accuracy per DTYPE on a fixed balanced sample")
+    p.add_argument("--model", required=True, help="model folder or .gguf file")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV with label,review columns")
+    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.set_defaults(func=cmd_accuracy)
+
+    p = sub.add_parser("run", help="the service under load, side by side with the original pipeline")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="model folder or .gguf file (real weights)")
+    model.add_argument("--shape", choices=["qwen1.5-0.5b", "qwen2.5-0.5b"],
+                       help="random weights with the published shapes (no download)")
+    p.add_argument("--dtype", default="int8", help="DTYPE of the workers (default int8)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="a Redis database the bench may use")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--reply-tokens", type=int, default=45, help="fixed reply length (the original's mean: 45)")
+    p.add_argument("--jobs", type=int, default=50, help="jobs for the per-stage table at concurrency 1")
+    p.add_argument("--concurrency", default="1,2,4,8,16")
+    p.add_argument("--min-jobs", type=int, default=8, help="jobs per concurrency level: max(this, 2 x level)")
+    p.add_argument("--layouts", default=f"1x{available_cores()},{available_cores()}x1",
+                   help="workers x threads; the first is the main one, the others run c=1 and c=8")
+    p.add_argument("--baseline", action="store_true", help="also time the original pipeline in process")
+    p.add_argument("--baseline-jobs", type=int, default=5)
+    p.add_argument("--float32-rss", action="store_true", help="also start a float32 worker to compare RSS")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("engine", help="each DTYPE side by side, in process: load, memory, prefill, decode")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtypes", default="float32,bfloat16,int8")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.set_defaults(func=cmd_engine)
+
+    p = sub.add_parser("profile", help="where decode time goes, by operator (torch.profiler)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--tokens", type=int, default=20)
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.set_defaults(func=cmd_profile)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
