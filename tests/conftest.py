@@ -125,6 +125,19 @@ def make_client(redis_url):
         client.close()
 
 
+@pytest.fixture
+def raw_sender(redis_url):
+    """A Celery app that sends anything straight into the queue, bypassing the client's validation."""
+    from celery import Celery
+
+    from producer.protocol import CELERY_WIRE_CONFIG
+
+    app = Celery("raw-sender", broker=redis_url, set_as_current=False)
+    app.conf.update(CELERY_WIRE_CONFIG)
+    yield app
+    app.close()
+
+
 @dataclass
 class WorkerProcess:
     """A real ``celery worker`` subprocess and its log file."""

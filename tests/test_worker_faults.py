@@ -7,9 +7,8 @@ import signal
 import time
 
 import pytest
-from celery import Celery
 
-from producer.protocol import CELERY_WIRE_CONFIG, TASK_NAME, ErrorCode, JobStatus, job_key, new_job_id
+from producer.protocol import TASK_NAME, ErrorCode, JobStatus, job_key, new_job_id
 from tests.conftest import start_worker
 
 pytestmark = pytest.mark.slow
@@ -115,15 +114,6 @@ def test_killed_pool_process_job_is_redelivered_and_finishes_once(fault_worker, 
     figures.update(jobs=1, pool_kills=1, final=record.status.value, attempts=record.attempts)
     assert record.status is JobStatus.SUCCEEDED
     assert record.attempts == 2
-
-
-@pytest.fixture
-def raw_sender(redis_url):
-    """A Celery app that sends anything, bypassing the client's validation."""
-    app = Celery("raw-sender", broker=redis_url, set_as_current=False)
-    app.conf.update(CELERY_WIRE_CONFIG)
-    yield app
-    app.close()
 
 
 def test_malformed_messages_are_recorded_as_failed(fault_worker, make_client, raw_sender):

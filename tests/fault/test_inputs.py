@@ -7,10 +7,9 @@ import json
 import time
 
 import pytest
-from celery import Celery
 
 from producer import InvalidRequest
-from producer.protocol import CELERY_WIRE_CONFIG, LABEL_SETS, QUEUE_NAME, TASK_NAME, JobStatus, new_job_id
+from producer.protocol import LABEL_SETS, QUEUE_NAME, TASK_NAME, JobStatus, new_job_id
 from tests.conftest import start_worker
 from tests.test_worker_faults import wait_for
 
@@ -65,14 +64,6 @@ def worker(worker_env, tmp_path_factory):
     process = start_worker("worker.app", tmp_path_factory.mktemp("logs") / "inputs.log", worker_env, name="inputs")
     yield process
     process.stop()
-
-
-@pytest.fixture
-def raw_sender(redis_url):
-    app = Celery("raw-sender", broker=redis_url, set_as_current=False)
-    app.conf.update(CELERY_WIRE_CONFIG)
-    yield app
-    app.close()
 
 
 def raw_message(text: str) -> dict:

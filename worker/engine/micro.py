@@ -10,11 +10,16 @@ from worker.engine.qwen import QwenEngine
 
 
 def weight_bytes(model) -> int:
-    """Bytes of weights read for every decoded token: all linear layers (embeddings: one row, ignored)."""
+    """Bytes of weights read for every decoded token: all linear layers (embeddings: one row, ignored).
+
+    Of a dual-precision layer, decoding reads only the int8 copy.
+    """
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
     total = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
+        if name.endswith(".exact"):
+            continue
         if isinstance(module, torch.nn.Linear):
             total += module.weight.numel() * module.weight.element_size()
         elif isinstance(module, DynamicQuantizedLinear):  # int8 weights: one byte each
@@ -48,13 +53,20 @@ def decode_ms_per_token(engine: QwenEngine, short: int = 8, long: int = 40, repe
                               pad_token_id=engine.pad_token_id)
         return time.perf_counter() - started
 
-    generate(2)  # warm-up
-    samples = sorted((generate(long) - generate(short)) / (long - short) for _ in range(repeats))
+    with engine._precision(precise=False):  # the weights the reply is decoded with
+        generate(2)  # warm-up
+        samples = sorted((generate(long) - generate(short)) / (long - short) for _ in range(repeats))
     return 1000 * samples[len(samples) // 2]
 
 
 @torch.inference_mode()
 def prefill_ms(engine: QwenEngine, tokens: int = 34, repeats: int = 5) -> float:
+    """A forward pass over ``tokens`` prompt tokens, as the reply's prefill runs it."""
+    with engine._precision(precise=False):
+        return _prefill_ms(engine, tokens, repeats)
+
+
+def _prefill_ms(engine: QwenEngine, tokens: int, repeats: int) -> float:
     ids = torch.tensor([engine.encode_chat([{"role": "user", "content": "好" * 200}])[:tokens]])
     engine.model(ids, logits_to_keep=1)  # warm-up
     samples = []
@@ -73,7 +85,8 @@ def profile_decode(engine: QwenEngine, tokens: int = 20, rows: int = 12) -> str:
     ids = torch.tensor([engine.encode_chat([{"role": "user", "content": "送餐太慢了"}])])
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=engine.pad_token_id)
-    engine.model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        engine.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+    with engine._precision(precise=False):  # the weights the reply is decoded with
+        engine.model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
