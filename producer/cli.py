@@ -24,8 +24,7 @@ def sentiment_line(record: JobRecord) -> str:
     sentiment = record.sentiment
     assert sentiment is not None
     labels = record.request.options.labels if record.request else "zh"
-    positive = LABEL_SETS[labels][0]
-    face = "😄" if sentiment.label == positive else "😞"
+    face = dict(zip(LABEL_SETS[labels], ("😄", "😞", "😐"))).get(sentiment.label, "🙂")
     return f"{face} LLM 情感判断: {sentiment.label} (confidence {sentiment.confidence:.2f})"
 
 
@@ -118,6 +117,22 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     return _final_exit_code(record)
 
 
+def cmd_eval(client: Client, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from producer.evaluate import balanced_sample, format_summary, read_rows, run_eval, summarize, write_report
+
+    rows = read_rows(Path(args.file), args.text_column, args.label_column)
+    if args.limit:
+        rows = balanced_sample(rows, args.limit, args.seed)
+    predictions = run_eval(client, rows, args.labels, args.concurrency, args.reply_tokens)
+    summary = summarize(predictions, args.labels)
+    write_report(Path(args.report), summary, predictions)
+    print(format_summary(summary))
+    print(f"\nper-row predictions and confidences: {args.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-allinone", description="Submit texts to the qwen-allinone queue and read results."
@@ -131,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-new-tokens", type=int, help="longest reply, in tokens (worker default 128)")
         p.add_argument("--min-new-tokens", type=int, help="shortest reply, in tokens (EOS ignored until then)")
         p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (worker default 0.7)")
-        p.add_argument("--labels", choices=["zh", "en"], default="zh", help="zh: 正面/负面, en: positive/negative")
+        p.add_argument("--labels", choices=list(LABEL_SETS), default="zh",
+                       help="zh: 正面/负面, en: positive/negative, zh3/en3: also 中性/neutral")
 
     def add_common(p: argparse.ArgumentParser, wait: bool = False) -> None:
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -157,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_args(p)
     add_common(p, wait=True)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="sentiment accuracy on a labelled CSV, through the queue")
+    p.add_argument("file", help="CSV with a text column and a label column (1/0/2 or label words)")
+    p.add_argument("--text-column", default="review")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--limit", type=int, help="a balanced sample of this many rows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    p.add_argument("--labels", choices=list(LABEL_SETS), default="zh")
+    p.add_argument("--concurrency", type=int, default=2, help="jobs in flight at once (default 2)")
+    p.add_argument("--reply-tokens", type=int, default=1, help="reply length per job (default 1: sentiment only)")
+    p.add_argument("--report", default="eval-report.json", help="JSON report path (default eval-report.json)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

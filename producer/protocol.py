@@ -94,12 +94,14 @@ class ErrorCode(str, enum.Enum):
     EXPIRED = "expired"  # waited in the queue past its start deadline
 
 
-#: Label sets the classifier can answer with, positive label first.
-LABEL_SETS: dict[str, tuple[str, str]] = {
+#: Label sets the classifier can answer with: positive, negative, then neutral in three-class sets.
+LABEL_SETS: dict[str, tuple[str, ...]] = {
     "zh": ("正面", "负面"),
     "en": ("positive", "negative"),
+    "zh3": ("正面", "负面", "中性"),
+    "en3": ("positive", "negative", "neutral"),
 }
-LabelSetName = Literal["zh", "en"]
+LabelSetName = Literal["zh", "en", "zh3", "en3"]
 
 
 # --- request -------------------------------------------------------------------

@@ -33,7 +33,7 @@ def client(fake):
         ({"text": "x" * 21}, "text", "at most 20 characters"),
         ({"text": "ok", "max_new_tokens": 0}, "options.max_new_tokens", "greater than or equal to 1"),
         ({"text": "ok", "temperature": 5.0}, "options.temperature", "less than or equal to 2"),
-        ({"text": "ok", "labels": "fr"}, "options.labels", "'zh' or 'en'"),
+        ({"text": "ok", "labels": "fr"}, "options.labels", "'zh', 'en', 'zh3' or 'en3'"),
         ({"text": "ok", "conversation_id": "a b"}, "conversation_id", "pattern"),
     ],
 )

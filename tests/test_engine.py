@@ -206,3 +206,38 @@ def test_int8_sentiment_reads_float32_down_projections_and_the_reply_int8(tiny_m
     reply(engine, max_new_tokens=3, min_new_tokens=3)
     assert set(used) == {"fast"}
     assert all(layer.precise for layer in engine._dual_layers)  # left in the sentiment's setting
+
+
+def test_label_set_whose_words_share_a_first_token_is_unavailable_not_fatal(tiny_model_dir, monkeypatch):
+    import worker.engine.qwen as qwen
+    import worker.prompts as prompts
+
+    monkeypatch.setitem(qwen.LABEL_SETS, "clash", ("正面", "正面啊"))
+    monkeypatch.setitem(prompts.CLASSIFIER_PROMPTS["plain"], "clash", "只回答“{positive}”或“{negative}”。")
+    engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1)
+    assert "clash" in engine.unavailable_label_sets
+    with pytest.raises(ValueError, match="labels='clash' is not available with MODEL="):
+        engine.classify("好吃", "clash")
+    assert engine.classify("好吃", "zh3").label in LABEL_SETS["zh3"]
+
+
+def test_three_class_sets_answer_one_of_three(engine):
+    for label_set in ("zh3", "en3"):
+        result = engine.classify("还行吧，一般般", label_set)
+        assert result.label in LABEL_SETS[label_set] and len(result.probabilities) == 3
+
+
+def test_positive_threshold_moves_the_decision(tiny_model_dir):
+    source = resolve_model_source(str(tiny_model_dir))
+    strict = QwenEngine.load(source, "float32", threads=1, positive_threshold=0.999)
+    lenient = QwenEngine.load(source, "float32", threads=1, positive_threshold=0.001)
+    assert strict.classify("好吃").label == "负面" and lenient.classify("好吃").label == "正面"
+    # The confidence stays the probability of the label given.
+    assert lenient.classify("好吃").confidence == lenient.classify("好吃").probabilities["正面"]
+
+
+def test_unknown_prompt_variant_names_the_setting(tiny_model_dir):
+    from worker.model_source import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="CLASSIFIER_PROMPT='nope'"):
+        QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1, prompt_variant="nope")

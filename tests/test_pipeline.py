@@ -115,3 +115,17 @@ def test_cli_bad_input_names_the_field_and_enqueues_nothing(worker, redis_url, m
     assert result.returncode == 2
     assert "text: must be at most 2000 characters (got 2001)" in result.stderr
     assert client.queue_depth() == before
+
+
+def test_eval_command_runs_every_row_through_the_queue(worker, redis_url, tmp_path):
+    data = tmp_path / "dev.csv"
+    data.write_text("label,review\n1,很快，好吃\n0,太慢了\n1,服务很好\n0,再也不点了\n", encoding="utf-8")
+    report = tmp_path / "report.json"
+    result = cli(redis_url, "eval", str(data), "--report", str(report), "--limit", "4", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert "on 4 rows (labels=zh); valid labels 100.0%; failed jobs 0" in result.stdout
+    assert "| gold \\ predicted | 正面 | 负面 |" in result.stdout
+    body = json.loads(report.read_text())
+    assert len(body["rows"]) == 4 and all(row["job_id"] and row["predicted"] in LABEL_SETS["zh"]
+                                          for row in body["rows"])
+    assert f"job={body['rows'][0]['job_id']} status=succeeded" in worker.log()

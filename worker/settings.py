@@ -34,6 +34,10 @@ class WorkerSettings(ProducerSettings):
     dtype: Literal["float32", "bfloat16", "int8"] = "int8"
     #: torch intra-op threads; 0 = every core this process may use.
     torch_threads: int = Field(0, ge=0)
+    #: Classifier instructions: a variant name from worker/prompts.py (EVAL.md compares them).
+    classifier_prompt: str = "fewshot"
+    #: Two-class sets answer positive when its probability is at least this (tuned in EVAL.md).
+    positive_threshold: float = Field(0.45, gt=0.0, lt=1.0)
     #: Reply length when the job does not say.
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     #: Sampling temperature when the job does not say; 0 = greedy.

@@ -75,7 +75,10 @@ class WorkerRuntime:
             from worker.engine import QwenEngine  # the only torch import, inside the pool process
 
             started = time.perf_counter()
-            self.engine = QwenEngine.load(self.resolve_model(), self.settings.dtype, self.settings.threads)
+            self.engine = QwenEngine.load(
+                self.resolve_model(), self.settings.dtype, self.settings.threads,
+                prompt_variant=self.settings.classifier_prompt, positive_threshold=self.settings.positive_threshold,
+            )
             log.info(
                 "model %s loaded (dtype=%s, threads=%d) in %.1fs",
                 self.settings.model, self.settings.dtype, self.settings.threads, time.perf_counter() - started,

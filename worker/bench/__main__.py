@@ -36,13 +36,15 @@ def machine_line() -> str:
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
-    from worker.bench.accuracy import format_accuracy, measure_accuracy
-    from worker.bench.data import balanced_sample
+    from producer.evaluate import balanced_sample, read_rows
+    from worker.bench.accuracy import format_accuracy, measure_accuracy, measure_original_accuracy
     from worker.model_source import resolve_model_source
 
-    examples = balanced_sample(Path(args.data), args.n, args.seed)
+    examples = balanced_sample(read_rows(Path(args.data)), args.n, args.seed)
     source = resolve_model_source(args.model)
     rows = [measure_accuracy(source, dtype, examples, args.threads) for dtype in args.dtypes.split(",")]
+    if args.original:
+        rows.append(measure_original_accuracy(source, examples, args.threads))
     print(f"\nsentiment accuracy, {args.n} balanced reviews of {Path(args.data).name} (seed {args.seed}); "
           f"{machine_line()}, {args.threads} threads\n")
     print(format_accuracy(rows))
@@ -54,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import time
 
     from worker.bench import report
-    from worker.bench.data import balanced_sample
+    from producer.evaluate import balanced_sample, read_rows
     from worker.bench.service import RssSampler, queue_is_empty, run_level, start_workers
 
     if not queue_is_empty(args.redis_url):
@@ -65,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from worker.engine.shapes import build_random_qwen
 
         model = str(build_random_qwen(args.shape, Path(tempfile.mkdtemp(prefix=f"{args.shape}-"))))
-    examples = balanced_sample(Path(args.data), 400, seed=1)
+    examples = balanced_sample(read_rows(Path(args.data)), 400, seed=1)
     texts = [e.text for e in examples if len(e.text) <= 40][:100]  # short Chinese reviews
     levels = [int(c) for c in args.concurrency.split(",")]
     out = [f"# qwen-allinone benchmark, {time.strftime('%Y-%m-%d %H:%M')}",
@@ -163,13 +165,13 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     import psutil
 
-    from worker.bench.data import balanced_sample
+    from producer.evaluate import balanced_sample, read_rows
     from worker.engine import QwenEngine
     from worker.engine.micro import decode_ms_per_token, memory_bandwidth_gbps, prefill_ms, weight_bytes
     from worker.model_source import resolve_model_source
 
     source = resolve_model_source(args.model)
-    texts = [e.text for e in balanced_sample(Path(args.data), 40, seed=1)]
+    texts = [e.text for e in balanced_sample(read_rows(Path(args.data)), 40, seed=1)]
     bandwidth = memory_bandwidth_gbps()
     lines = [f"engine per DTYPE, in process; {machine_line()}, {args.threads} threads; "
              f"read bandwidth {bandwidth:.1f} GB/s", "",
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--original", action="store_true", help="also the original pipeline's generate-and-search decision")
     p.set_defaults(func=cmd_accuracy)
 
     p = sub.add_parser("run", help="the service under load, side by side with the original pipeline")

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from producer.protocol import LABEL_SETS
-from worker.bench.data import Example
+from producer.evaluate import Row
 from worker.model_source import ModelSource
+from worker.settings import WorkerSettings
 
 
 @dataclass
@@ -22,19 +23,35 @@ class AccuracyRow:
     load_s: float
 
 
-def measure_accuracy(source: ModelSource, dtype: str, examples: list[Example], threads: int) -> AccuracyRow:
+def measure_accuracy(source: ModelSource, dtype: str, examples: list[Row], threads: int) -> AccuracyRow:
+    """The engine as the worker builds it: the DTYPE given, CLASSIFIER_PROMPT and POSITIVE_THRESHOLD defaults."""
     from worker.engine import QwenEngine
 
+    defaults = WorkerSettings.model_fields
     started = time.perf_counter()
-    engine = QwenEngine.load(source, dtype, threads)
+    engine = QwenEngine.load(source, dtype, threads, prompt_variant=defaults["classifier_prompt"].default,
+                             positive_threshold=defaults["positive_threshold"].default)
     load_s = time.perf_counter() - started
-    positive = LABEL_SETS["zh"][0]
+    return _score(dtype, lambda text: engine.classify(text, "zh").label, examples, load_s)
+
+
+def measure_original_accuracy(source: ModelSource, examples: list[Row], threads: int) -> AccuracyRow:
+    """The original pipeline's decision (float32, generate, substring search); no label counts as wrong."""
+    from worker.engine.baseline import OriginalPipeline
+
+    started = time.perf_counter()
+    original = OriginalPipeline(source, threads)
+    return _score("original pipeline (float32)", original.sentiment, examples, time.perf_counter() - started)
+
+
+def _score(name: str, decide, examples: list[Row], load_s: float) -> AccuracyRow:
+    positive, negative = LABEL_SETS["zh"]
     correct = 0
     started = time.perf_counter()
-    for example in tqdm(examples, desc=f"accuracy {dtype}", unit="review"):
-        correct += (engine.classify(example.text, "zh").label == positive) == example.positive
+    for example in tqdm(examples, desc=f"accuracy {name}", unit="review"):
+        correct += decide(example.text) == (positive if example.gold == 0 else negative)
     elapsed = time.perf_counter() - started
-    return AccuracyRow(dtype, correct / len(examples), correct, len(examples), 1000 * elapsed / len(examples), load_s)
+    return AccuracyRow(name, correct / len(examples), correct, len(examples), 1000 * elapsed / len(examples), load_s)
 
 
 def format_accuracy(rows: list[AccuracyRow]) -> str:

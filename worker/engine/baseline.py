@@ -44,14 +44,19 @@ class OriginalPipeline:
         return self.tokenizer(text, return_tensors="pt").input_ids
 
     @torch.inference_mode()
-    def run(self, text: str, reply_tokens: int) -> BaselineTiming:
-        started = time.perf_counter()
+    def sentiment(self, text: str) -> str | None:
+        """The original decision: generate up to 10 tokens, then look for a label word in them."""
         ids = self._prompt([{"role": "system", "content": ORIGINAL_CLASSIFIER_PROMPT},
                             {"role": "user", "content": text}])
         out = self.model.generate(ids, max_new_tokens=10, do_sample=False,
                                   pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
         answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        label = "正面" if "正面" in answer else "负面" if "负面" in answer else None
+        return "正面" if "正面" in answer else "负面" if "负面" in answer else None
+
+    @torch.inference_mode()
+    def run(self, text: str, reply_tokens: int) -> BaselineTiming:
+        started = time.perf_counter()
+        label = self.sentiment(text)
         sentiment_ms = 1000 * (time.perf_counter() - started)
 
         started = time.perf_counter()

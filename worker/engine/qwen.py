@@ -42,7 +42,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from producer.protocol import LABEL_SETS  # noqa: E402
 from worker.model_source import ModelLoadError, ModelSource  # noqa: E402
-from worker.prompts import REPLY_SYSTEM_PROMPT, classifier_prompt  # noqa: E402
+from worker.prompts import CLASSIFIER_PROMPTS, REPLY_SYSTEM_PROMPT, classifier_prompt  # noqa: E402
 
 #: DTYPE setting -> dtype the weights are loaded in (int8 is quantized after loading).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
@@ -85,16 +85,35 @@ class PromptPrefix:
 
 class QwenEngine:
     def __init__(self, model, tokenizer, model_id: str, device: torch.device, dtype_name: str = "float32",
-                 label_rows: dict[int, torch.Tensor] | None = None):
+                 label_rows: dict[int, torch.Tensor] | None = None, *, prompt_variant: str = "plain",
+                 positive_threshold: float = 0.5):
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.device = device
         self.dtype_name = dtype_name
+        if prompt_variant not in CLASSIFIER_PROMPTS:
+            raise ModelLoadError(f"CLASSIFIER_PROMPT={prompt_variant!r} is not one of {sorted(CLASSIFIER_PROMPTS)}")
+        self.prompt_variant = prompt_variant
+        #: Two-class sets answer positive when its probability is at least this.
+        self.positive_threshold = positive_threshold
         self.stop_token_ids = _stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         # The first token of each label word, per label set: one forward pass decides.
-        self.label_token_ids = {name: self._label_token_ids(words) for name, words in LABEL_SETS.items()}
+        # A set whose words share a first token cannot be told apart that way and
+        # is unavailable with this tokenizer (jobs asking for it fail, saying so).
+        self.label_token_ids = {}
+        self.unavailable_label_sets = {}
+        for name, words in LABEL_SETS.items():
+            ids = _first_token_ids(tokenizer, words)
+            if len(set(ids)) == len(ids):
+                self.label_token_ids[name] = ids
+            else:
+                self.unavailable_label_sets[name] = (
+                    f"labels={name!r} is not available with MODEL={model_id!r}: its words {words} "
+                    "share a first token, so one forward pass cannot tell them apart")
+        if "zh" not in self.label_token_ids:
+            raise ModelLoadError(self.unavailable_label_sets["zh"])
         if label_rows is None:
             label_rows = _output_rows(model, sorted({i for ids in self.label_token_ids.values() for i in ids}))
         #: token id -> float32 row of the output layer, for the label words only.
@@ -102,13 +121,16 @@ class QwenEngine:
         self._dual_layers = [m for m in model.modules() if isinstance(m, _DualPrecisionLinear)]
         with self._precision(precise=True):
             self.classifier_prefixes = {
-                name: self._prefix([{"role": "system", "content": classifier_prompt(name)}]) for name in LABEL_SETS
+                name: self._prefix([{"role": "system", "content": classifier_prompt(name, prompt_variant)}])
+                for name in LABEL_SETS
             }
         with self._precision(precise=False):
             self.reply_prefix = self._prefix([{"role": "system", "content": REPLY_SYSTEM_PROMPT}])
 
     @classmethod
-    def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None) -> QwenEngine:
+    def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None,
+             **options) -> QwenEngine:
+        """Load MODEL; ``options`` (prompt_variant, positive_threshold) go to the constructor."""
         if dtype not in DTYPES:
             raise ModelLoadError(f"DTYPE={dtype!r} is not one of {sorted(DTYPES)}")
         if threads:
@@ -127,25 +149,28 @@ class QwenEngine:
             raise ModelLoadError(f"MODEL={source.model_id!r} has no chat template: a chat model is required")
         model.to(device=device)
         model.eval()
-        return cls.from_model(model, tokenizer, source.model_id, dtype)
+        return cls.from_model(model, tokenizer, source.model_id, dtype, **options)
 
     @classmethod
-    def from_model(cls, model, tokenizer, model_id: str, dtype: str = "float32") -> QwenEngine:
+    def from_model(cls, model, tokenizer, model_id: str, dtype: str = "float32", **options) -> QwenEngine:
         """Wrap a loaded float model; quantize it first when ``dtype`` is int8."""
         label_rows = None
         if dtype == "int8":
             label_ids = sorted({i for words in LABEL_SETS.values() for i in _first_token_ids(tokenizer, words)})
             label_rows = _output_rows(model, label_ids)  # taken before quantization, in full precision
             _quantize_int8(model)
-        return cls(model, tokenizer, model_id, torch.device("cpu"), dtype, label_rows)
+        return cls(model, tokenizer, model_id, torch.device("cpu"), dtype, label_rows, **options)
 
     # --- the two jobs ---
 
     @torch.inference_mode()
     def classify(self, text: str, label_set: str = "zh", *, use_prefix_cache: bool = True) -> SentimentResult:
         """Score the label words as the next token after the classifier prompt: one forward pass."""
+        if label_set in self.unavailable_label_sets:
+            raise ValueError(self.unavailable_label_sets[label_set])
         prefix = self.classifier_prefixes[label_set]
-        messages = [{"role": "system", "content": classifier_prompt(label_set)}, {"role": "user", "content": text}]
+        system = classifier_prompt(label_set, self.prompt_variant)
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
         input_ids = self.encode_chat(messages)
         with self._precision(precise=True):
             if use_prefix_cache:
@@ -159,7 +184,10 @@ class QwenEngine:
         label_logits = torch.stack([self.label_rows[i] @ hidden for i in ids])
         probabilities = torch.softmax(label_logits, dim=-1).tolist()
         words = LABEL_SETS[label_set]
-        best = max(range(len(words)), key=probabilities.__getitem__)
+        if len(words) == 2:
+            best = 0 if probabilities[0] >= self.positive_threshold else 1
+        else:
+            best = max(range(len(words)), key=probabilities.__getitem__)
         return SentimentResult(
             label=words[best],
             confidence=probabilities[best],
@@ -285,15 +313,6 @@ class QwenEngine:
             used += cost
         kept.reverse()
         return kept
-
-    def _label_token_ids(self, words: tuple[str, ...]) -> list[int]:
-        ids = _first_token_ids(self.tokenizer, words)
-        if len(set(ids)) != len(ids):
-            raise ModelLoadError(
-                f"MODEL={self.model_id!r}: the label words {words} share their first token, "
-                "so one forward pass cannot tell them apart"
-            )
-        return ids
 
 
 def _first_token_ids(tokenizer, words) -> list[int]:

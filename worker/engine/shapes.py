@@ -43,6 +43,9 @@ _SEED_LINES = [
     "太难吃了，再也不点了",
     "正面 负面 中性 情感 判断 回复",
     "positive negative neutral sentiment reply",
+    # The label words at line starts (no leading space, as the classifier's answer
+    # begins), so each becomes one token, as in Qwen's own vocabulary.
+    *[f"{word}，{word}" for word in ("正面", "负面", "中性", "positive", "negative", "neutral") for _ in range(3)],
     "The delivery was fast and the food was great.",
     "Terrible service, the soup was cold and late.",
     "你是一个情感分析助手。请判断用户文本的情感。",
