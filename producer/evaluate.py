@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from producer.client import Client
+from producer.errors import ProducerError
 from producer.protocol import LABEL_SETS, JobStatus
 
 # Values of the label column that mean positive / negative / neutral (or the label words themselves).
@@ -95,8 +96,17 @@ def run_eval(client: Client, rows: list[Row], labels: str, concurrency: int = 1,
 
     def one(index: int) -> None:
         row = rows[index]
-        job_id = client.submit(row.text, labels=labels, max_new_tokens=reply_tokens, temperature=0.0)
-        record = client.wait(job_id, timeout=timeout, poll_interval=0.02)
+        job_id = None
+        try:
+            job_id = client.submit(row.text, labels=labels, max_new_tokens=reply_tokens, temperature=0.0)
+            record = client.wait(job_id, timeout=timeout, poll_interval=0.02)
+        except ProducerError as err:  # QueueFull, WaitTimeout, ...: this row fails, the eval goes on
+            results[index] = Prediction(text=row.text, gold=words[row.gold], predicted=None, confidence=None,
+                                        p_positive=None, status=type(err).__name__, sentiment_ms=None,
+                                        total_ms=None, job_id=job_id)
+            with lock:
+                progress.update()
+            return
         sentiment = record.sentiment
         p_positive = None
         if sentiment and len(words) == 2:
@@ -135,8 +145,8 @@ def summarize(predictions: list[Prediction], labels: str) -> dict:
     for p in predictions:
         if p.confidence is not None:
             deciles.setdefault(min(int(p.confidence * 10), 9), []).append(p.predicted == p.gold)
-    latencies = sorted(p.total_ms for p in predictions if p.total_ms is not None)
-    sentiment_ms = sorted(p.sentiment_ms for p in predictions if p.sentiment_ms is not None)
+    latencies = [p.total_ms for p in predictions if p.total_ms is not None]
+    sentiment_ms = [p.sentiment_ms for p in predictions if p.sentiment_ms is not None]
     return {
         "labels": labels,
         "rows": total,
@@ -149,11 +159,22 @@ def summarize(predictions: list[Prediction], labels: str) -> dict:
                         for d, v in sorted(deciles.items())},
         "latency_ms": {
             "job_mean": statistics.mean(latencies) if latencies else None,
-            "job_p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))] if latencies else None,
+            "job_p95": percentile(latencies, 95),
             "sentiment_mean": statistics.mean(sentiment_ms) if sentiment_ms else None,
         },
         "threshold_sweep": threshold_sweep(predictions, words) if len(words) == 2 else None,
     }
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile with linear interpolation between ranks; None for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def threshold_sweep(predictions: list[Prediction], words: tuple[str, ...]) -> dict[str, float]:
@@ -169,12 +190,12 @@ def threshold_sweep(predictions: list[Prediction], words: tuple[str, ...]) -> di
 
 def format_summary(summary: dict) -> str:
     words = list(summary["per_class"])
-    lat = summary["latency_ms"]
+    lat = {key: "n/a" if value is None else f"{value:.0f}" for key, value in summary["latency_ms"].items()}
     lines = [
         f"accuracy {summary['accuracy']:.3f} on {summary['rows']} rows (labels={summary['labels']}); "
         f"valid labels {100 * summary['valid_label_share']:.1f}%; failed jobs {summary['failed_jobs']}",
-        f"latency per job: mean {lat['job_mean']:.0f} ms, p95 {lat['job_p95']:.0f} ms; "
-        f"sentiment step mean {lat['sentiment_mean']:.0f} ms",
+        f"latency per job: mean {lat['job_mean']} ms, p95 {lat['job_p95']} ms; "
+        f"sentiment step mean {lat['sentiment_mean']} ms",
         "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
     ]
     for word, m in summary["per_class"].items():

@@ -54,3 +54,19 @@ def test_summary_metrics():
     assert summary["threshold_sweep"]["0.35"] == 1.0 and summary["threshold_sweep"]["0.50"] == 0.75
     text = format_summary(summary)
     assert "accuracy 0.750 on 4 rows" in text and "best POSITIVE_THRESHOLD on this data: 0.35" in text
+
+
+def test_percentile_interpolates_and_handles_empty():
+    from producer.evaluate import percentile
+
+    assert percentile([], 50) is None
+    assert percentile([5.0], 95) == 5.0
+    assert percentile([1.0, 2.0], 50) == 1.5 and percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile(list(range(101)), 95) == 95
+
+
+def test_summary_of_failed_rows_prints_without_latencies():
+    failed = Prediction("t", "正面", None, None, None, "WaitTimeout", None, None, None)
+    summary = summarize([failed], "zh")
+    assert summary["accuracy"] == 0.0 and summary["valid_label_share"] == 0.0 and summary["failed_jobs"] == 1
+    assert "latency per job: mean n/a ms, p95 n/a ms" in format_summary(summary)

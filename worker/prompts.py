@@ -16,6 +16,10 @@ _GUIDE_EN3 = _GUIDE_EN + " Plain statements of fact with no clear feeling are {n
 _EXAMPLES_ZH = "例如：“客服很耐心，问题很快解决了”→{positive}；“等了三天还没发货，太失望了”→{negative}。"
 _EXAMPLES_EN = 'For example: "The staff were patient and fixed it fast" -> {positive}; "Three days and still not shipped" -> {negative}.'
 
+#: Defaults of CLASSIFIER_PROMPT and POSITIVE_THRESHOLD, chosen on the dev sample (EVAL.md).
+DEFAULT_CLASSIFIER_PROMPT = "fewshot"
+DEFAULT_POSITIVE_THRESHOLD = 0.45
+
 #: Classifier instructions, by CLASSIFIER_PROMPT variant and label set. EVAL.md compares the variants.
 CLASSIFIER_PROMPTS: dict[str, dict[str, str]] = {
     # The original system's wording (reconstructed from its write-up's quote).
@@ -59,6 +63,6 @@ CLASSIFIER_PROMPTS: dict[str, dict[str, str]] = {
 REPLY_SYSTEM_PROMPT = "你是一个温暖、善解人意的助手。请体会用户的感受，用一两句简短、真诚的话回应用户。"
 
 
-def classifier_prompt(label_set: str, variant: str = "plain") -> str:
+def classifier_prompt(label_set: str, variant: str = DEFAULT_CLASSIFIER_PROMPT) -> str:
     words = dict(zip(("positive", "negative", "neutral"), LABEL_SETS[label_set]))
     return CLASSIFIER_PROMPTS[variant][label_set].format(**words)

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from producer.protocol import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE
 from producer.settings import ProducerSettings
+from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_POSITIVE_THRESHOLD
 
 #: The model the original single-process demo used.
 DEFAULT_MODEL = "Qwen/Qwen1.5-0.5B-Chat"
@@ -35,9 +36,9 @@ class WorkerSettings(ProducerSettings):
     #: torch intra-op threads; 0 = every core this process may use.
     torch_threads: int = Field(0, ge=0)
     #: Classifier instructions: a variant name from worker/prompts.py (EVAL.md compares them).
-    classifier_prompt: str = "fewshot"
+    classifier_prompt: str = DEFAULT_CLASSIFIER_PROMPT
     #: Two-class sets answer positive when its probability is at least this (tuned in EVAL.md).
-    positive_threshold: float = Field(0.45, gt=0.0, lt=1.0)
+    positive_threshold: float = Field(DEFAULT_POSITIVE_THRESHOLD, gt=0.0, lt=1.0)
     #: Reply length when the job does not say.
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     #: Sampling temperature when the job does not say; 0 = greedy.

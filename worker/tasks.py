@@ -122,7 +122,8 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
             run(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
         except TurnNotReady as wait:
             # Back to the queue for a moment; the worker serves other jobs meanwhile.
-            log.info("job=%s waits: %s", self.request.id, wait)
+            if not self.request.retries:  # once, not every 0.25 s
+                log.info("job=%s waits: %s", self.request.id, wait)
             raise self.retry(countdown=TURN_RETRY_S) from None
         except redis.RedisError as err:
             # Redis is gone even after retries: hand the job back rather than
@@ -140,8 +141,8 @@ class TurnNotReady(Exception):
 def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], hostname: str) -> JobRecord:
     """Run one job and return its final record (also written to Redis).
 
-    Raises TurnNotReady, without writing anything, while an earlier turn of
-    the job's conversation is still queued or running.
+    Raises TurnNotReady, without touching the job's record, while an earlier
+    turn of the job's conversation is still queued or running.
     """
     store, settings = runtime.store, runtime.settings
     record = _load_record(store, job_id)

@@ -79,17 +79,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = {}
     for index, (count, threads) in enumerate(layouts):
         workers = start_workers(model, args.dtype, count, threads, args.redis_url)
-        rss_loaded = workers.rss_bytes()
-        run_level(args.redis_url, texts, 1, 2, args.reply_tokens, "warm-up")
-        with RssSampler(workers) as sampler:
-            if index == 0:
-                c1 = run_level(args.redis_url, texts, 1, args.jobs, args.reply_tokens, f"{count}x{threads} c=1")
-                runs = [c1] + [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c), args.reply_tokens,
-                                         f"{count}x{threads} c={c}") for c in levels if c != 1]
-            else:
-                runs = [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c), args.reply_tokens,
-                                  f"{count}x{threads} c={c}") for c in (1, 8)]
-        workers.stop()
+        try:  # never leave model-holding workers behind
+            rss_loaded = workers.rss_bytes()
+            run_level(args.redis_url, texts, 1, 2, args.reply_tokens, "warm-up")
+            with RssSampler(workers) as sampler:
+                if index == 0:
+                    c1 = run_level(args.redis_url, texts, 1, args.jobs, args.reply_tokens, f"{count}x{threads} c=1")
+                    runs = [c1] + [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c),
+                                             args.reply_tokens, f"{count}x{threads} c={c}") for c in levels if c != 1]
+                else:
+                    runs = [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c), args.reply_tokens,
+                                      f"{count}x{threads} c={c}") for c in (1, 8)]
+        finally:
+            workers.stop()
         results[(count, threads)] = (workers.start_s, rss_loaded, sampler.peak, runs)
 
     baseline = baseline_rpm = None
@@ -98,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         out += engine_lines
 
     (count, threads) = layouts[0]
-    start_s, rss_loaded, rss_peak, runs = results[layouts[0]]
+    _, rss_loaded, _, runs = results[layouts[0]]
     out += ["", f"## Latency per stage, concurrency 1, {count} worker x {threads} threads", "",
             report.stage_table(runs[0].succeeded, baseline)]
     out += ["", "## Memory", "", "| worker | RSS after load | peak RSS under load | start s (until loaded and ready) |",
@@ -111,7 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         rss32 = workers.rss_bytes()
         workers.stop()
         out.append(f"| 1 x {layouts[0][1]} threads, float32 | {report.mib(rss32)} | — | {workers.start_s:.1f} |")
-        out.append(f"\n{args.dtype} worker RSS / float32 worker RSS: **{rss_loaded / rss32:.2f}**")
+        out.append(f"\n{args.dtype} worker RSS / float32 worker RSS: **{rss_loaded / count / rss32:.2f}**")
     out += ["", f"## Concurrency, {count} worker x {threads} threads", "", report.level_table(runs, baseline_rpm)]
     for layout in layouts[1:]:
         out += ["", f"## Thread layout: {layout[0]} workers x {layout[1]} threads", "",
@@ -138,7 +140,7 @@ def run_in_process(args, model: str, texts: list[str]):
                for i in tqdm(range(args.baseline_jobs), desc="original pipeline", unit="job")]
     baseline_rpm = 60_000 / (sum(t.total_ms for t in timings) / len(timings))
     original_engine = QwenEngine.from_model(original.model, original.tokenizer, model, "float32")
-    rows = [("original (float32, uncached)", prefill_ms(original_engine), decode_ms_per_token(original_engine),
+    rows = [("original (float32)", prefill_ms(original_engine), decode_ms_per_token(original_engine),
              weight_bytes(original.model))]
     del original, original_engine
     gc.collect()
@@ -147,7 +149,8 @@ def run_in_process(args, model: str, texts: list[str]):
     bandwidth = memory_bandwidth_gbps()
     lines = ["", "## Engine, in process", "",
              f"read bandwidth {bandwidth:.1f} GB/s; floor = weight bytes read per token / bandwidth", "",
-             "| weights | prefill 34 tok ms | decode ms/token | weight bytes | floor ms/token | decode / floor |",
+             "| weights | prefill 34 tok ms (no prefix cache) | decode ms/token | weight bytes | floor ms/token | "
+             "decode / floor |",
              "|---|---|---|---|---|---|"]
     for name, prefill, decode, nbytes in rows:
         floor = 1000 * nbytes / (bandwidth * 1e9)

@@ -10,7 +10,6 @@ from tqdm import tqdm
 from producer.protocol import LABEL_SETS
 from producer.evaluate import Row
 from worker.model_source import ModelSource
-from worker.settings import WorkerSettings
 
 
 @dataclass
@@ -24,13 +23,11 @@ class AccuracyRow:
 
 
 def measure_accuracy(source: ModelSource, dtype: str, examples: list[Row], threads: int) -> AccuracyRow:
-    """The engine as the worker builds it: the DTYPE given, CLASSIFIER_PROMPT and POSITIVE_THRESHOLD defaults."""
+    """The engine as the worker builds it by default, at the DTYPE given."""
     from worker.engine import QwenEngine
 
-    defaults = WorkerSettings.model_fields
     started = time.perf_counter()
-    engine = QwenEngine.load(source, dtype, threads, prompt_variant=defaults["classifier_prompt"].default,
-                             positive_threshold=defaults["positive_threshold"].default)
+    engine = QwenEngine.load(source, dtype, threads)
     load_s = time.perf_counter() - started
     return _score(dtype, lambda text: engine.classify(text, "zh").label, examples, load_s)
 
@@ -45,11 +42,13 @@ def measure_original_accuracy(source: ModelSource, examples: list[Row], threads:
 
 
 def _score(name: str, decide, examples: list[Row], load_s: float) -> AccuracyRow:
-    positive, negative = LABEL_SETS["zh"]
+    words = LABEL_SETS["zh"]
+    if any(example.gold >= len(words) for example in examples):
+        raise ValueError("the accuracy bench is two-class: the data has neutral rows")
     correct = 0
     started = time.perf_counter()
     for example in tqdm(examples, desc=f"accuracy {name}", unit="review"):
-        correct += decide(example.text) == (positive if example.gold == 0 else negative)
+        correct += decide(example.text) == words[example.gold]
     elapsed = time.perf_counter() - started
     return AccuracyRow(name, correct / len(examples), correct, len(examples), 1000 * elapsed / len(examples), load_s)
 

@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import statistics
 
-from producer.protocol import JobRecord
+from producer.evaluate import percentile
 from worker.bench.service import LevelResult
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
-def end_to_end_ms(record: JobRecord) -> float:
-    return record.timings.total_ms
-
-
-def stage_table(records: list[JobRecord], baseline=None) -> str:
+def stage_table(records, baseline=None) -> str:
     """Latency per stage at concurrency 1; with a baseline, our p50 as a ratio to the original's."""
     stages = [
         ("queue wait", [r.timings.queue_wait_ms for r in records], None),
@@ -36,7 +24,7 @@ def stage_table(records: list[JobRecord], baseline=None) -> str:
         rule += "---|---|"
     lines = [head, rule]
     for name, ours, theirs in stages:
-        line = f"| {name} | {percentile(ours, 50):.0f} | {percentile(ours, 95):.0f} |"
+        line = f"| {name} | {_ms(percentile(ours, 50))} | {_ms(percentile(ours, 95))} |"
         if baseline:
             if theirs:
                 ratio = percentile(ours, 50) / percentile(theirs, 50)
@@ -44,7 +32,7 @@ def stage_table(records: list[JobRecord], baseline=None) -> str:
             else:
                 line += " — | — |"
         lines.append(line)
-    tokens = statistics.mean(r.tokens.generated_tokens or 0 for r in records)
+    tokens = statistics.mean(r.tokens.generated_tokens or 0 for r in records) if records else 0.0
     lines.append(f"\n{len(records)} jobs; mean generated tokens {tokens:.1f}")
     return "\n".join(lines)
 
@@ -57,15 +45,19 @@ def level_table(levels: list[LevelResult], baseline_jobs_per_minute: float | Non
         rule += "---|"
     lines = [head, rule]
     for level in levels:
-        latencies = [end_to_end_ms(r) for r in level.succeeded]
+        latencies = [r.timings.total_ms for r in level.succeeded]
         errors = ", ".join(f"{k} {v}" for k, v in level.errors.items()) or "0"
         line = (f"| {level.concurrency} | {len(level.succeeded)}/{level.total} | "
-                f"{statistics.mean(latencies) if latencies else float('nan'):.0f} | "
-                f"{percentile(latencies, 95):.0f} | {errors} | {level.jobs_per_minute:.1f} |")
+                f"{_ms(statistics.mean(latencies) if latencies else None)} | "
+                f"{_ms(percentile(latencies, 95))} | {errors} | {level.jobs_per_minute:.1f} |")
         if baseline_jobs_per_minute:
             line += f" {level.jobs_per_minute / baseline_jobs_per_minute:.1f}x |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def mib(n: float) -> str:

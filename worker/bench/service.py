@@ -114,7 +114,7 @@ class RssSampler:
 @dataclass
 class LevelResult:
     concurrency: int
-    #: Final records of the jobs that were accepted.
+    #: Final records of the jobs that reached a final status while their producer waited.
     records: list[JobRecord]
     wall_s: float
     #: Submissions or waits that raised (QueueFull, BrokerUnavailable, WaitTimeout, ...), by exception name.

@@ -4,7 +4,8 @@ As the original write-up describes it: float32 weights, nothing cached,
 ``generate(max_new_tokens=10)`` with a "冷酷的情感分析师 … 仅输出'正面'或'负面'"
 system prompt and a substring search for the label, then a second
 ``generate`` with the chat template for the reply (sampling, temperature 0.7).
-The wording of the system prompt is reconstructed from the write-up's quote.
+The wording of the system prompt (the "original" CLASSIFIER_PROMPT variant) is
+reconstructed from the write-up's quote.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from worker.model_source import ModelSource
+from worker.prompts import classifier_prompt
 
-ORIGINAL_CLASSIFIER_PROMPT = "你是一个冷酷的情感分析师。判断用户输入的情感倾向，仅输出'正面'或'负面'。"
+ORIGINAL_CLASSIFIER_PROMPT = classifier_prompt("zh", "original")
 
 
 @dataclass(frozen=True)

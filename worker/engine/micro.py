@@ -61,12 +61,12 @@ def decode_ms_per_token(engine: QwenEngine, short: int = 8, long: int = 40, repe
 
 @torch.inference_mode()
 def prefill_ms(engine: QwenEngine, tokens: int = 34, repeats: int = 5) -> float:
-    """A forward pass over ``tokens`` prompt tokens, as the reply's prefill runs it."""
+    """One forward pass over ``tokens`` prompt tokens from scratch (no prefix cache), with the reply's weights."""
     with engine._precision(precise=False):
-        return _prefill_ms(engine, tokens, repeats)
+        return _median_forward_ms(engine, tokens, repeats)
 
 
-def _prefill_ms(engine: QwenEngine, tokens: int, repeats: int) -> float:
+def _median_forward_ms(engine: QwenEngine, tokens: int, repeats: int) -> float:
     ids = torch.tensor([engine.encode_chat([{"role": "user", "content": "好" * 200}])[:tokens]])
     engine.model(ids, logits_to_keep=1)  # warm-up
     samples = []

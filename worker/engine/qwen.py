@@ -9,9 +9,10 @@ split, so a user who types ``<|im_end|>`` gets those characters, not the token.
 
 Speed on a CPU comes from three things:
 
-- weights: ``DTYPE=int8`` quantizes the linear layers (all but the MLP
-  down-projections) to int8 with dynamic activation scales (PyTorch's
-  ``quantize_dynamic``); see BENCHMARKS.md for the measurements behind this;
+- weights: ``DTYPE=int8`` quantizes the linear layers to int8 with dynamic
+  activation scales (PyTorch's ``quantize_dynamic``); the MLP down-projections
+  are held twice, float32 for the sentiment pass and int8 for decoding the
+  reply; see BENCHMARKS.md for the measurements behind this;
 - prompt prefixes: the key/value cache of each fixed prefix (the classifier
   instructions, the chat system prompt) is computed once at load and copied
   for every job, so a job only prefills its own text;
@@ -42,7 +43,13 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from producer.protocol import LABEL_SETS  # noqa: E402
 from worker.model_source import ModelLoadError, ModelSource  # noqa: E402
-from worker.prompts import CLASSIFIER_PROMPTS, REPLY_SYSTEM_PROMPT, classifier_prompt  # noqa: E402
+from worker.prompts import (  # noqa: E402
+    CLASSIFIER_PROMPTS,
+    DEFAULT_CLASSIFIER_PROMPT,
+    DEFAULT_POSITIVE_THRESHOLD,
+    REPLY_SYSTEM_PROMPT,
+    classifier_prompt,
+)
 
 #: DTYPE setting -> dtype the weights are loaded in (int8 is quantized after loading).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
@@ -85,8 +92,9 @@ class PromptPrefix:
 
 class QwenEngine:
     def __init__(self, model, tokenizer, model_id: str, device: torch.device, dtype_name: str = "float32",
-                 label_rows: dict[int, torch.Tensor] | None = None, *, prompt_variant: str = "plain",
-                 positive_threshold: float = 0.5):
+                 label_rows: dict[int, torch.Tensor] | None = None, *,
+                 prompt_variant: str = DEFAULT_CLASSIFIER_PROMPT,
+                 positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD):
         self.model = model
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -256,13 +264,14 @@ class QwenEngine:
     @contextlib.contextmanager
     def _precision(self, *, precise: bool):
         """Under int8, pick the float32 (sentiment) or int8 (reply) copy of the dual layers."""
+        previous = [layer.precise for layer in self._dual_layers]
         for layer in self._dual_layers:
             layer.precise = precise
         try:
             yield
         finally:
-            for layer in self._dual_layers:
-                layer.precise = True
+            for layer, mode in zip(self._dual_layers, previous):
+                layer.precise = mode
 
     # --- prompt building ---
 
