@@ -8,12 +8,13 @@ signals that load the model once per pool process. It never imports torch.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import sys
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_shutdown
 
 from producer.protocol import CELERY_WIRE_CONFIG
 from worker.model_source import ModelLoadError
@@ -58,6 +59,9 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
 
 
 def _connect_model_loading(runtime: WorkerRuntime) -> None:
+    # Set by a pool process whose model load failed; shared memory, inherited at fork.
+    load_failed = multiprocessing.RawValue("b", 0)
+
     @worker_init.connect(weak=False)
     def check_model(**_):
         # In the parent, before forking: resolve MODEL to local files (no torch),
@@ -74,8 +78,15 @@ def _connect_model_loading(runtime: WorkerRuntime) -> None:
             runtime.load_engine()
         except Exception as err:  # ModelLoadError, or anything else the load raised
             # Stop the whole worker instead of letting the pool respawn a child that fails again.
+            load_failed.value = 1
             os.kill(os.getppid(), signal.SIGTERM)
             _die(str(err) if isinstance(err, ModelLoadError) else f"MODEL={runtime.settings.model!r}: {err!r}")
+
+    @worker_shutdown.connect(weak=False)
+    def exit_code(**_):
+        # The SIGTERM above is a warm shutdown, which exits 0; a failed start must not.
+        if load_failed.value:
+            os._exit(1)
 
 
 def _die(message: str) -> None:
