@@ -53,7 +53,7 @@ def decode_ms_per_token(engine: QwenEngine, short: int = 8, long: int = 40, repe
                               pad_token_id=engine.pad_token_id)
         return time.perf_counter() - started
 
-    with engine._precision(precise=False):  # the weights the reply is decoded with
+    with engine.precision(precise=False):  # the weights the reply is decoded with
         generate(2)  # warm-up
         samples = sorted((generate(long) - generate(short)) / (long - short) for _ in range(repeats))
     return 1000 * samples[len(samples) // 2]
@@ -62,7 +62,7 @@ def decode_ms_per_token(engine: QwenEngine, short: int = 8, long: int = 40, repe
 @torch.inference_mode()
 def prefill_ms(engine: QwenEngine, tokens: int = 34, repeats: int = 5) -> float:
     """One forward pass over ``tokens`` prompt tokens from scratch (no prefix cache), with the reply's weights."""
-    with engine._precision(precise=False):
+    with engine.precision(precise=False):
         return _median_forward_ms(engine, tokens, repeats)
 
 
@@ -85,7 +85,7 @@ def profile_decode(engine: QwenEngine, tokens: int = 20, rows: int = 12) -> str:
     ids = torch.tensor([engine.encode_chat([{"role": "user", "content": "送餐太慢了"}])])
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, temperature=None, top_p=None, top_k=None,
                   pad_token_id=engine.pad_token_id)
-    with engine._precision(precise=False):  # the weights the reply is decoded with
+    with engine.precision(precise=False):  # the weights the reply is decoded with
         engine.model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             engine.model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)

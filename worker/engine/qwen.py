@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import gc
 import os
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 
 # tqdm reads this when first imported; the GGUF conversion's progress bar
@@ -42,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # no
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from producer.protocol import LABEL_SETS  # noqa: E402
+from worker.engine.int8 import DualPrecisionLinear, quantize_int8  # noqa: E402
 from worker.model_source import ModelLoadError, ModelSource  # noqa: E402
 from worker.prompts import (  # noqa: E402
     CLASSIFIER_PROMPTS,
@@ -126,13 +124,13 @@ class QwenEngine:
             label_rows = _output_rows(model, sorted({i for ids in self.label_token_ids.values() for i in ids}))
         #: token id -> float32 row of the output layer, for the label words only.
         self.label_rows = label_rows
-        self._dual_layers = [m for m in model.modules() if isinstance(m, _DualPrecisionLinear)]
-        with self._precision(precise=True):
+        self._dual_layers = [m for m in model.modules() if isinstance(m, DualPrecisionLinear)]
+        with self.precision(precise=True):
             self.classifier_prefixes = {
                 name: self._prefix([{"role": "system", "content": classifier_prompt(name, prompt_variant)}])
                 for name in LABEL_SETS
             }
-        with self._precision(precise=False):
+        with self.precision(precise=False):
             self.reply_prefix = self._prefix([{"role": "system", "content": REPLY_SYSTEM_PROMPT}])
 
     @classmethod
@@ -166,7 +164,7 @@ class QwenEngine:
         if dtype == "int8":
             label_ids = sorted({i for words in LABEL_SETS.values() for i in _first_token_ids(tokenizer, words)})
             label_rows = _output_rows(model, label_ids)  # taken before quantization, in full precision
-            _quantize_int8(model)
+            quantize_int8(model)
         return cls(model, tokenizer, model_id, torch.device("cpu"), dtype, label_rows, **options)
 
     # --- the two jobs ---
@@ -180,7 +178,7 @@ class QwenEngine:
         system = classifier_prompt(label_set, self.prompt_variant)
         messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
         input_ids = self.encode_chat(messages)
-        with self._precision(precise=True):
+        with self.precision(precise=True):
             if use_prefix_cache:
                 rest = input_ids[len(prefix.ids):]
                 out = self.model.base_model(torch.tensor([rest], device=self.device),
@@ -232,7 +230,7 @@ class QwenEngine:
             if temperature > 0
             else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
-        with self._precision(precise=False):
+        with self.precision(precise=False):
             output = self._generate(input_ids, max_new_tokens, min_new_tokens, remaining, sampling)
         new_tokens = output[0, len(input_ids):].tolist()
         ended = bool(new_tokens) and new_tokens[-1] in self.stop_token_ids
@@ -262,7 +260,7 @@ class QwenEngine:
         )
 
     @contextlib.contextmanager
-    def _precision(self, *, precise: bool):
+    def precision(self, *, precise: bool):
         """Under int8, pick the float32 (sentiment) or int8 (reply) copy of the dual layers."""
         previous = [layer.precise for layer in self._dual_layers]
         for layer in self._dual_layers:
@@ -331,79 +329,6 @@ def _first_token_ids(tokenizer, words) -> list[int]:
 def _output_rows(model, token_ids: list[int]) -> dict[int, torch.Tensor]:
     weight = model.get_output_embeddings().weight
     return {i: weight[i].detach().float().clone() for i in token_ids}
-
-
-class _BFloat16Embedding(torch.nn.Module):
-    """An embedding table kept in bfloat16 that returns float32 rows.
-
-    One row is read per token, so its precision costs nothing in speed; halving
-    it saves a quarter of the int8 worker's memory. The table is a buffer, not
-    a parameter, so the model still reports (and computes in) float32.
-    """
-
-    def __init__(self, embedding: torch.nn.Embedding):
-        super().__init__()
-        self.register_buffer("weight", embedding.weight.detach().to(torch.bfloat16))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.embedding(input_ids, self.weight).float()
-
-
-class _DualPrecisionLinear(torch.nn.Module):
-    """One linear layer held twice: float32 for the sentiment pass, int8 for generating the reply.
-
-    The MLP down-projections' inputs carry activation outliers that per-tensor
-    dynamic quantization clips: quantized, they cost 7.7 points of sentiment
-    accuracy on the dev sample, and in float32 they double the decode time
-    (BENCHMARKS.md). So the one forward pass that decides the label reads the
-    float32 copy, and the many decoding steps read the int8 one.
-    """
-
-    def __init__(self, linear: torch.nn.Linear, quantized: torch.nn.Module):
-        super().__init__()
-        self.exact = linear
-        self.fast = quantized
-        self.precise = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.exact(x) if self.precise else self.fast(x)
-
-
-def _quantize_int8(model) -> None:
-    """Linear layers to int8 weights with dynamic int8 activations, in place.
-
-    The MLP down-projections become _DualPrecisionLinear: float32 and int8 copies.
-    """
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
-
-    # from_pretrained maps the weights file into memory and every tensor is a view
-    # of that one mapping: while any view lives (a bias kept by a quantized
-    # layer, a norm), all ~2 GB of float32 pages stay resident. Own copies first.
-    for parameter in model.parameters():
-        parameter.data = parameter.data.clone()
-    gc.collect()
-    with warnings.catch_warnings():
-        # Deprecated in favour of torchao, whose CPU int8 kernels are slower here (BENCHMARKS.md).
-        warnings.simplefilter("ignore")
-        for layer in model.base_model.layers:
-            down = layer.mlp.down_proj
-            fast = quantize_dynamic(torch.nn.Sequential(copy.deepcopy(down)), {torch.nn.Linear},
-                                    dtype=torch.qint8)[0]
-            layer.mlp.down_proj = _DualPrecisionLinear(down, fast)
-        spec = {name: default_dynamic_qconfig for name, module in model.named_modules()
-                if type(module) is torch.nn.Linear and not name.endswith("down_proj.exact")}
-        quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
-    model.set_input_embeddings(_BFloat16Embedding(model.get_input_embeddings()))
-    gc.collect()
-    _return_freed_memory()
-
-
-def _return_freed_memory() -> None:
-    """Hand the float32 copies freed by quantization back to the OS (glibc keeps them otherwise)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def _stop_token_ids(tokenizer, model) -> list[int]:
