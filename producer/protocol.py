@@ -209,6 +209,8 @@ class JobRecord(_Model):
     #: How many times a worker has started this job (more than 1 after a redelivery).
     attempts: int = 0
     sentiment: Sentiment | None = None
+    #: While ``running``: the reply generated so far (updated every PARTIAL_REPLY_INTERVAL_MS);
+    #: once ``succeeded``: the whole reply.
     reply: str | None = None
     #: True when the deadline cut the reply short.
     truncated: bool = False
@@ -216,6 +218,8 @@ class JobRecord(_Model):
     tokens: TokenCounts = Field(default_factory=TokenCounts)
     model_id: str | None = None
     worker: str | None = None
+    #: How many jobs the worker ran together with this one (itself included).
+    batch_size: int | None = None
     error: JobError | None = None
 
     def to_json(self) -> str:

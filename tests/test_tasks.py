@@ -103,7 +103,7 @@ def test_malformed_message_is_recorded_as_failed(runtime, raw, unexpected, detai
 
 
 def test_engine_exception_fails_only_that_job(runtime, monkeypatch):
-    monkeypatch.setattr(runtime.engine, "classify", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(runtime.engine, "classify_batch", lambda *a, **k: 1 / 0)
     record = run(runtime, new_job_id(), message(), set(), hostname="w1")
     assert record.status is JobStatus.FAILED and record.error.code is ErrorCode.MODEL_ERROR
     assert "ZeroDivisionError" in record.error.message

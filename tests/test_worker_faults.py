@@ -80,6 +80,8 @@ def test_hard_time_limit_records_timed_out_and_the_worker_recovers(fault_worker,
 
 def test_job_that_waited_past_its_deadline_expires_without_running(fault_worker, make_client, figures):
     busy = make_client().submit("[[slow=0.1]] 忙", max_new_tokens=20, temperature=0.0)
+    # Once its sentiment is known its batch is formed: the late job waits for the next one.
+    wait_for(lambda: make_client().get(busy).sentiment is not None)
     late = make_client(queue_timeout_s=0.5).submit("好吃")
     record = make_client().wait(late, timeout=60)
     assert record.status is JobStatus.EXPIRED
@@ -92,7 +94,7 @@ def test_job_that_waited_past_its_deadline_expires_without_running(fault_worker,
 def test_queue_full_on_a_real_broker_writes_nothing(fault_worker, make_client, redis_client):
     busy = make_client().submit("[[slow=0.1]] 忙", max_new_tokens=30, temperature=0.0)
     client = make_client(max_queue=2)
-    wait_for(lambda: client.get(busy).status is JobStatus.RUNNING)
+    wait_for(lambda: client.get(busy).sentiment is not None)  # its batch is formed: the next jobs wait
     queued = [client.submit("排队 1"), client.submit("排队 2")]
     keys_before = set(redis_client.keys("qwen-allinone:job:*"))
     from producer import QueueFull

@@ -23,6 +23,11 @@ from worker.tasks import WorkerRuntime, register
 
 log = logging.getLogger("qwen_allinone.worker")
 
+#: A pool process loads the model before it reports for work. Celery's default
+#: (4 s) is shorter than a model load, so a pool process replaced after a hard
+#: time limit was killed before it was up, again and again, and no job ran.
+POOL_PROCESS_START_TIMEOUT_S = 300.0
+
 
 def celery_config(settings: WorkerSettings) -> dict:
     return {
@@ -36,6 +41,7 @@ def celery_config(settings: WorkerSettings) -> dict:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_time_limit": settings.hard_time_limit_s,
+        "worker_proc_alive_timeout": POOL_PROCESS_START_TIMEOUT_S,
         # Kombu's Redis transport, hardened against undecodable messages.
         "broker_transport": "worker.transport:Transport",
         "broker_transport_options": {

@@ -47,6 +47,13 @@ class WorkerSettings(ProducerSettings):
     history_max_tokens: int = Field(1024, ge=0)
     #: At most this many earlier turns are stored per conversation.
     history_max_turns: int = Field(16, ge=0)
+    #: Jobs served together: when more wait in the queue, a worker takes up to this many
+    #: and runs them as one batch (BENCHMARKS.md measures it); 1 turns batching off.
+    batch_max: int = Field(8, ge=1, le=64)
+    #: With fewer than BATCH_MAX jobs in hand, wait at most this long for more to arrive.
+    batch_wait_ms: float = Field(20.0, ge=0, le=1000)
+    #: A running job's record gets its reply-so-far at most this often; 0 = only the final reply.
+    partial_reply_interval_ms: float = Field(250.0, ge=0)
     #: Celery's hard time limit is job_timeout_s plus this; a job killed by it is ``timed_out``.
     time_limit_grace_s: float = Field(10.0, gt=0)
     #: A message fetched but not acknowledged (its worker died) is redelivered after this long.

@@ -1,7 +1,11 @@
 """The job: sentiment first, then the reply, with every state written to Redis.
 
 ``run_job`` turns a Celery message into a sequence of record writes:
-``running`` → sentiment known → ``succeeded`` (or ``failed`` / ``expired``).
+``running`` → sentiment known → partial replies → ``succeeded`` (or
+``failed`` / ``expired``). When more jobs wait in the queue, the task takes up
+to ``BATCH_MAX - 1`` of them (``worker.intake``) and runs them all as one
+batch: one sentiment pass, one batched generation, each job's record written
+and its message acknowledged on its own.
 The engine is loaded once per pool process (``load_engine``), never in the
 parent before it forks; the parent only writes ``timed_out`` records when the
 hard time limit kills a child.
@@ -34,11 +38,12 @@ from producer.protocol import (
 )
 from producer.errors import UnreadableRecord
 from producer.store import JobStore, connect_redis
+from worker.intake import Intake, TakenJob
 from worker.model_source import ModelSource, resolve_model_source
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the engine imports torch: only inside pool processes
-    from worker.engine import QwenEngine
+    from worker.engine import QwenEngine, ReplyRequest
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -55,6 +60,8 @@ class WorkerRuntime:
     settings: WorkerSettings
     source: ModelSource | None = None
     engine: QwenEngine | None = None
+    #: Takes more waiting jobs for a batch; set by register().
+    intake: Intake | None = None
     _store: JobStore | None = field(default=None, repr=False)
 
     @property
@@ -110,16 +117,18 @@ class JobTask(Task):
 
 
 def register(app: Celery, runtime: WorkerRuntime) -> Task:
+    runtime.intake = Intake(app)
+
     # max_retries=None: a later turn retries until its earlier turn finishes or it
     # expires (QUEUE_TIMEOUT_S), never into a MaxRetriesExceededError.
     @app.task(name=TASK_NAME, bind=True, base=JobTask, runtime=runtime, max_retries=None)
     def run_job(self: JobTask, *args, **kwargs) -> None:
-        # Any arguments are accepted here and checked in run(), so a malformed
+        # Any arguments are accepted here and checked in admit(), so a malformed
         # message is recorded as failed instead of dying in Celery's argument check.
         message = kwargs.pop("message", None)
         unexpected = {f"args[{i}]" for i in range(len(args))} | set(kwargs)
         try:
-            run(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
+            run_batch(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
         except TurnNotReady as wait:
             # Back to the queue for a moment; the worker serves other jobs meanwhile.
             if not self.request.retries:  # once, not every 0.25 s
@@ -138,8 +147,63 @@ class TurnNotReady(Exception):
     """An earlier turn of the same conversation has not finished; run this job later."""
 
 
+@dataclass
+class RunningJob:
+    """A job that has been admitted: its record says ``running`` and the model is next."""
+
+    record: JobRecord
+    message: JobMessage
+    #: Epoch seconds; the reply stops here.
+    deadline: float
+    #: The queue message this process took for the batch (None for the one Celery delivered).
+    taken: TakenJob | None = None
+
+
 def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], hostname: str) -> JobRecord:
-    """Run one job and return its final record (also written to Redis).
+    """Run one job alone and return its final record (also written to Redis)."""
+    admitted = admit(runtime, job_id, raw_message, unexpected, hostname)
+    return admitted if isinstance(admitted, JobRecord) else run_jobs(runtime, [admitted])[0]
+
+
+def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str],
+              hostname: str) -> list[JobRecord]:
+    """Run the delivered job together with up to BATCH_MAX - 1 jobs already waiting in the queue.
+
+    Each taken message is acknowledged once its job's final record is written;
+    whatever is left unsettled when this returns or raises goes back to the queue.
+    """
+    first = admit(runtime, job_id, raw_message, unexpected, hostname)
+    if isinstance(first, JobRecord):
+        return [first]
+    settings = runtime.settings
+    taken = runtime.intake.take(settings.batch_max - 1, settings.batch_wait_ms / 1000) if settings.batch_max > 1 else []
+    try:
+        jobs, finished = [first], []
+        for item in taken:
+            try:
+                admitted = admit(runtime, item.job_id, item.raw_message, item.unexpected, hostname)
+            except TurnNotReady:
+                item.requeue()  # its earlier turn may be in this very batch: after it, not beside it
+                continue
+            if isinstance(admitted, JobRecord):
+                finished.append(admitted)
+                item.ack()
+            else:
+                admitted.taken = item
+                jobs.append(admitted)
+        return finished + run_jobs(runtime, jobs)
+    finally:
+        for item in taken:
+            if not item.settled:
+                try:
+                    item.requeue()
+                except Exception as err:  # Redis is down: the visibility timeout brings it back
+                    log.error("job=%s could not be handed back to the queue: %s", item.job_id, err)
+
+
+def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str],
+          hostname: str) -> RunningJob | JobRecord:
+    """Check a job and mark it ``running``; or finish it without the model and return its final record.
 
     Raises TurnNotReady, without touching the job's record, while an earlier
     turn of the job's conversation is still queued or running.
@@ -195,14 +259,127 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
     record.sentiment, record.reply, record.truncated, record.error = None, None, False, None
     record.timings = Timings(queue_wait_ms=_ms(now - message.submitted_at))
     store.put(record)
+    return RunningJob(record, message, deadline=now + record.timeout_s)
+
+
+def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[JobRecord]:
+    """Run admitted jobs as one batch and finish each; return their final records.
+
+    If the batch as a whole fails, its unfinished jobs run again one by one, so
+    one job that breaks the model fails alone.
+    """
+    store = runtime.store
     try:
-        _run_steps(runtime, record, message, deadline=now + record.timeout_s)
-    except Exception as err:  # one bad job never takes the worker down
-        log.exception("job=%s failed", job_id)
-        code = ErrorCode.INTERNAL_ERROR if isinstance(err, redis.RedisError) else ErrorCode.MODEL_ERROR
-        error = JobError(code=code, message=f"{type(err).__name__}: {err}"[:500])
-        return _save(store, _finish(record, JobStatus.FAILED, error))
-    return _save(store, _finish(record, JobStatus.SUCCEEDED))
+        _run_steps(runtime, jobs)
+    except Exception as err:  # one bad job never takes the worker, or its batch, down
+        unfinished = [job for job in jobs if not job.record.status.is_final]
+        if len(unfinished) > 1 and not isinstance(err, redis.RedisError):
+            log.warning("a batch of %d jobs failed (%s: %s); running them one by one",
+                        len(jobs), type(err).__name__, err)
+            for job in unfinished:
+                run_jobs(runtime, [job])
+        else:
+            if not isinstance(err, redis.RedisError):
+                log.exception("job=%s failed", unfinished[0].record.job_id if unfinished else "-")
+            code = ErrorCode.INTERNAL_ERROR if isinstance(err, redis.RedisError) else ErrorCode.MODEL_ERROR
+            error = JobError(code=code, message=f"{type(err).__name__}: {err}"[:500])
+            for job in unfinished:
+                job.record.reply = None  # a partial reply is no result
+                _settle(store, job, _finish(job.record, JobStatus.FAILED, error))
+    return [job.record for job in jobs]
+
+
+def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
+    engine, store, settings = runtime.load_engine(), runtime.store, runtime.settings
+    for job in jobs:
+        job.record.model_id = engine.model_id
+        job.record.batch_size = len(jobs)
+
+    step = time.perf_counter()
+    sentiments = engine.classify_batch([(job.message.request.text, job.message.request.options.labels)
+                                        for job in jobs])
+    elapsed = _ms(time.perf_counter() - step)
+    replying = []
+    for job, sentiment in zip(jobs, sentiments):
+        record = job.record
+        record.timings.sentiment_ms = elapsed
+        if isinstance(sentiment, Exception):  # this job asked for something the model cannot do
+            error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(sentiment).__name__}: {sentiment}"[:500])
+            _settle(store, job, _finish(record, JobStatus.FAILED, error))
+            continue
+        record.sentiment = Sentiment(label=sentiment.label, confidence=sentiment.confidence)
+        record.tokens.sentiment_prompt_tokens = sentiment.prompt_tokens
+        store.put(record)  # the client can show the sentiment before the reply exists
+        replying.append(job)
+    if not replying:
+        return
+
+    step = time.perf_counter()
+    histories = [_history(store, job, settings.history_max_turns) for job in replying]
+    elapsed = _ms(time.perf_counter() - step)
+    for job in replying:
+        job.record.timings.history_ms = elapsed
+
+    step = time.perf_counter()
+    requests = [_reply_request(job, history, settings) for job, history in zip(replying, histories)]
+    partial = PartialReplies(store, engine, replying, settings.partial_reply_interval_ms / 1000)
+    replies = engine.reply_batch(requests, history_max_tokens=settings.history_max_tokens,
+                                 on_step=partial.update if partial.enabled else None)
+    elapsed = _ms(time.perf_counter() - step)
+    for job, reply in zip(replying, replies):
+        record = job.record
+        record.timings.reply_ms = elapsed
+        record.reply = reply.text
+        record.truncated = reply.truncated
+        record.tokens.reply_prompt_tokens = reply.prompt_tokens
+        record.tokens.generated_tokens = reply.generated_tokens
+        request = job.message.request
+        if request.conversation_id:
+            # Stored before the record turns final, so a client's next turn always sees it.
+            # An empty reply (deadline) is kept too: what the user said is still context.
+            turn = Turn(job_id=record.job_id, user=request.text, assistant=reply.text)
+            store.append_turn(request.conversation_id, turn, settings.history_max_turns)
+        _settle(store, job, _finish(record, JobStatus.SUCCEEDED))
+
+
+def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str, str]]:
+    conversation_id = job.message.request.conversation_id
+    if not conversation_id:
+        return []
+    return [(turn.user, turn.assistant) for turn in store.load_turns(conversation_id, max_turns)]
+
+
+def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: WorkerSettings) -> ReplyRequest:
+    from worker.engine import ReplyRequest  # torch: only ever called in a pool process
+
+    options = job.message.request.options
+    return ReplyRequest(
+        text=job.message.request.text,
+        history=history,
+        max_new_tokens=options.max_new_tokens or settings.max_new_tokens,
+        temperature=settings.temperature if options.temperature is None else options.temperature,
+        deadline=job.deadline,
+        min_new_tokens=options.min_new_tokens or 0,
+    )
+
+
+class PartialReplies:
+    """Writes each job's reply-so-far into its record while it is generated, at most every ``interval_s``."""
+
+    def __init__(self, store: JobStore, engine: QwenEngine, jobs: list[RunningJob], interval_s: float):
+        self.store, self.engine, self.jobs, self.interval_s = store, engine, jobs, interval_s
+        self.enabled = interval_s > 0
+        self._next_write = time.monotonic() + interval_s
+
+    def update(self, tokens: list[list[int]]) -> None:
+        if time.monotonic() < self._next_write:
+            return
+        for job, generated in zip(self.jobs, tokens):
+            text = self.engine.text_of(generated)
+            if text and text != job.record.reply:
+                job.record.reply = text
+                self.store.put(job.record)
+        self._next_write = time.monotonic() + self.interval_s
 
 
 def _load_record(store: JobStore, job_id: str) -> JobRecord | None:
@@ -237,42 +414,11 @@ def _check_turn(store: JobStore, conversation_id: str, job_id: str) -> None:
         store.remove_pending_turn(conversation_id, first)
 
 
-def _run_steps(runtime: WorkerRuntime, record: JobRecord, message: JobMessage, deadline: float) -> None:
-    engine, store, settings = runtime.load_engine(), runtime.store, runtime.settings
-    request = message.request
-    record.model_id = engine.model_id
-
-    step = time.perf_counter()
-    sentiment = engine.classify(request.text, request.options.labels)
-    record.timings.sentiment_ms = _ms(time.perf_counter() - step)
-    record.sentiment = Sentiment(label=sentiment.label, confidence=sentiment.confidence)
-    record.tokens.sentiment_prompt_tokens = sentiment.prompt_tokens
-    store.put(record)  # the client can show the sentiment before the reply exists
-
-    step = time.perf_counter()
-    turns = store.load_turns(request.conversation_id, settings.history_max_turns) if request.conversation_id else []
-    record.timings.history_ms = _ms(time.perf_counter() - step)
-
-    step = time.perf_counter()
-    reply = engine.reply(
-        request.text,
-        [(turn.user, turn.assistant) for turn in turns],
-        max_new_tokens=request.options.max_new_tokens or settings.max_new_tokens,
-        temperature=settings.temperature if request.options.temperature is None else request.options.temperature,
-        deadline=deadline,
-        history_max_tokens=settings.history_max_tokens,
-        min_new_tokens=request.options.min_new_tokens or 0,
-    )
-    record.timings.reply_ms = _ms(time.perf_counter() - step)
-    record.reply = reply.text
-    record.truncated = reply.truncated
-    record.tokens.reply_prompt_tokens = reply.prompt_tokens
-    record.tokens.generated_tokens = reply.generated_tokens
-    if request.conversation_id:
-        # Stored before the record turns final, so a client's next turn always sees it.
-        # An empty reply (deadline) is kept too: what the user said is still context.
-        turn = Turn(job_id=record.job_id, user=request.text, assistant=reply.text)
-        store.append_turn(request.conversation_id, turn, settings.history_max_turns)
+def _settle(store: JobStore, job: RunningJob, record: JobRecord) -> None:
+    """Write the job's final record, then acknowledge the message this process took for it."""
+    _save(store, record)
+    if job.taken is not None:
+        job.taken.ack()
 
 
 def _finish(record: JobRecord, status: JobStatus, error: JobError | None = None) -> JobRecord:

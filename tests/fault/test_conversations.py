@@ -37,8 +37,9 @@ def test_turns_run_in_order_and_other_conversations_in_parallel(worker_env, tmp_
     assert second.tokens.reply_prompt_tokens > baseline.tokens.reply_prompt_tokens
     stored = [json.loads(t) for t in redis_client.lrange(conversation_key("order-x"), 0, -1)]
     assert [t["job_id"] for t in stored] == [turn1, turn2]
-    # The other conversation did not wait for conversation x.
+    # The other conversation did not wait for conversation x: it ran on the other
+    # worker, or beside turn 1 in the same batch.
     assert parallel.started_at < first.finished_at
-    assert parallel.worker != first.worker
+    assert parallel.worker != first.worker or (parallel.batch_size or 1) > 1
     figures.update(conversations=2, turns=3, turn2_waited_ms=round(1000 * (second.started_at - second.submitted_at)),
                    other_conversation_overlapped=parallel.started_at < first.finished_at)

@@ -28,26 +28,26 @@ _delay_s = 0.0
 def _install_hooks(**_):
     # Connected after worker.app's own receiver, so the engine is loaded by now.
     engine = app.tasks[TASK_NAME].runtime.engine
-    classify = engine.classify
-    reply = engine.reply
+    classify_batch = engine.classify_batch
+    reply_batch = engine.reply_batch
 
-    def set_delay(text: str) -> None:
+    def set_delay(texts: list[str]) -> None:
+        # A batch runs as fast as its slowest job: the longest delay of its texts.
         global _delay_s
-        match = _SLOW.search(text)
-        _delay_s = float(match.group(1)) if match else 0.0
+        _delay_s = max((float(m.group(1)) for t in texts if (m := _SLOW.search(t))), default=0.0)
 
-    def faulty_classify(text, *args, **kwargs):
-        set_delay(text)
-        if "[[fail]]" in text:
+    def faulty_classify_batch(items, *args, **kwargs):
+        set_delay([text for text, _ in items])
+        if any("[[fail]]" in text for text, _ in items):
             raise RuntimeError("injected model failure")
-        return classify(text, *args, **kwargs)
+        return classify_batch(items, *args, **kwargs)
 
-    def slow_reply(text, *args, **kwargs):
-        set_delay(text)
-        return reply(text, *args, **kwargs)
+    def slow_reply_batch(requests, *args, **kwargs):
+        set_delay([request.text for request in requests])
+        return reply_batch(requests, *args, **kwargs)
 
-    engine.classify = faulty_classify
-    engine.reply = slow_reply
+    engine.classify_batch = faulty_classify_batch
+    engine.reply_batch = slow_reply_batch
     engine.model.register_forward_pre_hook(lambda *_: time.sleep(_delay_s) if _delay_s else None)
 
 

@@ -3,6 +3,7 @@
     python -m worker.bench accuracy --model DIR [--dtypes float32,bfloat16,int8] [--n 400]
     python -m worker.bench run --model DIR|FILE.gguf [--baseline] ...
     python -m worker.bench run --shape qwen2.5-0.5b [--baseline] ...
+    python -m worker.bench batching --model DIR [--baseline] [--concurrency 1,2,4,8,16]
     python -m worker.bench engine --model DIR [--dtypes float32,bfloat16,int8]
     python -m worker.bench profile --model DIR [--dtype int8]
 
@@ -161,6 +162,42 @@ def run_in_process(args, model: str, texts: list[str]):
     return timings, baseline_rpm, lines
 
 
+def cmd_batching(args: argparse.Namespace) -> int:
+    import time
+
+    from producer.evaluate import balanced_sample, read_rows
+    from worker.bench import batching
+    from worker.bench.service import queue_is_empty
+
+    if not queue_is_empty(args.redis_url):
+        print(f"the queue at {args.redis_url} is not empty: use a Redis database of its own", file=sys.stderr)
+        return 2
+    examples = balanced_sample(read_rows(Path(args.data)), 400, seed=1)
+    texts = [e.text for e in examples if len(e.text) <= 40][:100]  # short Chinese reviews, as in `run`
+    levels = [int(c) for c in args.concurrency.split(",")]
+    count, threads = (int(x) for x in args.layout.split("x"))
+    out = [f"# batching on and off, {time.strftime('%Y-%m-%d %H:%M')}", f"machine: {machine_line()}",
+           f"model: {args.model}; DTYPE={args.dtype}; {count} worker(s) x {threads} threads; BATCH_MAX "
+           f"{args.batch_max} (on) or 1 (off), BATCH_WAIT_MS {args.batch_wait_ms:g}; reply fixed at "
+           f"{args.reply_tokens} tokens, temperature 0.7; each client submits, waits, submits again", ""]
+    modes = batching.run_modes(args.model, args.dtype, (count, threads), args.redis_url, texts, levels,
+                               args.reply_tokens, args.batch_max, args.batch_wait_ms, args.c1_jobs,
+                               args.jobs_per_client)
+    baseline = None
+    if args.baseline:
+        baseline = batching.baseline_jobs_per_minute(args.model, count * threads, texts, args.reply_tokens,
+                                                     args.baseline_jobs)
+        out.append(f"original pipeline, sequential, in process, {count * threads} threads: "
+                   f"{baseline:.1f} jobs/min ({args.baseline_jobs} jobs)\n")
+    out += [batching.level_table(modes, baseline), "", *batching.targets(modes, baseline), "",
+            batching.memory_table(modes)]
+    if args.worst_case:
+        out += ["", *batching.worst_case_memory(args.model, args.dtype, threads, args.batch_max,
+                                                args.worst_case_chars, args.worst_case_tokens)]
+    print("\n".join(out))
+    return 0
+
+
 def cmd_engine(args: argparse.Namespace) -> int:
     """Each DTYPE side by side, in process: load time, RSS growth, prefill, decode, sentiment."""
     import gc
@@ -246,6 +283,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-jobs", type=int, default=5)
     p.add_argument("--float32-rss", action="store_true", help="also start a float32 worker to compare RSS")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("batching", help="batching on and off side by side under load, vs the original")
+    p.add_argument("--model", required=True, help="model folder or .gguf file")
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="a Redis database the bench may use")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--layout", default=f"1x{available_cores()}", help="workers x threads")
+    p.add_argument("--concurrency", default="1,2,4,8,16")
+    p.add_argument("--batch-max", type=int, default=8)
+    p.add_argument("--batch-wait-ms", type=float, default=20.0)
+    p.add_argument("--reply-tokens", type=int, default=45, help="fixed reply length (the original's mean: 45)")
+    p.add_argument("--c1-jobs", type=int, default=20, help="jobs at concurrency 1")
+    p.add_argument("--jobs-per-client", type=int, default=3, help="jobs per client above concurrency 1")
+    p.add_argument("--baseline", action="store_true", help="also time the original pipeline in process")
+    p.add_argument("--baseline-jobs", type=int, default=5)
+    p.add_argument("--worst-case", action="store_true", help="also one batch of the longest jobs, in process")
+    p.add_argument("--worst-case-chars", type=int, default=2000, help="input length (MAX_INPUT_CHARS)")
+    p.add_argument("--worst-case-tokens", type=int, default=128, help="generated tokens (MAX_NEW_TOKENS)")
+    p.set_defaults(func=cmd_batching)
 
     p = sub.add_parser("engine", help="each DTYPE side by side, in process: load, memory, prefill, decode")
     p.add_argument("--model", required=True)

@@ -65,9 +65,11 @@ class Workers:
                 process.kill()
 
 
-def start_workers(model: str, dtype: str, count: int, threads: int, redis_url: str, timeout_s: float = 600) -> Workers:
+def start_workers(model: str, dtype: str, count: int, threads: int, redis_url: str, timeout_s: float = 600,
+                  env: dict[str, str] | None = None) -> Workers:
+    """Start ``count`` workers; ``env`` adds or overrides worker settings (BATCH_MAX=1, ...)."""
     env = {**os.environ, "MODEL": model, "DTYPE": dtype, "TORCH_THREADS": str(threads), "REDIS_URL": redis_url,
-           "JOB_TIMEOUT_S": "300", "RESULT_TTL_S": "3600", "PYTHONUNBUFFERED": "1"}
+           "JOB_TIMEOUT_S": "300", "RESULT_TTL_S": "3600", "PYTHONUNBUFFERED": "1", **(env or {})}
     logdir = Path(tempfile.mkdtemp(prefix="qwen-allinone-bench-"))
     started = time.perf_counter()
     processes, logs = [], []

@@ -5,6 +5,6 @@ single-process pipeline for the benchmark; ``shapes.py`` builds random-weight
 models with the published Qwen shapes, so anyone can benchmark without weights.
 """
 
-from worker.engine.qwen import DTYPES, PromptPrefix, QwenEngine, ReplyResult, SentimentResult
+from worker.engine.qwen import DTYPES, PromptPrefix, QwenEngine, ReplyRequest, ReplyResult, SentimentResult
 
-__all__ = ["DTYPES", "PromptPrefix", "QwenEngine", "ReplyResult", "SentimentResult"]
+__all__ = ["DTYPES", "PromptPrefix", "QwenEngine", "ReplyRequest", "ReplyResult", "SentimentResult"]

@@ -28,7 +28,8 @@ import copy
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 # tqdm reads this when first imported; the GGUF conversion's progress bar
 # would otherwise land in the worker log, one warning line per update.
@@ -39,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache  # no
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from producer.protocol import LABEL_SETS  # noqa: E402
+from worker.engine.generation import DecodeRow, Sampler, decode, stack_caches  # noqa: E402
 from worker.engine.int8 import DualPrecisionLinear, quantize_int8  # noqa: E402
 from worker.model_source import ModelLoadError, ModelSource  # noqa: E402
 from worker.prompts import (  # noqa: E402
@@ -53,6 +55,9 @@ from worker.prompts import (  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
 # Tokens a ChatML message adds around its content: <|im_start|>, role, "\n", <|im_end|>, "\n".
 _MESSAGE_OVERHEAD_TOKENS = 5
+#: At most this many tokens (rows x padded length) per sentiment forward pass: a batch of
+#: long texts is split so that its activations stay bounded (see README, "Memory").
+SENTIMENT_BATCH_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,20 @@ class ReplyResult:
     truncated: bool
     #: Earlier turns that fit the history budget and were used.
     history_turns_used: int
+
+
+@dataclass(frozen=True)
+class ReplyRequest:
+    """One reply to generate, with its own limits."""
+
+    text: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+    max_new_tokens: int = 128
+    #: Epoch seconds; generation stops here (the reply is then ``truncated``).
+    deadline: float = float("inf")
+    temperature: float = 0.0
+    #: Stop tokens are ignored until this many tokens (benchmarks use it for a fixed length).
+    min_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +124,7 @@ class QwenEngine:
         self.positive_threshold = positive_threshold
         self.stop_token_ids = _stop_token_ids(tokenizer, model)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        self.sampler = Sampler.from_generation_config(model.generation_config, self.stop_token_ids)
         # The first token of each label word, per label set: one forward pass decides.
         # A set whose words share a first token cannot be told apart that way and
         # is unavailable with this tokenizer (jobs asking for it fail, saying so).
@@ -169,23 +189,69 @@ class QwenEngine:
 
     # --- the two jobs ---
 
-    @torch.inference_mode()
     def classify(self, text: str, label_set: str = "zh", *, use_prefix_cache: bool = True) -> SentimentResult:
-        """Score the label words as the next token after the classifier prompt: one forward pass."""
+        """The sentiment of one text; raises ValueError for a label set this model cannot answer."""
+        if not use_prefix_cache:
+            return self._classify_uncached(text, label_set)
+        result = self.classify_batch([(text, label_set)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @torch.inference_mode()
+    def classify_batch(self, items: list[tuple[str, str]]) -> list[SentimentResult | ValueError]:
+        """Score the label words as the next token after the classifier prompt, for (text, label set) pairs.
+
+        Texts that share a label set share its cached prefix and run as one
+        forward pass (split only to keep a pass within SENTIMENT_BATCH_TOKENS).
+        An item whose label set this model cannot answer gets a ValueError in
+        its place; the others are unaffected.
+        """
+        results: list[SentimentResult | ValueError | None] = [None] * len(items)
+        groups: dict[str, list[tuple[int, list[int]]]] = {}
+        for index, (text, label_set) in enumerate(items):
+            if label_set in self.unavailable_label_sets:
+                results[index] = ValueError(self.unavailable_label_sets[label_set])
+                continue
+            messages = [{"role": "system", "content": classifier_prompt(label_set, self.prompt_variant)},
+                        {"role": "user", "content": text}]
+            groups.setdefault(label_set, []).append((index, self.encode_chat(messages)))
+        for label_set, members in groups.items():
+            prefix = self.classifier_prefixes[label_set]
+            for chunk in _chunks_within(members, SENTIMENT_BATCH_TOKENS, skip=len(prefix.ids)):
+                rests = [ids[len(prefix.ids):] for _, ids in chunk]
+                hidden = self._last_hidden(prefix, rests)
+                for (index, ids), row in zip(chunk, hidden):
+                    results[index] = self._decide(row, label_set, len(ids))
+        return results
+
+    def _last_hidden(self, prefix: PromptPrefix, rests: list[list[int]]) -> torch.Tensor:
+        """The last real position's hidden state of each row, after the prefix (rows x hidden)."""
+        lengths = [len(rest) for rest in rests]
+        # Right padding needs no attention mask: causal attention never lets a
+        # real token see the padding after it, and padded outputs are not read.
+        padded = torch.tensor([rest + [self.pad_token_id] * (max(lengths) - len(rest)) for rest in rests],
+                              device=self.device)
+        cache = prefix.fork()
+        if len(rests) > 1:
+            cache.batch_repeat_interleave(len(rests))
+        with self.precision(precise=True):
+            out = self.model.base_model(padded, past_key_values=cache, use_cache=True)
+        return out.last_hidden_state[torch.arange(len(rests)), torch.tensor(lengths) - 1].float()
+
+    @torch.inference_mode()
+    def _classify_uncached(self, text: str, label_set: str) -> SentimentResult:
+        """The same decision without the prefix cache: the reference the cache is tested against."""
         if label_set in self.unavailable_label_sets:
             raise ValueError(self.unavailable_label_sets[label_set])
-        prefix = self.classifier_prefixes[label_set]
-        system = classifier_prompt(label_set, self.prompt_variant)
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": text}]
+        messages = [{"role": "system", "content": classifier_prompt(label_set, self.prompt_variant)},
+                    {"role": "user", "content": text}]
         input_ids = self.encode_chat(messages)
         with self.precision(precise=True):
-            if use_prefix_cache:
-                rest = input_ids[len(prefix.ids):]
-                out = self.model.base_model(torch.tensor([rest], device=self.device),
-                                            past_key_values=prefix.fork(), use_cache=True)
-            else:
-                out = self.model.base_model(torch.tensor([input_ids], device=self.device))
-        hidden = out.last_hidden_state[0, -1].float()
+            out = self.model.base_model(torch.tensor([input_ids], device=self.device))
+        return self._decide(out.last_hidden_state[0, -1].float(), label_set, len(input_ids))
+
+    def _decide(self, hidden: torch.Tensor, label_set: str, prompt_tokens: int) -> SentimentResult:
         ids = self.label_token_ids[label_set]
         label_logits = torch.stack([self.label_rows[i] @ hidden for i in ids])
         probabilities = torch.softmax(label_logits, dim=-1).tolist()
@@ -198,66 +264,74 @@ class QwenEngine:
             label=words[best],
             confidence=probabilities[best],
             probabilities=dict(zip(words, probabilities)),
-            prompt_tokens=len(input_ids),
+            prompt_tokens=prompt_tokens,
         )
 
+    def reply(self, text: str, history: list[tuple[str, str]], *, history_max_tokens: int,
+              **limits) -> ReplyResult:
+        """The empathetic reply to one text; ``limits`` are ReplyRequest's fields."""
+        request = ReplyRequest(text=text, history=history, **limits)
+        return self.reply_batch([request], history_max_tokens=history_max_tokens)[0]
+
     @torch.inference_mode()
-    def reply(
+    def reply_batch(
         self,
-        text: str,
-        history: list[tuple[str, str]],
+        requests: list[ReplyRequest],
         *,
-        max_new_tokens: int,
-        temperature: float,
-        deadline: float,
         history_max_tokens: int,
-        min_new_tokens: int = 0,
-    ) -> ReplyResult:
-        """Generate the empathetic reply; stop at EOS, max_new_tokens or ``deadline`` (epoch seconds)."""
-        kept = self.fit_history(history, history_max_tokens)
+        on_step: Callable[[list[list[int]]], None] | None = None,
+    ) -> list[ReplyResult]:
+        """Generate the replies together; each stops at EOS, its max_new_tokens or its deadline.
+
+        ``on_step`` gets every request's generated token ids so far after each
+        decoding step (``text_of`` turns them into text), for partial replies.
+        """
+        kept = [self.fit_history(r.history, history_max_tokens) for r in requests]
+        prompts = [self._reply_prompt(r.text, history) for r, history in zip(requests, kept)]
+        rows = [DecodeRow(max_new_tokens=r.max_new_tokens, min_new_tokens=min(r.min_new_tokens, r.max_new_tokens),
+                          temperature=r.temperature, deadline=r.deadline, prompt_ids=ids)
+                for r, ids in zip(requests, prompts)]
+        now = time.time()
+        for row in rows:
+            row.truncated = row.deadline <= now  # out of time before it began: an empty reply
+        live = [i for i, row in enumerate(rows) if not row.done]
+        if live:
+            with self.precision(precise=False):
+                caches, logits = [], []
+                for i in live:  # prefilled one by one: arithmetic-bound, and the peak memory stays one row's
+                    cache = self.reply_prefix.fork()
+                    rest = prompts[i][len(self.reply_prefix.ids):]
+                    out = self.model(torch.tensor([rest], device=self.device), past_key_values=cache,
+                                     use_cache=True, logits_to_keep=1)
+                    caches.append(cache)
+                    logits.append(out.logits[0, -1])
+                cache, mask = stack_caches(caches)
+                del caches
+                report = None if on_step is None else (lambda: on_step([row.tokens for row in rows]))
+                decode(self.model, torch.stack(logits), cache, mask, [rows[i] for i in live], self.sampler, report)
+        return [
+            ReplyResult(
+                text=self.text_of(row.tokens),
+                prompt_tokens=len(ids),
+                generated_tokens=len(row.tokens) + int(row.ended),
+                truncated=row.truncated,
+                history_turns_used=len(history),
+            )
+            for row, ids, history in zip(rows, prompts, kept)
+        ]
+
+    def _reply_prompt(self, text: str, history: list[tuple[str, str]]) -> list[int]:
         messages = [{"role": "system", "content": REPLY_SYSTEM_PROMPT}]
-        for user, assistant in kept:
+        for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": text})
         input_ids = self.encode_chat(messages)
         assert tuple(input_ids[: len(self.reply_prefix.ids)]) == self.reply_prefix.ids
+        return input_ids
 
-        remaining = deadline - time.time()
-        if remaining <= 0:
-            return ReplyResult("", len(input_ids), 0, truncated=True, history_turns_used=len(kept))
-        sampling = (
-            {"do_sample": True, "temperature": temperature}
-            if temperature > 0
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        )
-        with self.precision(precise=False):
-            output = self._generate(input_ids, max_new_tokens, min_new_tokens, remaining, sampling)
-        new_tokens = output[0, len(input_ids):].tolist()
-        ended = bool(new_tokens) and new_tokens[-1] in self.stop_token_ids
-        if ended:
-            new_tokens = new_tokens[:-1]
-        truncated = not ended and len(new_tokens) < max_new_tokens
-        return ReplyResult(
-            text=self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip(),
-            prompt_tokens=len(input_ids),
-            generated_tokens=len(new_tokens) + int(ended),
-            truncated=truncated,
-            history_turns_used=len(kept),
-        )
-
-    def _generate(self, input_ids: list[int], max_new_tokens: int, min_new_tokens: int, max_time: float,
-                  sampling: dict) -> torch.Tensor:
-        return self.model.generate(
-            torch.tensor([input_ids], device=self.device),
-            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long, device=self.device),
-            past_key_values=self.reply_prefix.fork(),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min(min_new_tokens, max_new_tokens),
-            max_time=max_time,
-            eos_token_id=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            **sampling,
-        )
+    def text_of(self, tokens: list[int]) -> str:
+        """Reply text of generated token ids; a character still cut in half is left out."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd").strip()
 
     @contextlib.contextmanager
     def precision(self, *, precise: bool):
@@ -320,6 +394,21 @@ class QwenEngine:
             used += cost
         kept.reverse()
         return kept
+
+
+def _chunks_within(members: list[tuple[int, list[int]]], max_tokens: int, skip: int):
+    """Consecutive groups of (index, ids) whose rows x longest row (after ``skip``) fit ``max_tokens``."""
+    chunk: list[tuple[int, list[int]]] = []
+    longest = 0
+    for member in members:
+        length = len(member[1]) - skip
+        if chunk and max(longest, length) * (len(chunk) + 1) > max_tokens:
+            yield chunk
+            chunk, longest = [], 0
+        chunk.append(member)
+        longest = max(longest, length)
+    if chunk:
+        yield chunk
 
 
 def _first_token_ids(tokenizer, words) -> list[int]:

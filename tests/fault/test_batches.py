@@ -1,0 +1,84 @@
+"""Batches in a real worker: waiting jobs run together, fail alone, and survive a killed worker."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from producer.protocol import ErrorCode, JobStatus
+from tests.conftest import start_worker
+from tests.test_worker_faults import wait_for
+
+pytestmark = pytest.mark.slow
+
+FAULT_APP = "tests.support.fault_app"
+
+
+def _submit_behind_a_busy_worker(client, texts: list[str], **options) -> tuple[str, list[str]]:
+    """Occupy the worker with one slow job, then queue ``texts`` behind it: they wait together."""
+    blocker = client.submit("[[slow=0.05]] 先来的", max_new_tokens=20, temperature=0.0)
+    # Its sentiment is known once its batch is formed: what is submitted now waits for the next.
+    wait_for(lambda: client.get(blocker).sentiment is not None, timeout=30, interval=0.01)
+    return blocker, [client.submit(text, temperature=0.0, **options) for text in texts]
+
+
+def test_waiting_jobs_run_together_up_to_batch_max(worker_env, tmp_path, make_client, figures):
+    worker = start_worker(FAULT_APP, tmp_path / "batch.log", {**worker_env, "BATCH_MAX": "4"}, name="batch")
+    client = make_client()
+    try:
+        blocker, jobs = _submit_behind_a_busy_worker(client, [f"第{i}单 还行" for i in range(6)], max_new_tokens=8)
+        records = [client.wait(job_id, timeout=120) for job_id in [blocker, *jobs]]
+    finally:
+        worker.stop()
+    sizes = [r.batch_size for r in records[1:]]
+    figures.update(jobs=len(records), batch_sizes=sizes)
+    assert all(r.status is JobStatus.SUCCEEDED and r.reply is not None for r in records)
+    assert records[0].batch_size == 1
+    # Six waited behind the blocker: a batch of four, then the other two.
+    assert sorted(sizes) == [2, 2, 4, 4, 4, 4], sizes
+
+
+def test_a_failing_job_in_a_batch_fails_alone(worker_env, tmp_path, make_client, figures):
+    worker = start_worker(FAULT_APP, tmp_path / "fail.log", worker_env, name="batchfail")
+    client = make_client()
+    try:
+        _, jobs = _submit_behind_a_busy_worker(client, ["好吃", "[[fail]] 坏了", "送餐太慢了"], max_new_tokens=8)
+        records = [client.wait(job_id, timeout=120) for job_id in jobs]
+    finally:
+        worker.stop()
+    figures.update(jobs=len(jobs), failed=sum(r.status is JobStatus.FAILED for r in records))
+    assert [r.status for r in records] == [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUCCEEDED]
+    assert records[1].error.code is ErrorCode.MODEL_ERROR
+    # The batch of three failed as a whole, then its jobs ran one by one.
+    assert "a batch of 3 jobs failed" in worker.log() and "one by one" in worker.log()
+    assert [r.batch_size for r in records] == [1, 1, 1]
+
+
+def test_a_worker_killed_mid_batch_loses_nothing(worker_env, tmp_path, make_client, figures):
+    # Short visibility timeout so the dead worker's jobs come back within seconds;
+    # it must still exceed the hard time limit (3 + 1 s).
+    env = {**worker_env, "VISIBILITY_TIMEOUT_S": "6", "JOB_TIMEOUT_S": "3", "TIME_LIMIT_GRACE_S": "1"}
+    worker = start_worker(FAULT_APP, tmp_path / "kill-0.log", env, name="batchkill")
+    client = make_client()
+    try:
+        _, jobs = _submit_behind_a_busy_worker(
+            client, [f"[[slow=0.03]] 第{i}单 太慢了" for i in range(5)], max_new_tokens=40)
+
+        def batch_running():
+            running = [r for r in map(client.get, jobs) if r.status is JobStatus.RUNNING and r.sentiment]
+            return running if len(running) >= 2 and running[0].batch_size >= 2 else None
+
+        in_flight = wait_for(batch_running, timeout=60, interval=0.01)
+        worker.kill_all()
+        worker = start_worker(FAULT_APP, tmp_path / "kill-1.log", env, name="batchkill")
+        records = {job_id: client.wait(job_id, timeout=120) for job_id in jobs}
+    finally:
+        worker.stop()
+    logs = "".join(path.read_text() for path in tmp_path.glob("kill-*.log"))
+    final_lines = {job_id: len(re.findall(rf"job={job_id} status=", logs)) for job_id in jobs}
+    figures.update(jobs=len(jobs), killed_mid_batch=len(in_flight),
+                   lost=sum(r.status is not JobStatus.SUCCEEDED for r in records.values()))
+    assert all(r.status is JobStatus.SUCCEEDED for r in records.values()), records
+    assert all(records[r.job_id].attempts >= 2 for r in in_flight)
+    assert set(final_lines.values()) == {1}, final_lines  # one final record per job

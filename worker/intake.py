@@ -1,0 +1,130 @@
+"""Taking more waiting jobs for a batch, with the same delivery guarantees as Celery's own.
+
+Celery hands the task one message. When more jobs wait, the task takes up to
+``BATCH_MAX - 1`` others straight from the queue through kombu's Redis
+channel, which is what Celery's consumer itself uses: ``basic_get`` moves a
+message into kombu's "unacked" set exactly as a delivery to Celery does, so if
+this process dies before acknowledging it, the visibility-timeout sweep puts
+it back in the queue for another worker. Each taken message is acknowledged
+by the task right after its job's final record is written.
+
+Why not ``celery-batches``: it buffers messages in the worker's consumer and
+flushes them on a timer or a count, whether or not the pool is free. With one
+pool process, jobs that arrive while a batch runs are flushed as separate
+small batches that queue behind it, so under load batches stay small; a
+single job waits for the flush interval; the whole batch is acknowledged at
+once; and a job cannot be retried or rejected on its own (the conversation
+turn order needs that). Taking what is already queued when the pool process is
+free keeps every one of those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+from celery import Celery
+from kombu import Connection
+from kombu.message import Message
+
+from producer.protocol import QUEUE_NAME, TASK_NAME
+
+log = logging.getLogger("qwen_allinone.worker")
+
+#: How often the queue is looked at again while waiting (at most BATCH_WAIT_MS) for more jobs.
+POLL_INTERVAL_S = 0.002
+
+
+@dataclass
+class TakenJob:
+    """A job message taken from the queue by the task, not yet acknowledged."""
+
+    job_id: str
+    #: The job message (the task's ``message`` keyword argument), unchecked.
+    raw_message: object
+    #: Names of arguments the task does not take (the job then fails as invalid).
+    unexpected: set[str]
+    message: Message
+    settled: bool = False
+
+    def ack(self) -> None:
+        """The job's final record is written: the message may go."""
+        if not self.settled:
+            self.message.ack()
+            self.settled = True
+
+    def requeue(self) -> None:
+        """Put the message back at the end of the queue, for any worker."""
+        if not self.settled:
+            self.message.reject(requeue=True)
+            self.settled = True
+
+
+class Intake:
+    """Takes waiting job messages from the Celery queue; one per pool process, connected lazily."""
+
+    def __init__(self, app: Celery):
+        self.app = app
+        self._connection: Connection | None = None
+
+    def take(self, limit: int, wait_s: float) -> list[TakenJob]:
+        """Up to ``limit`` waiting jobs; waits at most ``wait_s`` for more when the queue runs dry."""
+        taken: list[TakenJob] = []
+        deadline = time.monotonic() + wait_s
+        channel = self._channel()
+        pops = 0
+        # Every pop counts, so a message handed straight back (see _as_job) cannot keep this looping.
+        while pops < limit:
+            message = self._get(channel)
+            if message is None:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(POLL_INTERVAL_S)
+                continue
+            pops += 1
+            job = _as_job(message)
+            if job is not None:
+                taken.append(job)
+        return taken
+
+    def close(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.release()
+            self._connection = None
+
+    def _channel(self):
+        if self._connection is None:
+            self._connection = self.app.connection_for_read()
+        return self._connection.default_channel
+
+    def _get(self, channel) -> Message | None:
+        try:
+            return channel.basic_get(QUEUE_NAME, no_ack=False)  # None when the queue is empty
+        except (ValueError, KeyError, TypeError) as err:
+            # Not a kombu envelope; it was already popped, as on Celery's own path (worker.transport).
+            log.error("dropped an undecodable message from the queue: %s: %s", type(err).__name__, err)
+            return None
+
+
+def _as_job(message: Message) -> TakenJob | None:
+    """The job in a Celery (protocol 2) message, or None for a message that is not one of ours.
+
+    A message of another task, or with an ETA still ahead (a conversation turn
+    told to wait), goes back to the queue for Celery's consumer to handle.
+    """
+    headers = message.headers or {}
+    if headers.get("task") != TASK_NAME or headers.get("eta") or not isinstance(headers.get("id"), str):
+        message.reject(requeue=True)
+        return None
+    try:
+        body = message.decode()
+        args, kwargs = body[0], dict(body[1])
+    except Exception as err:  # recorded as an invalid job message, like Celery's path does
+        log.warning("job=%s: undecodable task body: %s", headers["id"], err)
+        args, kwargs = [], {"message": None}
+    raw_message = kwargs.pop("message", None)
+    unexpected = {f"args[{i}]" for i in range(len(args))} | set(kwargs)
+    return TakenJob(headers["id"], raw_message, unexpected, message)
