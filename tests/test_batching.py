@@ -172,3 +172,14 @@ def test_partial_replies_grow_while_the_job_runs(runtime):
     assert all(len(a) <= len(b) for a, b in zip(partial, partial[1:]))
     assert record.status is JobStatus.SUCCEEDED
     assert all(record.reply.startswith(text) for text in partial)
+
+
+def test_the_kv_cache_formula_matches_a_stacked_batch(engine):
+    # README and BENCHMARKS.md state the batch's worst-case memory with this formula.
+    from worker.engine.generation import kv_bytes_per_token, stack_caches
+
+    prefix = engine.reply_prefix
+    cache, mask = stack_caches([prefix.fork() for _ in range(3)])
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert held == 3 * len(prefix.ids) * kv_bytes_per_token(engine.model.config)
+    assert mask.shape == (3, len(prefix.ids)) and bool(mask.all())

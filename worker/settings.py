@@ -50,8 +50,9 @@ class WorkerSettings(ProducerSettings):
     #: Jobs served together: when more wait in the queue, a worker takes up to this many
     #: and runs them as one batch (BENCHMARKS.md measures it); 1 turns batching off.
     batch_max: int = Field(8, ge=1, le=64)
-    #: With fewer than BATCH_MAX jobs in hand, wait at most this long for more to arrive.
-    batch_wait_ms: float = Field(20.0, ge=0, le=1000)
+    #: Under load (the previous batch had more than one job), wait at most this long for
+    #: more jobs to arrive; after a batch of one, a fifth of it.
+    batch_wait_ms: float = Field(50.0, ge=0, le=1000)
     #: A running job's record gets its reply-so-far at most this often; 0 = only the final reply.
     partial_reply_interval_ms: float = Field(250.0, ge=0)
     #: Celery's hard time limit is job_timeout_s plus this; a job killed by it is ``timed_out``.

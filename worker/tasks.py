@@ -24,6 +24,7 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 from pydantic import ValidationError
 
+from producer.errors import UnreadableRecord
 from producer.protocol import (
     TASK_NAME,
     ErrorCode,
@@ -36,7 +37,6 @@ from producer.protocol import (
     Turn,
     describe_validation_error,
 )
-from producer.errors import UnreadableRecord
 from producer.store import JobStore, connect_redis
 from worker.intake import Intake, TakenJob
 from worker.model_source import ModelSource, resolve_model_source
@@ -51,6 +51,8 @@ log = logging.getLogger("qwen_allinone.worker")
 MAX_ATTEMPTS = 3
 #: A later turn of a conversation whose earlier turn still runs is retried after this long.
 TURN_RETRY_S = 0.25
+#: After a batch of one, a job waits BATCH_WAIT_MS divided by this for others to arrive.
+IDLE_WAIT_DIVISOR = 5
 
 
 @dataclass
@@ -62,6 +64,8 @@ class WorkerRuntime:
     engine: QwenEngine | None = None
     #: Takes more waiting jobs for a batch; set by register().
     intake: Intake | None = None
+    #: Jobs in this process's previous batch, taken messages included.
+    last_batch_size: int = 1
     _store: JobStore | None = field(default=None, repr=False)
 
     @property
@@ -176,7 +180,14 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
     if isinstance(first, JobRecord):
         return [first]
     settings = runtime.settings
-    taken = runtime.intake.take(settings.batch_max - 1, settings.batch_wait_ms / 1000) if settings.batch_max > 1 else []
+    taken = []
+    if settings.batch_max > 1:
+        # Under load (the last batch had company) clients served together come back
+        # together: wait for them. After an idle spell, wait only a fifth of that, long
+        # enough for a burst of clients arriving at once, short for a lone client.
+        wait_s = settings.batch_wait_ms / 1000 / (1 if runtime.last_batch_size > 1 else IDLE_WAIT_DIVISOR)
+        taken = runtime.intake.take(settings.batch_max - 1, wait_s)
+    runtime.last_batch_size = 1 + len(taken)
     try:
         jobs, finished = [first], []
         for item in taken:

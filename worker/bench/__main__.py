@@ -182,15 +182,16 @@ def cmd_batching(args: argparse.Namespace) -> int:
            f"{args.reply_tokens} tokens, temperature 0.7; each client submits, waits, submits again", ""]
     modes = batching.run_modes(args.model, args.dtype, (count, threads), args.redis_url, texts, levels,
                                args.reply_tokens, args.batch_max, args.batch_wait_ms, args.c1_jobs,
-                               args.jobs_per_client)
+                               args.jobs_per_client, args.modes.split(","))
     baseline = None
     if args.baseline:
         baseline = batching.baseline_jobs_per_minute(args.model, count * threads, texts, args.reply_tokens,
                                                      args.baseline_jobs)
         out.append(f"original pipeline, sequential, in process, {count * threads} threads: "
                    f"{baseline:.1f} jobs/min ({args.baseline_jobs} jobs)\n")
-    out += [batching.level_table(modes, baseline), "", *batching.targets(modes, baseline), "",
-            batching.memory_table(modes)]
+    if modes:  # --modes none: only the worst-case memory batch
+        out += [batching.level_table(modes, baseline), "", *batching.targets(modes, baseline), "",
+                batching.memory_table(modes)]
     if args.worst_case:
         out += ["", *batching.worst_case_memory(args.model, args.dtype, threads, args.batch_max,
                                                 args.worst_case_chars, args.worst_case_tokens)]
@@ -292,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layout", default=f"1x{available_cores()}", help="workers x threads")
     p.add_argument("--concurrency", default="1,2,4,8,16")
     p.add_argument("--batch-max", type=int, default=8)
-    p.add_argument("--batch-wait-ms", type=float, default=20.0)
+    p.add_argument("--batch-wait-ms", type=float, default=50.0)
+    p.add_argument("--modes", default="off,on", help="batching off, on, both (the targets need both), or none")
     p.add_argument("--reply-tokens", type=int, default=45, help="fixed reply length (the original's mean: 45)")
     p.add_argument("--c1-jobs", type=int, default=20, help="jobs at concurrency 1")
     p.add_argument("--jobs-per-client", type=int, default=3, help="jobs per client above concurrency 1")

@@ -32,10 +32,12 @@ class Mode:
 
 def run_modes(model: str, dtype: str, layout: tuple[int, int], redis_url: str, texts: list[str],
               levels: list[int], reply_tokens: int, batch_max: int, batch_wait_ms: float,
-              c1_jobs: int, jobs_per_client: int) -> list[Mode]:
+              c1_jobs: int, jobs_per_client: int, names: list[str]) -> list[Mode]:
     modes = []
     count, threads = layout
     for name, size in (("off", 1), ("on", batch_max)):
+        if name not in names:
+            continue
         env = {"BATCH_MAX": str(size), "BATCH_WAIT_MS": str(batch_wait_ms)}
         workers = start_workers(model, dtype, count, threads, redis_url, env=env)
         try:  # never leave model-holding workers behind
@@ -63,24 +65,34 @@ def baseline_jobs_per_minute(model: str, threads: int, texts: list[str], reply_t
 
 
 def level_table(modes: list[Mode], baseline_rpm: float | None) -> str:
-    off, on = modes
-    head = ("| concurrency | jobs/min off | jobs/min on | on / off | on / original | p50 ms off | p50 ms on | "
-            "p95 ms off | p95 ms on | mean batch on | failures off / on |")
+    """One row per concurrency: each mode's throughput and latency, then on/off and on/original ratios."""
+    names = [mode.name for mode in modes]
+    head = "| concurrency | " + " | ".join(
+        f"jobs/min {n} | p50 ms {n} | p95 ms {n} | mean batch {n} | failures {n}" for n in names)
+    if len(modes) == 2:
+        head += " | on / off (jobs/min)"
+    if baseline_rpm:
+        head += f" | {names[-1]} / original (jobs/min)"
+    head += " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for a, b in zip(off.levels, on.levels):
-        la = [r.timings.total_ms for r in a.succeeded]
-        lb = [r.timings.total_ms for r in b.succeeded]
-        batch = statistics.mean(r.batch_size or 1 for r in b.succeeded) if b.succeeded else 0.0
-        vs_original = f"{b.jobs_per_minute / baseline_rpm:.1f}x" if baseline_rpm else "—"
-        lines.append(
-            f"| {a.concurrency} | {a.jobs_per_minute:.1f} | {b.jobs_per_minute:.1f} | "
-            f"{b.jobs_per_minute / a.jobs_per_minute:.2f} | {vs_original} | {percentile(la, 50):.0f} | "
-            f"{percentile(lb, 50):.0f} | {percentile(la, 95):.0f} | {percentile(lb, 95):.0f} | {batch:.1f} | "
-            f"{sum(a.errors.values())} / {sum(b.errors.values())} |")
+    for levels in zip(*(mode.levels for mode in modes)):
+        cells = [str(levels[0].concurrency)]
+        for level in levels:
+            latencies = [r.timings.total_ms for r in level.succeeded]
+            batch = statistics.mean(r.batch_size or 1 for r in level.succeeded) if level.succeeded else 0.0
+            cells += [f"{level.jobs_per_minute:.1f}", f"{percentile(latencies, 50):.0f}",
+                      f"{percentile(latencies, 95):.0f}", f"{batch:.1f}", str(sum(level.errors.values()))]
+        if len(levels) == 2:
+            cells.append(f"**{levels[1].jobs_per_minute / levels[0].jobs_per_minute:.2f}**")
+        if baseline_rpm:
+            cells.append(f"**{levels[-1].jobs_per_minute / baseline_rpm:.1f}x**")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def targets(modes: list[Mode], baseline_rpm: float | None) -> list[str]:
+    if len(modes) != 2:
+        return ["- (the targets compare batching off and on: run both modes)"]
     off, on = modes
     by_c = {level.concurrency: level for level in on.levels}
     off_c = {level.concurrency: level for level in off.levels}
@@ -140,13 +152,12 @@ def worst_case_memory(model: str, dtype: str, threads: int, rows: int, input_cha
     stop.set()
     sampler.join()
     tokens = max(r.prompt_tokens for r in results) + new_tokens
-    formula = rows * tokens * kv_bytes_per_token(engine.model.config)
-    assert all(not isinstance(s, Exception) for s in sentiments)
-    return [
-        f"one batch of {rows} jobs, each {input_chars} characters ({results[0].prompt_tokens} prompt tokens) "
-        f"+ {new_tokens} generated tokens, in process ({elapsed:.0f} s):", "",
-        "| RSS before | peak RSS | added | KV cache by formula (rows x tokens x bytes/token) |",
-        "|---|---|---|---|",
-        f"| {mib(before)} | {mib(peak)} | {mib(peak - before)} | {mib(formula)} "
-        f"({rows} x {tokens} x {kv_bytes_per_token(engine.model.config) // 1024} KiB) |",
-    ]
+    per_token = kv_bytes_per_token(engine.model.config)
+    if any(isinstance(s, Exception) for s in sentiments):
+        raise RuntimeError(f"the worst-case sentiment pass failed: {sentiments}")
+    title = (f"one batch of {rows} jobs, each {input_chars} characters ({results[0].prompt_tokens} prompt tokens) "
+             f"+ {new_tokens} generated tokens, in process ({elapsed:.0f} s):")
+    row = (f"| {mib(before)} | {mib(peak)} | {mib(peak - before)} | {mib(rows * tokens * per_token)} "
+           f"({rows} x {tokens} x {per_token // 1024} KiB) |")
+    return [title, "", "| RSS before | peak RSS | added | KV cache by formula (rows x tokens x bytes/token) |",
+            "|---|---|---|---|", row]
