@@ -11,7 +11,7 @@ from tests.test_tasks import RecordingStore, message
 from worker.engine import QwenEngine, ReplyRequest
 from worker.model_source import resolve_model_source
 from worker.settings import WorkerSettings
-from worker.tasks import RunningJob, WorkerRuntime, admit, run, run_jobs
+from worker.tasks import RunningJob, WorkerRuntime, admit, run, run_batch, run_jobs
 
 TEXTS = ["好吃", "送餐太慢了，等了两个小时，菜都凉了", "Terrible service", "很快，好吃，味道足，量大", "一般般吧"]
 
@@ -183,3 +183,19 @@ def test_the_kv_cache_formula_matches_a_stacked_batch(engine):
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert held == 3 * len(prefix.ids) * kv_bytes_per_token(engine.model.config)
     assert mask.shape == (3, len(prefix.ids)) and bool(mask.all())
+
+
+def test_the_delivered_job_runs_even_when_taking_more_fails(runtime):
+    class BrokenIntake:
+        closed = False
+
+        def take(self, limit, wait_s):
+            raise ConnectionError("broker went away")
+
+        def close(self):
+            self.closed = True
+
+    runtime.intake = BrokenIntake()
+    [record] = run_batch(runtime, new_job_id(), message("好吃"), set(), hostname="w1")
+    assert record.status is JobStatus.SUCCEEDED and record.batch_size == 1
+    assert runtime.intake.closed

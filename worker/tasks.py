@@ -186,7 +186,11 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
         # together: wait for them. After an idle spell, wait only a fifth of that, long
         # enough for a burst of clients arriving at once, short for a lone client.
         wait_s = settings.batch_wait_ms / 1000 / (1 if runtime.last_batch_size > 1 else IDLE_WAIT_DIVISOR)
-        taken = runtime.intake.take(settings.batch_max - 1, wait_s)
+        try:
+            taken = runtime.intake.take(settings.batch_max - 1, wait_s)
+        except Exception as err:  # batching is an optimization: the delivered job runs regardless
+            log.warning("could not take more jobs for a batch: %s: %s", type(err).__name__, err)
+            runtime.intake.close()  # reconnect next time
     runtime.last_batch_size = 1 + len(taken)
     try:
         jobs, finished = [first], []
