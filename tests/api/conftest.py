@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, _free_port, start_worker
+from tests.fault.conftest import PrivateRedis
 
 GATEWAY_START_TIMEOUT_S = 30
 
@@ -83,6 +84,15 @@ def gateway(redis_url, api_worker, tmp_path_factory) -> Iterator[Gateway]:
     gw = start_gateway({"REDIS_URL": redis_url}, tmp_path_factory.mktemp("logs") / "gateway.log")
     yield gw
     gw.stop()
+
+
+@pytest.fixture(scope="module")
+def lonely_redis(tmp_path_factory) -> Iterator[PrivateRedis]:
+    """A private redis-server that no worker serves: jobs stay queued, the queue can be filled."""
+    server = PrivateRedis(tmp_path_factory.mktemp("lonely-redis"))
+    server.start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture

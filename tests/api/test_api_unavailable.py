@@ -15,21 +15,12 @@ import redis
 from producer.protocol import QUEUE_NAME, job_key
 from tests.api.conftest import read_events, start_gateway
 from tests.conftest import _free_port
-from tests.fault.conftest import PrivateRedis
 
 pytestmark = pytest.mark.slow
 
 MAX_QUEUE = 2
 KEY = {"X-API-Key": "s3cret"}
 EVENTS_TIMEOUT_S = 1.5
-
-
-@pytest.fixture(scope="module")
-def lonely_redis(tmp_path_factory):
-    server = PrivateRedis(tmp_path_factory.mktemp("lonely-redis"))
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture(scope="module")
