@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model, field_validator
 
 from producer.api.events import job_events
 from producer.api.metrics import build_registry
@@ -38,13 +38,41 @@ BROKER_DOWN_RETRY_AFTER_S = 2
 HEALTH_PING_TIMEOUT_S = 1.0
 
 
-class SubmitJob(JobOptions):
-    """A job to run. The options (max_new_tokens, min_new_tokens, temperature, labels)
-    and their limits are the protocol's (``JobOptions``)."""
+#: At least one character that is neither whitespace nor a control character (those are removed).
+VISIBLE_TEXT_PATTERN = r"[^\s\x00-\x1f\x7f]"
 
-    text: str = Field(description="The user's text: not blank, at most MAX_INPUT_CHARS characters (default 2000).")
-    conversation_id: Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)] | None = Field(
-        None, description="Continue this conversation: its earlier turns are the reply's history."
+
+class _JsonTypedJobOptions(JobOptions):
+    @field_validator("max_new_tokens", "min_new_tokens", "temperature", mode="before")
+    @classmethod
+    def _json_numbers_only(cls, value: object) -> object:
+        # Lax validation would turn "8" or true into numbers; the schema says JSON numbers
+        # (8 or 8.0 for an integer, as JSON Schema allows).
+        if isinstance(value, (str, bool)):
+            raise ValueError("must be a JSON number")
+        return value
+
+
+def submit_job_model(max_input_chars: int) -> type[JobOptions]:
+    """The body of ``POST /v1/jobs``: the text, a conversation, and the protocol's options
+    (``JobOptions``: max_new_tokens, min_new_tokens, temperature, labels) with their limits.
+
+    The text's limits are shown in the schema but checked by the Client, after it
+    removes control characters, so that every client gets the same rule and message
+    (``text: must be at most 2000 characters (got 2001)``).
+    """
+    text_schema = {"minLength": 1, "maxLength": max_input_chars, "pattern": VISIBLE_TEXT_PATTERN}
+    text = Annotated[str, Field(
+        description=f"The user's text: not blank, at most {max_input_chars} characters (MAX_INPUT_CHARS).",
+        json_schema_extra=text_schema,
+    )]
+    conversation_id = Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)] | None
+    return create_model(
+        "SubmitJob",
+        __base__=_JsonTypedJobOptions,
+        text=(text, ...),
+        conversation_id=(conversation_id, Field(
+            None, description="Continue this conversation: its earlier turns are the reply's history.")),
     )
 
 
@@ -55,6 +83,11 @@ class JobAccepted(BaseModel):
     location: str
     #: Path of the job's event stream.
     events: str
+
+
+class UnreadableBody(BaseModel):
+    #: FastAPI's answer to a body that is not JSON text at all.
+    detail: str
 
 
 class ApiError(BaseModel):
@@ -114,16 +147,27 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _problem_response(500, "unreadable_record", str(err))
 
 
-_ERRORS = {
-    401: {"model": ApiError, "description": "API_KEY is set and the X-API-Key header is missing or wrong"},
-    503: {"model": ApiError, "description": "Redis is unreachable (broker_unavailable); Retry-After says when to retry"},
-}
-_NOT_FOUND = {404: {"model": ApiError, "description": "Unknown job id, or its record expired"}}
+_UNAUTHORIZED = "API_KEY is set and the X-API-Key header is missing or wrong"
+_BROKER_DOWN = "Redis is unreachable (broker_unavailable); Retry-After says when to retry"
+_UNKNOWN_JOB = "Unknown job id, or its record expired"
+_ERRORS = {401: {"model": ApiError, "description": _UNAUTHORIZED}, 503: {"model": ApiError, "description": _BROKER_DOWN}}
+_NOT_FOUND = {404: {"model": ApiError, "description": _UNKNOWN_JOB}}
+
+
+def _json_error(description: str) -> dict:
+    # FastAPI documents a `model` in the route's own media type; the event stream's
+    # errors are JSON, so they are spelled out.
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ApiError"}}}}
+
+
+_STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB), 503: _json_error(_BROKER_DOWN)}
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     client = Client(settings=settings)
+    SubmitJob = submit_job_model(settings.max_input_chars)  # noqa: N806 (a class, used as the body type)
     registry = build_registry(client)
     page = importlib.resources.files("producer.api").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -160,8 +204,11 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @v1.post(
         "/jobs",
         status_code=202,
-        responses={503: {"model": ApiError, "description": "Queue full (queue_full) or Redis unreachable "
-                                                           "(broker_unavailable); Retry-After says when to retry"}},
+        responses={
+            400: {"model": UnreadableBody, "description": "The body cannot be parsed (not JSON, or not UTF-8)"},
+            503: {"model": ApiError, "description": "Queue full (queue_full) or Redis unreachable "
+                                                    "(broker_unavailable); Retry-After says when to retry"},
+        },
     )
     def submit_job(body: SubmitJob, response: Response) -> JobAccepted:
         """Queue a job. Poll its record at `Location`, or follow its events."""
@@ -182,7 +229,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         """The job's record as it is now: status, sentiment, reply (partial while running), timings."""
         return record
 
-    @v1.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_NOT_FOUND)
+    @v1.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
     async def job_event_stream(
         record: Annotated[JobRecord, Depends(existing_record)],
     ) -> AsyncIterable[ServerSentEvent]:

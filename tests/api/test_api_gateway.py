@@ -48,6 +48,8 @@ def test_unknown_job_is_404(http, path, job_id):
         ({"text": "ok", "labels": "fr"}, "labels", "'zh', 'en', 'zh3' or 'en3'"),
         ({"text": "ok", "conversation_id": "a b"}, "conversation_id", "pattern"),
         ({"text": "ok", "priority": 1}, "priority", "Extra inputs are not permitted"),
+        ({"text": "ok", "temperature": False}, "temperature", "must be a JSON number"),
+        ({"text": "ok", "max_new_tokens": "8"}, "max_new_tokens", "must be a JSON number"),
         ({}, "text", "Field required"),
     ],
 )
@@ -57,6 +59,11 @@ def test_bad_input_is_422_naming_the_field_and_the_limit(http, body, field, limi
     [problem] = response.json()["detail"]
     assert problem["loc"] == ["body", field]
     assert limit in problem["msg"]
+
+
+def test_a_body_that_is_not_json_is_400(http):
+    response = http.post("/v1/jobs", content=b"\xff\xfe not json", headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and "parsing the body" in response.json()["detail"]
 
 
 def test_events_deliver_the_sentiment_before_the_reply_is_finished(http):
