@@ -20,6 +20,7 @@ proxies keep the connection open.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -48,23 +49,28 @@ class _Shown:
     queue_depth: int | None = None
 
 
+def _event(name: str, data: dict) -> ServerSentEvent:
+    # UTF-8 JSON, like the records: "负面" stays readable on the wire, not "\u8d1f\u9762".
+    return ServerSentEvent(event=name, raw_data=json.dumps(data, ensure_ascii=False))
+
+
 def _changes(shown: _Shown, record: JobRecord) -> list[ServerSentEvent]:
     events = []
     if record.status is not shown.status:
-        events.append(ServerSentEvent(event="status", data={"status": record.status.value}))
+        events.append(_event("status", {"status": record.status.value}))
         shown.status = record.status
     if record.sentiment is not None and record.sentiment != shown.sentiment:
-        events.append(ServerSentEvent(event="sentiment", data=record.sentiment.model_dump()))
+        events.append(_event("sentiment", record.sentiment.model_dump()))
         shown.sentiment = record.sentiment
     # While running, the reply is the partial text; once final it goes out in `done`.
     if record.status is JobStatus.RUNNING and record.reply is not None and record.reply != shown.reply:
-        events.append(ServerSentEvent(event="reply", data={"text": record.reply}))
+        events.append(_event("reply", {"text": record.reply}))
         shown.reply = record.reply
     return events
 
 
 def _error(code: str, message: str) -> ServerSentEvent:
-    return ServerSentEvent(event="error", data={"code": code, "message": message})
+    return _event("error", {"code": code, "message": message})
 
 
 async def job_events(client: Client, record: JobRecord, timeout_s: float) -> AsyncIterator[ServerSentEvent]:
@@ -83,10 +89,10 @@ async def job_events(client: Client, record: JobRecord, timeout_s: float) -> Asy
                 depth = await run_in_threadpool(client.queue_depth)
                 next_depth_read = time.monotonic() + QUEUE_DEPTH_INTERVAL_S
                 if depth != shown.queue_depth:
-                    yield ServerSentEvent(event="queue", data={"queue_depth": depth})
+                    yield _event("queue", {"queue_depth": depth})
                     shown.queue_depth = depth
             if time.monotonic() >= deadline:
-                yield ServerSentEvent(event="timeout", data={"status": record.status.value, "after_s": timeout_s})
+                yield _event("timeout", {"status": record.status.value, "after_s": timeout_s})
                 return
             await asyncio.sleep(POLL_INTERVAL_S)
             latest = await run_in_threadpool(client.get, record.job_id)

@@ -99,6 +99,9 @@ def test_events_of_a_finished_job_replay_its_state_and_close(http):
     assert [event.name for event in events] == ["status", "sentiment", "done"]
     assert events[0].data == {"status": "succeeded"}
     assert events[2].data == record
+    # UTF-8 JSON on the wire, readable with curl: 负面, not \u8d1f\u9762.
+    raw = http.get(f"/v1/jobs/{job_id}/events").text
+    assert f'event: sentiment\ndata: {{"label": "{record["sentiment"]["label"]}"' in raw
 
 
 def test_healthz_reports_redis_the_worker_and_the_queue(http, api_worker):
