@@ -96,35 +96,40 @@ def test_page_shows_the_sentiment_then_the_reply_in_one_conversation(page, gatew
 
 @pytest.fixture(scope="module")
 def stalled_gateway(lonely_redis, tmp_path_factory):
-    """A gateway whose queue no worker serves: at most 2 waiting jobs, streams give up after 2 s."""
-    env = {"REDIS_URL": lonely_redis.url, "MAX_QUEUE": "2", "EVENTS_TIMEOUT_S": "2"}
+    """A gateway whose queue no worker serves: at most 2 waiting jobs, streams give up after 2 s, a key."""
+    env = {"REDIS_URL": lonely_redis.url, "MAX_QUEUE": "2", "EVENTS_TIMEOUT_S": "2", "API_KEY": "page-key"}
     gateway = start_gateway(env, tmp_path_factory.mktemp("logs") / "stalled-gateway.log")
     yield gateway
     gateway.stop()
 
 
-def test_page_explains_failure_timeout_and_a_full_queue(page, stalled_gateway, lonely_redis, tmp_path):
+def test_page_explains_key_failure_timeout_and_a_full_queue(page, stalled_gateway, lonely_redis, tmp_path):
     from playwright.sync_api import expect
 
     page.goto(stalled_gateway.url)
     turns = page.locator(".turn")
 
+    ask(page, "没有钥匙")
+    expect(turns.nth(0).locator(".problem")).to_contain_text("🔑 需要正确的 API key")
+    page.click("summary")
+    page.fill("#api-key", "page-key")
+
     ask(page, "第一条")
-    expect(turns.nth(0).locator(".state")).to_have_text("⏳ 排队中：队列里共有 1 个任务在等待（含本条）")
+    expect(turns.nth(1).locator(".state")).to_have_text("⏳ 排队中：队列里共有 1 个任务在等待（含本条）")
     # Fail the job the way a worker records a failure.
     store = JobStore(redis.Redis.from_url(lonely_redis.url), ttl_s=60)
-    record = store.get(turns.nth(0).get_attribute("data-job-id"))
+    record = store.get(turns.nth(1).get_attribute("data-job-id"))
     record.status, record.finished_at = JobStatus.FAILED, time.time()
     record.error = JobError(code=ErrorCode.MODEL_ERROR, message="RuntimeError: out of memory")
     store.put(record)
-    expect(turns.nth(0).locator(".problem")).to_have_text("❌ 任务失败：RuntimeError: out of memory")
+    expect(turns.nth(1).locator(".problem")).to_have_text("❌ 任务失败：RuntimeError: out of memory")
 
     ask(page, "第二条")  # waits behind the first message, which no worker takes
-    expect(turns.nth(1).locator(".state")).to_have_text("⏳ 排队中：队列里共有 2 个任务在等待（含本条）")
-    expect(turns.nth(1).locator(".problem")).to_contain_text("⌛ 等了 2 秒，任务仍在排队", timeout=10_000)
+    expect(turns.nth(2).locator(".state")).to_have_text("⏳ 排队中：队列里共有 2 个任务在等待（含本条）")
+    expect(turns.nth(2).locator(".problem")).to_contain_text("⌛ 等了 2 秒，任务仍在排队", timeout=10_000)
 
     ask(page, "第三条")
-    expect(turns.nth(2).locator(".problem")).to_have_text("🚦 队列已满，请 5 秒后再试。(queue full: retry in 5 s)")
+    expect(turns.nth(3).locator(".problem")).to_have_text("🚦 队列已满，请 5 秒后再试。(queue full: retry in 5 s)")
     shot = tmp_path / "page-problems.png"
     page.screenshot(path=shot, full_page=True)
     print(f"\nscreenshot of the problem messages: {shot}")

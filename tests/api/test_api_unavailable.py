@@ -15,6 +15,7 @@ import redis
 from producer.protocol import QUEUE_NAME, job_key
 from tests.api.conftest import read_events, start_gateway
 from tests.conftest import _free_port
+from tests.fault.conftest import PrivateRedis
 
 pytestmark = pytest.mark.slow
 
@@ -103,6 +104,36 @@ def test_events_end_with_an_error_when_the_record_disappears(http, lonely_redis)
         rest = list(lines)
     assert "event: error" in rest
     assert any(line.startswith("data: ") and '"not_found"' in line for line in rest)
+
+
+def test_an_unreadable_record_is_500_and_ends_the_stream(http, lonely_redis):
+    job_id = submit(http)
+    with http.stream("GET", f"/v1/jobs/{job_id}/events", headers=KEY) as response:
+        lines = response.iter_lines()
+        assert next(lines) == "event: status"
+        redis.Redis.from_url(lonely_redis.url).set(job_key(job_id), b"{not a record")
+        rest = list(lines)
+    assert "event: error" in rest and any('"unreadable_record"' in line for line in rest)
+    got = http.get(f"/v1/jobs/{job_id}", headers=KEY)
+    assert got.status_code == 500 and got.json()["code"] == "unreadable_record"
+
+
+def test_events_end_with_an_error_when_redis_goes_away(tmp_path):
+    server = PrivateRedis(tmp_path)
+    server.start()
+    gateway = start_gateway({"REDIS_URL": server.url}, tmp_path / "gateway.log")
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            job_id = http.post("/v1/jobs", json={"text": "你好"}).json()["job_id"]
+            with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+                lines = response.iter_lines()
+                assert next(lines) == "event: status"
+                server.kill()
+                rest = list(lines)
+    finally:
+        gateway.stop()
+        server.kill()
+    assert "event: error" in rest and any('"broker_unavailable"' in line for line in rest)
 
 
 @pytest.fixture(scope="module")
