@@ -22,9 +22,10 @@ from producer.protocol import (
     JobStatus,
     is_job_id,
     new_job_id,
+    validation_problems,
 )
 from producer.settings import ProducerSettings
-from producer.store import JobStore, connect_redis
+from producer.store import JobMetrics, JobStore, connect_redis
 
 
 class Client:
@@ -141,7 +142,7 @@ class Client:
                 data, context={"max_input_chars": self.settings.max_input_chars}
             )
         except ValidationError as err:
-            raise InvalidRequest(describe_validation_error(err)) from None
+            raise InvalidRequest(describe_validation_error(err), validation_problems(err)) from None
 
     @contextlib.contextmanager
     def _broker_errors(self) -> Iterator[None]:
@@ -167,6 +168,21 @@ class Client:
     def queue_depth(self) -> int:
         with self._broker_errors():
             return self.store.queue_depth()
+
+    def read_metrics(self) -> JobMetrics:
+        """Jobs by final status and stage latency histograms, as workers counted them."""
+        with self._broker_errors():
+            return self.store.read_metrics()
+
+    def ping_workers(self, timeout: float = 1.0) -> list[str]:
+        """Names of the workers that answer a Celery ``ping`` within ``timeout`` seconds.
+
+        Uses Celery's remote control (on by default in workers). Raises
+        BrokerUnavailable when Redis cannot be reached.
+        """
+        with self._broker_errors():
+            replies = self._celery.control.ping(timeout=timeout)
+        return sorted(name for reply in replies for name in reply)
 
     def watch(self, job_id: str, timeout: float, poll_interval: float = 0.2) -> Iterator[JobRecord]:
         """Yield the record each time it changes, until it is final.

@@ -10,6 +10,12 @@ class ProducerError(Exception):
 class InvalidRequest(ProducerError, ValueError):
     """The request failed validation; nothing was enqueued or written."""
 
+    def __init__(self, message: str, problems: list[tuple[str, str]] | None = None):
+        #: (field, message) per problem, e.g. ("options.max_new_tokens", "Input should be ..."),
+        #: so that an HTTP gateway can name each field in its own error format.
+        self.problems = problems or []
+        super().__init__(message)
+
 
 class QueueFull(ProducerError):
     """The queue already holds MAX_QUEUE jobs; nothing was enqueued or written."""

@@ -13,9 +13,15 @@ key                                         type    holds
 ``qwen-allinone:job:<job_id>``              string  the job record (``JobRecord`` as JSON)
 ``qwen-allinone:conv:<conversation_id>``    list    earlier turns (``Turn`` as JSON), newest last
 ``qwen-allinone:turns:<conversation_id>``   list    ids of the conversation's unfinished jobs, oldest first
+``qwen-allinone:metrics:jobs``              hash    finished jobs by final status (status → count)
+``qwen-allinone:metrics:stage:<stage>``     hash    latency histogram of one stage (``STAGES``): ``le:<bound>``
+                                                    → jobs in that bucket (not cumulative), ``count``, ``sum`` (s)
+``qwen-allinone:metrics:counted:<job_id>``  string  marks a job already counted, so a second final write is not
 ==========================================  ======  ==========================================
 
-Job records and conversations expire ``RESULT_TTL_S`` after their last write.
+Job records, conversations and the ``counted`` marks expire ``RESULT_TTL_S``
+after their last write. The metrics hashes never expire: they are counters
+that only grow, as Prometheus expects.
 """
 
 from __future__ import annotations
@@ -46,6 +52,18 @@ def conversation_key(conversation_id: str) -> str:
 
 def pending_turns_key(conversation_id: str) -> str:
     return f"{KEY_PREFIX}:turns:{conversation_id}"
+
+
+#: Finished jobs by final status.
+METRICS_JOBS_KEY = f"{KEY_PREFIX}:metrics:jobs"
+
+
+def metrics_stage_key(stage: str) -> str:
+    return f"{KEY_PREFIX}:metrics:stage:{stage}"
+
+
+def metrics_counted_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:metrics:counted:{job_id}"
 
 
 def new_job_id() -> str:
@@ -183,6 +201,34 @@ class Timings(_Model):
     total_ms: float | None = None
 
 
+# --- latency metrics: workers count every final record, the gateway's /metrics reads them ---
+
+#: Stage name in the metrics → the ``Timings`` field that measures it.
+STAGES: dict[str, str] = {
+    "queue_wait": "queue_wait_ms",
+    "sentiment": "sentiment_ms",
+    "reply": "reply_ms",
+    "total": "total_ms",
+}
+#: Upper bounds, in seconds, of the latency histogram buckets: from one sentiment
+#: pass (tens of ms) to a job that waited out QUEUE_TIMEOUT_S (600 s by default).
+STAGE_BUCKETS_S: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def stage_seconds(timings: Timings) -> dict[str, float]:
+    """Seconds spent in each stage that ran (a job that expired in the queue has only ``total``)."""
+    measured = {stage: getattr(timings, field) for stage, field in STAGES.items()}
+    return {stage: ms / 1000.0 for stage, ms in measured.items() if ms is not None}
+
+
+def bucket_field(seconds: float) -> str:
+    """The histogram hash field of the smallest bucket that holds ``seconds``."""
+    for bound in STAGE_BUCKETS_S:
+        if seconds <= bound:
+            return f"le:{bound:g}"
+    return "le:+Inf"
+
+
 class TokenCounts(_Model):
     sentiment_prompt_tokens: int | None = None
     reply_prompt_tokens: int | None = None
@@ -239,14 +285,18 @@ class Turn(_Model):
     assistant: str
 
 
-def describe_validation_error(err: ValidationError) -> str:
-    """One line per problem, each naming the field: ``text: must be at most 2000 characters``."""
-    parts = []
+def validation_problems(err: ValidationError) -> list[tuple[str, str]]:
+    """(field, message) per problem: ``("text", "must be at most 2000 characters (got 2001)")``."""
+    problems = []
     for problem in err.errors():
         field = ".".join(str(p) for p in problem["loc"]) or "request"
-        message = problem["msg"].removeprefix("Value error, ")
-        parts.append(f"{field}: {message}")
-    return "; ".join(parts)
+        problems.append((field, problem["msg"].removeprefix("Value error, ")))
+    return problems
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem, each naming the field: ``text: must be at most 2000 characters``."""
+    return "; ".join(f"{field}: {message}" for field, message in validation_problems(err))
 
 
 # --- Celery wire format (shared by both ends) -----------------------------------

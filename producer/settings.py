@@ -7,7 +7,7 @@ where it is needed (a ``Client``, the CLI, the worker's app factory).
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from producer.protocol import MAX_TIMEOUT_S
@@ -31,3 +31,19 @@ class ProducerSettings(BaseSettings):
     job_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S)
     #: Time a job may wait in the queue before it is recorded ``expired`` without running.
     queue_timeout_s: float = Field(600.0, gt=0)
+
+
+class ApiSettings(ProducerSettings):
+    """Settings of the HTTP gateway (``producer.api``): the producer's, plus these."""
+
+    #: When set, every /v1 request must carry it in the ``X-API-Key`` header, or it gets 401.
+    #: Empty means no key is needed.
+    api_key: SecretStr | None = None
+    #: An events stream (SSE) closes with a ``timeout`` event after this long; the job goes on.
+    events_timeout_s: float = Field(900.0, gt=0)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: object) -> object:
+        # docker-compose passes an unset variable as "": that means "no key", never "the empty key".
+        return None if value == "" else value

@@ -8,6 +8,9 @@ record with a final status is never overwritten.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
+
 import redis
 from pydantic import ValidationError
 from redis.backoff import ExponentialBackoff
@@ -15,13 +18,21 @@ from redis.retry import Retry
 
 from producer.errors import UnreadableRecord
 from producer.protocol import (
+    METRICS_JOBS_KEY,
     QUEUE_NAME,
+    STAGES,
     JobRecord,
     Turn,
+    bucket_field,
     conversation_key,
     job_key,
+    metrics_counted_key,
+    metrics_stage_key,
     pending_turns_key,
+    stage_seconds,
 )
+
+log = logging.getLogger("qwen_allinone.store")
 
 
 def connect_redis(url: str, *, retries: int, socket_timeout: float) -> redis.Redis:
@@ -130,6 +141,73 @@ class JobStore:
 
     def remove_pending_turn(self, conversation_id: str, job_id: str) -> None:
         self.redis.lrem(pending_turns_key(conversation_id), 0, job_id)
+
+    # --- metrics: every final record is counted once, by the worker that wrote it ---
+
+    def record_outcome(self, record: JobRecord) -> None:
+        """Count a final record: its status, and each stage's latency in a histogram.
+
+        A job is counted once even if a final record is written twice (the
+        ``counted`` mark). Metrics are bookkeeping: a Redis error here is logged,
+        never raised, so it cannot fail or requeue a job whose record is written.
+        """
+        if not record.status.is_final:
+            return
+        mark = metrics_counted_key(record.job_id)
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(mark)
+                        if pipe.exists(mark):
+                            pipe.unwatch()
+                            return
+                        pipe.multi()
+                        pipe.set(mark, 1, ex=self.ttl_s)
+                        pipe.hincrby(METRICS_JOBS_KEY, record.status.value, 1)
+                        for stage, seconds in stage_seconds(record.timings).items():
+                            key = metrics_stage_key(stage)
+                            pipe.hincrby(key, bucket_field(seconds), 1)
+                            pipe.hincrby(key, "count", 1)
+                            pipe.hincrbyfloat(key, "sum", seconds)
+                        pipe.execute()
+                        return
+                    except redis.WatchError:
+                        continue
+        except redis.RedisError as err:
+            log.warning("job=%s not counted in the metrics: Redis error %s", record.job_id, err)
+
+    def read_metrics(self) -> JobMetrics:
+        """Every job counter and stage histogram, read in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(METRICS_JOBS_KEY)
+            for stage in STAGES:
+                pipe.hgetall(metrics_stage_key(stage))
+            jobs_raw, *stages_raw = pipe.execute()
+        metrics = JobMetrics(jobs_by_status={k.decode(): int(v) for k, v in jobs_raw.items()})
+        for stage, raw in zip(STAGES, stages_raw):
+            fields = {k.decode(): v for k, v in raw.items()}
+            metrics.stages[stage] = StageHistogram(
+                buckets={k.removeprefix("le:"): int(v) for k, v in fields.items() if k.startswith("le:")},
+                count=int(fields.get("count", 0)),
+                sum_s=float(fields.get("sum", 0.0)),
+            )
+        return metrics
+
+
+@dataclass
+class StageHistogram:
+    """One stage's latency counts as stored: jobs per bucket (not cumulative), by upper bound."""
+
+    buckets: dict[str, int] = field(default_factory=dict)  # "0.5" → jobs with 0.25 < s <= 0.5; "+Inf" → over the last
+    count: int = 0
+    sum_s: float = 0.0
+
+
+@dataclass
+class JobMetrics:
+    jobs_by_status: dict[str, int] = field(default_factory=dict)
+    stages: dict[str, StageHistogram] = field(default_factory=dict)
 
 
 def _parse(job_id: str, raw: bytes | None) -> JobRecord | None:

@@ -449,6 +449,7 @@ def _save(store: JobStore, record: JobRecord) -> JobRecord:
     store.put(record)
     if record.request is not None and record.request.conversation_id:
         store.remove_pending_turn(record.request.conversation_id, record.job_id)
+    store.record_outcome(record)  # jobs by status and stage latencies, for the gateway's /metrics
     _log_outcome(record)
     return record
 

@@ -1,0 +1,264 @@
+"""The HTTP gateway over the producer ``Client``: submit, read, stream, health, metrics, a web page.
+
+Start it with ``uvicorn --factory producer.api:create_app --host 0.0.0.0 --port 8000``.
+Settings come from the environment (``ApiSettings``) when the app is built.
+Routes are plain ``def`` where they call the (blocking) Redis client, so
+FastAPI runs them in its thread pool; the events stream is async and reads
+Redis through the same pool.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations at
+# run time, and they name objects local to create_app.
+import importlib.metadata
+import importlib.resources
+import secrets
+from collections.abc import AsyncIterable, AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response, Security
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import APIKeyHeader
+from fastapi.sse import EventSourceResponse, ServerSentEvent
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, create_model, field_validator
+
+from producer.api.events import job_events
+from producer.api.metrics import build_registry
+from producer.client import Client
+from producer.errors import BrokerUnavailable, InvalidRequest, QueueFull, UnreadableRecord
+from producer.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus
+from producer.settings import ApiSettings
+
+#: Retry-After on a full queue: long enough for a worker to finish a few jobs.
+QUEUE_FULL_RETRY_AFTER_S = 5
+#: Retry-After when Redis is unreachable: a restart or a network blip.
+BROKER_DOWN_RETRY_AFTER_S = 2
+#: /healthz waits this long for workers to answer Celery's ping.
+HEALTH_PING_TIMEOUT_S = 1.0
+
+
+#: At least one character that is neither whitespace nor a control character (those are removed).
+VISIBLE_TEXT_PATTERN = r"[^\s\x00-\x1f\x7f]"
+
+
+class _JsonTypedJobOptions(JobOptions):
+    @field_validator("max_new_tokens", "min_new_tokens", "temperature", mode="before")
+    @classmethod
+    def _json_numbers_only(cls, value: object) -> object:
+        # Lax validation would turn "8" or true into numbers; the schema says JSON numbers
+        # (8 or 8.0 for an integer, as JSON Schema allows).
+        if isinstance(value, (str, bool)):
+            raise ValueError("must be a JSON number")
+        return value
+
+
+def submit_job_model(max_input_chars: int) -> type[JobOptions]:
+    """The body of ``POST /v1/jobs``: the text, a conversation, and the protocol's options
+    (``JobOptions``: max_new_tokens, min_new_tokens, temperature, labels) with their limits.
+
+    The text's limits are shown in the schema but checked by the Client, after it
+    removes control characters, so that every client gets the same rule and message
+    (``text: must be at most 2000 characters (got 2001)``).
+    """
+    text_schema = {"minLength": 1, "maxLength": max_input_chars, "pattern": VISIBLE_TEXT_PATTERN}
+    text = Annotated[str, Field(
+        description=f"The user's text: not blank, at most {max_input_chars} characters (MAX_INPUT_CHARS).",
+        json_schema_extra=text_schema,
+    )]
+    conversation_id = Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)] | None
+    return create_model(
+        "SubmitJob",
+        __base__=_JsonTypedJobOptions,
+        text=(text, ...),
+        conversation_id=(conversation_id, Field(
+            None, description="Continue this conversation: its earlier turns are the reply's history.")),
+    )
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: JobStatus
+    #: Path of the job's record (also in the Location header).
+    location: str
+    #: Path of the job's event stream.
+    events: str
+
+
+class UnreadableBody(BaseModel):
+    #: FastAPI's answer to a body that is not JSON text at all.
+    detail: str
+
+
+class ApiError(BaseModel):
+    code: Literal["unauthorized", "not_found", "queue_full", "broker_unavailable", "unreadable_record"]
+    message: str
+
+
+class Health(BaseModel):
+    #: ok: Redis answers and at least one worker answered the ping; otherwise unavailable (503).
+    status: Literal["ok", "unavailable"]
+    redis: Literal["ok", "unreachable"]
+    #: Names of the workers that answered Celery's ping within HEALTH_PING_TIMEOUT_S.
+    workers: list[str]
+    #: Jobs waiting in the queue; null when Redis is unreachable.
+    queue_depth: int | None
+
+
+class ApiProblem(Exception):
+    """An error answered with ``{"code", "message"}``."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+        super().__init__(message)
+
+
+def _problem_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
+
+
+def _body_field(field: str) -> str:
+    # The client validates the nested request (options.max_new_tokens); the body is flat.
+    return field.removeprefix("options.")
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiProblem)
+    async def problem(_: Request, err: ApiProblem) -> JSONResponse:
+        return _problem_response(err.status, err.code, err.message, err.headers)
+
+    @app.exception_handler(InvalidRequest)
+    async def invalid(_: Request, err: InvalidRequest) -> JSONResponse:
+        # The same shape as FastAPI's own 422, so clients read one format.
+        detail = [{"type": "invalid_request", "loc": ["body", _body_field(field)], "msg": message}
+                  for field, message in err.problems]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, err: QueueFull) -> JSONResponse:
+        return _problem_response(503, "queue_full", str(err), {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+
+    @app.exception_handler(BrokerUnavailable)
+    async def broker_down(_: Request, err: BrokerUnavailable) -> JSONResponse:
+        return _problem_response(503, "broker_unavailable", str(err), {"Retry-After": str(BROKER_DOWN_RETRY_AFTER_S)})
+
+    @app.exception_handler(UnreadableRecord)
+    async def unreadable(_: Request, err: UnreadableRecord) -> JSONResponse:
+        return _problem_response(500, "unreadable_record", str(err))
+
+
+_UNAUTHORIZED = "API_KEY is set and the X-API-Key header is missing or wrong"
+_BROKER_DOWN = "Redis is unreachable (broker_unavailable); Retry-After says when to retry"
+_UNKNOWN_JOB = "Unknown job id, or its record expired"
+_ERRORS = {401: {"model": ApiError, "description": _UNAUTHORIZED}, 503: {"model": ApiError, "description": _BROKER_DOWN}}
+_NOT_FOUND = {404: {"model": ApiError, "description": _UNKNOWN_JOB}}
+
+
+def _json_error(description: str) -> dict:
+    # FastAPI documents a `model` in the route's own media type; the event stream's
+    # errors are JSON, so they are spelled out.
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ApiError"}}}}
+
+
+_STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB), 503: _json_error(_BROKER_DOWN)}
+
+
+def create_app(settings: ApiSettings | None = None) -> FastAPI:
+    settings = settings or ApiSettings()
+    client = Client(settings=settings)
+    SubmitJob = submit_job_model(settings.max_input_chars)  # noqa: N806 (a class, used as the body type)
+    registry = build_registry(client)
+    page = importlib.resources.files("producer.api").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        client.close()
+
+    app = FastAPI(
+        title="qwen-allinone",
+        version=importlib.metadata.version("qwen-allinone"),
+        description="Sentiment (正面/负面) and an empathetic reply from one small Qwen model, through a queue.",
+        lifespan=lifespan,
+    )
+    _add_error_handlers(app)
+
+    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Needed when API_KEY is set")
+
+    def require_api_key(key: Annotated[str | None, Security(api_key_header)]) -> None:
+        if settings.api_key is None:
+            return
+        # Constant-time comparison: the answer's timing does not leak the key.
+        if key is None or not secrets.compare_digest(key.encode(), settings.api_key.get_secret_value().encode()):
+            raise ApiProblem(401, "unauthorized", "missing or wrong X-API-Key header")
+
+    def existing_record(job_id: str) -> JobRecord:
+        record = client.get(job_id)
+        if record is None:
+            raise ApiProblem(404, "not_found", f"job {job_id} not found (unknown id, or its record expired)")
+        return record
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
+
+    @v1.post(
+        "/jobs",
+        status_code=202,
+        responses={
+            400: {"model": UnreadableBody, "description": "The body cannot be parsed (not JSON, or not UTF-8)"},
+            503: {"model": ApiError, "description": "Queue full (queue_full) or Redis unreachable "
+                                                    "(broker_unavailable); Retry-After says when to retry"},
+        },
+    )
+    def submit_job(body: SubmitJob, response: Response) -> JobAccepted:
+        """Queue a job. Poll its record at `Location`, or follow its events."""
+        job_id = client.submit(
+            body.text,
+            conversation_id=body.conversation_id,
+            max_new_tokens=body.max_new_tokens,
+            min_new_tokens=body.min_new_tokens,
+            temperature=body.temperature,
+            labels=body.labels,
+        )
+        location = f"/v1/jobs/{job_id}"
+        response.headers["Location"] = location
+        return JobAccepted(job_id=job_id, status=JobStatus.QUEUED, location=location, events=f"{location}/events")
+
+    @v1.get("/jobs/{job_id}", responses=_NOT_FOUND)
+    def get_job(record: Annotated[JobRecord, Depends(existing_record)]) -> JobRecord:
+        """The job's record as it is now: status, sentiment, reply (partial while running), timings."""
+        return record
+
+    @v1.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
+    async def job_event_stream(
+        record: Annotated[JobRecord, Depends(existing_record)],
+    ) -> AsyncIterable[ServerSentEvent]:
+        """Server-Sent Events: status, queue, sentiment, reply (partial), then done with the final record."""
+        async for event in job_events(client, record, settings.events_timeout_s):
+            yield event
+
+    app.include_router(v1)
+
+    @app.get("/healthz", responses={503: {"model": Health, "description": "Redis unreachable or no worker answered"}})
+    def healthz(response: Response) -> Health:
+        """Redis reachable, workers answering Celery's ping, and the queue depth. No API key needed."""
+        try:
+            depth = client.queue_depth()
+            workers = client.ping_workers(timeout=HEALTH_PING_TIMEOUT_S)
+        except BrokerUnavailable:
+            response.status_code = 503
+            return Health(status="unavailable", redis="unreachable", workers=[], queue_depth=None)
+        if not workers:
+            response.status_code = 503
+        return Health(status="ok" if workers else "unavailable", redis="ok", workers=workers, queue_depth=depth)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        # Read from Redis now; BrokerUnavailable becomes a 503 through its handler.
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    def web_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app

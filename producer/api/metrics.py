@@ -1,0 +1,67 @@
+"""Prometheus metrics of the whole service, read from Redis at scrape time.
+
+Workers count every final record into Redis (``JobStore.record_outcome``), so
+``/metrics`` covers every job, not only those submitted through this gateway,
+and any number of gateways report the same figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
+
+from producer.client import Client
+from producer.protocol import STAGE_BUCKETS_S, JobStatus
+
+FINAL_STATUSES = [status.value for status in JobStatus if status.is_final]
+
+
+class QueueCollector:
+    """Queue depth, jobs by final status and per-stage latency histograms, for prometheus-client."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only: registering the collector must not need Redis.
+        yield GaugeMetricFamily("qwen_allinone_queue_depth", _QUEUE_DOC)
+        yield CounterMetricFamily("qwen_allinone_jobs", _JOBS_DOC, labels=["status"])
+        yield HistogramMetricFamily("qwen_allinone_stage_seconds", _STAGE_DOC, labels=["stage"])
+
+    def collect(self) -> Iterator[Metric]:
+        # Raises BrokerUnavailable when Redis is down; the /metrics route answers 503 then.
+        depth = self.client.queue_depth()
+        metrics = self.client.read_metrics()
+        yield GaugeMetricFamily("qwen_allinone_queue_depth", _QUEUE_DOC, value=depth)
+
+        jobs = CounterMetricFamily("qwen_allinone_jobs", _JOBS_DOC, labels=["status"])
+        # Every final status is shown, 0 included, so that rate() works from the first job.
+        for status in FINAL_STATUSES:
+            jobs.add_metric([status], metrics.jobs_by_status.get(status, 0))
+        yield jobs
+
+        stages = HistogramMetricFamily("qwen_allinone_stage_seconds", _STAGE_DOC, labels=["stage"])
+        for stage, histogram in metrics.stages.items():
+            # Redis holds the count of each bucket alone; Prometheus wants them cumulative.
+            cumulative, buckets = 0, []
+            for bound in STAGE_BUCKETS_S:
+                cumulative += histogram.buckets.get(f"{bound:g}", 0)
+                buckets.append((floatToGoString(bound), cumulative))
+            buckets.append(("+Inf", histogram.count))
+            stages.add_metric([stage], buckets, sum_value=histogram.sum_s)
+        yield stages
+
+
+def build_registry(client: Client) -> CollectorRegistry:
+    # A registry of our own, not the global one: each app built by create_app has its own.
+    registry = CollectorRegistry()
+    registry.register(QueueCollector(client))
+    return registry
+
+
+_QUEUE_DOC = "Jobs waiting in the queue for a worker (not counting running jobs)."
+_JOBS_DOC = "Jobs that reached a final status, counted by the worker that finished them."
+_STAGE_DOC = "Seconds per stage of finished jobs: queue_wait, sentiment, reply, and total (submission to final status)."

@@ -1,0 +1,135 @@
+"""The web page in headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
+
+Screenshots are saved under pytest's tmp dir; their paths are printed (run with -s to see them).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+
+import httpx
+import pytest
+import redis
+
+from producer.protocol import ErrorCode, JobError, JobStatus
+from producer.store import JobStore
+from tests.api.conftest import start_gateway
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium floods this closed network with connections.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SENTIMENT_LINE = re.compile(r"^(😄 LLM 情感判断: 正面|😞 LLM 情感判断: 负面)（置信度 [01]\.\d\d）$")
+
+# Records, per turn, the order in which its parts first get text.
+RECORD_ORDER = """
+window.__firstShown = [];
+new MutationObserver((mutations) => {
+  for (const m of mutations) {
+    const el = m.target.nodeType === 1 ? m.target : m.target.parentElement;
+    const turn = el && el.closest(".turn");
+    if (!turn || !el.className || !el.textContent) continue;
+    const entry = [...turn.parentElement.children].indexOf(turn) + ":" + el.className;
+    if (!window.__firstShown.includes(entry)) window.__firstShown.push(entry);
+  }
+}).observe(document.body, { subtree: true, childList: true, characterData: true });
+"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package (.ci/run does)", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 900, "height": 900})
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def ask(page, text: str) -> None:
+    page.fill("#text", text)
+    page.click("#send")
+
+
+def test_page_shows_the_sentiment_then_the_reply_in_one_conversation(page, gateway, tmp_path):
+    from playwright.sync_api import expect
+
+    page.goto(gateway.url)
+    page.evaluate(RECORD_ORDER)
+    turns = page.locator(".turn")
+    text = "送餐太慢了，等了两个小时，菜都凉了"
+    for n in (1, 2):  # the same text twice: the second turn has the first as history
+        ask(page, text)
+        turn = turns.nth(n - 1)
+        expect(turn.locator(".sentiment")).to_have_text(SENTIMENT_LINE, timeout=60_000)
+        expect(turn.locator(".reply")).to_have_text(re.compile(r"^🤖 \S"), timeout=60_000)
+        expect(page.locator("#send")).to_be_enabled(timeout=60_000)
+        expect(turn.locator(".problem")).to_be_empty()
+        expect(turn.locator(".state")).to_be_empty()
+    shot = tmp_path / "page-conversation.png"
+    page.screenshot(path=shot, full_page=True)
+    print(f"\nscreenshot of the conversation: {shot}")
+
+    shown = page.evaluate("window.__firstShown")
+    for n in (0, 1):
+        assert shown.index(f"{n}:sentiment") < shown.index(f"{n}:reply"), shown
+    first, second = (httpx.get(f"{gateway.url}/v1/jobs/{turns.nth(i).get_attribute('data-job-id')}").json()
+                     for i in (0, 1))
+    assert first["status"] == second["status"] == "succeeded"
+    assert first["request"]["conversation_id"] == second["request"]["conversation_id"] is not None
+    assert second["tokens"]["reply_prompt_tokens"] > first["tokens"]["reply_prompt_tokens"]
+
+
+@pytest.fixture(scope="module")
+def stalled_gateway(lonely_redis, tmp_path_factory):
+    """A gateway whose queue no worker serves: at most 2 waiting jobs, streams give up after 2 s, a key."""
+    env = {"REDIS_URL": lonely_redis.url, "MAX_QUEUE": "2", "EVENTS_TIMEOUT_S": "2", "API_KEY": "page-key"}
+    gateway = start_gateway(env, tmp_path_factory.mktemp("logs") / "stalled-gateway.log")
+    yield gateway
+    gateway.stop()
+
+
+def test_page_explains_key_failure_timeout_and_a_full_queue(page, stalled_gateway, lonely_redis, tmp_path):
+    from playwright.sync_api import expect
+
+    page.goto(stalled_gateway.url)
+    turns = page.locator(".turn")
+
+    ask(page, "没有钥匙")
+    expect(turns.nth(0).locator(".problem")).to_contain_text("🔑 需要正确的 API key")
+    page.click("summary")
+    page.fill("#api-key", "page-key")
+
+    ask(page, "第一条")
+    expect(turns.nth(1).locator(".state")).to_have_text("⏳ 排队中：队列里共有 1 个任务在等待（含本条）")
+    # Fail the job the way a worker records a failure.
+    store = JobStore(redis.Redis.from_url(lonely_redis.url), ttl_s=60)
+    record = store.get(turns.nth(1).get_attribute("data-job-id"))
+    record.status, record.finished_at = JobStatus.FAILED, time.time()
+    record.error = JobError(code=ErrorCode.MODEL_ERROR, message="RuntimeError: out of memory")
+    store.put(record)
+    expect(turns.nth(1).locator(".problem")).to_have_text("❌ 任务失败：RuntimeError: out of memory")
+
+    ask(page, "第二条")  # waits behind the first message, which no worker takes
+    expect(turns.nth(2).locator(".state")).to_have_text("⏳ 排队中：队列里共有 2 个任务在等待（含本条）")
+    expect(turns.nth(2).locator(".problem")).to_contain_text("⌛ 等了 2 秒，任务仍在排队", timeout=10_000)
+
+    ask(page, "第三条")
+    expect(turns.nth(3).locator(".problem")).to_have_text("🚦 队列已满，请 5 秒后再试。(queue full: retry in 5 s)")
+    shot = tmp_path / "page-problems.png"
+    page.screenshot(path=shot, full_page=True)
+    print(f"\nscreenshot of the problem messages: {shot}")
