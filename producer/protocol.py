@@ -13,6 +13,8 @@ key                                         type    holds
 ``qwen-allinone:job:<job_id>``              string  the job record (``JobRecord`` as JSON)
 ``qwen-allinone:conv:<conversation_id>``    list    earlier turns (``Turn`` as JSON), newest last
 ``qwen-allinone:turns:<conversation_id>``   list    ids of the conversation's unfinished jobs, oldest first
+``qwen-allinone:batch:<job_id>``            list    ids of the jobs a worker took into the batch of this
+                                                    delivered job, while that batch runs
 ``qwen-allinone:metrics:jobs``              hash    finished jobs by final status (status → count)
 ``qwen-allinone:metrics:stage:<stage>``     hash    latency histogram of one stage (``STAGES``): ``le:<bound>``
                                                     → jobs in that bucket (not cumulative), ``count``, ``sum`` (s)
@@ -52,6 +54,10 @@ def conversation_key(conversation_id: str) -> str:
 
 def pending_turns_key(conversation_id: str) -> str:
     return f"{KEY_PREFIX}:turns:{conversation_id}"
+
+
+def batch_key(job_id: str) -> str:
+    return f"{KEY_PREFIX}:batch:{job_id}"
 
 
 #: Finished jobs by final status.

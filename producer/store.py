@@ -23,6 +23,7 @@ from producer.protocol import (
     STAGES,
     JobRecord,
     Turn,
+    batch_key,
     bucket_field,
     conversation_key,
     job_key,
@@ -141,6 +142,21 @@ class JobStore:
 
     def remove_pending_turn(self, conversation_id: str, job_id: str) -> None:
         self.redis.lrem(pending_turns_key(conversation_id), 0, job_id)
+
+    # --- batches: which jobs run with a delivered one, for the hard time limit's bookkeeping ---
+
+    def set_batch(self, job_id: str, taken_ids: list[str], ttl_s: int) -> None:
+        """Record the jobs taken into ``job_id``'s batch (none: forget them)."""
+        key = batch_key(job_id)
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if taken_ids:
+                pipe.rpush(key, *taken_ids)
+                pipe.expire(key, ttl_s)
+            pipe.execute()
+
+    def batch_of(self, job_id: str) -> list[str]:
+        return [raw.decode() for raw in self.redis.lrange(batch_key(job_id), 0, -1)]
 
     # --- metrics: every final record is counted once, by the worker that wrote it ---
 

@@ -109,15 +109,20 @@ class JobTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         if not isinstance(exc, TimeLimitExceeded):
             return
+        store = self.runtime.store
+        limit = self.runtime.settings.hard_time_limit_s
+        message = f"killed by the hard time limit ({limit:g}s); the worker moved on to the next job"
         try:
-            record = self.runtime.store.get(task_id)
-            if record is None or record.status.is_final:
-                return
-            limit = self.runtime.settings.hard_time_limit_s
-            message = f"killed by the hard time limit ({limit:g}s); the worker moved on to the next job"
-            _save(self.runtime.store, _finish(record, JobStatus.TIMED_OUT, JobError(code=ErrorCode.TIMED_OUT, message=message)))
+            # The jobs taken into the killed batch died with it. Their messages come back
+            # after VISIBILITY_TIMEOUT_S and are then skipped, as their records are final.
+            for job_id in [task_id, *store.batch_of(task_id)]:
+                record = store.get(job_id)
+                if record is not None and not record.status.is_final:
+                    error = JobError(code=ErrorCode.TIMED_OUT, message=message)
+                    _save(store, _finish(record, JobStatus.TIMED_OUT, error))
+            store.set_batch(task_id, [], 0)
         except Exception:  # never let bookkeeping break Celery's acknowledgement
-            log.exception("job=%s could not be recorded as timed_out", task_id)
+            log.exception("job=%s (or a job of its batch) could not be recorded as timed_out", task_id)
 
 
 def register(app: Celery, runtime: WorkerRuntime) -> Task:
@@ -206,6 +211,8 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
             else:
                 admitted.taken = item
                 jobs.append(admitted)
+        if len(jobs) > 1:  # for the parent, should the hard time limit kill this batch
+            runtime.store.set_batch(job_id, [job.record.job_id for job in jobs[1:]], settings.visibility_timeout_s)
         return finished + run_jobs(runtime, jobs)
     finally:
         for item in taken:
@@ -214,6 +221,11 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
                     item.requeue()
                 except Exception as err:  # Redis is down: the visibility timeout brings it back
                     log.error("job=%s could not be handed back to the queue: %s", item.job_id, err)
+        if taken:
+            try:
+                runtime.store.set_batch(job_id, [], 0)
+            except redis.RedisError as err:  # it expires after VISIBILITY_TIMEOUT_S anyway
+                log.error("job=%s: could not forget its batch: %s", job_id, err)
 
 
 def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str],

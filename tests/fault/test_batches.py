@@ -82,3 +82,18 @@ def test_a_worker_killed_mid_batch_loses_nothing(worker_env, tmp_path, make_clie
     assert all(r.status is JobStatus.SUCCEEDED for r in records.values()), records
     assert all(records[r.job_id].attempts >= 2 for r in in_flight)
     assert set(final_lines.values()) == {1}, final_lines  # one final record per job
+
+
+def test_a_batch_killed_by_the_hard_time_limit_times_out_every_job_at_once(fault_worker, make_client, figures):
+    # fault_worker: JOB_TIMEOUT_S 5 + TIME_LIMIT_GRACE_S 1. A forward pass of 7 s in the
+    # batch (its slowest job sets the pace) cannot be stopped by the deadlines.
+    client = make_client()
+    _, jobs = _submit_behind_a_busy_worker(client, ["[[slow=7]] 很慢", "好吃", "一般"], max_new_tokens=4)
+    records = [client.wait(job_id, timeout=60) for job_id in jobs]
+    figures.update(jobs=len(jobs), timed_out=sum(r.status is JobStatus.TIMED_OUT for r in records),
+                   batch=records[1].batch_size)
+    # All three, promptly: not the delivered job alone, with the rest left running until
+    # VISIBILITY_TIMEOUT_S (an hour) brings their messages back.
+    assert [r.status for r in records] == [JobStatus.TIMED_OUT] * 3
+    assert all(r.error.code is ErrorCode.TIMED_OUT for r in records)
+    assert max(r.finished_at for r in records) - min(r.started_at for r in records) < 15
