@@ -197,6 +197,8 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
             log.warning("could not take more jobs for a batch: %s: %s", type(err).__name__, err)
             runtime.intake.close()  # reconnect next time
     runtime.last_batch_size = 1 + len(taken)
+    if taken:
+        log.info("job=%s batch: took %s", job_id, " ".join(item.job_id for item in taken))
     try:
         jobs, finished = [first], []
         for item in taken:
