@@ -74,6 +74,10 @@ class Intake:
         taken: list[TakenJob] = []
         deadline = time.monotonic() + wait_s
         channel = self._channel()
+        # Messages of an earlier batch that could be neither acknowledged nor handed back
+        # (Redis was down, or a take broke off) are still this channel's: hand them back
+        # now. Every message of a finished batch is settled, so only such orphans remain.
+        channel.qos.restore_unacked()
         pops = 0
         # Every pop counts, so a message handed straight back (see _as_job) cannot keep this looping.
         while pops < limit:

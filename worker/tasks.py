@@ -194,8 +194,8 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
         try:
             taken = runtime.intake.take(settings.batch_max - 1, wait_s)
         except Exception as err:  # batching is an optimization: the delivered job runs regardless
+            # What was taken before the error stays with the intake, which hands it back next time.
             log.warning("could not take more jobs for a batch: %s: %s", type(err).__name__, err)
-            runtime.intake.close()  # reconnect next time
     runtime.last_batch_size = 1 + len(taken)
     if taken:
         log.info("job=%s batch: took %s", job_id, " ".join(item.job_id for item in taken))
@@ -221,8 +221,8 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
             if not item.settled:
                 try:
                     item.requeue()
-                except Exception as err:  # Redis is down: the visibility timeout brings it back
-                    log.error("job=%s could not be handed back to the queue: %s", item.job_id, err)
+                except Exception as err:  # Redis is down: the intake hands it back at its next take
+                    log.error("job=%s could not be handed back to the queue yet: %s", item.job_id, err)
         if taken:
             try:
                 runtime.store.set_batch(job_id, [], 0)

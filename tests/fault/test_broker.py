@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from celery import Celery
 
 from producer import BrokerUnavailable, Client
 from producer.protocol import JobStatus
@@ -86,3 +87,31 @@ def test_password_in_redis_url_works(tmp_path, worker_env, figures):
     finally:
         worker.stop()
         server.kill()
+
+
+def test_jobs_taken_for_a_batch_survive_redis_going_away(private_redis):
+    # A batch took two jobs; Redis died before they could be handed back. Once Redis
+    # is back, the next take hands them back first: nothing waits for VISIBILITY_TIMEOUT_S.
+    from producer.protocol import TASK_NAME, new_job_id
+    from worker.app import celery_config
+    from worker.intake import Intake
+    from worker.settings import WorkerSettings
+
+    app = Celery("intake-test", set_as_current=False)
+    app.conf.update(celery_config(WorkerSettings(redis_url=private_redis.url)))
+    job_ids = [new_job_id() for _ in range(2)]
+    for job_id in job_ids:
+        app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "好吃"}}}, task_id=job_id)
+    intake = Intake(app)
+    try:
+        taken = intake.take(5, wait_s=0)
+        assert [item.job_id for item in taken] == job_ids
+        private_redis.kill()
+        with pytest.raises(Exception):
+            taken[0].requeue()
+        private_redis.start()  # the append-only file kept the queue and kombu's unacked set
+        again = intake.take(5, wait_s=0)
+        assert sorted(item.job_id for item in again) == sorted(job_ids)
+    finally:
+        intake.close()
+        app.close()
