@@ -1,12 +1,13 @@
 """Taking more waiting jobs for a batch, with the same delivery guarantees as Celery's own.
 
 Celery hands the task one message. When more jobs wait, the task takes up to
-``BATCH_MAX - 1`` others straight from the queue through kombu's Redis
-channel, which is what Celery's consumer itself uses: ``basic_get`` moves a
-message into kombu's "unacked" set exactly as a delivery to Celery does, so if
-this process dies before acknowledging it, the visibility-timeout sweep puts
-it back in the queue for another worker. Each taken message is acknowledged
-by the task right after its job's final record is written.
+``BATCH_MAX - 1`` others straight from the queue, on kombu's Redis channel,
+which is what Celery's consumer itself uses. A taken message lands in kombu's
+"unacked" set exactly as a delivery to Celery does (in one atomic step, see
+``_get``), so if this process dies before acknowledging it, the
+visibility-timeout sweep puts it back in the queue for another worker. Each
+taken message is acknowledged by the task right after its job's final record
+is written.
 
 Why not ``celery-batches``: it buffers messages in the worker's consumer and
 flushes them on a timer or a count, whether or not the pool is free. With one
@@ -21,6 +22,7 @@ free keeps every one of those.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from celery import Celery
 from kombu import Connection
 from kombu.message import Message
+from kombu.transport.virtual import QoS as VirtualQoS
 
 from producer.protocol import QUEUE_NAME, TASK_NAME
 
@@ -35,6 +38,35 @@ log = logging.getLogger("qwen_allinone.worker")
 
 #: How often the queue is looked at again while waiting (at most BATCH_WAIT_MS) for more jobs.
 POLL_INTERVAL_S = 0.002
+
+#: Pop the oldest message (highest priority first) and, in the same step, record it as
+#: unacknowledged in kombu's own format (kombu.transport.redis.QoS.append): the hash
+#: field is the delivery tag and the value is ``[payload, exchange, routing_key]``;
+#: the index is scored by time, for the visibility-timeout sweep. The payload is kept
+#: as the exact text that was queued. Something that is not an envelope is only popped.
+_TAKE_SCRIPT = """
+for i = 3, #KEYS do
+  local item = redis.call('RPOP', KEYS[i])
+  if item then
+    local ok, payload = pcall(cjson.decode, item)
+    if ok and type(payload) == 'table' and type(payload['properties']) == 'table'
+        and payload['properties']['delivery_tag'] then
+      local info = payload['properties']['delivery_info']
+      local exchange, routing_key = '', ''
+      if type(info) == 'table' then
+        if type(info['exchange']) == 'string' then exchange = info['exchange'] end
+        if type(info['routing_key']) == 'string' then routing_key = info['routing_key'] end
+      end
+      local tag = tostring(payload['properties']['delivery_tag'])
+      redis.call('ZADD', KEYS[2], ARGV[1], tag)
+      redis.call('HSET', KEYS[1], tag,
+        '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
+    end
+    return item
+  end
+end
+return false
+"""
 
 
 @dataclass
@@ -105,12 +137,27 @@ class Intake:
         return self._connection.default_channel
 
     def _get(self, channel) -> Message | None:
+        """Pop the oldest waiting message, recorded as unacknowledged in the same atomic step.
+
+        kombu's ``basic_get`` pops, then records, in two round trips: a worker
+        killed between them loses the message. Taking happens right after a job
+        starts, so the fault suite's kills landed there often enough to lose a job.
+        """
+        queues = [channel._q_for_pri(QUEUE_NAME, priority) for priority in channel.priority_steps]
+        with channel.conn_or_acquire() as client:
+            raw = client.eval(_TAKE_SCRIPT, 2 + len(queues), channel.unacked_key, channel.unacked_index_key,
+                              *queues, time.time())
+        if raw is None:
+            return None
         try:
-            return channel.basic_get(QUEUE_NAME, no_ack=False)  # None when the queue is empty
+            message = channel.Message(json.loads(raw), channel=channel)
         except (ValueError, KeyError, TypeError) as err:
             # Not a kombu envelope; it was already popped, as on Celery's own path (worker.transport).
             log.error("dropped an undecodable message from the queue: %s: %s", type(err).__name__, err)
             return None
+        # kombu's in-memory bookkeeping only: the script already wrote the unacked records.
+        VirtualQoS.append(channel.qos, message, message.delivery_tag)
+        return message
 
 
 def _as_job(message: Message) -> TakenJob | None:
