@@ -68,6 +68,16 @@ class JobStore:
         ``timed_out`` in the worker's parent while the child may still write);
         the first final status wins.
         """
+        # A transaction that watches a key is not retried by redis-py when the connection
+        # drops; the write is idempotent, so it is retried here, with the client's backoff.
+        return self._retried(lambda: self._put_once(record))
+
+    def _retried(self, operation):
+        """Run ``operation`` under the client's retry policy (connect_redis), if it has one."""
+        retry = self.redis.get_retry()
+        return operation() if retry is None else retry.call_with_retry(operation, lambda _: None)
+
+    def _put_once(self, record: JobRecord) -> bool:
         key = job_key(record.job_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -108,6 +118,10 @@ class JobStore:
         """Append ``turn`` once: a retried or redelivered job does not store its turn twice."""
         if max_turns <= 0:
             return
+        # Retried on a dropped connection like put(): appending once is idempotent.
+        self._retried(lambda: self._append_turn_once(conversation_id, turn, max_turns))
+
+    def _append_turn_once(self, conversation_id: str, turn: Turn, max_turns: int) -> None:
         key = conversation_key(conversation_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:

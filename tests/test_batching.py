@@ -193,3 +193,17 @@ def test_the_delivered_job_runs_even_when_taking_more_fails(runtime):
     runtime.intake = BrokenIntake()
     [record] = run_batch(runtime, new_job_id(), message("好吃"), set(), hostname="w1")
     assert record.status is JobStatus.SUCCEEDED and record.batch_size == 1
+
+
+def test_redis_going_away_mid_batch_hands_the_jobs_back_instead_of_failing_them(runtime, monkeypatch):
+    import redis
+
+    def outage(*args, **kwargs):
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(runtime.engine, "reply_batch", outage)
+    jobs = _admit_all(runtime, ["好吃", "送餐太慢了"])
+    with pytest.raises(redis.RedisError):
+        run_jobs(runtime, jobs)
+    # Not failed for an outage: the task hands the messages back and the jobs run again.
+    assert all(not w.status.is_final for w in runtime.store.writes)

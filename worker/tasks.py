@@ -300,18 +300,21 @@ def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[JobRecord]:
     store = runtime.store
     try:
         _run_steps(runtime, jobs)
+    except redis.RedisError:
+        # Redis stayed away through the client's retries: the jobs go back to the queue
+        # (the task rejects its message, run_batch hands back the taken ones) rather
+        # than fail for an outage.
+        raise
     except Exception as err:  # one bad job never takes the worker, or its batch, down
         unfinished = [job for job in jobs if not job.record.status.is_final]
-        if len(unfinished) > 1 and not isinstance(err, redis.RedisError):
+        if len(unfinished) > 1:
             log.warning("a batch of %d jobs failed (%s: %s); running them one by one",
                         len(jobs), type(err).__name__, err)
             for job in unfinished:
                 run_jobs(runtime, [job])
         else:
-            if not isinstance(err, redis.RedisError):
-                log.exception("job=%s failed", unfinished[0].record.job_id if unfinished else "-")
-            code = ErrorCode.INTERNAL_ERROR if isinstance(err, redis.RedisError) else ErrorCode.MODEL_ERROR
-            error = JobError(code=code, message=f"{type(err).__name__}: {err}"[:500])
+            log.exception("job=%s failed", unfinished[0].record.job_id if unfinished else "-")
+            error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(err).__name__}: {err}"[:500])
             for job in unfinished:
                 job.record.reply = None  # a partial reply is no result
                 _settle(store, job, _finish(job.record, JobStatus.FAILED, error))
