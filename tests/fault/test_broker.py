@@ -89,7 +89,7 @@ def test_password_in_redis_url_works(tmp_path, worker_env, figures):
         server.kill()
 
 
-def test_jobs_taken_for_a_batch_survive_redis_going_away(private_redis):
+def test_jobs_taken_for_a_batch_survive_redis_going_away(private_redis, figures):
     # A batch took two jobs; Redis died before they could be handed back. Once Redis
     # is back, the next take hands them back first: nothing waits for VISIBILITY_TIMEOUT_S.
     from producer.protocol import TASK_NAME, new_job_id
@@ -111,6 +111,7 @@ def test_jobs_taken_for_a_batch_survive_redis_going_away(private_redis):
             taken[0].requeue()
         private_redis.start()  # the append-only file kept the queue and kombu's unacked set
         again = intake.take(5, wait_s=0)
+        figures.update(jobs=len(job_ids), handed_back=len(again))
         assert sorted(item.job_id for item in again) == sorted(job_ids)
     finally:
         intake.close()

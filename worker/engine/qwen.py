@@ -213,9 +213,8 @@ class QwenEngine:
             if label_set in self.unavailable_label_sets:
                 results[index] = ValueError(self.unavailable_label_sets[label_set])
                 continue
-            messages = [{"role": "system", "content": classifier_prompt(label_set, self.prompt_variant)},
-                        {"role": "user", "content": text}]
-            groups.setdefault(label_set, []).append((index, self.encode_chat(messages)))
+            ids = self.encode_chat(self._classifier_messages(text, label_set))
+            groups.setdefault(label_set, []).append((index, ids))
         for label_set, members in groups.items():
             prefix = self.classifier_prefixes[label_set]
             for chunk in _chunks_within(members, SENTIMENT_BATCH_TOKENS, skip=len(prefix.ids)):
@@ -244,12 +243,14 @@ class QwenEngine:
         """The same decision without the prefix cache: the reference the cache is tested against."""
         if label_set in self.unavailable_label_sets:
             raise ValueError(self.unavailable_label_sets[label_set])
-        messages = [{"role": "system", "content": classifier_prompt(label_set, self.prompt_variant)},
-                    {"role": "user", "content": text}]
-        input_ids = self.encode_chat(messages)
+        input_ids = self.encode_chat(self._classifier_messages(text, label_set))
         with self.precision(precise=True):
             out = self.model.base_model(torch.tensor([input_ids], device=self.device))
         return self._decide(out.last_hidden_state[0, -1].float(), label_set, len(input_ids))
+
+    def _classifier_messages(self, text: str, label_set: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": classifier_prompt(label_set, self.prompt_variant)},
+                {"role": "user", "content": text}]
 
     def _decide(self, hidden: torch.Tensor, label_set: str, prompt_tokens: int) -> SentimentResult:
         ids = self.label_token_ids[label_set]
