@@ -40,6 +40,7 @@ from producer.protocol import (
 from producer.store import JobStore, connect_redis
 from worker.intake import Intake, TakenJob
 from worker.model_source import ModelSource, resolve_model_source
+from worker.outcome import finish, save_final, to_ms
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the engine imports torch: only inside pool processes
@@ -119,7 +120,7 @@ class JobTask(Task):
                 record = store.get(job_id)
                 if record is not None and not record.status.is_final:
                     error = JobError(code=ErrorCode.TIMED_OUT, message=message)
-                    _save(store, _finish(record, JobStatus.TIMED_OUT, error))
+                    save_final(store, finish(record, JobStatus.TIMED_OUT, error))
             store.set_batch(task_id, [], 0)
         except Exception:  # never let bookkeeping break Celery's acknowledgement
             log.exception("job=%s (or a job of its batch) could not be recorded as timed_out", task_id)
@@ -248,7 +249,7 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
     message = _parse_message(raw_message, unexpected, settings.max_input_chars)
     if isinstance(message, JobError):
         record = record or JobRecord(job_id=job_id, status=JobStatus.QUEUED, request=None, submitted_at=now)
-        return _save(store, _finish(record, JobStatus.FAILED, message))
+        return save_final(store, finish(record, JobStatus.FAILED, message))
 
     record = record or JobRecord(
         job_id=job_id,
@@ -270,7 +271,7 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
             code=ErrorCode.EXPIRED,
             message=f"waited {waited:.0f}s in the queue, past its start deadline; not run (QUEUE_TIMEOUT_S)",
         )
-        return _save(store, _finish(record, JobStatus.EXPIRED, error))
+        return save_final(store, finish(record, JobStatus.EXPIRED, error))
     if message.request.conversation_id:
         _check_turn(store, message.request.conversation_id, job_id)
 
@@ -281,12 +282,12 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
             code=ErrorCode.INTERNAL_ERROR,
             message=f"the worker died {record.attempts - 1} times while running this job; not retried again",
         )
-        return _save(store, _finish(record, JobStatus.FAILED, error))
+        return save_final(store, finish(record, JobStatus.FAILED, error))
 
     record.status = JobStatus.RUNNING
     record.started_at = now
     record.sentiment, record.reply, record.truncated, record.error = None, None, False, None
-    record.timings = Timings(queue_wait_ms=_ms(now - message.submitted_at))
+    record.timings = Timings(queue_wait_ms=to_ms(now - message.submitted_at))
     store.put(record)
     return RunningJob(record, message, deadline=now + record.timeout_s)
 
@@ -317,7 +318,7 @@ def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[JobRecord]:
             error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(err).__name__}: {err}"[:500])
             for job in unfinished:
                 job.record.reply = None  # a partial reply is no result
-                _settle(store, job, _finish(job.record, JobStatus.FAILED, error))
+                _settle(store, job, finish(job.record, JobStatus.FAILED, error))
     return [job.record for job in jobs]
 
 
@@ -330,14 +331,14 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
     step = time.perf_counter()
     sentiments = engine.classify_batch([(job.message.request.text, job.message.request.options.labels)
                                         for job in jobs])
-    elapsed = _ms(time.perf_counter() - step)
+    elapsed = to_ms(time.perf_counter() - step)
     replying = []
     for job, sentiment in zip(jobs, sentiments):
         record = job.record
         record.timings.sentiment_ms = elapsed
         if isinstance(sentiment, Exception):  # this job asked for something the model cannot do
             error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(sentiment).__name__}: {sentiment}"[:500])
-            _settle(store, job, _finish(record, JobStatus.FAILED, error))
+            _settle(store, job, finish(record, JobStatus.FAILED, error))
             continue
         record.sentiment = Sentiment(label=sentiment.label, confidence=sentiment.confidence)
         record.tokens.sentiment_prompt_tokens = sentiment.prompt_tokens
@@ -348,7 +349,7 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
 
     step = time.perf_counter()
     histories = [_history(store, job, settings.history_max_turns) for job in replying]
-    elapsed = _ms(time.perf_counter() - step)
+    elapsed = to_ms(time.perf_counter() - step)
     for job in replying:
         job.record.timings.history_ms = elapsed
 
@@ -357,7 +358,7 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
     partial = PartialReplies(store, engine, replying, settings.partial_reply_interval_ms / 1000)
     replies = engine.reply_batch(requests, history_max_tokens=settings.history_max_tokens,
                                  on_step=partial.update if partial.enabled else None)
-    elapsed = _ms(time.perf_counter() - step)
+    elapsed = to_ms(time.perf_counter() - step)
     for job, reply in zip(replying, replies):
         record = job.record
         record.timings.reply_ms = elapsed
@@ -371,7 +372,7 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
             # An empty reply (deadline) is kept too: what the user said is still context.
             turn = Turn(job_id=record.job_id, user=request.text, assistant=reply.text)
             store.append_turn(request.conversation_id, turn, settings.history_max_turns)
-        _settle(store, job, _finish(record, JobStatus.SUCCEEDED))
+        _settle(store, job, finish(record, JobStatus.SUCCEEDED))
 
 
 def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str, str]]:
@@ -448,47 +449,6 @@ def _check_turn(store: JobStore, conversation_id: str, job_id: str) -> None:
 
 def _settle(store: JobStore, job: RunningJob, record: JobRecord) -> None:
     """Write the job's final record, then acknowledge the message this process took for it."""
-    _save(store, record)
+    save_final(store, record)
     if job.taken is not None:
         job.taken.ack()
-
-
-def _finish(record: JobRecord, status: JobStatus, error: JobError | None = None) -> JobRecord:
-    record.status = status
-    record.error = error
-    record.finished_at = time.time()
-    record.timings.total_ms = _ms(record.finished_at - record.submitted_at)
-    return record
-
-
-def _save(store: JobStore, record: JobRecord) -> JobRecord:
-    """Write a final record and let the conversation's next turn go."""
-    store.put(record)
-    if record.request is not None and record.request.conversation_id:
-        store.remove_pending_turn(record.request.conversation_id, record.job_id)
-    store.record_outcome(record)  # jobs by status and stage latencies, for the gateway's /metrics
-    _log_outcome(record)
-    return record
-
-
-def _log_outcome(record: JobRecord) -> None:
-    t, n = record.timings, record.tokens
-    log.info(
-        "job=%s status=%s label=%s confidence=%s queue_ms=%s sentiment_ms=%s reply_ms=%s total_ms=%s "
-        "prompt_tokens=%s generated_tokens=%s truncated=%s attempts=%d error=%s",
-        record.job_id,
-        record.status.value,
-        record.sentiment.label if record.sentiment else "-",
-        f"{record.sentiment.confidence:.2f}" if record.sentiment else "-",
-        _fmt(t.queue_wait_ms), _fmt(t.sentiment_ms), _fmt(t.reply_ms), _fmt(t.total_ms),
-        n.reply_prompt_tokens, n.generated_tokens, record.truncated, record.attempts,
-        record.error.code.value if record.error else "-",
-    )
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 1)
-
-
-def _fmt(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.0f}"

@@ -1,0 +1,56 @@
+"""A job's final record: stamp it, write it, log it.
+
+Admission, the batch steps and the parent's time-limit handler all finish
+jobs; they share this module so none of them imports another.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from producer.protocol import JobError, JobRecord, JobStatus
+from producer.store import JobStore
+
+log = logging.getLogger("qwen_allinone.worker")
+
+
+def finish(record: JobRecord, status: JobStatus, error: JobError | None = None) -> JobRecord:
+    record.status = status
+    record.error = error
+    record.finished_at = time.time()
+    record.timings.total_ms = to_ms(record.finished_at - record.submitted_at)
+    return record
+
+
+def save_final(store: JobStore, record: JobRecord) -> JobRecord:
+    """Write a final record and let the conversation's next turn go."""
+    store.put(record)
+    if record.request is not None and record.request.conversation_id:
+        store.remove_pending_turn(record.request.conversation_id, record.job_id)
+    store.record_outcome(record)  # jobs by status and stage latencies, for the gateway's /metrics
+    _log_outcome(record)
+    return record
+
+
+def _log_outcome(record: JobRecord) -> None:
+    t, n = record.timings, record.tokens
+    log.info(
+        "job=%s status=%s label=%s confidence=%s queue_ms=%s sentiment_ms=%s reply_ms=%s total_ms=%s "
+        "prompt_tokens=%s generated_tokens=%s truncated=%s attempts=%d error=%s",
+        record.job_id,
+        record.status.value,
+        record.sentiment.label if record.sentiment else "-",
+        f"{record.sentiment.confidence:.2f}" if record.sentiment else "-",
+        _fmt(t.queue_wait_ms), _fmt(t.sentiment_ms), _fmt(t.reply_ms), _fmt(t.total_ms),
+        n.reply_prompt_tokens, n.generated_tokens, record.truncated, record.attempts,
+        record.error.code.value if record.error else "-",
+    )
+
+
+def to_ms(seconds: float) -> float:
+    return round(seconds * 1000.0, 1)
+
+
+def _fmt(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.0f}"
