@@ -11,8 +11,9 @@ from producer.protocol import ErrorCode, JobMessage, JobRecord, JobStatus, new_j
 from producer.store import JobStore
 from worker.engine import QwenEngine
 from worker.model_source import resolve_model_source
+from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
-from worker.tasks import MAX_ATTEMPTS, WorkerRuntime, run
+from worker.tasks import MAX_ATTEMPTS, run
 
 
 class RecordingStore(JobStore):

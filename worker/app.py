@@ -18,8 +18,9 @@ from celery.signals import worker_init, worker_process_init, worker_shutdown
 
 from producer.protocol import CELERY_WIRE_CONFIG
 from worker.model_source import ModelLoadError
+from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
-from worker.tasks import WorkerRuntime, register
+from worker.tasks import register
 
 log = logging.getLogger("qwen_allinone.worker")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import redis
@@ -37,10 +37,10 @@ from producer.protocol import (
     Turn,
     describe_validation_error,
 )
-from producer.store import JobStore, connect_redis
+from producer.store import JobStore
 from worker.intake import Intake, TakenJob
-from worker.model_source import ModelSource, resolve_model_source
 from worker.outcome import finish, save_final, to_ms
+from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the engine imports torch: only inside pool processes
@@ -54,48 +54,6 @@ MAX_ATTEMPTS = 3
 TURN_RETRY_S = 0.25
 #: After a batch of one, a job waits BATCH_WAIT_MS divided by this for others to arrive.
 IDLE_WAIT_DIVISOR = 5
-
-
-@dataclass
-class WorkerRuntime:
-    """What one worker process holds: settings, the Redis store and (in pool processes) the engine."""
-
-    settings: WorkerSettings
-    source: ModelSource | None = None
-    engine: QwenEngine | None = None
-    #: Takes more waiting jobs for a batch; set by register().
-    intake: Intake | None = None
-    #: Jobs in this process's previous batch, taken messages included.
-    last_batch_size: int = 1
-    _store: JobStore | None = field(default=None, repr=False)
-
-    @property
-    def store(self) -> JobStore:
-        if self._store is None:
-            # About 30 s of reconnects: a Redis restart does not fail the running job.
-            client = connect_redis(self.settings.redis_url, retries=20, socket_timeout=30)
-            self._store = JobStore(client, self.settings.result_ttl_s)
-        return self._store
-
-    def resolve_model(self) -> ModelSource:
-        if self.source is None:
-            self.source = resolve_model_source(self.settings.model)
-        return self.source
-
-    def load_engine(self) -> QwenEngine:
-        if self.engine is None:
-            from worker.engine import QwenEngine  # the only torch import, inside the pool process
-
-            started = time.perf_counter()
-            self.engine = QwenEngine.load(
-                self.resolve_model(), self.settings.dtype, self.settings.threads,
-                prompt_variant=self.settings.classifier_prompt, positive_threshold=self.settings.positive_threshold,
-            )
-            log.info(
-                "model %s loaded (dtype=%s, threads=%d) in %.1fs",
-                self.settings.model, self.settings.dtype, self.settings.threads, time.perf_counter() - started,
-            )
-        return self.engine
 
 
 class JobTask(Task):
