@@ -8,11 +8,12 @@ import pytest
 
 from producer.protocol import LABEL_SETS, ErrorCode, JobStatus, new_job_id
 from tests.test_tasks import RecordingStore, message
+from worker.admission import RunningJob, admit
 from worker.engine import QwenEngine, ReplyRequest
 from worker.model_source import resolve_model_source
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
-from worker.tasks import RunningJob, admit, run, run_batch, run_jobs
+from worker.tasks import run, run_batch, run_jobs
 
 TEXTS = ["好吃", "送餐太慢了，等了两个小时，菜都凉了", "Terrible service", "很快，好吃，味道足，量大", "一般般吧"]
 

@@ -9,11 +9,12 @@ import pytest
 
 from producer.protocol import ErrorCode, JobMessage, JobRecord, JobStatus, new_job_id
 from producer.store import JobStore
+from worker.admission import MAX_ATTEMPTS
 from worker.engine import QwenEngine
 from worker.model_source import resolve_model_source
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
-from worker.tasks import MAX_ATTEMPTS, run
+from worker.tasks import run
 
 
 class RecordingStore(JobStore):
@@ -156,7 +157,7 @@ def test_turn_is_stored_once_and_history_off_stores_nothing(runtime):
 
 
 def test_later_turn_waits_for_an_unfinished_earlier_turn(runtime):
-    from worker.tasks import TurnNotReady
+    from worker.admission import TurnNotReady
 
     store = runtime.store
     first_id, second_id = new_job_id(), new_job_id()

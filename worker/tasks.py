@@ -15,30 +15,25 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import redis
 from billiard.exceptions import TimeLimitExceeded
 from celery import Celery, Task
 from celery.exceptions import Reject
-from pydantic import ValidationError
 
-from producer.errors import UnreadableRecord
 from producer.protocol import (
     TASK_NAME,
     ErrorCode,
     JobError,
-    JobMessage,
     JobRecord,
     JobStatus,
     Sentiment,
-    Timings,
     Turn,
-    describe_validation_error,
 )
 from producer.store import JobStore
-from worker.intake import Intake, TakenJob
+from worker.admission import RunningJob, TurnNotReady, admit
+from worker.intake import Intake
 from worker.outcome import finish, save_final, to_ms
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
@@ -48,8 +43,6 @@ if TYPE_CHECKING:  # the engine imports torch: only inside pool processes
 
 log = logging.getLogger("qwen_allinone.worker")
 
-#: A job whose worker died this many times while running it is failed, not retried again.
-MAX_ATTEMPTS = 3
 #: A later turn of a conversation whose earlier turn still runs is retried after this long.
 TURN_RETRY_S = 0.25
 #: After a batch of one, a job waits BATCH_WAIT_MS divided by this for others to arrive.
@@ -109,22 +102,6 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
             raise Reject(str(err), requeue=True) from err
 
     return run_job
-
-
-class TurnNotReady(Exception):
-    """An earlier turn of the same conversation has not finished; run this job later."""
-
-
-@dataclass
-class RunningJob:
-    """A job that has been admitted: its record says ``running`` and the model is next."""
-
-    record: JobRecord
-    message: JobMessage
-    #: Epoch seconds; the reply stops here.
-    deadline: float
-    #: The queue message this process took for the batch (None for the one Celery delivered).
-    taken: TakenJob | None = None
 
 
 def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], hostname: str) -> JobRecord:
@@ -187,67 +164,6 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
                 runtime.store.set_batch(job_id, [], 0)
             except redis.RedisError as err:  # it expires after VISIBILITY_TIMEOUT_S anyway
                 log.error("job=%s: could not forget its batch: %s", job_id, err)
-
-
-def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str],
-          hostname: str) -> RunningJob | JobRecord:
-    """Check a job and mark it ``running``; or finish it without the model and return its final record.
-
-    Raises TurnNotReady, without touching the job's record, while an earlier
-    turn of the job's conversation is still queued or running.
-    """
-    store, settings = runtime.store, runtime.settings
-    record = _load_record(store, job_id)
-    if record is not None and record.status.is_final:
-        # A redelivered message whose job already finished: the client has its one result.
-        log.info("job=%s already %s, skipping redelivered message", job_id, record.status.value)
-        return record
-
-    now = time.time()
-    message = _parse_message(raw_message, unexpected, settings.max_input_chars)
-    if isinstance(message, JobError):
-        record = record or JobRecord(job_id=job_id, status=JobStatus.QUEUED, request=None, submitted_at=now)
-        return save_final(store, finish(record, JobStatus.FAILED, message))
-
-    record = record or JobRecord(
-        job_id=job_id,
-        status=JobStatus.QUEUED,
-        request=message.request,
-        submitted_at=message.submitted_at,
-        start_by=message.start_by,
-        timeout_s=message.timeout_s,
-    )
-    # The worker's own JOB_TIMEOUT_S caps the job: its hard time limit and the
-    # broker's visibility timeout are set from that, not from the producer.
-    record.timeout_s = min(message.timeout_s, settings.job_timeout_s)
-    # An earlier attempt started and its worker died: run it again from the
-    # start, however late (the job was accepted and had begun).
-    restarted = record.status is JobStatus.RUNNING
-    if not restarted and now > message.start_by:
-        waited = now - message.submitted_at
-        error = JobError(
-            code=ErrorCode.EXPIRED,
-            message=f"waited {waited:.0f}s in the queue, past its start deadline; not run (QUEUE_TIMEOUT_S)",
-        )
-        return save_final(store, finish(record, JobStatus.EXPIRED, error))
-    if message.request.conversation_id:
-        _check_turn(store, message.request.conversation_id, job_id)
-
-    record.attempts += 1
-    record.worker = hostname
-    if record.attempts > MAX_ATTEMPTS:
-        error = JobError(
-            code=ErrorCode.INTERNAL_ERROR,
-            message=f"the worker died {record.attempts - 1} times while running this job; not retried again",
-        )
-        return save_final(store, finish(record, JobStatus.FAILED, error))
-
-    record.status = JobStatus.RUNNING
-    record.started_at = now
-    record.sentiment, record.reply, record.truncated, record.error = None, None, False, None
-    record.timings = Timings(queue_wait_ms=to_ms(now - message.submitted_at))
-    store.put(record)
-    return RunningJob(record, message, deadline=now + record.timeout_s)
 
 
 def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[JobRecord]:
@@ -371,38 +287,6 @@ class PartialReplies:
                 job.record.reply = text
                 self.store.put(job.record)
         self._next_write = time.monotonic() + self.interval_s
-
-
-def _load_record(store: JobStore, job_id: str) -> JobRecord | None:
-    try:
-        return store.get(job_id)
-    except UnreadableRecord as err:
-        log.warning("job=%s: %s; writing a new one", job_id, err)
-        return None
-
-
-def _parse_message(raw_message, unexpected: set[str], max_input_chars: int) -> JobMessage | JobError:
-    if unexpected:
-        detail = f"unexpected task arguments: {sorted(unexpected)}"
-    else:
-        try:
-            return JobMessage.model_validate(raw_message, context={"max_input_chars": max_input_chars})
-        except ValidationError as err:
-            detail = describe_validation_error(err)
-    return JobError(code=ErrorCode.INVALID_REQUEST, message=f"invalid job message: {detail}")
-
-
-def _check_turn(store: JobStore, conversation_id: str, job_id: str) -> None:
-    """Raise TurnNotReady unless this job is the oldest unfinished turn of its conversation."""
-    while (first := store.first_pending_turn(conversation_id)) not in (None, job_id):
-        earlier = _load_record(store, first)
-        alive = earlier is not None and not earlier.status.is_final and not (
-            # Queued past its start deadline: its message is gone or it will expire unrun.
-            earlier.status is JobStatus.QUEUED and earlier.start_by is not None and time.time() > earlier.start_by
-        )
-        if alive:
-            raise TurnNotReady(f"job {first} is an earlier turn of conversation {conversation_id}")
-        store.remove_pending_turn(conversation_id, first)
 
 
 def _settle(store: JobStore, job: RunningJob, record: JobRecord) -> None:
