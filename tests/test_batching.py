@@ -9,11 +9,12 @@ import pytest
 from producer.protocol import LABEL_SETS, ErrorCode, JobStatus, new_job_id
 from tests.test_tasks import RecordingStore, message
 from worker.admission import RunningJob, admit
+from worker.batch import run_jobs
 from worker.engine import QwenEngine, ReplyRequest
 from worker.model_source import resolve_model_source
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
-from worker.tasks import run, run_batch, run_jobs
+from worker.tasks import run, run_batch
 
 TEXTS = ["好吃", "送餐太慢了，等了两个小时，菜都凉了", "Terrible service", "很快，好吃，味道足，量大", "一般般吧"]
 
@@ -101,7 +102,7 @@ def test_long_texts_are_split_into_passes_within_the_token_budget(engine, monkey
     assert [r.label for r in results] == [engine.classify(t).label for t in texts]
 
 
-# --- jobs run together (tasks.run_jobs) ---
+# --- jobs run together (batch.run_jobs) ---
 
 
 @pytest.fixture

@@ -1,45 +1,32 @@
-"""The job: sentiment first, then the reply, with every state written to Redis.
+"""The Celery task: the delivered job and any jobs waiting behind it, run as one batch.
 
 ``run_job`` turns a Celery message into a sequence of record writes:
 ``running`` → sentiment known → partial replies → ``succeeded`` (or
 ``failed`` / ``expired``). When more jobs wait in the queue, the task takes up
-to ``BATCH_MAX - 1`` of them (``worker.intake``) and runs them all as one
-batch: one sentiment pass, one batched generation, each job's record written
-and its message acknowledged on its own.
-The engine is loaded once per pool process (``load_engine``), never in the
-parent before it forks; the parent only writes ``timed_out`` records when the
-hard time limit kills a child.
+to ``BATCH_MAX - 1`` of them (``worker.intake``), admits each
+(``worker.admission``) and runs them all as one batch (``worker.batch``): one
+sentiment pass, one batched generation, each job's record written and its
+message acknowledged on its own.
+The engine is loaded once per pool process (``WorkerRuntime.load_engine``),
+never in the parent before it forks; the parent only writes ``timed_out``
+records when the hard time limit kills a child.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import TYPE_CHECKING
 
 import redis
 from billiard.exceptions import TimeLimitExceeded
 from celery import Celery, Task
 from celery.exceptions import Reject
 
-from producer.protocol import (
-    TASK_NAME,
-    ErrorCode,
-    JobError,
-    JobRecord,
-    JobStatus,
-    Sentiment,
-    Turn,
-)
-from producer.store import JobStore
-from worker.admission import RunningJob, TurnNotReady, admit
+from producer.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStatus
+from worker.admission import TurnNotReady, admit
+from worker.batch import run_jobs
 from worker.intake import Intake
-from worker.outcome import finish, save_final, to_ms
+from worker.outcome import finish, save_final
 from worker.runtime import WorkerRuntime
-from worker.settings import WorkerSettings
-
-if TYPE_CHECKING:  # the engine imports torch: only inside pool processes
-    from worker.engine import QwenEngine, ReplyRequest
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -164,133 +151,3 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
                 runtime.store.set_batch(job_id, [], 0)
             except redis.RedisError as err:  # it expires after VISIBILITY_TIMEOUT_S anyway
                 log.error("job=%s: could not forget its batch: %s", job_id, err)
-
-
-def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[JobRecord]:
-    """Run admitted jobs as one batch and finish each; return their final records.
-
-    If the batch as a whole fails, its unfinished jobs run again one by one, so
-    one job that breaks the model fails alone.
-    """
-    store = runtime.store
-    try:
-        _run_steps(runtime, jobs)
-    except redis.RedisError:
-        # Redis stayed away through the client's retries: the jobs go back to the queue
-        # (the task rejects its message, run_batch hands back the taken ones) rather
-        # than fail for an outage.
-        raise
-    except Exception as err:  # one bad job never takes the worker, or its batch, down
-        unfinished = [job for job in jobs if not job.record.status.is_final]
-        if len(unfinished) > 1:
-            log.warning("a batch of %d jobs failed (%s: %s); running them one by one",
-                        len(jobs), type(err).__name__, err)
-            for job in unfinished:
-                run_jobs(runtime, [job])
-        else:
-            log.exception("job=%s failed", unfinished[0].record.job_id if unfinished else "-")
-            error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(err).__name__}: {err}"[:500])
-            for job in unfinished:
-                job.record.reply = None  # a partial reply is no result
-                _settle(store, job, finish(job.record, JobStatus.FAILED, error))
-    return [job.record for job in jobs]
-
-
-def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
-    engine, store, settings = runtime.load_engine(), runtime.store, runtime.settings
-    for job in jobs:
-        job.record.model_id = engine.model_id
-        job.record.batch_size = len(jobs)
-
-    step = time.perf_counter()
-    sentiments = engine.classify_batch([(job.message.request.text, job.message.request.options.labels)
-                                        for job in jobs])
-    elapsed = to_ms(time.perf_counter() - step)
-    replying = []
-    for job, sentiment in zip(jobs, sentiments):
-        record = job.record
-        record.timings.sentiment_ms = elapsed
-        if isinstance(sentiment, Exception):  # this job asked for something the model cannot do
-            error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(sentiment).__name__}: {sentiment}"[:500])
-            _settle(store, job, finish(record, JobStatus.FAILED, error))
-            continue
-        record.sentiment = Sentiment(label=sentiment.label, confidence=sentiment.confidence)
-        record.tokens.sentiment_prompt_tokens = sentiment.prompt_tokens
-        store.put(record)  # the client can show the sentiment before the reply exists
-        replying.append(job)
-    if not replying:
-        return
-
-    step = time.perf_counter()
-    histories = [_history(store, job, settings.history_max_turns) for job in replying]
-    elapsed = to_ms(time.perf_counter() - step)
-    for job in replying:
-        job.record.timings.history_ms = elapsed
-
-    step = time.perf_counter()
-    requests = [_reply_request(job, history, settings) for job, history in zip(replying, histories)]
-    partial = PartialReplies(store, engine, replying, settings.partial_reply_interval_ms / 1000)
-    replies = engine.reply_batch(requests, history_max_tokens=settings.history_max_tokens,
-                                 on_step=partial.update if partial.enabled else None)
-    elapsed = to_ms(time.perf_counter() - step)
-    for job, reply in zip(replying, replies):
-        record = job.record
-        record.timings.reply_ms = elapsed
-        record.reply = reply.text
-        record.truncated = reply.truncated
-        record.tokens.reply_prompt_tokens = reply.prompt_tokens
-        record.tokens.generated_tokens = reply.generated_tokens
-        request = job.message.request
-        if request.conversation_id:
-            # Stored before the record turns final, so a client's next turn always sees it.
-            # An empty reply (deadline) is kept too: what the user said is still context.
-            turn = Turn(job_id=record.job_id, user=request.text, assistant=reply.text)
-            store.append_turn(request.conversation_id, turn, settings.history_max_turns)
-        _settle(store, job, finish(record, JobStatus.SUCCEEDED))
-
-
-def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str, str]]:
-    conversation_id = job.message.request.conversation_id
-    if not conversation_id:
-        return []
-    return [(turn.user, turn.assistant) for turn in store.load_turns(conversation_id, max_turns)]
-
-
-def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: WorkerSettings) -> ReplyRequest:
-    from worker.engine import ReplyRequest  # torch: only ever called in a pool process
-
-    options = job.message.request.options
-    return ReplyRequest(
-        text=job.message.request.text,
-        history=history,
-        max_new_tokens=options.max_new_tokens or settings.max_new_tokens,
-        temperature=settings.temperature if options.temperature is None else options.temperature,
-        deadline=job.deadline,
-        min_new_tokens=options.min_new_tokens or 0,
-    )
-
-
-class PartialReplies:
-    """Writes each job's reply-so-far into its record while it is generated, at most every ``interval_s``."""
-
-    def __init__(self, store: JobStore, engine: QwenEngine, jobs: list[RunningJob], interval_s: float):
-        self.store, self.engine, self.jobs, self.interval_s = store, engine, jobs, interval_s
-        self.enabled = interval_s > 0
-        self._next_write = time.monotonic() + interval_s
-
-    def update(self, tokens: list[list[int]]) -> None:
-        if time.monotonic() < self._next_write:
-            return
-        for job, generated in zip(self.jobs, tokens):
-            text = self.engine.text_of(generated)
-            if text and text != job.record.reply:
-                job.record.reply = text
-                self.store.put(job.record)
-        self._next_write = time.monotonic() + self.interval_s
-
-
-def _settle(store: JobStore, job: RunningJob, record: JobRecord) -> None:
-    """Write the job's final record, then acknowledge the message this process took for it."""
-    save_final(store, record)
-    if job.taken is not None:
-        job.taken.ack()
