@@ -22,7 +22,6 @@ import sys
 import pytest
 
 from tests.api.conftest import start_gateway
-from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
