@@ -29,7 +29,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # tqdm reads this when first imported; the GGUF conversion's progress bar
 # would otherwise land in the worker log, one warning line per update.
@@ -42,6 +42,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 from producer.protocol import LABEL_SETS  # noqa: E402
 from worker.engine.generation import DecodeRow, Sampler, decode, stack_caches  # noqa: E402
 from worker.engine.int8 import DualPrecisionLinear, quantize_int8  # noqa: E402
+from worker.engine.results import ReplyRequest, ReplyResult, SentimentResult  # noqa: E402
 from worker.model_source import ModelLoadError, ModelSource  # noqa: E402
 from worker.prompts import (  # noqa: E402
     CLASSIFIER_PROMPTS,
@@ -58,41 +59,6 @@ _MESSAGE_OVERHEAD_TOKENS = 5
 #: At most this many tokens (rows x padded length) per sentiment forward pass: a batch of
 #: long texts is split so that its activations stay bounded (see README, "Memory").
 SENTIMENT_BATCH_TOKENS = 2048
-
-
-@dataclass(frozen=True)
-class SentimentResult:
-    label: str
-    #: Probability of ``label`` among the label words (softmax over their scores).
-    confidence: float
-    #: Probability of every label word, in label-set order.
-    probabilities: dict[str, float]
-    prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class ReplyResult:
-    text: str
-    prompt_tokens: int
-    generated_tokens: int
-    #: The deadline stopped generation before EOS or max_new_tokens.
-    truncated: bool
-    #: Earlier turns that fit the history budget and were used.
-    history_turns_used: int
-
-
-@dataclass(frozen=True)
-class ReplyRequest:
-    """One reply to generate, with its own limits."""
-
-    text: str
-    history: list[tuple[str, str]] = field(default_factory=list)
-    max_new_tokens: int = 128
-    #: Epoch seconds; generation stops here (the reply is then ``truncated``).
-    deadline: float = float("inf")
-    temperature: float = 0.0
-    #: Stop tokens are ignored until this many tokens (benchmarks use it for a fixed length).
-    min_new_tokens: int = 0
 
 
 @dataclass(frozen=True)
