@@ -1,6 +1,7 @@
 """python -m worker.bench: measure the service on this machine.
 
     python -m worker.bench accuracy --model DIR [--dtypes float32,bfloat16,int8] [--n 400]
+    python -m worker.bench prompts --model DIR [--layouts system:fewshot,example-turns]
     python -m worker.bench run --model DIR|FILE.gguf [--baseline] ...
     python -m worker.bench run --shape qwen2.5-0.5b [--baseline] ...
     python -m worker.bench batching --model DIR [--baseline] [--concurrency 1,2,4,8,16]
@@ -49,6 +50,21 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     print(f"\nsentiment accuracy, {args.n} balanced reviews of {Path(args.data).name} (seed {args.seed}); "
           f"{machine_line()}, {args.threads} threads\n")
     print(format_accuracy(rows))
+    return 0
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from producer.evaluate import balanced_sample, read_rows
+    from worker.bench.prompts import WordScorer, format_prompts, measure_prompts
+    from worker.model_source import resolve_model_source
+
+    examples = balanced_sample(read_rows(Path(args.data)), args.n, args.seed)
+    names = args.layouts.split(",") if args.layouts else None
+    scorer = WordScorer.load(resolve_model_source(args.model), args.dtype, args.threads)
+    rows = measure_prompts(scorer, examples, names)
+    print(f"\nclassifier prompt layouts, {args.n} balanced reviews of {Path(args.data).name} (seed {args.seed}), "
+          f"DTYPE={args.dtype}; {machine_line()}, {args.threads} threads\n")
+    print(format_prompts(rows))
     return 0
 
 
@@ -265,6 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=available_cores())
     p.add_argument("--original", action="store_true", help="also the original pipeline's generate-and-search decision")
     p.set_defaults(func=cmd_accuracy)
+
+    p = sub.add_parser("prompts", help="classifier prompt layouts and label words, in process (EVAL.md)")
+    p.add_argument("--model", required=True, help="model folder or .gguf file")
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV with label,review columns")
+    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--layouts", default="", help="comma-separated layout names (default: all)")
+    p.set_defaults(func=cmd_prompts)
 
     p = sub.add_parser("run", help="the service under load, side by side with the original pipeline")
     model = p.add_mutually_exclusive_group(required=True)

@@ -107,7 +107,7 @@ class QwenEngine:
         if "zh" not in self.label_token_ids:
             raise ModelLoadError(self.unavailable_label_sets["zh"])
         if label_rows is None:
-            label_rows = _output_rows(model, sorted({i for ids in self.label_token_ids.values() for i in ids}))
+            label_rows = output_rows(model, sorted({i for ids in self.label_token_ids.values() for i in ids}))
         #: token id -> float32 row of the output layer, for the label words only.
         self.label_rows = label_rows
         self._dual_layers = [m for m in model.modules() if isinstance(m, DualPrecisionLinear)]
@@ -123,24 +123,7 @@ class QwenEngine:
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None,
              **options) -> QwenEngine:
         """Load MODEL; ``options`` (prompt_variant, positive_threshold) go to the constructor."""
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"DTYPE={dtype!r} is not one of {sorted(DTYPES)}")
-        if threads:
-            torch.set_num_threads(threads)
-        # Progress bars would land in the worker log as warnings.
-        transformers_logging.disable_progress_bar()
-        device = torch.device("cpu")
-        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=DTYPES[dtype], **kwargs)
-        except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelLoadError(f"MODEL={source.model_id!r} could not be loaded: {reason}") from None
-        if tokenizer.chat_template is None:
-            raise ModelLoadError(f"MODEL={source.model_id!r} has no chat template: a chat model is required")
-        model.to(device=device)
-        model.eval()
+        model, tokenizer = load_model(source, dtype, threads)
         return cls.from_model(model, tokenizer, source.model_id, dtype, **options)
 
     @classmethod
@@ -149,7 +132,7 @@ class QwenEngine:
         label_rows = None
         if dtype == "int8":
             label_ids = sorted({i for words in LABEL_SETS.values() for i in _first_token_ids(tokenizer, words)})
-            label_rows = _output_rows(model, label_ids)  # taken before quantization, in full precision
+            label_rows = output_rows(model, label_ids)  # taken before quantization, in full precision
             quantize_int8(model)
         return cls(model, tokenizer, model_id, torch.device("cpu"), dtype, label_rows, **options)
 
@@ -363,6 +346,29 @@ class QwenEngine:
         return kept
 
 
+def load_model(source: ModelSource, dtype: str = "float32", threads: int | None = None):
+    """(model, tokenizer) of MODEL in float (int8 is quantized later, by ``QwenEngine.from_model``)."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"DTYPE={dtype!r} is not one of {sorted(DTYPES)}")
+    if threads:
+        torch.set_num_threads(threads)
+    # Progress bars would land in the worker log as warnings.
+    transformers_logging.disable_progress_bar()
+    device = torch.device("cpu")
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=DTYPES[dtype], **kwargs)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"MODEL={source.model_id!r} could not be loaded: {reason}") from None
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(f"MODEL={source.model_id!r} has no chat template: a chat model is required")
+    model.to(device=device)
+    model.eval()
+    return model, tokenizer
+
+
 def _chunks_within(members: list[tuple[int, list[int]]], max_tokens: int, skip: int):
     """Consecutive groups of (index, ids) whose rows x longest row (after ``skip``) fit ``max_tokens``."""
     chunk: list[tuple[int, list[int]]] = []
@@ -382,7 +388,7 @@ def _first_token_ids(tokenizer, words) -> list[int]:
     return [tokenizer(word, add_special_tokens=False, split_special_tokens=True)["input_ids"][0] for word in words]
 
 
-def _output_rows(model, token_ids: list[int]) -> dict[int, torch.Tensor]:
+def output_rows(model, token_ids: list[int]) -> dict[int, torch.Tensor]:
     weight = model.get_output_embeddings().weight
     return {i: weight[i].detach().float().clone() for i in token_ids}
 
