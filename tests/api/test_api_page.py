@@ -116,12 +116,8 @@ def test_page_explains_key_failure_timeout_and_a_full_queue(page, stalled_gatewa
 
     ask(page, "第一条")
     expect(turns.nth(1).locator(".state")).to_have_text("⏳ 排队中：队列里共有 1 个任务在等待（含本条）")
-    # Fail the job the way a worker records a failure.
-    store = JobStore(redis.Redis.from_url(lonely_redis.url), ttl_s=60)
-    record = store.get(turns.nth(1).get_attribute("data-job-id"))
-    record.status, record.finished_at = JobStatus.FAILED, time.time()
-    record.error = JobError(code=ErrorCode.MODEL_ERROR, message="RuntimeError: out of memory")
-    store.put(record)
+    finish_as_a_worker_would(lonely_redis, turns.nth(1), JobStatus.FAILED, ErrorCode.MODEL_ERROR,
+                             "RuntimeError: out of memory")
     expect(turns.nth(1).locator(".problem")).to_have_text("❌ 任务失败：RuntimeError: out of memory")
 
     ask(page, "第二条")  # waits behind the first message, which no worker takes
@@ -133,3 +129,32 @@ def test_page_explains_key_failure_timeout_and_a_full_queue(page, stalled_gatewa
     shot = tmp_path / "page-problems.png"
     page.screenshot(path=shot, full_page=True)
     print(f"\nscreenshot of the problem messages: {shot}")
+
+
+def finish_as_a_worker_would(server, turn, status: JobStatus, code: ErrorCode, message: str) -> None:
+    """Write the turn's job a final record, as a worker (or the hard time limit's handler) does."""
+    with redis.Redis.from_url(server.url) as client:
+        store = JobStore(client, ttl_s=60)
+        record = store.get(turn.get_attribute("data-job-id"))
+        record.status, record.finished_at = status, time.time()
+        record.error = JobError(code=code, message=message)
+        store.put(record)
+
+
+def test_page_explains_a_timeout_and_an_expiry(page, stalled_gateway, lonely_redis):
+    from playwright.sync_api import expect
+
+    with redis.Redis.from_url(lonely_redis.url) as client:
+        client.flushdb()  # the previous test left the queue full
+    page.goto(stalled_gateway.url)
+    page.click("summary")
+    page.fill("#api-key", "page-key")
+    turns = page.locator(".turn")
+    cases = [(JobStatus.TIMED_OUT, ErrorCode.TIMED_OUT, "⌛ 任务运行超时，已被终止。(timed out)"),
+             (JobStatus.EXPIRED, ErrorCode.EXPIRED, "⌛ 排队时间过长，任务已过期，没有运行。(expired in the queue)")]
+    for n, (status, code, shown) in enumerate(cases):
+        ask(page, f"第{n + 1}条")
+        expect(turns.nth(n).locator(".state")).to_contain_text("⏳ 排队中")
+        finish_as_a_worker_would(lonely_redis, turns.nth(n), status, code, status.value)
+        expect(turns.nth(n).locator(".problem")).to_have_text(shown)
+        expect(turns.nth(n).locator(".state")).to_be_empty()
