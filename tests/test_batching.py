@@ -43,6 +43,9 @@ def test_batched_sentiment_equals_sentiment_one_at_a_time(engine):
     for (text, labels), batched in zip(items, together):
         alone = engine.classify(text, labels)
         assert batched.label == alone.label and batched.prompt_tokens == alone.prompt_tokens
+        if engine.dtype_name == "int8":
+            # Each text runs alone under int8, so its neighbours cannot move its activation scales.
+            assert batched == alone
         for word in LABEL_SETS[labels]:
             assert batched.probabilities[word] == pytest.approx(alone.probabilities[word], abs=1e-3)
 

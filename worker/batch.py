@@ -1,6 +1,6 @@
 """The batch steps: admitted jobs through the model together, each record written as it goes.
 
-One sentiment pass over every text, then one batched generation for the jobs
+The sentiment of every text (``QwenEngine.classify_batch``), then one batched generation for the jobs
 that still stand, with partial replies written while it runs. Each job's
 final record is written, and its taken message acknowledged, on its own.
 """

@@ -152,7 +152,10 @@ class QwenEngine:
         """Score the label words as the next token after the classifier prompt, for (text, label set) pairs.
 
         Texts that share a label set share its cached prefix and run as one
-        forward pass (split only to keep a pass within SENTIMENT_BATCH_TOKENS).
+        forward pass (split only to keep a pass within SENTIMENT_BATCH_TOKENS),
+        except under int8: there each text runs alone, because a dynamically
+        quantized layer scales its input by the largest activation in the whole
+        pass, so a text's label would depend on the other texts in its batch.
         An item whose label set this model cannot answer gets a ValueError in
         its place; the others are unaffected.
         """
@@ -166,7 +169,9 @@ class QwenEngine:
             groups.setdefault(label_set, []).append((index, ids))
         for label_set, members in groups.items():
             prefix = self.classifier_prefixes[label_set]
-            for chunk in _chunks_within(members, SENTIMENT_BATCH_TOKENS, skip=len(prefix.ids)):
+            chunks = ([[member] for member in members] if self.dtype_name == "int8"
+                      else _chunks_within(members, SENTIMENT_BATCH_TOKENS, skip=len(prefix.ids)))
+            for chunk in chunks:
                 rests = [ids[len(prefix.ids):] for _, ids in chunk]
                 hidden = self._last_hidden(prefix, rests)
                 for (index, ids), row in zip(chunk, hidden):
