@@ -3,8 +3,9 @@
 import pytest
 
 from producer.evaluate import Row
-from worker.bench.prompts import WORD_PAIRS, WordScorer, layouts, measure_prompts, p_positive
+from worker.bench.prompts import WORD_PAIRS, layouts, measure_prompts, p_positive
 from worker.engine import QwenEngine
+from worker.engine.wordscores import WordScorer
 from worker.model_source import resolve_model_source
 from worker.prompts import DEFAULT_CLASSIFIER_PROMPT
 
@@ -13,7 +14,8 @@ TEXTS = ["送得很快，味道也好", "太难吃了，再也不点", "还行�
 
 @pytest.fixture(scope="module")
 def scorer(tiny_model_dir) -> WordScorer:
-    return WordScorer.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1)
+    words = [word for _, *pair in WORD_PAIRS for word in pair]
+    return WordScorer.load(resolve_model_source(str(tiny_model_dir)), words, "float32", threads=1)
 
 
 def test_the_default_layout_gives_the_services_own_probability(scorer, tiny_model_dir):

@@ -55,12 +55,14 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
 def cmd_prompts(args: argparse.Namespace) -> int:
     from producer.evaluate import balanced_sample, read_rows
-    from worker.bench.prompts import WordScorer, format_prompts, measure_prompts
+    from worker.bench.prompts import WORD_PAIRS, format_prompts, measure_prompts
+    from worker.engine.wordscores import WordScorer
     from worker.model_source import resolve_model_source
 
     examples = balanced_sample(read_rows(Path(args.data)), args.n, args.seed)
     names = args.layouts.split(",") if args.layouts else None
-    scorer = WordScorer.load(resolve_model_source(args.model), args.dtype, args.threads)
+    words = [word for _, *pair in WORD_PAIRS for word in pair]
+    scorer = WordScorer.load(resolve_model_source(args.model), words, args.dtype, args.threads)
     rows = measure_prompts(scorer, examples, names)
     print(f"\nclassifier prompt layouts, {args.n} balanced reviews of {Path(args.data).name} (seed {args.seed}), "
           f"DTYPE={args.dtype}; {machine_line()}, {args.threads} threads\n")
@@ -196,18 +198,30 @@ def cmd_batching(args: argparse.Namespace) -> int:
            f"model: {args.model}; DTYPE={args.dtype}; {count} worker(s) x {threads} threads; BATCH_MAX "
            f"{args.batch_max} (on) or 1 (off), BATCH_WAIT_MS {args.batch_wait_ms:g}; reply fixed at "
            f"{args.reply_tokens} tokens, temperature 0.7; each client submits, waits, submits again", ""]
-    modes = batching.run_modes(args.model, args.dtype, (count, threads), args.redis_url, texts, levels,
-                               args.reply_tokens, args.batch_max, args.batch_wait_ms, args.c1_jobs,
-                               args.jobs_per_client, args.modes.split(","))
+    names = [name for name in ("off", "on") if name in args.modes.split(",")]
+    if args.rounds > 1 and (names != ["off", "on"] or not {1, 8} <= set(levels)):
+        print("--rounds needs --modes off,on and concurrency levels 1 and 8", file=sys.stderr)
+        return 2
+    rounds = []
+    for number in range(args.rounds):
+        order = names if number % 2 == 0 else names[::-1]
+        rounds.append(batching.run_modes(args.model, args.dtype, (count, threads), args.redis_url, texts, levels,
+                                         args.reply_tokens, args.batch_max, args.batch_wait_ms, args.c1_jobs,
+                                         args.jobs_per_client, order))
+    modes = rounds[0]
     baseline = None
     if args.baseline:
         baseline = batching.baseline_jobs_per_minute(args.model, count * threads, texts, args.reply_tokens,
                                                      args.baseline_jobs)
         out.append(f"original pipeline, sequential, in process, {count * threads} threads: "
                    f"{baseline:.1f} jobs/min ({args.baseline_jobs} jobs)\n")
-    if modes:  # --modes none: only the worst-case memory batch
+    for number, modes in enumerate(rounds if modes else [], start=1):  # --modes none: worst case only
+        if len(rounds) > 1:
+            out += [f"### round {number}", ""]
         out += [batching.level_table(modes, baseline), "", *batching.targets(modes, baseline), "",
-                batching.memory_table(modes)]
+                batching.memory_table(modes), ""]
+    if len(rounds) > 1:
+        out += ["### the latency targets, round by round", "", *batching.rounds_summary(rounds)]
     if args.worst_case:
         out += ["", *batching.worst_case_memory(args.model, args.dtype, threads, args.batch_max,
                                                 args.worst_case_chars, args.worst_case_tokens)]
@@ -324,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reply-tokens", type=int, default=45, help="fixed reply length (the original's mean: 45)")
     p.add_argument("--c1-jobs", type=int, default=20, help="jobs at concurrency 1")
     p.add_argument("--jobs-per-client", type=int, default=3, help="jobs per client above concurrency 1")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat off/on this many times, alternating which runs first (needs c=1 and c=8)")
     p.add_argument("--baseline", action="store_true", help="also time the original pipeline in process")
     p.add_argument("--baseline-jobs", type=int, default=5)
     p.add_argument("--worst-case", action="store_true", help="also one batch of the longest jobs, in process")

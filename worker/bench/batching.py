@@ -35,9 +35,9 @@ def run_modes(model: str, dtype: str, layout: tuple[int, int], redis_url: str, t
               c1_jobs: int, jobs_per_client: int, names: list[str]) -> list[Mode]:
     modes = []
     count, threads = layout
-    for name, size in (("off", 1), ("on", batch_max)):
-        if name not in names:
-            continue
+    sizes = {"off": 1, "on": batch_max}
+    for name in names:  # in the order given: rounds alternate it, so drift favours neither mode
+        size = sizes[name]
         env = {"BATCH_MAX": str(size), "BATCH_WAIT_MS": str(batch_wait_ms)}
         workers = start_workers(model, dtype, count, threads, redis_url, env=env)
         try:  # never leave model-holding workers behind
@@ -49,7 +49,29 @@ def run_modes(model: str, dtype: str, layout: tuple[int, int], redis_url: str, t
         finally:
             workers.stop()
         modes.append(Mode(name, size, results, workers.start_s, loaded, sampler.peak))
-    return modes
+    return sorted(modes, key=lambda mode: mode.batch_max)
+
+
+def rounds_summary(rounds: list[list[Mode]]) -> list[str]:
+    """Each round's two latency targets, and their medians: tells a real gap from the machine's drift."""
+    lines = ["| round | order | p50 c=1 on / off | p95 c=8 on / p50 c=1 on |", "|---|---|---|---|"]
+    gaps, spreads = [], []
+    for number, (off, on) in enumerate(rounds, start=1):
+        p50 = {mode.name: percentile([r.timings.total_ms for r in _level(mode, 1).succeeded], 50)
+               for mode in (off, on)}
+        gap = p50["on"] / p50["off"]
+        spread = percentile([r.timings.total_ms for r in _level(on, 8).succeeded], 95) / p50["on"]
+        gaps.append(gap)
+        spreads.append(spread)
+        order = "off, on" if number % 2 else "on, off"
+        lines.append(f"| {number} | {order} | {gap:.3f} | {spread:.2f} |")
+    lines.append(f"| median | | **{statistics.median(gaps):.3f}** (target ≤ 1.05) | "
+                 f"**{statistics.median(spreads):.2f}** (target ≤ 2) |")
+    return lines
+
+
+def _level(mode: Mode, concurrency: int):
+    return next(level for level in mode.levels if level.concurrency == concurrency)
 
 
 def baseline_jobs_per_minute(model: str, threads: int, texts: list[str], reply_tokens: int, jobs: int) -> float:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from producer.evaluate import Row
-from worker.model_source import ModelSource
 from worker.prompts import CLASSIFIER_PROMPTS, classifier_prompt
 
 #: Label-word pairs scored at the answer position: (name, positive word, negative word).
@@ -76,42 +75,13 @@ class PromptRow:
     best_accuracy: float
 
 
-class WordScorer:
-    """Every bench label word's score at the answer position of a prompt, one forward pass each."""
-
-    def __init__(self, engine, rows_by_id: dict[int, object]):
-        import torch
-
-        self.engine = engine
-        self.word_ids = {word: engine.tokenizer.encode(word, add_special_tokens=False)[0]
-                         for _, positive, negative in WORD_PAIRS for word in (positive, negative)}
-        self.matrix = torch.stack([rows_by_id[self.word_ids[word]] for word in self.word_ids])
-
-    def scores(self, messages: Messages) -> dict[str, float]:
-        import torch
-
-        ids = self.engine.encode_chat(messages)
-        with torch.inference_mode(), self.engine.precision(precise=True):
-            hidden = self.engine.model.base_model(torch.tensor([ids])).last_hidden_state[0, -1].float()
-        return dict(zip(self.word_ids, (self.matrix @ hidden).tolist()))
-
-    @classmethod
-    def load(cls, source: ModelSource, dtype: str, threads: int | None = None) -> WordScorer:
-        from worker.engine import QwenEngine
-        from worker.engine.qwen import load_model, output_rows
-
-        model, tokenizer = load_model(source, dtype, threads)
-        ids = {tokenizer.encode(word, add_special_tokens=False)[0] for _, *words in WORD_PAIRS for word in words}
-        rows_by_id = output_rows(model, sorted(ids))  # before int8 quantizes the output layer
-        return cls(QwenEngine.from_model(model, tokenizer, source.model_id, dtype), rows_by_id)
-
-
 def p_positive(scores: dict[str, float], positive: str, negative: str) -> float:
     """The probability of ``positive`` among the two words, as the service computes it."""
     return 1 / (1 + math.exp(scores[negative] - scores[positive]))
 
 
-def measure_prompts(scorer: WordScorer, examples: list[Row], names: list[str] | None = None) -> list[PromptRow]:
+def measure_prompts(scorer, examples: list[Row], names: list[str] | None = None) -> list[PromptRow]:
+    """``scorer``: a ``worker.engine.wordscores.WordScorer`` loaded with WORD_PAIRS' words."""
     available = layouts()
     unknown = set(names or []) - set(available)
     if unknown:
