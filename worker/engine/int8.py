@@ -54,7 +54,7 @@ def quantize_int8(model) -> None:
 
     The MLP down-projections become DualPrecisionLinear: float32 and int8 copies.
     """
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     # from_pretrained maps the weights file into memory and every tensor is a view
     # of that one mapping: while any view lives (a bias kept by a quantized
@@ -67,10 +67,12 @@ def quantize_int8(model) -> None:
         warnings.simplefilter("ignore")
         for layer in model.base_model.layers:
             down = layer.mlp.down_proj
-            fast = quantize_dynamic(torch.nn.Sequential(copy.deepcopy(down)), {torch.nn.Linear},
-                                    dtype=torch.qint8)[0]
+            fast = quantize_dynamic(torch.nn.Sequential(copy.deepcopy(down)),
+                                    {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)[0]
             layer.mlp.down_proj = DualPrecisionLinear(down, fast)
-        spec = {name: default_dynamic_qconfig for name, module in model.named_modules()
+        # One weight scale per output channel rather than per layer: the sentiment then
+        # matches float32's on 1,000 dev reviews, at the same decoding speed (EVAL.md).
+        spec = {name: per_channel_dynamic_qconfig for name, module in model.named_modules()
                 if type(module) is torch.nn.Linear and not name.endswith("down_proj.exact")}
         quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     model.set_input_embeddings(BFloat16Embedding(model.get_input_embeddings()))
