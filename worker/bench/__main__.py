@@ -202,20 +202,18 @@ def cmd_batching(args: argparse.Namespace) -> int:
     if args.rounds > 1 and (names != ["off", "on"] or not {1, 8} <= set(levels)):
         print("--rounds needs --modes off,on and concurrency levels 1 and 8", file=sys.stderr)
         return 2
-    rounds = []
-    for number in range(args.rounds):
-        order = names if number % 2 == 0 else names[::-1]
-        rounds.append(batching.run_modes(args.model, args.dtype, (count, threads), args.redis_url, texts, levels,
-                                         args.reply_tokens, args.batch_max, args.batch_wait_ms, args.c1_jobs,
-                                         args.jobs_per_client, order))
-    modes = rounds[0]
+    # Alternate which mode runs first, so the machine's drift favours neither (--modes none: no rounds).
+    rounds = [batching.run_modes(args.model, args.dtype, (count, threads), args.redis_url, texts, levels,
+                                 args.reply_tokens, args.batch_max, args.batch_wait_ms, args.c1_jobs,
+                                 args.jobs_per_client, names if number % 2 == 0 else names[::-1])
+              for number in range(args.rounds)] if names else []
     baseline = None
     if args.baseline:
         baseline = batching.baseline_jobs_per_minute(args.model, count * threads, texts, args.reply_tokens,
                                                      args.baseline_jobs)
         out.append(f"original pipeline, sequential, in process, {count * threads} threads: "
                    f"{baseline:.1f} jobs/min ({args.baseline_jobs} jobs)\n")
-    for number, modes in enumerate(rounds if modes else [], start=1):  # --modes none: worst case only
+    for number, modes in enumerate(rounds, start=1):
         if len(rounds) > 1:
             out += [f"### round {number}", ""]
         out += [batching.level_table(modes, baseline), "", *batching.targets(modes, baseline), "",

@@ -9,8 +9,9 @@ split, so a user who types ``<|im_end|>`` gets those characters, not the token.
 
 Speed on a CPU comes from three things:
 
-- weights: ``DTYPE=int8`` quantizes the linear layers to int8 with dynamic
-  activation scales (PyTorch's ``quantize_dynamic``); the MLP down-projections
+- weights: ``DTYPE=int8`` quantizes the linear layers to int8 (one scale per
+  output channel) with dynamic activation scales (PyTorch's
+  ``quantize_dynamic``); the MLP down-projections
   are held twice, float32 for the sentiment pass and int8 for decoding the
   reply; see BENCHMARKS.md for the measurements behind this;
 - prompt prefixes: the key/value cache of each fixed prefix (the classifier
@@ -97,7 +98,7 @@ class QwenEngine:
         self.label_token_ids = {}
         self.unavailable_label_sets = {}
         for name, words in LABEL_SETS.items():
-            ids = _first_token_ids(tokenizer, words)
+            ids = first_token_ids(tokenizer, words)
             if len(set(ids)) == len(ids):
                 self.label_token_ids[name] = ids
             else:
@@ -131,7 +132,7 @@ class QwenEngine:
         """Wrap a loaded float model; quantize it first when ``dtype`` is int8."""
         label_rows = None
         if dtype == "int8":
-            label_ids = sorted({i for words in LABEL_SETS.values() for i in _first_token_ids(tokenizer, words)})
+            label_ids = sorted({i for words in LABEL_SETS.values() for i in first_token_ids(tokenizer, words)})
             label_rows = output_rows(model, label_ids)  # taken before quantization, in full precision
             quantize_int8(model)
         return cls(model, tokenizer, model_id, torch.device("cpu"), dtype, label_rows, **options)
@@ -389,7 +390,7 @@ def _chunks_within(members: list[tuple[int, list[int]]], max_tokens: int, skip: 
         yield chunk
 
 
-def _first_token_ids(tokenizer, words) -> list[int]:
+def first_token_ids(tokenizer, words) -> list[int]:
     return [tokenizer(word, add_special_tokens=False, split_special_tokens=True)["input_ids"][0] for word in words]
 
 
