@@ -10,7 +10,8 @@ from producer.protocol import LABEL_SETS, ErrorCode, JobStatus, new_job_id
 from tests.test_tasks import RecordingStore, message
 from worker.admission import RunningJob, admit
 from worker.batch import run_jobs
-from worker.engine import QwenEngine, ReplyRequest
+from worker.engine import ReplyRequest
+from worker.engine.qwen import QwenEngine
 from worker.model_source import resolve_model_source
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
@@ -26,42 +27,6 @@ def engine(request, tiny_model_dir) -> QwenEngine:
 
 def greedy(text: str, max_new_tokens: int = 12, **limits) -> ReplyRequest:
     return ReplyRequest(text, max_new_tokens=max_new_tokens, deadline=time.time() + 60, temperature=0.0, **limits)
-
-
-def test_batched_replies_equal_replies_one_at_a_time(engine):
-    requests = [greedy(text, max_new_tokens=8 + 2 * i) for i, text in enumerate(TEXTS)]
-    alone = [engine.reply_batch([r], history_max_tokens=256)[0] for r in requests]
-    together = engine.reply_batch(requests, history_max_tokens=256)
-    # Greedy decoding of the same prompts: padding and stacking change nothing.
-    assert together == alone
-    assert all(r.generated_tokens <= 8 + 2 * i for i, r in enumerate(together))
-
-
-def test_batched_sentiment_equals_sentiment_one_at_a_time(engine):
-    items = [(text, "zh" if i % 2 else "en") for i, text in enumerate(TEXTS)]
-    together = engine.classify_batch(items)
-    for (text, labels), batched in zip(items, together):
-        alone = engine.classify(text, labels)
-        assert batched.label == alone.label and batched.prompt_tokens == alone.prompt_tokens
-        if engine.dtype_name == "int8":
-            # Each text runs alone under int8, so its neighbours cannot move its activation scales.
-            assert batched == alone
-        for word in LABEL_SETS[labels]:
-            assert batched.probabilities[word] == pytest.approx(alone.probabilities[word], abs=1e-3)
-
-
-def test_each_row_keeps_its_own_limits(engine):
-    requests = [
-        greedy("送餐太慢了", max_new_tokens=3),
-        greedy("很快，好吃", max_new_tokens=20, min_new_tokens=20),
-        ReplyRequest("太咸了", max_new_tokens=20, deadline=time.time() - 1),  # out of time before it began
-        ReplyRequest("还不错", max_new_tokens=10, deadline=time.time() + 60, temperature=1.5),
-    ]
-    short, fixed, late, sampled = engine.reply_batch(requests, history_max_tokens=256)
-    assert short.generated_tokens <= 3 and not short.truncated
-    assert fixed.generated_tokens == 20  # stop tokens ignored until min_new_tokens
-    assert late.text == "" and late.generated_tokens == 0 and late.truncated
-    assert 1 <= sampled.generated_tokens <= 10
 
 
 def test_a_row_past_its_deadline_stops_while_the_others_go_on(engine, monkeypatch):
@@ -83,25 +48,18 @@ def test_a_row_past_its_deadline_stops_while_the_others_go_on(engine, monkeypatc
     assert steps[-1] == [30, 6]  # the cut row stopped growing; the other went on
 
 
-def test_one_unanswerable_label_set_fails_only_its_item(engine):
-    engine.unavailable_label_sets["en3"] = "labels='en3' is not available (test)"
-    try:
-        results = engine.classify_batch([("好吃", "zh"), ("ok", "en3"), ("bad", "en")])
-    finally:
-        del engine.unavailable_label_sets["en3"]
-    assert isinstance(results[1], ValueError) and "en3" in str(results[1])
-    assert results[0].label in LABEL_SETS["zh"] and results[2].label in LABEL_SETS["en"]
-
-
 def test_long_texts_are_split_into_passes_within_the_token_budget(engine, monkeypatch):
-    monkeypatch.setattr("worker.engine.qwen.SENTIMENT_BATCH_TOKENS", 64)
+    monkeypatch.setattr("worker.engine.torch_model.PASS_TOKENS", 64)
+    decoder = engine.model.decoder
     passes = []
-    original = engine._last_hidden
-    monkeypatch.setattr(engine, "_last_hidden", lambda prefix, rests: passes.append(rests) or original(prefix, rests))
-    texts = ["好吃" * 20, "很好", "送餐太慢了" * 6, "一般"]
-    results = engine.classify_batch([(t, "zh") for t in texts])
-    assert all(len(rests) * max(map(len, rests)) <= 64 or len(rests) == 1 for rests in passes)
-    assert sum(len(rests) for rests in passes) == len(texts) and len(passes) > 1
+    handle = decoder.register_forward_pre_hook(lambda _, args: passes.append([len(t) for _, t in args[1]]))
+    try:
+        texts = ["好吃" * 40, "很好", "送餐太慢了" * 6, "一般"]
+        results = engine.classify_batch([(t, "zh") for t in texts])
+    finally:
+        handle.remove()
+    assert all(sum(lengths) <= 64 for lengths in passes) and len(passes) > 1
+    monkeypatch.setattr("worker.engine.torch_model.PASS_TOKENS", 2048)
     assert [r.label for r in results] == [engine.classify(t).label for t in texts]
 
 
@@ -180,15 +138,11 @@ def test_partial_replies_grow_while_the_job_runs(runtime):
     assert all(record.reply.startswith(text) for text in partial)
 
 
-def test_the_kv_cache_formula_matches_a_stacked_batch(engine):
+def test_the_kv_cache_formula_matches_a_batch_of_sequences(engine):
     # README and BENCHMARKS.md state the batch's worst-case memory with this formula.
-    from worker.engine.generation import kv_bytes_per_token, stack_caches
-
-    prefix = engine.reply_prefix
-    cache, mask = stack_caches([prefix.fork() for _ in range(3)])
-    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    assert held == 3 * len(prefix.ids) * kv_bytes_per_token(engine.model.config)
-    assert mask.shape == (3, len(prefix.ids)) and bool(mask.all())
+    sequences = engine.model.new_sequences(3, 40)
+    held = sum(t.nbytes for t in sequences.cache.keys + sequences.cache.values)
+    assert held == 3 * 40 * engine.info().kv_bytes_per_token
 
 
 def test_the_delivered_job_runs_even_when_taking_more_fails(runtime):

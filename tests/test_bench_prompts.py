@@ -4,8 +4,8 @@ import pytest
 
 from producer.evaluate import Row
 from worker.bench.prompts import WORD_PAIRS, layouts, measure_prompts, p_positive
-from worker.engine import QwenEngine
-from worker.engine.wordscores import WordScorer
+from worker.engine.qwen import QwenEngine
+from worker.bench.wordscores import WordScorer
 from worker.model_source import resolve_model_source
 from worker.prompts import DEFAULT_CLASSIFIER_PROMPT
 

@@ -9,7 +9,7 @@ import torch
 import pytest
 
 from producer.protocol import LABEL_SETS
-from worker.engine import QwenEngine
+from worker.engine.qwen import QwenEngine
 from worker.model_source import ModelLoadError, resolve_model_source
 
 
@@ -66,8 +66,7 @@ def test_reply_past_deadline_is_empty_and_truncated(engine):
 
 
 def test_reply_cut_by_the_deadline_is_truncated(engine):
-    model = engine.model
-    handle = model.register_forward_pre_hook(lambda *_: time.sleep(0.05))
+    handle = engine.model.decoder.register_forward_pre_hook(lambda *_: time.sleep(0.05))
     try:
         started = time.time()
         result = reply(engine, max_new_tokens=200, deadline=started + 0.3)
@@ -95,7 +94,7 @@ def test_bfloat16_loads_and_classifies(tiny_model_dir):
     import torch
 
     engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "bfloat16", threads=1)
-    assert engine.model.dtype == torch.bfloat16
+    assert engine.model.decoder.layers[0].qkv.weight.dtype == torch.bfloat16
     assert engine.classify("好吃").label in LABEL_SETS["zh"]
 
 
@@ -131,11 +130,12 @@ def test_gguf_file_loads_and_scores_like_the_folder(engine, tiny_model_dir, tmp_
 
 
 def _cache_snapshot(prefix):
-    return [(layer.keys.clone(), layer.values.clone()) for layer in prefix.cache.layers]
+    cache = prefix.sequences.cache
+    return [t.clone() for t in cache.keys + cache.values], list(cache.lengths)
 
 
-# int8 quantizes activations with a scale taken from each forward pass's own
-# tokens, so a pass over fewer tokens (the cached path) rounds a little differently.
+# The cached path runs the prefix and the text in two passes instead of one: the
+# same arithmetic, grouped differently, so the scores agree to rounding.
 @pytest.mark.parametrize(("dtype", "tolerance"), [("float32", 1e-4), ("bfloat16", 2e-2), ("int8", 5e-3)])
 def test_prefix_cache_scores_like_the_uncached_path(tiny_model_dir, dtype, tolerance):
     engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), dtype, threads=1)
@@ -150,15 +150,14 @@ def test_prefix_cache_scores_like_the_uncached_path(tiny_model_dir, dtype, toler
 def test_prefix_caches_survive_1000_jobs_unchanged(engine):
     prefixes = [*engine.classifier_prefixes.values(), engine.reply_prefix]
     before = [_cache_snapshot(prefix) for prefix in prefixes]
-    lengths = [prefix.cache.get_seq_length() for prefix in prefixes]
     for i in range(1000):
         engine.classify(f"第{i}条评论 好吃", "zh" if i % 2 else "en")
     for i in range(5):
         reply(engine, text=f"第{i}条 太慢了", history=[("你好", "您好")])
-    assert [prefix.cache.get_seq_length() for prefix in prefixes] == lengths
-    for prefix, snapshot in zip(prefixes, before):
-        for (keys, values), layer in zip(snapshot, prefix.cache.layers):
-            assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values)
+    for prefix, (tensors, lengths) in zip(prefixes, before):
+        after, after_lengths = _cache_snapshot(prefix)
+        assert after_lengths == lengths == [len(prefix.ids)]
+        assert all(torch.equal(a, b) for a, b in zip(tensors, after))
 
 
 def test_the_prefix_is_the_fixed_start_of_every_prompt(engine):
@@ -171,23 +170,22 @@ def test_the_prefix_is_the_fixed_start_of_every_prompt(engine):
         assert tuple(ids[: len(prefix.ids)]) == prefix.ids and len(ids) > len(prefix.ids)
 
 
-def test_int8_quantizes_linear_layers_and_keeps_label_rows_exact(tiny_model_dir):
+def test_int8_holds_int8_weights_once_and_keeps_label_rows_exact(tiny_model_dir):
+    from worker.engine.weights import FloatLinear, Int8Linear
+
     source = resolve_model_source(str(tiny_model_dir))
     full = QwenEngine.load(source, "float32", threads=1)
     quantized = QwenEngine.load(source, "int8", threads=1)
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
-
-    modules = dict(quantized.model.named_modules())
-    for name, module in modules.items():
-        if name.endswith("mlp.down_proj.exact"):
-            assert type(module) is torch.nn.Linear  # the sentiment's float32 copy: activation outliers
-        elif name.endswith(("_proj", "lm_head", "down_proj.fast")) and not name.endswith("mlp.down_proj"):
-            assert type(module) is DynamicQuantizedLinear, name
-    assert quantized.model.get_input_embeddings().weight.dtype == torch.bfloat16
-    assert quantized.model.dtype == torch.float32
-    for token_id, row in full.label_rows.items():
-        assert torch.equal(row, quantized.label_rows[token_id])
+    decoder = quantized.model.decoder
+    linears = [m for m in decoder.modules() if isinstance(m, (Int8Linear, FloatLinear))]
+    assert linears and all(isinstance(m, Int8Linear) and m.weight.dtype == torch.int8 for m in linears)
+    # Tied embeddings: the input table and the output layer are one int8 tensor.
+    assert decoder.output is decoder.embedding
+    assert not any(p.dtype == torch.float32 and p.dim() == 2 for p in decoder.buffers())
+    for token_id, row in full.model.label_rows.items():
+        assert torch.equal(row, quantized.model.label_rows[token_id])
     assert quantized.classify("好吃").label in LABEL_SETS["zh"]
+    assert quantized.info().weight_bytes < full.info().weight_bytes / 3
 
 
 def test_min_new_tokens_fixes_the_reply_length(engine):
@@ -195,25 +193,11 @@ def test_min_new_tokens_fixes_the_reply_length(engine):
     assert result.generated_tokens == 12 and not result.truncated
 
 
-def test_int8_sentiment_reads_float32_down_projections_and_the_reply_int8(tiny_model_dir):
-    engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "int8", threads=1)
-    used = []
-    for layer in engine._dual_layers:
-        layer.exact.register_forward_hook(lambda *_: used.append("exact"))
-        layer.fast.register_forward_hook(lambda *_: used.append("fast"))
-    engine.classify("好吃")
-    assert set(used) == {"exact"}
-    used.clear()
-    reply(engine, max_new_tokens=3, min_new_tokens=3)
-    assert set(used) == {"fast"}
-    assert all(layer.precise for layer in engine._dual_layers)  # left in the sentiment's setting
-
-
 def test_label_set_whose_words_share_a_first_token_is_unavailable_not_fatal(tiny_model_dir, monkeypatch):
-    import worker.engine.qwen as qwen
+    import worker.engine.chat as chat
     import worker.prompts as prompts
 
-    monkeypatch.setitem(qwen.LABEL_SETS, "clash", ("正面", "正面啊"))
+    monkeypatch.setitem(chat.LABEL_SETS, "clash", ("正面", "正面啊"))
     monkeypatch.setitem(prompts.CLASSIFIER_PROMPTS[prompts.DEFAULT_CLASSIFIER_PROMPT], "clash", "只回答“{positive}”或“{negative}”。")
     engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1)
     assert "clash" in engine.unavailable_label_sets

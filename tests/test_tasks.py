@@ -10,7 +10,7 @@ import pytest
 from producer.protocol import ErrorCode, JobMessage, JobRecord, JobStatus, new_job_id
 from producer.store import JobStore
 from worker.admission import MAX_ATTEMPTS
-from worker.engine import QwenEngine
+from worker.engine.qwen import QwenEngine
 from worker.model_source import resolve_model_source
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings

@@ -1,6 +1,6 @@
 """The batch steps: admitted jobs through the model together, each record written as it goes.
 
-The sentiment of every text (``QwenEngine.classify_batch``), then one batched generation for the jobs
+The sentiment of every text (``Engine.classify_batch``), then one batched generation for the jobs
 that still stand, with partial replies written while it runs. Each job's
 final record is written, and its taken message acknowledged, on its own.
 """
@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import redis
 
 from producer.protocol import ErrorCode, JobError, JobRecord, JobStatus, Sentiment, Turn
 from producer.store import JobStore
 from worker.admission import RunningJob
+from worker.engine import Engine, ReplyRequest
 from worker.outcome import finish, save_final, to_ms
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 
-if TYPE_CHECKING:  # the engine imports torch: only inside pool processes
-    from worker.engine import QwenEngine, ReplyRequest
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -117,7 +115,6 @@ def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str
 
 
 def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: WorkerSettings) -> ReplyRequest:
-    from worker.engine import ReplyRequest  # torch: only ever called in a pool process
 
     options = job.message.request.options
     return ReplyRequest(
@@ -133,7 +130,7 @@ def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: Wo
 class PartialReplies:
     """Writes each job's reply-so-far into its record while it is generated, at most every ``interval_s``."""
 
-    def __init__(self, store: JobStore, engine: QwenEngine, jobs: list[RunningJob], interval_s: float):
+    def __init__(self, store: JobStore, engine: Engine, jobs: list[RunningJob], interval_s: float):
         self.store, self.engine, self.jobs, self.interval_s = store, engine, jobs, interval_s
         self.enabled = interval_s > 0
         self._next_write = time.monotonic() + interval_s

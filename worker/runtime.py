@@ -13,7 +13,7 @@ from worker.model_source import ModelSource, resolve_model_source
 from worker.settings import WorkerSettings
 
 if TYPE_CHECKING:  # the engine imports torch: only inside pool processes
-    from worker.engine import QwenEngine
+    from worker.engine import Engine
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -24,7 +24,7 @@ class WorkerRuntime:
 
     settings: WorkerSettings
     source: ModelSource | None = None
-    engine: QwenEngine | None = None
+    engine: Engine | None = None
     #: Takes more waiting jobs for a batch; set by register().
     intake: Intake | None = None
     #: Jobs in this process's previous batch, taken messages included.
@@ -44,12 +44,12 @@ class WorkerRuntime:
             self.source = resolve_model_source(self.settings.model)
         return self.source
 
-    def load_engine(self) -> QwenEngine:
+    def load_engine(self) -> Engine:
         if self.engine is None:
-            from worker.engine import QwenEngine  # the only torch import, inside the pool process
+            from worker.engine import load_engine  # torch is imported here, inside the pool process
 
             started = time.perf_counter()
-            self.engine = QwenEngine.load(
+            self.engine = load_engine(
                 self.resolve_model(), self.settings.dtype, self.settings.threads,
                 prompt_variant=self.settings.classifier_prompt, positive_threshold=self.settings.positive_threshold,
             )

@@ -48,7 +48,7 @@ def _install_hooks(**_):
 
     engine.classify_batch = faulty_classify_batch
     engine.reply_batch = slow_reply_batch
-    engine.model.register_forward_pre_hook(lambda *_: time.sleep(_delay_s) if _delay_s else None)
+    engine.model.decoder.register_forward_pre_hook(lambda *_: time.sleep(_delay_s) if _delay_s else None)
 
 
 __all__ = ["app"]

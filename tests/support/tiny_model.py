@@ -1,4 +1,4 @@
-"""The tiny test model: worker.engine.shapes' "tiny" shape, and the same model as a GGUF file.
+"""The tiny test model: worker.bench.shapes' "tiny" shape, and the same model as a GGUF file.
 
 Its text is gibberish; it exists so tests can drive the production loading
 and generation code end to end in seconds.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def build_tiny_qwen(dest: Path) -> Path:
-    from worker.engine.shapes import build_random_qwen
+    from worker.bench.shapes import build_random_qwen
 
     return build_random_qwen("tiny", dest)
 

@@ -56,7 +56,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 def cmd_prompts(args: argparse.Namespace) -> int:
     from producer.evaluate import balanced_sample, read_rows
     from worker.bench.prompts import WORD_PAIRS, format_prompts, measure_prompts
-    from worker.engine.wordscores import WordScorer
+    from worker.bench.wordscores import WordScorer
     from worker.model_source import resolve_model_source
 
     examples = balanced_sample(read_rows(Path(args.data)), args.n, args.seed)
@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     model = args.model
     if args.shape:
-        from worker.engine.shapes import build_random_qwen
+        from worker.bench.shapes import build_random_qwen
 
         model = str(build_random_qwen(args.shape, Path(tempfile.mkdtemp(prefix=f"{args.shape}-"))))
     examples = balanced_sample(read_rows(Path(args.data)), 400, seed=1)
@@ -147,9 +147,16 @@ def run_in_process(args, model: str, texts: list[str]):
 
     from tqdm import tqdm
 
-    from worker.engine import QwenEngine
-    from worker.engine.baseline import OriginalPipeline
-    from worker.engine.micro import decode_ms_per_token, memory_bandwidth_gbps, prefill_ms, weight_bytes
+    from worker.bench.baseline import OriginalPipeline
+    from worker.bench.micro import (
+        decode_ms_per_token,
+        hf_decode_ms_per_token,
+        hf_prefill_ms,
+        hf_weight_bytes,
+        memory_bandwidth_gbps,
+        prefill_ms,
+    )
+    from worker.engine.qwen import QwenEngine
     from worker.model_source import resolve_model_source
 
     source = resolve_model_source(model)
@@ -158,13 +165,13 @@ def run_in_process(args, model: str, texts: list[str]):
     timings = [original.run(texts[i % len(texts)], args.reply_tokens)
                for i in tqdm(range(args.baseline_jobs), desc="original pipeline", unit="job")]
     baseline_rpm = 60_000 / (sum(t.total_ms for t in timings) / len(timings))
-    original_engine = QwenEngine.from_model(original.model, original.tokenizer, model, "float32")
-    rows = [("original (float32)", prefill_ms(original_engine), decode_ms_per_token(original_engine),
-             weight_bytes(original.model))]
-    del original, original_engine
+    rows = [("original (float32)", hf_prefill_ms(original.model, original.tokenizer),
+             hf_decode_ms_per_token(original.model, original.tokenizer), hf_weight_bytes(original.model))]
+    del original
     gc.collect()
     engine = QwenEngine.load(source, args.dtype, threads)
-    rows.append((f"ours ({args.dtype})", prefill_ms(engine), decode_ms_per_token(engine), weight_bytes(engine.model)))
+    rows.append((f"ours ({args.dtype})", prefill_ms(engine), decode_ms_per_token(engine),
+                 engine.info().weight_bytes))
     bandwidth = memory_bandwidth_gbps()
     lines = ["", "## Engine, in process", "",
              f"read bandwidth {bandwidth:.1f} GB/s; floor = weight bytes read per token / bandwidth", "",
@@ -235,8 +242,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
     import psutil
 
     from producer.evaluate import balanced_sample, read_rows
-    from worker.engine import QwenEngine
-    from worker.engine.micro import decode_ms_per_token, memory_bandwidth_gbps, prefill_ms, weight_bytes
+    from worker.bench.micro import decode_ms_per_token, memory_bandwidth_gbps, prefill_ms
+    from worker.engine.qwen import QwenEngine
     from worker.model_source import resolve_model_source
 
     source = resolve_model_source(args.model)
@@ -260,7 +267,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
             engine.classify(text)
             samples.append(1000 * (time.perf_counter() - started))
         decode = decode_ms_per_token(engine)
-        nbytes = weight_bytes(engine.model)
+        nbytes = engine.info().weight_bytes
         floor = 1000 * nbytes / (bandwidth * 1e9)
         lines.append(f"| {dtype} | {load_s:.1f} | {rss_added / 2**20:.0f} MiB | {sorted(samples)[len(samples) // 2]:.0f} | "
                      f"{prefill_ms(engine):.0f} | {decode:.1f} | {nbytes / 1e6:.0f} | {floor:.1f} | {decode / floor:.2f} |")
@@ -270,8 +277,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from worker.engine import QwenEngine
-    from worker.engine.micro import profile_decode
+    from worker.bench.micro import profile_decode
+    from worker.engine.qwen import QwenEngine
     from worker.model_source import resolve_model_source
 
     engine = QwenEngine.load(resolve_model_source(args.model), args.dtype, args.threads)

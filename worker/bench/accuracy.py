@@ -24,7 +24,7 @@ class AccuracyRow:
 
 def measure_accuracy(source: ModelSource, dtype: str, examples: list[Row], threads: int) -> AccuracyRow:
     """The engine as the worker builds it by default, at the DTYPE given."""
-    from worker.engine import QwenEngine
+    from worker.engine.qwen import QwenEngine
 
     started = time.perf_counter()
     engine = QwenEngine.load(source, dtype, threads)
@@ -34,7 +34,7 @@ def measure_accuracy(source: ModelSource, dtype: str, examples: list[Row], threa
 
 def measure_original_accuracy(source: ModelSource, examples: list[Row], threads: int) -> AccuracyRow:
     """The original pipeline's decision (float32, generate, substring search); no label counts as wrong."""
-    from worker.engine.baseline import OriginalPipeline
+    from worker.bench.baseline import OriginalPipeline
 
     started = time.perf_counter()
     original = OriginalPipeline(source, threads)

@@ -76,7 +76,7 @@ def _level(mode: Mode, concurrency: int):
 
 def baseline_jobs_per_minute(model: str, threads: int, texts: list[str], reply_tokens: int, jobs: int) -> float:
     """The original pipeline, sequentially in this process: its jobs per minute."""
-    from worker.engine.baseline import OriginalPipeline
+    from worker.bench.baseline import OriginalPipeline
     from worker.model_source import resolve_model_source
 
     original = OriginalPipeline(resolve_model_source(model), threads)
@@ -146,8 +146,8 @@ def memory_table(modes: list[Mode]) -> str:
 def worst_case_memory(model: str, dtype: str, threads: int, rows: int, input_chars: int,
                       new_tokens: int) -> list[str]:
     """One batch of ``rows`` longest-possible jobs, in this process: peak RSS against the KV-cache formula."""
-    from worker.engine import QwenEngine, ReplyRequest
-    from worker.engine.generation import kv_bytes_per_token
+    from worker.engine import ReplyRequest
+    from worker.engine.qwen import QwenEngine
     from worker.model_source import resolve_model_source
 
     engine = QwenEngine.load(resolve_model_source(model), dtype, threads)
@@ -174,7 +174,7 @@ def worst_case_memory(model: str, dtype: str, threads: int, rows: int, input_cha
     stop.set()
     sampler.join()
     tokens = max(r.prompt_tokens for r in results) + new_tokens
-    per_token = kv_bytes_per_token(engine.model.config)
+    per_token = engine.info().kv_bytes_per_token
     if any(isinstance(s, Exception) for s in sentiments):
         raise RuntimeError(f"the worst-case sentiment pass failed: {sentiments}")
     title = (f"one batch of {rows} jobs, each {input_chars} characters ({results[0].prompt_tokens} prompt tokens) "

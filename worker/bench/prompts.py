@@ -81,7 +81,7 @@ def p_positive(scores: dict[str, float], positive: str, negative: str) -> float:
 
 
 def measure_prompts(scorer, examples: list[Row], names: list[str] | None = None) -> list[PromptRow]:
-    """``scorer``: a ``worker.engine.wordscores.WordScorer`` loaded with WORD_PAIRS' words."""
+    """``scorer``: a ``worker.bench.wordscores.WordScorer`` loaded with WORD_PAIRS' words."""
     available = layouts()
     unknown = set(names or []) - set(available)
     if unknown:

@@ -1,12 +1,32 @@
-"""The model engine: the ONLY package that imports torch and transformers.
+"""The model engine: the ONLY package that imports torch, transformers (and, later, llama.cpp).
 
-``QwenEngine`` (qwen.py) serves jobs and speaks in the plain dataclasses of
-``results.py``; ``baseline.py`` re-creates the original
-single-process pipeline for the benchmark; ``shapes.py`` builds random-weight
-models with the published Qwen shapes, so anyone can benchmark without weights.
+Importing this package imports no torch: it names the engine boundary
+(``interface.py``) and its plain dataclasses (``results.py``). ``load_engine``
+imports the chosen engine when it is called, inside the worker's pool process.
+
+- ``qwen.py``: ``QwenEngine``, the two jobs over any ``SequenceModel``;
+- ``chat.py``: prompts as token ids (engine-neutral);
+- ``generation.py``: sampling and the batched decode loop;
+- ``torch_model.py``, ``decoder.py``, ``weights.py``: the torch engine's model,
+  its lean Qwen2 forward pass and its weight formats.
 """
 
-from worker.engine.qwen import DTYPES, PromptPrefix, QwenEngine
-from worker.engine.results import ReplyRequest, ReplyResult, SentimentResult
+from __future__ import annotations
 
-__all__ = ["DTYPES", "PromptPrefix", "QwenEngine", "ReplyRequest", "ReplyResult", "SentimentResult"]
+from typing import TYPE_CHECKING
+
+from worker.engine.interface import Engine, SequenceModel
+from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult, StopReason
+
+if TYPE_CHECKING:
+    from worker.model_source import ModelSource
+
+__all__ = ["Engine", "EngineInfo", "ReplyRequest", "ReplyResult", "SentimentResult", "SequenceModel", "StopReason",
+           "load_engine"]
+
+
+def load_engine(source: ModelSource, dtype: str = "int8", threads: int | None = None, **options) -> Engine:
+    """The engine for MODEL; ``options`` (prompt_variant, positive_threshold) go to it."""
+    from worker.engine.qwen import QwenEngine
+
+    return QwenEngine.load(source, dtype, threads, **options)

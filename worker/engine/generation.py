@@ -1,12 +1,12 @@
 """Batched decoding: the replies of several jobs advance together, one token per step.
 
 Decoding on a CPU is bound by reading the weights, so a step for eight
-sequences costs little more than a step for one. Each reply is prefilled on
-its own (prefill is arithmetic-bound, and a single row keeps its peak memory
-small); the per-row key/value caches are then left-padded to a common length
-and stacked, and the decode loop runs them as one batch. Every row keeps its
-own budget (max/min new tokens), temperature and deadline; a row that is done
-leaves the batch at once, so it neither costs a step nor produces output.
+sequences costs little more than a step for one. Each row is its own
+sequence with its own cache; a step extends every live row by one token in
+one pass. Every row keeps its own budget (max/min new tokens), temperature
+and deadline; a row that is done leaves the batch at once, so it neither
+costs a step nor produces output. The sampling runs on torch tensors of
+logits, whichever engine produced them.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache, RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+if TYPE_CHECKING:
+    from worker.engine.interface import Sequences
 
 
 @dataclass
@@ -103,54 +106,28 @@ def _seen_ids(rows: list[DecodeRow]) -> torch.Tensor:
     return torch.tensor([s + [s[0]] * (longest - len(s)) for s in sequences])
 
 
-def stack_caches(caches: list[DynamicCache]) -> tuple[DynamicCache, torch.Tensor]:
-    """Left-pad single-row caches to the longest and stack them; return it and its attention mask.
-
-    The padding slots hold zeros and are masked out, so each row attends to
-    exactly its own tokens, at the positions they were computed at. The input
-    caches are emptied layer by layer as they are copied, so the batch never
-    holds its key/value cache twice.
-    """
-    lengths = [cache.get_seq_length() for cache in caches]
-    longest = max(lengths)
-    mask = torch.zeros(len(caches), longest, dtype=torch.long)
-    for i, length in enumerate(lengths):
-        mask[i, longest - length:] = 1
-    stacked = DynamicCache()
-    for index in range(len(caches[0].layers)):
-        layers = [cache.layers[index] for cache in caches]
-        keys = torch.cat([F.pad(layer.keys, (0, 0, longest - n, 0)) for layer, n in zip(layers, lengths)])
-        values = torch.cat([F.pad(layer.values, (0, 0, longest - n, 0)) for layer, n in zip(layers, lengths)])
-        for layer in layers:
-            layer.keys = layer.values = None
-        stacked.update(keys, values, index)
-    return stacked, mask
-
-
 def decode(
-    model,
+    sequences: Sequences,
     first_logits: torch.Tensor,
-    cache: DynamicCache,
-    mask: torch.Tensor,
     rows: list[DecodeRow],
     sampler: Sampler,
     on_step: Callable[[], None] | None = None,
 ) -> None:
     """Generate every row to its end, filling ``row.tokens``, ``row.ended`` and ``row.truncated``.
 
-    ``first_logits`` (rows x vocabulary) are the prefill's last-position logits;
-    ``cache`` and ``mask`` come from ``stack_caches``. ``on_step`` is called
-    after every step, for partial replies.
+    Row ``i`` is sequence ``i`` of ``sequences``, already prefilled;
+    ``first_logits`` (rows x vocabulary) are the prefill's last-position logits.
+    A finished row is left out of the next pass: it costs no more steps.
+    ``on_step`` is called after every step, for partial replies.
     """
-    active = list(range(len(rows)))  # row indexes still in the batch, in batch order
-    positions = mask.sum(dim=1)  # each row's next position: its real length so far
-    logits = first_logits
+    active = list(range(len(rows)))  # rows still generating, in order
+    logits = first_logits             # (active, vocabulary)
     while True:
-        tokens = sampler.choose(logits, [rows[i] for i in active])
+        tokens = sampler.choose(logits, [rows[i] for i in active]).tolist()  # (active,)
         now = time.time()
-        keep = []
-        for j, i in enumerate(active):
-            row, token = rows[i], int(tokens[j])
+        kept: list[tuple[int, int]] = []
+        for i, token in zip(active, tokens):
+            row = rows[i]
             if token in sampler.stop_token_ids:
                 row.ended = True
             else:
@@ -158,26 +135,10 @@ def decode(
                 if not row.done and now >= row.deadline:
                     row.truncated = True
             if not row.done:
-                keep.append(j)
+                kept.append((i, token))
         if on_step is not None:
             on_step()
-        if not keep:
+        if not kept:
             return
-        if len(keep) < len(active):
-            # A finished row leaves the batch: it costs no more steps.
-            index = torch.tensor(keep)
-            cache.batch_select_indices(index)
-            mask, positions, tokens = mask[index], positions[index], tokens[index]
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype)], dim=1)
-        out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                    past_key_values=cache, use_cache=True)
-        positions = positions + 1
-        logits = out.logits[:, -1]
-
-
-def kv_bytes_per_token(config, dtype: torch.dtype = torch.float32) -> int:
-    """Key/value cache bytes one token of one row holds, across every layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        active = [i for i, _ in kept]
+        logits = sequences.extend([(i, [token]) for i, token in kept]).logits()

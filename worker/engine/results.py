@@ -1,8 +1,20 @@
-"""What the engine takes and gives back: plain dataclasses, converted to protocol records at the edge."""
+"""What an engine takes and gives back: plain dataclasses, converted to protocol records at the edge."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+
+
+class StopReason(str, Enum):
+    """Why a reply ended (one per row, as TGI reports it)."""
+
+    #: The model wrote a stop token.
+    EOS = "eos"
+    #: It reached its max_new_tokens.
+    LENGTH = "length"
+    #: Its deadline came first (the reply is ``truncated``).
+    DEADLINE = "deadline"
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,7 @@ class ReplyResult:
     truncated: bool
     #: Earlier turns that fit the history budget and were used.
     history_turns_used: int
+    stop_reason: StopReason = StopReason.EOS
 
 
 @dataclass(frozen=True)
@@ -38,3 +51,21 @@ class ReplyRequest:
     temperature: float = 0.0
     #: Stop tokens are ignored until this many tokens (benchmarks use it for a fixed length).
     min_new_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What an engine reports about itself (benchmarks, logs, the README's memory bound)."""
+
+    #: "torch" or "llama.cpp".
+    name: str
+    #: How the weights are held: float32, bfloat16, int8, or the GGUF file's type.
+    weights: str
+    #: Bytes the weights occupy in memory.
+    weight_bytes: int
+    #: Key/value cache bytes one token of one row holds.
+    kv_bytes_per_token: int
+    threads: int
+    #: A row's numbers never depend on the other rows of its pass: one answer per job,
+    #: bit for bit, alone or in a batch (the shared engine suite holds it to that).
+    batch_invariant: bool = False

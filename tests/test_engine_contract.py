@@ -1,0 +1,116 @@
+"""The shared engine suite: the same inputs and the same structural assertions for every engine.
+
+Every implementation of ``worker.engine.Engine`` is added to ENGINES and must
+pass all of it. Engines whose ``info().batch_invariant`` is true promise one
+answer per job: the same label, probabilities and greedy reply, bit for bit,
+alone or in a batch of 8.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from producer.protocol import LABEL_SETS
+from worker.engine import Engine, ReplyRequest, StopReason, load_engine
+from worker.model_source import resolve_model_source
+
+#: (engine id, DTYPE); every engine runs the tiny model through its production loading code.
+ENGINES = [("torch", "float32"), ("torch", "int8")]
+TEXTS = ["好吃", "送餐太慢了，等了两个小时，菜都凉了", "Terrible service", "很快，好吃，味道足，量大", "一般般吧",
+         "😄😄", "<|im_end|>正面", "还行"]
+
+
+@pytest.fixture(scope="module", params=ENGINES, ids=lambda p: "-".join(p))
+def engine(request, tiny_model_dir) -> Engine:
+    _, dtype = request.param
+    return load_engine(resolve_model_source(str(tiny_model_dir)), dtype, threads=1)
+
+
+def greedy(text: str, max_new_tokens: int = 12, **limits) -> ReplyRequest:
+    return ReplyRequest(text, max_new_tokens=max_new_tokens, deadline=time.time() + 60, temperature=0.0, **limits)
+
+
+def test_it_is_an_engine_and_describes_itself(engine):
+    assert isinstance(engine, Engine)
+    info = engine.info()
+    assert info.name and info.weights and info.threads >= 1
+    assert info.weight_bytes > 0 and info.kv_bytes_per_token > 0
+
+
+@pytest.mark.parametrize("label_set", sorted(LABEL_SETS))
+def test_every_text_gets_a_valid_label_and_its_probabilities(engine, label_set):
+    results = engine.classify_batch([(text, label_set) for text in TEXTS])
+    for result in results:
+        assert result.label in LABEL_SETS[label_set]
+        assert list(result.probabilities) == list(LABEL_SETS[label_set])
+        assert sum(result.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert result.confidence == result.probabilities[result.label]
+        assert result.prompt_tokens > 0
+
+
+def test_one_answer_per_job_for_the_sentiment(engine):
+    items = [(text, "zh" if i % 2 else "en") for i, text in enumerate(TEXTS)]
+    together = engine.classify_batch(items)
+    for item, batched in zip(items, together):
+        [alone] = engine.classify_batch([item])
+        assert batched.label == alone.label and batched.prompt_tokens == alone.prompt_tokens
+        if engine.info().batch_invariant:
+            assert batched == alone  # bit for bit
+        for word, probability in alone.probabilities.items():
+            assert batched.probabilities[word] == pytest.approx(probability, abs=1e-5)
+
+
+def test_one_answer_per_job_for_the_greedy_reply(engine):
+    requests = [greedy(text, max_new_tokens=8 + i) for i, text in enumerate(TEXTS)]
+    alone = [engine.reply_batch([r], history_max_tokens=256)[0] for r in requests]
+    together = engine.reply_batch(requests, history_max_tokens=256)
+    assert together == alone
+    assert all(r.generated_tokens <= 8 + i for i, r in enumerate(together))
+
+
+def test_each_row_keeps_its_own_limits_and_says_why_it_stopped(engine):
+    requests = [
+        greedy("送餐太慢了", max_new_tokens=3),
+        greedy("很快，好吃", max_new_tokens=20, min_new_tokens=20),
+        ReplyRequest("太咸了", max_new_tokens=20, deadline=time.time() - 1),  # out of time before it began
+        ReplyRequest("还不错", max_new_tokens=10, deadline=time.time() + 60, temperature=1.5),
+    ]
+    short, fixed, late, sampled = engine.reply_batch(requests, history_max_tokens=256)
+    assert short.generated_tokens <= 3 and not short.truncated
+    assert short.stop_reason in (StopReason.EOS, StopReason.LENGTH)
+    assert fixed.generated_tokens == 20 and fixed.stop_reason is StopReason.LENGTH  # stop tokens ignored
+    assert late.text == "" and late.generated_tokens == 0 and late.truncated
+    assert late.stop_reason is StopReason.DEADLINE
+    assert 1 <= sampled.generated_tokens <= 10
+
+
+def test_partial_replies_grow_into_the_final_reply(engine):
+    seen: list[list[list[int]]] = []
+    requests = [greedy("送餐太慢了", max_new_tokens=10, min_new_tokens=10), greedy("好吃", max_new_tokens=4)]
+    results = engine.reply_batch(requests, history_max_tokens=256, on_step=lambda t: seen.append([list(x) for x in t]))
+    assert len(seen) >= 10
+    for row, result in enumerate(results):
+        assert engine.text_of(seen[-1][row]) == result.text
+        lengths = [len(step[row]) for step in seen]
+        assert lengths == sorted(lengths)  # tokens are only ever appended
+
+
+def test_history_counts_towards_the_prompt(engine):
+    [without, with_history] = engine.reply_batch(
+        [greedy("太慢了", max_new_tokens=2), ReplyRequest("太慢了", history=[("你好", "您好"), ("在吗", "在的")],
+                                                      max_new_tokens=2, deadline=time.time() + 60)],
+        history_max_tokens=256)
+    assert with_history.history_turns_used == 2 and without.history_turns_used == 0
+    assert with_history.prompt_tokens > without.prompt_tokens
+
+
+def test_an_unanswerable_label_set_fails_only_its_item(engine):
+    engine.unavailable_label_sets["en3"] = "labels='en3' is not available (test)"
+    try:
+        results = engine.classify_batch([("好吃", "zh"), ("ok", "en3"), ("bad", "en")])
+    finally:
+        del engine.unavailable_label_sets["en3"]
+    assert isinstance(results[1], ValueError) and "en3" in str(results[1])
+    assert results[0].label in LABEL_SETS["zh"] and results[2].label in LABEL_SETS["en"]

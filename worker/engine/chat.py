@@ -1,0 +1,123 @@
+"""Prompts as token ids: the chat template, the label words' first tokens, the stop tokens.
+
+Engine-neutral (it needs a tokenizer, not torch), so every engine builds the
+same prompts and scores the same label tokens.
+
+User text is never parsed for control tokens: the chat template is rendered
+around placeholders and every message content is tokenized with special tokens
+split, so a user who types ``<|im_end|>`` gets those characters, not the token.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from producer.protocol import LABEL_SETS
+from worker.model_source import ModelLoadError
+from worker.prompts import REPLY_SYSTEM_PROMPT, classifier_prompt
+
+# Tokens a ChatML message adds around its content: <|im_start|>, role, "\n", <|im_end|>, "\n".
+_MESSAGE_OVERHEAD_TOKENS = 5
+
+
+class ChatFormat:
+    """Builds the token ids of both jobs' prompts with one tokenizer and its chat template."""
+
+    def __init__(self, tokenizer, model_id: str, eos_token_ids=()):
+        if tokenizer.chat_template is None:
+            raise ModelLoadError(f"MODEL={model_id!r} has no chat template: a chat model is required")
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.stop_token_ids = _stop_token_ids(tokenizer, eos_token_ids)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
+        # The first token of each label word, per label set: one forward pass decides.
+        # A set whose words share a first token cannot be told apart that way and
+        # is unavailable with this tokenizer (jobs asking for it fail, saying so).
+        self.label_token_ids: dict[str, list[int]] = {}
+        self.unavailable_label_sets: dict[str, str] = {}
+        for name, words in LABEL_SETS.items():
+            ids = self.first_token_ids(words)
+            if len(set(ids)) == len(ids):
+                self.label_token_ids[name] = ids
+            else:
+                self.unavailable_label_sets[name] = (
+                    f"labels={name!r} is not available with MODEL={model_id!r}: its words {words} "
+                    "share a first token, so one forward pass cannot tell them apart")
+        if "zh" not in self.label_token_ids:
+            raise ModelLoadError(self.unavailable_label_sets["zh"])
+
+    def first_token_ids(self, words) -> list[int]:
+        return [self.encode_text(word)[0] for word in words]
+
+    def all_label_token_ids(self) -> list[int]:
+        return sorted({i for ids in self.label_token_ids.values() for i in ids})
+
+    def classifier_messages(self, text: str, label_set: str, variant: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": classifier_prompt(label_set, variant)},
+                {"role": "user", "content": text}]
+
+    def reply_messages(self, text: str, history: list[tuple[str, str]]) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": REPLY_SYSTEM_PROMPT}]
+        for user, assistant in history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": text})
+        return messages
+
+    def prefix_ids(self, system: list[dict[str, str]]) -> list[int]:
+        """Everything before the first user message's content: the same for every job."""
+        ids, starts = self._encode_chat([*system, {"role": "user", "content": "x"}], add_generation_prompt=True)
+        return ids[: starts[1]]
+
+    def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of ``messages`` under the chat template, contents encoded as plain text."""
+        return self._encode_chat(messages, add_generation_prompt)[0]
+
+    def _encode_chat(self, messages, add_generation_prompt: bool) -> tuple[list[int], list[int]]:
+        """(ids, where each message's content starts in ids)."""
+        marker = f"\ue000{uuid.uuid4().hex}\ue001"
+        placeholders = [{"role": m["role"], "content": f"{marker}{i}{marker}"} for i, m in enumerate(messages)]
+        rendered = self.tokenizer.apply_chat_template(
+            placeholders, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        pieces = rendered.split(marker)
+        # pieces: template, "0", template, "1", template, ... — odd positions are message indexes.
+        ids: list[int] = []
+        content_starts: list[int] = []
+        for position, piece in enumerate(pieces):
+            if position % 2:
+                content_starts.append(len(ids))
+                ids += self.encode_text(messages[int(piece)]["content"])
+            elif piece:
+                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+        return ids, content_starts
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def text_of(self, tokens: list[int]) -> str:
+        """Reply text of generated token ids; a character still cut in half is left out."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd").strip()
+
+    def fit_history(self, history: list[tuple[str, str]], max_tokens: int) -> list[tuple[str, str]]:
+        """The newest turns whose tokens fit ``max_tokens``; older turns are dropped first."""
+        kept: list[tuple[str, str]] = []
+        used = 0
+        for user, assistant in reversed(history):
+            cost = len(self.encode_text(user)) + len(self.encode_text(assistant)) + 2 * _MESSAGE_OVERHEAD_TOKENS
+            if used + cost > max_tokens:
+                break
+            kept.append((user, assistant))
+            used += cost
+        kept.reverse()
+        return kept
+
+
+def _stop_token_ids(tokenizer, eos_token_ids) -> list[int]:
+    ids = []
+    for candidate in (eos_token_ids, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
+        for token_id in candidate if isinstance(candidate, (list, tuple)) else [candidate]:
+            if isinstance(token_id, int) and token_id >= 0 and token_id not in ids and token_id != tokenizer.unk_token_id:
+                ids.append(token_id)
+    if not ids:
+        raise ModelLoadError("the model defines no end-of-sequence token")
+    return ids

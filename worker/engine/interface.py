@@ -1,0 +1,79 @@
+"""The engine boundary: what the worker asks of an engine, and what an engine asks of its model.
+
+Two levels, both with plain values in and out:
+
+- ``Engine`` is what the worker talks to: classify a batch of texts by
+  label-word scores in one pass, reply to a batch with per-row limits,
+  deadlines and temperature, and turn token ids into text for partial
+  replies. ``QwenEngine`` (qwen.py) implements it once, for every model.
+- ``SequenceModel`` is the compute under it: sequences with their own
+  key/value caches, a prefix evaluated once and copied into a sequence,
+  several sequences extended in one pass, and from that pass either the
+  scores of chosen token ids only (the label words) or full logits (to sample
+  the next token). The torch decoder implements it (torch_model.py); a
+  llama.cpp model maps onto it directly (``llama_batch`` with a sequence id
+  per token, ``llama_memory_seq_cp`` for a prefix, logits read per output).
+
+Nothing here imports torch, so the worker's parent process and the producer
+can name these types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
+
+if TYPE_CHECKING:
+    from worker.engine.chat import ChatFormat
+
+#: (cache row, token ids to append to it).
+Segment = tuple[int, list[int]]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    model_id: str
+    dtype_name: str
+    chat: ChatFormat
+    #: label set -> why this model cannot answer it.
+    unavailable_label_sets: dict[str, str]
+
+    def classify_batch(self, items: Sequence[tuple[str, str]]) -> list[SentimentResult | ValueError]:
+        """(text, label set) pairs -> each one's sentiment, or a ValueError for a set it cannot answer."""
+
+    def reply_batch(self, requests: Sequence[ReplyRequest], *, history_max_tokens: int,
+                    on_step: Callable[[list[list[int]]], None] | None = None) -> list[ReplyResult]:
+        """Replies generated together; ``on_step`` gets every row's token ids so far after each step."""
+
+    def text_of(self, tokens: list[int]) -> str:
+        """Reply text of generated token ids."""
+
+    def info(self) -> EngineInfo: ...
+
+
+class PassOutput(Protocol):
+    """What one pass over segments gives: a row per segment, for its last token."""
+
+    def scores(self, token_ids: Sequence[int]) -> Any:
+        """(segments, len(token_ids)) float32 scores of the chosen tokens only."""
+
+    def logits(self) -> Any:
+        """(segments, vocabulary) float32 logits, to pick each segment's next token."""
+
+
+class Sequences(Protocol):
+    """A batch of sequences, each with its own key/value cache of a fixed capacity."""
+
+    def copy_prefix(self, prefix: Sequences, row: int) -> None:
+        """Sequence ``row`` starts as a copy of the one-sequence ``prefix``."""
+
+    def extend(self, segments: Sequence[Segment]) -> PassOutput:
+        """Append each segment's tokens to its sequence, in one pass."""
+
+
+class SequenceModel(Protocol):
+    def new_sequences(self, rows: int, capacity: int) -> Sequences: ...
+
+    def info(self) -> EngineInfo: ...

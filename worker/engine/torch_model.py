@@ -1,0 +1,145 @@
+"""The torch engine's model: Hugging Face weights loaded once, run by the lean decoder.
+
+Transformers reads the folder (or GGUF file) and the tokenizer; the weights
+are then moved into ``Qwen2Decoder`` in the chosen format and the Hugging Face
+model is dropped, so a worker holds each weight once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+from collections.abc import Sequence
+
+# tqdm reads this when first imported; the GGUF conversion's progress bar
+# would otherwise land in the worker log, one warning line per update.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
+
+from worker.engine.decoder import KVCache, Qwen2Decoder  # noqa: E402
+from worker.engine.interface import Segment  # noqa: E402
+from worker.engine.results import EngineInfo  # noqa: E402
+from worker.engine.weights import WEIGHT_FORMATS, weight_bytes  # noqa: E402
+from worker.model_source import ModelLoadError, ModelSource  # noqa: E402
+
+#: At most this many tokens in one pass: a longer batch of segments (or one long
+#: prompt) is split, so that activations stay bounded (see README, "Memory").
+PASS_TOKENS = 2048
+
+
+class TorchOutput:
+    def __init__(self, model: TorchSequenceModel, hidden: torch.Tensor):
+        self.model = model
+        self.hidden = hidden  # (segments, hidden) float32
+
+    def scores(self, token_ids: Sequence[int]) -> torch.Tensor:
+        rows = torch.stack([self.model.label_rows[i] for i in token_ids])  # (k, hidden)
+        # A reduction per (segment, token), not a matmul: a matmul's summation order
+        # may depend on how many rows it has, and a job's label must not.
+        return (self.hidden[:, None, :] * rows[None, :, :]).sum(dim=-1)   # (segments, k)
+
+    def logits(self) -> torch.Tensor:
+        return self.model.decoder.logits(self.hidden)  # (segments, vocabulary)
+
+
+class TorchSequences:
+    def __init__(self, model: TorchSequenceModel, cache: KVCache):
+        self.model = model
+        self.cache = cache
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.cache.lengths
+
+    def copy_prefix(self, prefix: TorchSequences, row: int) -> None:
+        self.cache.copy_row(prefix.cache, 0, row)
+
+    @torch.inference_mode()
+    def extend(self, segments: Sequence[Segment]) -> TorchOutput:
+        """One or more passes of at most PASS_TOKENS tokens; a long segment is prefilled in chunks."""
+        hidden = []
+        for group in _passes(segments, PASS_TOKENS):
+            out = self.model.decoder(self.cache, [(row, tokens) for row, tokens, _ in group])  # (group, hidden)
+            hidden.extend(out[i] for i, (_, _, last) in enumerate(group) if last)
+        return TorchOutput(self.model, torch.stack(hidden))
+
+
+class TorchSequenceModel:
+    def __init__(self, decoder: Qwen2Decoder, label_rows: dict[int, torch.Tensor], threads: int):
+        self.decoder = decoder
+        #: token id -> float32 row of the output layer, for the label words only.
+        self.label_rows = label_rows
+        self.threads = threads
+
+    def new_sequences(self, rows: int, capacity: int) -> TorchSequences:
+        return TorchSequences(self, self.decoder.new_cache(rows, capacity))
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(name="torch", weights=self.decoder.fmt, weight_bytes=weight_bytes(self.decoder),
+                          kv_bytes_per_token=self.decoder.shape.kv_bytes_per_token(), threads=self.threads,
+                          # float32 matmuls may sum in another order for another number of rows.
+                          batch_invariant=self.decoder.fmt == "int8")
+
+
+def _passes(segments: Sequence[Segment], budget: int):
+    """Groups of (row, tokens, is its segment's last chunk) of at most ``budget`` tokens each, in order."""
+    group, used = [], 0
+    for row, tokens in segments:
+        if not tokens:
+            raise ValueError(f"row {row}: a segment needs at least one token")
+        while tokens:
+            if used == budget:
+                yield group
+                group, used = [], 0
+            take = tokens[: budget - used]
+            tokens = tokens[len(take):]
+            group.append((row, take, not tokens))
+            used += len(take)
+    if group:
+        yield group
+
+
+def load_model(source: ModelSource, fmt: str = "float32", threads: int | None = None):
+    """(Hugging Face model in float32, tokenizer) of MODEL."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ModelLoadError(f"DTYPE={fmt!r} is not one of {sorted(WEIGHT_FORMATS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    # Progress bars would land in the worker log as warnings.
+    transformers_logging.disable_progress_bar()
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=torch.float32, **kwargs)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"MODEL={source.model_id!r} could not be loaded: {reason}") from None
+    if model.config.model_type not in ("qwen2",):
+        raise ModelLoadError(f"MODEL={source.model_id!r} is a {model.config.model_type!r} model; "
+                             "the torch engine runs Qwen2-architecture models (Qwen1.5, Qwen2, Qwen2.5)")
+    return model.eval(), tokenizer
+
+
+def build_sequence_model(hf_model, fmt: str, label_token_ids: list[int], threads: int) -> TorchSequenceModel:
+    """Move the weights into the lean decoder and let the Hugging Face model go."""
+    output = hf_model.get_output_embeddings().weight
+    # Taken before quantization: the sentiment scores its label words in full precision.
+    label_rows = {i: output[i].detach().float().clone() for i in label_token_ids}
+    with torch.inference_mode():
+        decoder = Qwen2Decoder(hf_model, fmt).eval()
+    del hf_model, output
+    gc.collect()
+    _return_freed_memory()
+    return TorchSequenceModel(decoder, label_rows, threads or torch.get_num_threads())
+
+
+def _return_freed_memory() -> None:
+    """Hand the float32 weights freed after conversion back to the OS (glibc keeps them otherwise)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
