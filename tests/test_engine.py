@@ -226,3 +226,30 @@ def test_unknown_prompt_variant_names_the_setting(tiny_model_dir):
 
     with pytest.raises(ModelLoadError, match="CLASSIFIER_PROMPT='nope'"):
         QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1, prompt_variant="nope")
+
+
+def test_the_lean_decoder_computes_what_transformers_computes(tiny_model_dir):
+    # The decoder replaces transformers' forward in the serving path: same logits, chunked or not.
+    from transformers import AutoModelForCausalLM
+
+    from worker.engine.decoder import Qwen2Decoder
+
+    reference_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = [5, 17, 33, 100, 200, 7, 9, 11]
+    with torch.inference_mode():
+        reference = reference_model(torch.tensor([ids])).logits[0]  # (8, vocabulary)
+        decoder = Qwen2Decoder(reference_model, "float32")
+        cache = decoder.new_cache(rows=2, capacity=16)
+        first = decoder(cache, [(0, ids[:5])])                        # a prefill
+        second = decoder(cache, [(0, ids[5:6]), (1, ids[:3])])        # a step beside another row's prefill
+        third = decoder(cache, [(0, ids[6:])])                        # a chunk after that
+        logits = decoder.logits(torch.cat([first, second, third]))
+    for got, want in zip(logits, [reference[4], reference[5], reference[2], reference[7]]):
+        assert torch.allclose(got, want, atol=1e-5)
+    assert cache.lengths == [8, 3]
+
+
+def test_a_segment_past_the_cache_capacity_is_refused(engine):
+    sequences = engine.model.new_sequences(1, 4)
+    with pytest.raises(ValueError, match="its cache holds 4"):
+        sequences.extend([(0, [1, 2, 3, 4, 5])])

@@ -7,6 +7,8 @@
     python -m worker.bench batching --model DIR [--baseline] [--concurrency 1,2,4,8,16]
     python -m worker.bench engine --model DIR [--dtypes float32,bfloat16,int8]
     python -m worker.bench profile --model DIR [--dtype int8]
+    python -m worker.bench kernels
+    python -m worker.bench peers --gguf FILE --hf DIR --llama-bin DIR [--dtype int8]
 
 See BENCHMARKS.md for the figures and the exact commands that produced them.
 """
@@ -34,7 +36,10 @@ def machine_line() -> str:
                 break
     except OSError:
         pass
-    return f"{available_cores()} cores ({cpu}), torch {version('torch')}, Python {platform.python_version()}"
+    import torch  # the vector extensions torch's CPU kernels use: figures compare only within one kind
+
+    return (f"{available_cores()} cores ({cpu}), CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"torch {version('torch')}, Python {platform.python_version()}")
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
@@ -276,6 +281,46 @@ def cmd_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    """This service and llama-server on the same weights, one after the other, in one run."""
+    from producer.evaluate import balanced_sample, read_rows
+    from worker.bench import peers
+    from worker.bench.service import queue_is_empty
+
+    if not queue_is_empty(args.redis_url):
+        print(f"the queue at {args.redis_url} is not empty: use a Redis database of its own", file=sys.stderr)
+        return 2
+    if not (Path(args.llama_bin) / "llama-server").is_file():
+        print(f"--llama-bin {args.llama_bin}: no llama-server there (../shared/peers/build_llama_server.sh builds it)",
+              file=sys.stderr)
+        return 2
+    config = peers.PeersConfig(
+        gguf=Path(args.gguf), hf_folder=Path(args.hf), llama_bin=Path(args.llama_bin), dtype=args.dtype,
+        threads=args.threads, redis_url=args.redis_url, levels=tuple(int(c) for c in args.concurrency.split(",")),
+        jobs_per_client=args.jobs_per_client, reply_tokens=args.reply_tokens)
+    examples = balanced_sample(read_rows(Path(args.data)), 400, seed=1)
+    texts = [e.text for e in examples if len(e.text) <= 40][:100]  # short Chinese reviews, as in `batching`
+    ours = peers.measure_service(config, texts)
+    weight_bytes, bandwidth = peers.measure_engine_in_process(config, ours)
+    llama, llama_info = peers.measure_llama_server(config, texts)
+    print("\n".join(peers.report(config, [ours, llama], machine_line(), llama_info, weight_bytes, bandwidth)))
+    return 0
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from worker.bench.kernels import kernel_table
+
+    torch.set_num_threads(args.threads)
+    print(f"# matmul kernels on Qwen2.5-0.5B's shapes, {time.strftime('%Y-%m-%d %H:%M')}\n"
+          f"machine: {machine_line()}, {args.threads} threads; median of {args.repeats}\n")
+    print("\n".join(kernel_table(repeats=args.repeats)))
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from worker.bench.micro import profile_decode
     from worker.engine.qwen import QwenEngine
@@ -283,7 +328,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     engine = QwenEngine.load(resolve_model_source(args.model), args.dtype, args.threads)
     print(f"decode profile, {args.tokens} tokens, DTYPE={args.dtype}; {machine_line()}, {args.threads} threads\n")
-    print(profile_decode(engine, args.tokens))
+    print(profile_decode(engine, args.tokens, rows=args.rows))
     return 0
 
 
@@ -364,7 +409,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="int8")
     p.add_argument("--tokens", type=int, default=20)
     p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--rows", type=int, default=1, help="rows decoding together")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("kernels", help="the CPU matmul kernels of each weight format, on the 0.5B shapes")
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--repeats", type=int, default=30)
+    p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("peers", help="this service beside llama-server on the same GGUF weights, one run")
+    p.add_argument("--gguf", required=True, help="the .gguf file llama-server runs")
+    p.add_argument("--hf", required=True, help="the same weights as a Hugging Face folder (get_real_qwen.py --hf)")
+    p.add_argument("--llama-bin", required=True, help="folder of llama-server and llama-batched-bench")
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--concurrency", default="1,8")
+    p.add_argument("--jobs-per-client", type=int, default=6)
+    p.add_argument("--reply-tokens", type=int, default=45)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV with label,review columns (the job texts)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="a Redis database of its own")
+    p.set_defaults(func=cmd_peers)
 
     args = parser.parse_args(argv)
     return args.func(args)
