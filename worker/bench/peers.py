@@ -204,15 +204,36 @@ def batched_bench(bin_dir: Path, gguf: Path, threads: int, prompt_tokens: int, n
     if result.returncode:
         raise RuntimeError(f"llama-batched-bench failed: {result.stderr[-2000:]}")
     decode, prefill = {}, None
-    for line in result.stdout.splitlines():
-        if line.startswith("{"):
+    for line in (result.stdout + "\n" + result.stderr).splitlines():
+        if line.startswith("{") and '"t_tg"' in line:
             entry = json.loads(line)
             # t_tg: seconds for n_tg steps of pl rows; t_pp: seconds for the prompts of pl rows.
-            decode[entry["pl"]] = 1000 * entry["t_tg"] / entry["tg"] if "tg" in entry else 1000 * entry["t_tg"] / new_tokens
+            decode[entry["pl"]] = 1000 * entry["t_tg"] / entry["tg"]
             if entry["pl"] == 1:
                 prefill = 1000 * entry["t_pp"]
-    system_info = next((line for line in result.stderr.splitlines() if "system_info" in line), "")
-    return decode, prefill, system_info.strip()
+    return decode, prefill, llama_build_line(bin_dir)
+
+
+#: The vector extensions that decide which kernels llama.cpp (built with GGML_NATIVE) and torch use.
+_VECTOR_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                 "amx_tile", "asimd", "sve")
+
+
+def llama_build_line(bin_dir: Path) -> str:
+    """llama-server's version and the CPU flags its native build compiled for (it prints none of its own)."""
+    result = subprocess.run([str(bin_dir / "llama-server"), "--version"], capture_output=True, text=True,
+                            env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)}, timeout=60)
+    version = " ".join((result.stdout + result.stderr).split())
+    flags: list[str] = []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                present = set(line.split(":", 1)[1].split())
+                flags = [flag for flag in _VECTOR_FLAGS if flag in present]
+                break
+    except OSError:
+        pass
+    return f"{version}; GGML_NATIVE=ON for this CPU's flags: {' '.join(flags) or 'unknown'}"
 
 
 # --- the run ---
