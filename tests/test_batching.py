@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from producer.protocol import LABEL_SETS, ErrorCode, JobStatus, new_job_id
+from producer.protocol import ErrorCode, JobStatus, new_job_id
 from tests.test_tasks import RecordingStore, message
 from worker.admission import RunningJob, admit
 from worker.batch import run_jobs

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 import pytest
+import torch
 
 from producer.protocol import LABEL_SETS
 from worker.engine.qwen import QwenEngine
@@ -194,8 +193,8 @@ def test_min_new_tokens_fixes_the_reply_length(engine):
 
 
 def test_label_set_whose_words_share_a_first_token_is_unavailable_not_fatal(tiny_model_dir, monkeypatch):
-    import worker.engine.chat as chat
-    import worker.prompts as prompts
+    from worker import prompts
+    from worker.engine import chat
 
     monkeypatch.setitem(chat.LABEL_SETS, "clash", ("正面", "正面啊"))
     monkeypatch.setitem(prompts.CLASSIFIER_PROMPTS[prompts.DEFAULT_CLASSIFIER_PROMPT], "clash", "只回答“{positive}”或“{negative}”。")

@@ -68,7 +68,7 @@ def kernel_table(rows: tuple[int, ...] = (1, 8), repeats: int = 30) -> list[str]
         candidates = _candidates(torch.randn(out_features, in_features) * 0.02)
         for r in rows:
             x = torch.randn(r, in_features)
-            times = {name: _time_us(lambda fn=fn: fn(x), repeats) for name, fn in candidates.items()}
+            times = {name: _time_us(lambda fn=fn, x=x: fn(x), repeats) for name, fn in candidates.items()}
             per_model = 1 if layer == "output" else 24
             for name, us in times.items():
                 totals[(r, name)] += per_model * us

@@ -27,9 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from producer.evaluate import percentile
+from worker.bench.service import PeakRss
 
 
 @dataclass
@@ -88,37 +87,6 @@ def closed_loop(job: Callable[[str], None], texts: list[str], concurrency: int, 
         for future in [pool.submit(client) for _ in range(concurrency)]:
             future.result()
     return Loop(concurrency, latencies, time.perf_counter() - started, failures[0])
-
-
-class PeakRss:
-    """Peak RSS of the processes ``pids()`` names, sampled in a thread."""
-
-    def __init__(self, pids: Callable[[], list[int]], interval: float = 0.2):
-        self.pids, self.interval, self.peak = pids, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def now(self) -> int:
-        total = 0
-        for pid in self.pids():
-            try:
-                total += psutil.Process(pid).memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # --- llama-server ---
@@ -199,7 +167,7 @@ def batched_bench(bin_dir: Path, gguf: Path, threads: int, prompt_tokens: int, n
     command = [str(bin_dir / "llama-batched-bench"), "-m", str(gguf), "-c", "4096", "-b", "2048", "-ub", "512",
                "-t", str(threads), "-npp", str(prompt_tokens), "-ntg", str(new_tokens),
                "-npl", ",".join(map(str, rows)), "--output-format", "jsonl"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1800,
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=False,
                             env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)})
     if result.returncode:
         raise RuntimeError(f"llama-batched-bench failed: {result.stderr[-2000:]}")
@@ -222,7 +190,7 @@ _VECTOR_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw"
 def llama_build_line(bin_dir: Path) -> str:
     """llama-server's version and the CPU flags its native build compiled for (it prints none of its own)."""
     result = subprocess.run([str(bin_dir / "llama-server"), "--version"], capture_output=True, text=True,
-                            env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)}, timeout=60)
+                            env={**os.environ, "LD_LIBRARY_PATH": str(bin_dir)}, timeout=60, check=False)
     version = " ".join((result.stdout + result.stderr).split())
     flags: list[str] = []
     try:
@@ -327,20 +295,20 @@ def report(config: PeersConfig, subjects: list[Subject], machine: str, llama_inf
     floor_ms = 1000 * weight_bytes / (bandwidth_gbps * 1e9)
     lines = [f"# bench peers, {time.strftime('%Y-%m-%d %H:%M')}", f"machine: {machine}",
              f"llama.cpp build: {llama_info}",
-             f"weights: {config.gguf.name} (llama.cpp) and its Hugging Face folder (torch engine); "
-             f"{config.threads} threads each; replies fixed at {config.reply_tokens} tokens; "
-             f"closed loop, {config.jobs_per_client} jobs per client; latency measured by the client", "",
+             (f"weights: {config.gguf.name} (llama.cpp) and its Hugging Face folder (torch engine); "
+              f"{config.threads} threads each; replies fixed at {config.reply_tokens} tokens; "
+              f"closed loop, {config.jobs_per_client} jobs per client; latency measured by the client"), "",
              "| system | concurrency | jobs | jobs/min | p50 ms | p95 ms | failed |", "|---|---|---|---|---|---|---|"]
     lines += [loop.row(s.name) for s in subjects for loop in s.loops]
-    lines += ["", "| system | start s | RSS after load | RSS peak | decode ms/step, 1 row | decode ms/step, 8 rows "
-              "| prefill 34 tokens ms |", "|---|---|---|---|---|---|---|"]
+    lines += ["", ("| system | start s | RSS after load | RSS peak | decode ms/step, 1 row | "
+                   "decode ms/step, 8 rows | prefill 34 tokens ms |"), "|---|---|---|---|---|---|---|"]
     for s in subjects:
         lines.append(f"| {s.name} | {s.start_s:.1f} | {s.rss_after_load / 2**20:.0f} MiB | "
                      f"{s.rss_peak / 2**20:.0f} MiB | {s.decode_ms.get(1, 0):.1f} | {s.decode_ms.get(8, 0):.1f} | "
                      f"{s.prefill_ms or 0:.0f} |")
     by_level = {(s.name, loop.concurrency): loop for s in subjects for loop in s.loops}
-    lines += ["", f"read bandwidth {bandwidth_gbps:.1f} GB/s; the torch engine's weights {weight_bytes / 1e6:.0f} MB "
-              f"-> bandwidth floor {floor_ms:.1f} ms/token", "", "ratios, ours / llama-server:"]
+    lines += ["", (f"read bandwidth {bandwidth_gbps:.1f} GB/s; the torch engine's weights {weight_bytes / 1e6:.0f} "
+                   f"MB -> bandwidth floor {floor_ms:.1f} ms/token"), "", "ratios, ours / llama-server:"]
     for level in config.levels:
         a, b = by_level[(ours.name, level)], by_level[(peer.name, level)]
         lines.append(f"- concurrency {level}: p50 {percentile(a.latencies_ms, 50) / percentile(b.latencies_ms, 50):.2f}, "

@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,13 +48,7 @@ class Workers:
 
     def rss_bytes(self) -> int:
         """Resident memory of the model-holding pool processes (the parents hold no model)."""
-        total = 0
-        for pid in self.pool_pids():
-            try:
-                total += psutil.Process(pid).memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
-        return total
+        return rss_of(self.pool_pids())
 
     def stop(self) -> None:
         for process in self.processes:
@@ -91,26 +86,47 @@ def start_workers(model: str, dtype: str, count: int, threads: int, redis_url: s
     return workers
 
 
-class RssSampler:
-    """Peak RSS of the workers, sampled every ``interval`` seconds in a thread."""
+def rss_of(pids: list[int]) -> int:
+    """Resident memory of the processes ``pids`` names (gone ones count nothing)."""
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
-    def __init__(self, workers: Workers, interval: float = 0.25):
-        self.workers, self.interval, self.peak = workers, interval, 0
+
+class PeakRss:
+    """Peak RSS of the processes ``pids()`` names, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, pids: Callable[[], list[int]], interval: float = 0.25):
+        self.pids, self.interval, self.peak = pids, interval, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def now(self) -> int:
+        return rss_of(self.pids())
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.workers.rss_bytes())
+            self.peak = max(self.peak, self.now())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> PeakRss:
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class RssSampler(PeakRss):
+    """Peak RSS of the workers' model-holding pool processes."""
+
+    def __init__(self, workers: Workers, interval: float = 0.25):
+        super().__init__(workers.pool_pids, interval)
 
 
 @dataclass

@@ -25,9 +25,11 @@ class WordScorer:
 
     @classmethod
     def load(cls, source: ModelSource, words: list[str], dtype: str, threads: int | None = None) -> WordScorer:
-        from worker.engine.torch_model import build_sequence_model, load_model
+        from worker.engine.torch_model import build_sequence_model, load_model, release_freed_memory
 
         hf_model, tokenizer = load_model(source, dtype, threads)
         chat = ChatFormat(tokenizer, source.model_id, hf_model.generation_config.eos_token_id)
         model = build_sequence_model(hf_model, dtype, sorted(set(chat.first_token_ids(words))), threads or 0)
+        del hf_model
+        release_freed_memory()
         return cls(model, chat, words)

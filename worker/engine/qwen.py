@@ -25,7 +25,7 @@ import torch
 from producer.protocol import LABEL_SETS
 from worker.engine.chat import ChatFormat
 from worker.engine.generation import DecodeRow, Sampler, decode
-from worker.engine.interface import Sequences, SequenceModel
+from worker.engine.interface import SequenceModel, Sequences
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult, StopReason
 from worker.model_source import ModelLoadError, ModelSource
 from worker.prompts import (
@@ -71,10 +71,13 @@ class QwenEngine:
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None,
              **options) -> QwenEngine:
         """Load MODEL on the torch engine; ``options`` (prompt_variant, positive_threshold) go to the constructor."""
-        from worker.engine.torch_model import load_model
+        from worker.engine.torch_model import load_model, release_freed_memory
 
         hf_model, tokenizer = load_model(source, dtype, threads)
-        return cls.from_model(hf_model, tokenizer, source.model_id, dtype, threads=threads, **options)
+        engine = cls.from_model(hf_model, tokenizer, source.model_id, dtype, threads=threads, **options)
+        del hf_model  # the last reference to the float32 weights: now they can go back to the OS
+        release_freed_memory()
+        return engine
 
     @classmethod
     def from_model(cls, hf_model, tokenizer, model_id: str, dtype: str = "float32", *, threads: int | None = None,

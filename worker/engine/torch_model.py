@@ -16,15 +16,15 @@ from collections.abc import Sequence
 # would otherwise land in the worker log, one warning line per update.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as transformers_logging
 
-from worker.engine.decoder import KVCache, Qwen2Decoder  # noqa: E402
-from worker.engine.interface import Segment  # noqa: E402
-from worker.engine.results import EngineInfo  # noqa: E402
-from worker.engine.weights import WEIGHT_FORMATS, weight_bytes  # noqa: E402
-from worker.model_source import ModelLoadError, ModelSource  # noqa: E402
+from worker.engine.decoder import KVCache, Qwen2Decoder
+from worker.engine.interface import Segment
+from worker.engine.results import EngineInfo
+from worker.engine.weights import WEIGHT_FORMATS, weight_bytes
+from worker.model_source import ModelLoadError, ModelSource
 
 #: At most this many tokens in one pass: a longer batch of segments (or one long
 #: prompt) is split, so that activations stay bounded (see README, "Memory").
@@ -125,20 +125,18 @@ def load_model(source: ModelSource, fmt: str = "float32", threads: int | None = 
 
 
 def build_sequence_model(hf_model, fmt: str, label_token_ids: list[int], threads: int) -> TorchSequenceModel:
-    """Move the weights into the lean decoder and let the Hugging Face model go."""
+    """Move the weights into the lean decoder (the caller drops ``hf_model``, then releases its memory)."""
     output = hf_model.get_output_embeddings().weight
     # Taken before quantization: the sentiment scores its label words in full precision.
     label_rows = {i: output[i].detach().float().clone() for i in label_token_ids}
     with torch.inference_mode():
         decoder = Qwen2Decoder(hf_model, fmt).eval()
-    del hf_model, output
-    gc.collect()
-    _return_freed_memory()
     return TorchSequenceModel(decoder, label_rows, threads or torch.get_num_threads())
 
 
-def _return_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand the float32 weights freed after conversion back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
