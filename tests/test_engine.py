@@ -252,3 +252,24 @@ def test_a_segment_past_the_cache_capacity_is_refused(engine):
     sequences = engine.model.new_sequences(1, 4)
     with pytest.raises(ValueError, match="its cache holds 4"):
         sequences.extend([(0, [1, 2, 3, 4, 5])])
+
+
+def test_an_untied_models_embedding_is_read_through_a_memory_map(tmp_path):
+    # Only the rows looked up become resident; the output layer keeps its own table.
+    from transformers import AutoModelForCausalLM
+
+    from worker.bench.shapes import build_random_qwen
+    from worker.engine.mapped import MappedEmbedding
+
+    folder = build_random_qwen("tiny", tmp_path / "untied", tie_word_embeddings=False)
+    engine = QwenEngine.load(resolve_model_source(str(folder)), "int8", threads=1)
+    decoder = engine.model.decoder
+    assert isinstance(decoder.embedding, MappedEmbedding) and decoder.output is not decoder.embedding
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).model.embed_tokens.weight
+    ids = torch.tensor([0, 5, 17, len(reference) - 1])
+    assert torch.equal(decoder.embedding.embed(ids), reference[ids].detach())
+    assert engine.classify("好吃").label in LABEL_SETS["zh"]
+    assert reply(engine, max_new_tokens=4, min_new_tokens=4).generated_tokens == 4
+    # In memory there is one vocabulary-sized table, the output layer's.
+    tables = [b for b in decoder.buffers() if tuple(b.shape) == tuple(reference.shape)]
+    assert len(tables) == 1 and tables[0] is decoder.output.output.weight

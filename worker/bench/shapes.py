@@ -87,7 +87,7 @@ def build_chatml_tokenizer(vocab_size: int = 800) -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_random_qwen(shape: str, dest: Path, *, seed: int = 0) -> Path:
+def build_random_qwen(shape: str, dest: Path, *, seed: int = 0, tie_word_embeddings: bool = True) -> Path:
     """Save a random-weight Qwen2 model of ``shape`` (a key of SHAPES) and its tokenizer into ``dest``."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -98,7 +98,7 @@ def build_random_qwen(shape: str, dest: Path, *, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = Qwen2Config(
         **dims,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         bos_token_id=None,

@@ -95,7 +95,8 @@ class _Layer(torch.nn.Module):
 class Qwen2Decoder(torch.nn.Module):
     """Qwen2 (and Qwen1.5/2.5, which share it) inference over segments; float32 activations throughout."""
 
-    def __init__(self, hf_model, fmt: str):
+    def __init__(self, hf_model, fmt: str, embedding=None):
+        """``embedding``: anything with ``embed(ids)``, used instead of holding the input table."""
         super().__init__()
         config = hf_model.config
         if getattr(config, "use_sliding_window", False):
@@ -105,9 +106,12 @@ class Qwen2Decoder(torch.nn.Module):
         base = hf_model.model
         self.layers = torch.nn.ModuleList(_Layer(layer, fmt) for layer in base.layers)
         self.register_buffer("final_norm", base.norm.weight.detach().float().clone())
-        self.embedding = TokenTable(base.embed_tokens.weight, fmt)
         tied = hf_model.lm_head.weight.data_ptr() == base.embed_tokens.weight.data_ptr()
-        self.output = self.embedding if tied else TokenTable(hf_model.lm_head.weight, fmt)
+        if tied:  # one table serves both: the output layer reads all of it anyway
+            self.embedding = self.output = TokenTable(base.embed_tokens.weight, fmt)
+        else:
+            self.embedding = embedding or TokenTable(base.embed_tokens.weight, fmt)
+            self.output = TokenTable(hf_model.lm_head.weight, fmt)
         rotary = base.rotary_emb
         self.register_buffer("inv_freq", rotary.inv_freq.detach().float().clone())  # (d/2,)
         self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))

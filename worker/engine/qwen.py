@@ -74,14 +74,17 @@ class QwenEngine:
         from worker.engine.torch_model import load_model, release_freed_memory
 
         hf_model, tokenizer = load_model(source, dtype, threads)
-        engine = cls.from_model(hf_model, tokenizer, source.model_id, dtype, threads=threads, **options)
+        # A folder's embedding table is read through a memory map (mapped.py); a GGUF file's is held.
+        weights_folder = None if source.gguf_file else source.folder
+        engine = cls.from_model(hf_model, tokenizer, source.model_id, dtype, threads=threads,
+                                weights_folder=weights_folder, **options)
         del hf_model  # the last reference to the float32 weights: now they can go back to the OS
         release_freed_memory()
         return engine
 
     @classmethod
     def from_model(cls, hf_model, tokenizer, model_id: str, dtype: str = "float32", *, threads: int | None = None,
-                   **options) -> QwenEngine:
+                   weights_folder=None, **options) -> QwenEngine:
         """Wrap a loaded Hugging Face model: its weights move into the lean decoder in ``dtype``."""
         from worker.engine.torch_model import build_sequence_model
 
@@ -90,7 +93,7 @@ class QwenEngine:
         config = hf_model.generation_config
         chat = ChatFormat(tokenizer, model_id, config.eos_token_id)
         sampler = Sampler.from_generation_config(config, chat.stop_token_ids)
-        model = build_sequence_model(hf_model, dtype, chat.all_label_token_ids(), threads or 0)
+        model = build_sequence_model(hf_model, dtype, chat.all_label_token_ids(), threads or 0, weights_folder)
         return cls(model, chat, model_id, dtype, sampler, **options)
 
     def info(self) -> EngineInfo:

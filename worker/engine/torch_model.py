@@ -11,6 +11,7 @@ import ctypes
 import gc
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 # tqdm reads this when first imported; the GGUF conversion's progress bar
 # would otherwise land in the worker log, one warning line per update.
@@ -22,6 +23,7 @@ from transformers.utils import logging as transformers_logging
 
 from worker.engine.decoder import KVCache, Qwen2Decoder
 from worker.engine.interface import Segment
+from worker.engine.mapped import MappedEmbedding
 from worker.engine.results import EngineInfo
 from worker.engine.weights import WEIGHT_FORMATS, weight_bytes
 from worker.model_source import ModelLoadError, ModelSource
@@ -124,13 +126,15 @@ def load_model(source: ModelSource, fmt: str = "float32", threads: int | None = 
     return model.eval(), tokenizer
 
 
-def build_sequence_model(hf_model, fmt: str, label_token_ids: list[int], threads: int) -> TorchSequenceModel:
+def build_sequence_model(hf_model, fmt: str, label_token_ids: list[int], threads: int,
+                         weights_folder: Path | None = None) -> TorchSequenceModel:
     """Move the weights into the lean decoder (the caller drops ``hf_model``, then releases its memory)."""
     output = hf_model.get_output_embeddings().weight
     # Taken before quantization: the sentiment scores its label words in full precision.
     label_rows = {i: output[i].detach().float().clone() for i in label_token_ids}
+    mapped = MappedEmbedding.open(weights_folder) if weights_folder is not None else None
     with torch.inference_mode():
-        decoder = Qwen2Decoder(hf_model, fmt).eval()
+        decoder = Qwen2Decoder(hf_model, fmt, embedding=mapped).eval()
     return TorchSequenceModel(decoder, label_rows, threads or torch.get_num_threads())
 
 
