@@ -5,7 +5,7 @@ step of one job, and of a batch of eight):
 
 - float32: ``F.linear`` (MKL/oneDNN), the reference;
 - fbgemm dynamic int8: ``quantized::linear_dynamic`` on per-channel weights,
-  what ``quantize_dynamic`` produced (its activation scale is per pass, so a
+  what the earlier DTYPE=int8 path ran on (its activation scale is per pass, so a
   row's result depends on its neighbours; its quantized tensors are deprecated);
 - int8 weight-only: ``aten::_weight_int8pack_mm`` on bfloat16 activations,
   what torchao's int8 weight-only config calls on a CPU;
