@@ -20,7 +20,6 @@ from worker.outcome import finish, save_final, to_ms
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 
-
 log = logging.getLogger("qwen_allinone.worker")
 
 
@@ -115,7 +114,6 @@ def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str
 
 
 def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: WorkerSettings) -> ReplyRequest:
-
     options = job.message.request.options
     return ReplyRequest(
         text=job.message.request.text,

@@ -5,15 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from producer.store import JobStore, connect_redis
+from worker.engine import Engine
 from worker.intake import Intake
 from worker.model_source import ModelSource, resolve_model_source
 from worker.settings import WorkerSettings
-
-if TYPE_CHECKING:  # the engine imports torch: only inside pool processes
-    from worker.engine import Engine
 
 log = logging.getLogger("qwen_allinone.worker")
 
