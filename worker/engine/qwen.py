@@ -35,10 +35,6 @@ from worker.prompts import (
     REPLY_SYSTEM_PROMPT,
 )
 
-#: DTYPE settings the torch engine accepts.
-DTYPES = ("float32", "bfloat16", "int8")
-
-
 @dataclass(frozen=True)
 class PromptPrefix:
     """A fixed start of a prompt and its one-sequence cache, computed once and only ever copied from."""
@@ -88,8 +84,6 @@ class QwenEngine:
         """Wrap a loaded Hugging Face model: its weights move into the lean decoder in ``dtype``."""
         from worker.engine.torch_model import build_sequence_model
 
-        if dtype not in DTYPES:
-            raise ModelLoadError(f"DTYPE={dtype!r} is not one of {sorted(DTYPES)}")
         config = hf_model.generation_config
         chat = ChatFormat(tokenizer, model_id, config.eos_token_id)
         sampler = Sampler.from_generation_config(config, chat.stop_token_ids)

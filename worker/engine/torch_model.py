@@ -105,10 +105,14 @@ def _passes(segments: Sequence[Segment], budget: int):
         yield group
 
 
-def load_model(source: ModelSource, fmt: str = "float32", threads: int | None = None):
-    """(Hugging Face model in float32, tokenizer) of MODEL."""
+def check_format(fmt: str) -> None:
     if fmt not in WEIGHT_FORMATS:
         raise ModelLoadError(f"DTYPE={fmt!r} is not one of {sorted(WEIGHT_FORMATS)}")
+
+
+def load_model(source: ModelSource, fmt: str = "float32", threads: int | None = None):
+    """(Hugging Face model in float32, tokenizer) of MODEL."""
+    check_format(fmt)
     if threads:
         torch.set_num_threads(threads)
     # Progress bars would land in the worker log as warnings.
@@ -129,6 +133,7 @@ def load_model(source: ModelSource, fmt: str = "float32", threads: int | None = 
 def build_sequence_model(hf_model, fmt: str, label_token_ids: list[int], threads: int,
                          weights_folder: Path | None = None) -> TorchSequenceModel:
     """Move the weights into the lean decoder (the caller drops ``hf_model``, then releases its memory)."""
+    check_format(fmt)
     output = hf_model.get_output_embeddings().weight
     # Taken before quantization: the sentiment scores its label words in full precision.
     label_rows = {i: output[i].detach().float().clone() for i in label_token_ids}

@@ -75,24 +75,13 @@ class TokenTable(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, fmt: str):
         super().__init__()
         self.fmt = fmt
-        if fmt == "int8":
-            self.output = Int8Linear(weight, None)
-        else:
-            self.output = FloatLinear(weight, None, torch.bfloat16 if fmt == "bfloat16" else torch.float32)
-
-    @property
-    def rows(self) -> int:
-        return self.output.weight.shape[0]
+        self.output = make_linear(weight, None, fmt)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:  # ids: (tokens,) -> (tokens, hidden) float32
         rows = self.output.weight[ids].float()           # (tokens, hidden)
         if self.fmt == "int8":
             rows = rows * self.output.scale[ids, None].float()
         return rows
-
-    def row(self, token_id: int) -> torch.Tensor:
-        """One token's row in float32 (hidden,), as the output layer scores it."""
-        return self.embed(torch.tensor([token_id]))[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (rows, hidden) -> (rows, vocabulary)
         return self.output(hidden)
