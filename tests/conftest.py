@@ -103,6 +103,25 @@ def redis_client(redis_url):
     client.close()
 
 
+def require_llama_cpp() -> None:
+    """Skip a llama.cpp test where the [llama] extra is not installed; CI (REQUIRE_LLAMA_CPP=1) fails instead."""
+    from worker.model_source import llama_cpp_installed
+
+    if not llama_cpp_installed():
+        message = "llama-cpp-python is not installed (pip install -e '.[llama]')"
+        if os.environ.get("REQUIRE_LLAMA_CPP") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as a float32 GGUF file, the way llama.cpp lays out Qwen2."""
+    from tests.support.tiny_model import write_tiny_gguf
+
+    return write_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from tests.support.tiny_model import build_tiny_qwen

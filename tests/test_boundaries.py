@@ -53,3 +53,31 @@ def test_only_the_engine_and_the_benchmarks_import_torch():
             if stripped.startswith(("import torch", "from torch", "import transformers", "from transformers")):
                 offenders.append(f"{path.name}: {stripped}")
     assert offenders == []
+
+
+def test_only_the_llama_modules_import_llama_cpp():
+    offenders = []
+    for path in sorted((ROOT / "worker").rglob("*.py")) + sorted((ROOT / "producer").rglob("*.py")):
+        if path.parent.name == "engine" and path.name.startswith("llama_"):
+            continue
+        for line in path.read_text().splitlines():
+            if line.strip().startswith(("import llama_cpp", "from llama_cpp")):
+                offenders.append(f"{path.name}: {line.strip()}")
+    assert offenders == []
+
+
+def test_the_llama_cpp_engine_runs_without_torch_or_transformers(tiny_gguf):
+    # Its process holds one model: neither torch's runtime nor transformers is loaded beside it.
+    from tests.conftest import require_llama_cpp
+
+    require_llama_cpp()
+    result = _run(
+        "import sys\n"
+        "from worker.engine import load_engine\n"
+        "from worker.model_source import resolve_model_source\n"
+        f"engine = load_engine(resolve_model_source({str(tiny_gguf)!r}), threads=1)\n"
+        "assert engine.info().name == 'llama.cpp', engine.info()\n"
+        "engine.classify('好吃')\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
+    )
+    assert result.returncode == 0, result.stderr

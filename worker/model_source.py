@@ -7,8 +7,12 @@ of a crash loop in every child.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+
+#: What ENGINE accepts.
+ENGINES = ("auto", "torch", "llama.cpp")
 
 
 class ModelLoadError(RuntimeError):
@@ -38,6 +42,25 @@ def resolve_model_source(model: str) -> ModelSource:
     if model.startswith(("/", ".", "~")) or model.endswith(".gguf") or model.count("/") != 1:
         raise ModelLoadError(f"MODEL={model!r}: no such file or folder, and not a Hub id like 'Qwen/Qwen1.5-0.5B-Chat'")
     return ModelSource(model_id=model, folder=_download_from_hub(model))
+
+
+def llama_cpp_installed() -> bool:
+    """Whether the ``[llama]`` extra is installed (found without importing it)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def choose_engine(setting: str, source: ModelSource) -> str:
+    """ENGINE resolved: "auto" runs a GGUF file on llama.cpp when it is installed, anything else on torch."""
+    if setting not in ENGINES:
+        raise ModelLoadError(f"ENGINE={setting!r} is not one of {list(ENGINES)}")
+    if setting == "auto":
+        return "llama.cpp" if source.gguf_file and llama_cpp_installed() else "torch"
+    if setting == "llama.cpp":
+        if not llama_cpp_installed():
+            raise ModelLoadError("ENGINE=llama.cpp needs llama-cpp-python: pip install -e '.[llama]' (README)")
+        if source.gguf_file is None:
+            raise ModelLoadError(f"ENGINE=llama.cpp runs a .gguf file, and MODEL={source.model_id!r} is a folder")
+    return setting
 
 
 def _download_from_hub(repo_id: str) -> Path:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from producer.store import JobStore, connect_redis
 from worker.engine import Engine
 from worker.intake import Intake
-from worker.model_source import ModelSource, resolve_model_source
+from worker.model_source import ModelSource, choose_engine, resolve_model_source
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("qwen_allinone.worker")
@@ -37,8 +37,11 @@ class WorkerRuntime:
         return self._store
 
     def resolve_model(self) -> ModelSource:
+        """MODEL as files on disk, and ENGINE checked against it (no torch, no llama.cpp imported)."""
         if self.source is None:
-            self.source = resolve_model_source(self.settings.model)
+            source = resolve_model_source(self.settings.model)
+            choose_engine(self.settings.engine, source)
+            self.source = source
         return self.source
 
     def load_engine(self) -> Engine:
@@ -46,12 +49,15 @@ class WorkerRuntime:
             from worker.engine import load_engine  # torch is imported here, inside the pool process
 
             started = time.perf_counter()
+            settings = self.settings
             self.engine = load_engine(
-                self.resolve_model(), self.settings.dtype, self.settings.threads,
-                prompt_variant=self.settings.classifier_prompt, positive_threshold=self.settings.positive_threshold,
+                self.resolve_model(), settings.dtype, settings.threads, engine=settings.engine,
+                prompt_variant=settings.classifier_prompt, positive_threshold=settings.positive_threshold,
+                kv_cache_tokens=settings.batch_max * settings.kv_tokens_per_job, max_rows=settings.batch_max,
             )
+            info = self.engine.info()
             log.info(
-                "model %s loaded (dtype=%s, threads=%d) in %.1fs",
-                self.settings.model, self.settings.dtype, self.settings.threads, time.perf_counter() - started,
+                "model %s loaded (dtype=%s, engine=%s, threads=%d) in %.1fs",
+                settings.model, self.engine.dtype_name, info.name, info.threads, time.perf_counter() - started,
             )
         return self.engine

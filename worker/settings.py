@@ -33,8 +33,14 @@ class WorkerSettings(ProducerSettings):
     #: Weights on the CPU: int8 (dynamic int8 linear layers; the default, chosen by
     #: measurement in BENCHMARKS.md), bfloat16 or float32.
     dtype: Literal["float32", "bfloat16", "int8"] = "int8"
-    #: torch intra-op threads; 0 = every core this process may use.
+    #: Which engine runs the model: auto (llama.cpp for a .gguf file when the [llama]
+    #: extra is installed, torch otherwise), torch or llama.cpp.
+    engine: Literal["auto", "torch", "llama.cpp"] = "auto"
+    #: Compute threads of either engine; 0 = every core this process may use.
     torch_threads: int = Field(0, ge=0)
+    #: llama.cpp's key/value cache holds BATCH_MAX times this many tokens beyond the fixed
+    #: prompt prefixes; a batch that needs more runs in waves that fit.
+    kv_tokens_per_job: int = Field(1024, ge=64)
     #: Classifier instructions: a variant name from worker/prompts.py (EVAL.md compares them).
     classifier_prompt: str = DEFAULT_CLASSIFIER_PROMPT
     #: Two-class sets answer positive when its probability is at least this (tuned in EVAL.md).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.engine.chat import ChatFormat
+from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.interface import SequenceModel
 from worker.model_source import ModelSource
 
@@ -28,7 +28,7 @@ class WordScorer:
         from worker.engine.torch_model import build_sequence_model, load_model, release_freed_memory
 
         hf_model, tokenizer = load_model(source, dtype, threads)
-        chat = ChatFormat(tokenizer, source.model_id, hf_model.generation_config.eos_token_id)
+        chat = ChatFormat(HFTokenizer(tokenizer), source.model_id, hf_model.generation_config.eos_token_id)
         model = build_sequence_model(hf_model, dtype, sorted(set(chat.first_token_ids(words))), threads or 0)
         del hf_model
         release_freed_memory()

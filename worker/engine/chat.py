@@ -1,7 +1,9 @@
 """Prompts as token ids: the chat template, the label words' first tokens, the stop tokens.
 
-Engine-neutral (it needs a tokenizer, not torch), so every engine builds the
-same prompts and scores the same label tokens.
+Engine-neutral (it needs a ``Tokenizer``, not torch), so every engine builds
+the same prompts and scores the same label tokens. The torch engine brings a
+Hugging Face tokenizer (``HFTokenizer``); the llama.cpp engine its GGUF
+vocabulary (llama_vocab.py).
 
 User text is never parsed for control tokens: the chat template is rendered
 around placeholders and every message content is tokenized with special tokens
@@ -11,6 +13,7 @@ split, so a user who types ``<|im_end|>`` gets those characters, not the token.
 from __future__ import annotations
 
 import uuid
+from typing import Protocol
 
 from producer.protocol import LABEL_SETS
 from worker.model_source import ModelLoadError
@@ -20,16 +23,62 @@ from worker.prompts import REPLY_SYSTEM_PROMPT, classifier_prompt
 _MESSAGE_OVERHEAD_TOKENS = 5
 
 
+class Tokenizer(Protocol):
+    """What ChatFormat needs of a tokenizer."""
+
+    chat_template: str | None
+    eos_token_id: int | None
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The chat template applied to ``messages``, as text."""
+
+    def encode_template(self, text: str) -> list[int]:
+        """Ids of template text: control tokens such as ``<|im_start|>`` are parsed."""
+
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of user text: control tokens are plain characters."""
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids, control tokens left out."""
+
+    def token_id(self, token: str) -> int | None:
+        """The id of one vocabulary entry, or None."""
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the ``Tokenizer`` protocol."""
+
+    def __init__(self, tokenizer):
+        self.hf = tokenizer
+        self.chat_template = tokenizer.chat_template
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def render_chat(self, messages, add_generation_prompt):
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode_template(self, text):
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_text(self, text):
+        return self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def decode(self, ids):
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def token_id(self, token):
+        found = self.hf.convert_tokens_to_ids(token)
+        return None if found is None or found == self.hf.unk_token_id else found
+
+
 class ChatFormat:
     """Builds the token ids of both jobs' prompts with one tokenizer and its chat template."""
 
-    def __init__(self, tokenizer, model_id: str, eos_token_ids=()):
+    def __init__(self, tokenizer: Tokenizer, model_id: str, eos_token_ids=()):
         if tokenizer.chat_template is None:
             raise ModelLoadError(f"MODEL={model_id!r} has no chat template: a chat model is required")
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.stop_token_ids = _stop_token_ids(tokenizer, eos_token_ids)
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_token_ids[0]
         # The first token of each label word, per label set: one forward pass decides.
         # A set whose words share a first token cannot be told apart that way and
         # is unavailable with this tokenizer (jobs asking for it fail, saying so).
@@ -76,9 +125,7 @@ class ChatFormat:
         """(ids, where each message's content starts in ids)."""
         marker = f"\ue000{uuid.uuid4().hex}\ue001"
         placeholders = [{"role": m["role"], "content": f"{marker}{i}{marker}"} for i, m in enumerate(messages)]
-        rendered = self.tokenizer.apply_chat_template(
-            placeholders, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        rendered = self.tokenizer.render_chat(placeholders, add_generation_prompt)
         pieces = rendered.split(marker)
         # pieces: template, "0", template, "1", template, ... — odd positions are message indexes.
         ids: list[int] = []
@@ -88,15 +135,15 @@ class ChatFormat:
                 content_starts.append(len(ids))
                 ids += self.encode_text(messages[int(piece)]["content"])
             elif piece:
-                ids += self.tokenizer.encode(piece, add_special_tokens=False)
+                ids += self.tokenizer.encode_template(piece)
         return ids, content_starts
 
     def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return self.tokenizer.encode_text(text)
 
     def text_of(self, tokens: list[int]) -> str:
         """Reply text of generated token ids; a character still cut in half is left out."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd").strip()
+        return self.tokenizer.decode(tokens).rstrip("\ufffd").strip()
 
     def fit_history(self, history: list[tuple[str, str]], max_tokens: int) -> list[tuple[str, str]]:
         """The newest turns whose tokens fit ``max_tokens``; older turns are dropped first."""
@@ -112,11 +159,11 @@ class ChatFormat:
         return kept
 
 
-def _stop_token_ids(tokenizer, eos_token_ids) -> list[int]:
+def _stop_token_ids(tokenizer: Tokenizer, eos_token_ids) -> list[int]:
     ids = []
-    for candidate in (eos_token_ids, tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
+    for candidate in (eos_token_ids, tokenizer.eos_token_id, tokenizer.token_id("<|im_end|>")):
         for token_id in candidate if isinstance(candidate, (list, tuple)) else [candidate]:
-            if isinstance(token_id, int) and token_id >= 0 and token_id not in ids and token_id != tokenizer.unk_token_id:
+            if isinstance(token_id, int) and token_id >= 0 and token_id not in ids:
                 ids.append(token_id)
     if not ids:
         raise ModelLoadError("the model defines no end-of-sequence token")

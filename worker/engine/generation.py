@@ -5,7 +5,7 @@ sequences costs little more than a step for one. Each row is its own
 sequence with its own cache; a step extends every live row by one token in
 one pass. Every row keeps its own budget (max/min new tokens), temperature
 and deadline; a row that is done leaves the batch at once, so it neither
-costs a step nor produces output. The sampling runs on torch tensors of
+costs a step nor produces output. The sampling runs on NumPy arrays of
 logits, whichever engine produced them.
 """
 
@@ -16,8 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+import numpy as np
 
 if TYPE_CHECKING:
     from worker.engine.interface import Sequences
@@ -47,18 +46,24 @@ class DecodeRow:
 
 @dataclass(frozen=True)
 class Sampler:
-    """How the next token is picked, from the model's generation config, the same for every row."""
+    """How the next token is picked, from the model's generation config, the same for every row.
+
+    NumPy on float32 logits, so both engines sample alike and the llama.cpp
+    engine needs no torch. The steps follow transformers' logits processors
+    (repetition penalty, then top-k and top-p on the temperature-scaled scores).
+    """
 
     stop_token_ids: tuple[int, ...]
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    rng: np.random.Generator = field(default_factory=np.random.default_rng, compare=False, repr=False)
 
     @classmethod
     def from_generation_config(cls, config, stop_token_ids: list[int]) -> Sampler:
-        top_k = getattr(config, "top_k", None)
-        top_p = getattr(config, "top_p", None)
-        penalty = getattr(config, "repetition_penalty", None)
+        """From a GenerationConfig, or the dict of a generation_config.json."""
+        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+        top_k, top_p, penalty = get("top_k"), get("top_p"), get("repetition_penalty")
         return cls(
             tuple(stop_token_ids),
             top_k=top_k if top_k and top_k > 0 else None,
@@ -66,49 +71,50 @@ class Sampler:
             repetition_penalty=penalty if penalty not in (None, 1.0) else None,
         )
 
-    def choose(self, logits: torch.Tensor, rows: list[DecodeRow]) -> torch.Tensor:
-        """One token per row: greedy where the row's temperature is 0, sampled otherwise."""
-        logits = logits.float()
+    def choose(self, logits: np.ndarray, rows: list[DecodeRow]) -> list[int]:
+        """One token per row of (rows, vocabulary) logits: greedy where the temperature is 0, sampled otherwise."""
+        logits = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay as they were
+        stops = list(self.stop_token_ids)
+        chosen = []
         for j, row in enumerate(rows):
+            scores = logits[j]                                        # (vocabulary,)
             if len(row.tokens) < row.min_new_tokens:
-                logits[j, list(self.stop_token_ids)] = float("-inf")
-        if self.repetition_penalty is not None:
-            logits = RepetitionPenaltyLogitsProcessor(self.repetition_penalty)(_seen_ids(rows), logits)
-        chosen = logits.argmax(dim=-1)
-        temperatures = torch.tensor([row.temperature for row in rows])
-        sampled = temperatures > 0
-        if sampled.any():
-            scores = logits[sampled] / temperatures[sampled, None]
-            if self.top_k is not None:
-                scores = TopKLogitsWarper(self.top_k)(None, scores)
-            if self.top_p is not None:
-                scores = TopPLogitsWarper(self.top_p)(None, scores)
-            chosen[sampled] = _sample(torch.softmax(scores, dim=-1))
+                scores[stops] = -np.inf
+            if self.repetition_penalty is not None:
+                _penalize_repeats(scores, row.prompt_ids + row.tokens, self.repetition_penalty)
+            chosen.append(int(scores.argmax()) if row.temperature <= 0 else self._sample(scores / row.temperature))
         return chosen
 
+    def _sample(self, scores: np.ndarray) -> int:
+        if self.top_k is not None and self.top_k < len(scores):
+            kth = np.partition(scores, -self.top_k)[-self.top_k]
+            scores = np.where(scores < kth, -np.inf, scores)
+        candidates = np.flatnonzero(scores > -np.inf)                 # (kept,)
+        kept = scores[candidates]
+        probabilities = np.exp(kept - kept.max())
+        probabilities /= probabilities.sum()
+        if self.top_p is not None:
+            order = np.argsort(probabilities, kind="stable")          # ascending, as transformers' TopPLogitsWarper
+            tail = np.cumsum(probabilities[order]) <= 1 - self.top_p  # the low tail holding at most 1 - top_p
+            tail[-1] = False                                          # the most likely word always stays
+            probabilities[order[tail]] = 0.0
+            probabilities /= probabilities.sum()
+        # Inverting the cumulative distribution: exact, and cheap even over 152k words.
+        cumulative = np.cumsum(probabilities)
+        pick = np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right")
+        return int(candidates[min(pick, len(candidates) - 1)])
 
-def _sample(probabilities: torch.Tensor) -> torch.Tensor:
-    """One draw per row by inverting the cumulative distribution.
 
-    Exact, and far cheaper than ``torch.multinomial`` over a 152k-word
-    vocabulary, which for a batch of rows cost about as much as a decoding step.
-    """
-    cumulative = probabilities.cumsum(dim=-1)
-    draws = torch.rand(len(probabilities), 1) * cumulative[:, -1:]
-    # right=True: the first word whose cumulative mass exceeds the draw; words of zero mass never win.
-    return torch.searchsorted(cumulative, draws, right=True).clamp_(max=probabilities.shape[-1] - 1)[:, 0]
-
-
-def _seen_ids(rows: list[DecodeRow]) -> torch.Tensor:
-    # Rows differ in length; repeating a row's own first id pads it without penalizing anything new.
-    sequences = [row.prompt_ids + row.tokens for row in rows]
-    longest = max(len(s) for s in sequences)
-    return torch.tensor([s + [s[0]] * (longest - len(s)) for s in sequences])
+def _penalize_repeats(scores: np.ndarray, seen: list[int], penalty: float) -> None:
+    """transformers' RepetitionPenaltyLogitsProcessor, in place: seen words get less likely."""
+    ids = np.unique(np.asarray(seen, dtype=np.int64))
+    values = scores[ids]
+    scores[ids] = np.where(values < 0, values * penalty, values / penalty)
 
 
 def decode(
     sequences: Sequences,
-    first_logits: torch.Tensor,
+    first_logits: np.ndarray,
     rows: list[DecodeRow],
     sampler: Sampler,
     on_step: Callable[[], None] | None = None,
@@ -123,7 +129,7 @@ def decode(
     active = list(range(len(rows)))  # rows still generating, in order
     logits = first_logits             # (active, vocabulary)
     while True:
-        tokens = sampler.choose(logits, [rows[i] for i in active]).tolist()  # (active,)
+        tokens = sampler.choose(logits, [rows[i] for i in active])  # (active,)
         now = time.time()
         kept: list[tuple[int, int]] = []
         for i, token in zip(active, tokens):

@@ -10,9 +10,10 @@ Two levels, both with plain values in and out:
   key/value caches, a prefix evaluated once and copied into a sequence,
   several sequences extended in one pass, and from that pass either the
   scores of chosen token ids only (the label words) or full logits (to sample
-  the next token). The torch decoder implements it (torch_model.py); a
-  llama.cpp model maps onto it directly (``llama_batch`` with a sequence id
-  per token, ``llama_memory_seq_cp`` for a prefix, logits read per output).
+  the next token), as NumPy arrays. The torch decoder implements it
+  (torch_model.py); so does llama.cpp (llama_model.py: ``llama_batch`` with a
+  sequence id per token, ``llama_memory_seq_cp`` for a prefix, logits read
+  per output).
 
 Nothing here imports torch, so the worker's parent process and the producer
 can name these types.
@@ -20,7 +21,7 @@ can name these types.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
@@ -57,10 +58,10 @@ class PassOutput(Protocol):
     """What one pass over segments gives: a row per segment, for its last token."""
 
     def scores(self, token_ids: Sequence[int]) -> Any:
-        """(segments, len(token_ids)) float32 scores of the chosen tokens only."""
+        """(segments, len(token_ids)) float32 NumPy scores of the chosen tokens only."""
 
     def logits(self) -> Any:
-        """(segments, vocabulary) float32 logits, to pick each segment's next token."""
+        """(segments, vocabulary) float32 NumPy logits, to pick each segment's next token."""
 
 
 class Sequences(Protocol):
@@ -72,8 +73,39 @@ class Sequences(Protocol):
     def extend(self, segments: Sequence[Segment]) -> PassOutput:
         """Append each segment's tokens to its sequence, in one pass."""
 
+    def release(self) -> None:
+        """Hand the sequences' cache back to the model; they are not used again."""
+
 
 class SequenceModel(Protocol):
+    #: Sequences one batch may fork at once, or None for no bound.
+    batch_row_limit: int | None
+    #: Cache tokens that the sequences of one batch may hold together beyond the
+    #: prefixes (llama.cpp's context is one fixed pool), or None for no bound.
+    batch_token_limit: int | None
+
     def new_sequences(self, rows: int, capacity: int) -> Sequences: ...
 
     def info(self) -> EngineInfo: ...
+
+
+def split_passes(segments: Sequence[Segment], budget: int) -> Iterator[list[tuple[int, list[int], bool]]]:
+    """Groups of (row, tokens, is its segment's last chunk) of at most ``budget`` tokens each, in order.
+
+    A model runs one pass per group, so a long prompt is prefilled in chunks and
+    activations stay bounded whatever the batch holds.
+    """
+    group, used = [], 0
+    for row, tokens in segments:
+        if not tokens:
+            raise ValueError(f"row {row}: a segment needs at least one token")
+        while tokens:
+            if used == budget:
+                yield group
+                group, used = [], 0
+            take = tokens[: budget - used]
+            tokens = tokens[len(take):]
+            group.append((row, take, not tokens))
+            used += len(take)
+    if group:
+        yield group

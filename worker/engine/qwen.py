@@ -1,29 +1,30 @@
 """QwenEngine: one chat model doing the service's two jobs, over any ``SequenceModel``.
 
-The orchestration is engine-neutral: prompts come from ``ChatFormat``, the
-compute from a ``SequenceModel`` (the lean torch decoder today). Plain
-dataclasses go out; the task converts them to protocol records.
+The orchestration is engine-neutral and imports no torch: prompts come from
+``ChatFormat``, the compute from a ``SequenceModel`` (the lean torch decoder,
+torch_model.py, or llama.cpp, llama_model.py). Plain dataclasses go out; the
+task converts them to protocol records.
 
 - prompt prefixes: the key/value cache of each fixed prefix (the classifier
   instructions, the chat system prompt) is computed once at load and copied
   into every job's sequence, so a job only prefills its own text;
-- the sentiment never runs the 151,936-word output layer: the last hidden
-  state is scored against the label words' rows only, in float32;
-- one answer per job: no row's numbers depend on the other rows of its pass
-  (decoder.py), so a job's label and greedy reply are the same alone or in a
-  batch.
+- the sentiment is decided by the scores of the label words' first tokens
+  only, from one pass;
+- a model whose key/value cache has a fixed size (llama.cpp) runs a batch
+  that does not fit it in waves that do.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from producer.protocol import LABEL_SETS
-from worker.engine.chat import ChatFormat
+from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.generation import DecodeRow, Sampler, decode
 from worker.engine.interface import SequenceModel, Sequences
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult, StopReason
@@ -64,9 +65,15 @@ class QwenEngine:
         self.reply_prefix = self._prefix([{"role": "system", "content": REPLY_SYSTEM_PROMPT}])
 
     @classmethod
-    def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None,
-             **options) -> QwenEngine:
-        """Load MODEL on the torch engine; ``options`` (prompt_variant, positive_threshold) go to the constructor."""
+    def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None, *,
+             engine: str = "torch", kv_cache_tokens: int = 8192, max_rows: int = 8, **options) -> QwenEngine:
+        """Load MODEL on ``engine`` ("torch" or "llama.cpp"); ``options`` (prompt_variant,
+        positive_threshold) go to the constructor. llama.cpp's one context holds ``kv_cache_tokens``
+        for up to ``max_rows`` rows at once; the torch engine sizes a cache per batch instead."""
+        if engine == "llama.cpp":
+            from worker.engine.llama_model import load_llama_engine
+
+            return load_llama_engine(cls, source, threads, kv_cache_tokens, max_rows, **options)
         from worker.engine.torch_model import load_model, release_freed_memory
 
         hf_model, tokenizer = load_model(source, dtype, threads)
@@ -85,7 +92,7 @@ class QwenEngine:
         from worker.engine.torch_model import build_sequence_model
 
         config = hf_model.generation_config
-        chat = ChatFormat(tokenizer, model_id, config.eos_token_id)
+        chat = ChatFormat(HFTokenizer(tokenizer), model_id, config.eos_token_id)
         sampler = Sampler.from_generation_config(config, chat.stop_token_ids)
         model = build_sequence_model(hf_model, dtype, chat.all_label_token_ids(), threads or 0, weights_folder)
         return cls(model, chat, model_id, dtype, sampler, **options)
@@ -122,10 +129,13 @@ class QwenEngine:
         for label_set, members in groups.items():
             prefix = self.classifier_prefixes[label_set]
             rests = [ids[len(prefix.ids):] for _, ids in members]
-            sequences = self._fork(prefix, len(rests), max(map(len, rests)))
-            scores = sequences.extend(list(enumerate(rests))).scores(self.chat.label_token_ids[label_set])
-            for (index, ids), row in zip(members, scores):
-                results[index] = self._decide(row, label_set, len(ids))
+            for wave in self._waves([len(rest) for rest in rests]):
+                with self._fork(prefix, len(wave), max(len(rests[i]) for i in wave)) as sequences:
+                    output = sequences.extend([(row, rests[i]) for row, i in enumerate(wave)])
+                    scores = output.scores(self.chat.label_token_ids[label_set])  # (wave, labels)
+                for i, row_scores in zip(wave, scores):
+                    index, ids = members[i]
+                    results[index] = self._decide(row_scores, label_set, len(ids))
         return results
 
     def _classify_uncached(self, text: str, label_set: str) -> SentimentResult | ValueError:
@@ -133,12 +143,14 @@ class QwenEngine:
         if label_set in self.unavailable_label_sets:
             return ValueError(self.unavailable_label_sets[label_set])
         ids = self.chat.encode_chat(self.chat.classifier_messages(text, label_set, self.prompt_variant))
-        sequences = self.model.new_sequences(1, len(ids))
-        scores = sequences.extend([(0, ids)]).scores(self.chat.label_token_ids[label_set])
+        with _released(self.model.new_sequences(1, len(ids))) as sequences:
+            scores = sequences.extend([(0, ids)]).scores(self.chat.label_token_ids[label_set])  # (1, labels)
         return self._decide(scores[0], label_set, len(ids))
 
-    def _decide(self, label_logits: torch.Tensor, label_set: str, prompt_tokens: int) -> SentimentResult:
-        probabilities = torch.softmax(torch.as_tensor(label_logits).float(), dim=-1).tolist()
+    def _decide(self, label_logits, label_set: str, prompt_tokens: int) -> SentimentResult:
+        scores = np.asarray(label_logits, dtype=np.float32)            # (labels,)
+        exp = np.exp(scores - scores.max())
+        probabilities = (exp / exp.sum()).tolist()
         words = LABEL_SETS[label_set]
         if len(words) == 2:
             best = 0 if probabilities[0] >= self.positive_threshold else 1
@@ -180,10 +192,10 @@ class QwenEngine:
         for row in rows:
             row.truncated = row.deadline <= now  # out of time before it began: an empty reply
         live = [i for i, row in enumerate(rows) if not row.done]
-        if live:
-            with torch.inference_mode():
-                self._generate([rows[i] for i in live], [prompts[i] for i in live],
-                               None if on_step is None else (lambda: on_step([row.tokens for row in rows])))
+        report = None if on_step is None else (lambda: on_step([row.tokens for row in rows]))
+        skip = len(self.reply_prefix.ids)
+        for wave in self._waves([len(prompts[i]) - skip + rows[i].max_new_tokens for i in live]):
+            self._generate([rows[live[i]] for i in wave], [prompts[live[i]] for i in wave], report)
         return [
             ReplyResult(
                 text=self.text_of(row.tokens),
@@ -202,9 +214,9 @@ class QwenEngine:
         skip = len(self.reply_prefix.ids)
         rests = [ids[skip:] for ids in prompts]
         budget = max(len(rest) + row.max_new_tokens for rest, row in zip(rests, rows))
-        sequences = self._fork(self.reply_prefix, len(rows), budget)
-        logits = sequences.extend(list(enumerate(rests))).logits()  # (rows, vocabulary)
-        decode(sequences, logits, rows, self.sampler, report)
+        with self._fork(self.reply_prefix, len(rows), budget) as sequences:
+            logits = sequences.extend(list(enumerate(rests))).logits()  # (rows, vocabulary)
+            decode(sequences, logits, rows, self.sampler, report)
 
     def _reply_prompt(self, text: str, history: list[tuple[str, str]]) -> list[int]:
         input_ids = self.chat.encode_chat(self.chat.reply_messages(text, history))
@@ -219,16 +231,33 @@ class QwenEngine:
     def _prefix(self, system: list[dict[str, str]]) -> PromptPrefix:
         ids = self.chat.prefix_ids(system)
         sequences = self.model.new_sequences(1, len(ids))
-        with torch.inference_mode():
-            sequences.extend([(0, ids)])
+        sequences.extend([(0, ids)])
         return PromptPrefix(tuple(ids), sequences)
 
-    def _fork(self, prefix: PromptPrefix, rows: int, extra_tokens: int) -> Sequences:
+    @contextmanager
+    def _fork(self, prefix: PromptPrefix, rows: int, extra_tokens: int) -> Iterator[Sequences]:
         """``rows`` sequences that start as copies of ``prefix``, with room for ``extra_tokens`` more each."""
-        sequences = self.model.new_sequences(rows, len(prefix.ids) + extra_tokens)
-        for row in range(rows):
-            sequences.copy_prefix(prefix.sequences, row)
-        return sequences
+        with _released(self.model.new_sequences(rows, len(prefix.ids) + extra_tokens)) as sequences:
+            for row in range(rows):
+                sequences.copy_prefix(prefix.sequences, row)
+            yield sequences
+
+    def _waves(self, needs: list[int]) -> list[list[int]]:
+        """Indexes of ``needs`` (cache tokens per row) in consecutive groups that fit the model's cache together."""
+        limit, rows = self.model.batch_token_limit, self.model.batch_row_limit
+        waves: list[list[int]] = []
+        used = 0
+        for index, need in enumerate(needs):
+            if limit is not None and need > limit:
+                raise ValueError(f"a job needs {need} key/value cache tokens; this worker holds {limit} "
+                                 "(raise KV_TOKENS_PER_JOB)")
+            if (not waves or (limit is not None and used + need > limit)
+                    or (rows is not None and len(waves[-1]) == rows)):
+                waves.append([])
+                used = 0
+            waves[-1].append(index)
+            used += need
+        return waves
 
     # --- prompt building, for tests and benchmarks ---
 
@@ -241,3 +270,12 @@ class QwenEngine:
     @property
     def tokenizer(self):
         return self.chat.tokenizer
+
+
+@contextmanager
+def _released(sequences: Sequences) -> Iterator[Sequences]:
+    """Sequences handed back to the model when the block ends (llama.cpp reuses their slots)."""
+    try:
+        yield sequences
+    finally:
+        sequences.release()

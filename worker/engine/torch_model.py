@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
 from worker.engine.decoder import KVCache, Qwen2Decoder
-from worker.engine.interface import Segment
+from worker.engine.interface import Segment, split_passes
 from worker.engine.mapped import MappedEmbedding
 from worker.engine.results import EngineInfo
 from worker.engine.weights import WEIGHT_FORMATS, weight_bytes
@@ -38,14 +38,16 @@ class TorchOutput:
         self.model = model
         self.hidden = hidden  # (segments, hidden) float32
 
-    def scores(self, token_ids: Sequence[int]) -> torch.Tensor:
+    @torch.inference_mode()
+    def scores(self, token_ids: Sequence[int]):
         rows = torch.stack([self.model.label_rows[i] for i in token_ids])  # (k, hidden)
         # A reduction per (segment, token), not a matmul: a matmul's summation order
         # may depend on how many rows it has, and a job's label must not.
-        return (self.hidden[:, None, :] * rows[None, :, :]).sum(dim=-1)   # (segments, k)
+        return (self.hidden[:, None, :] * rows[None, :, :]).sum(dim=-1).numpy()   # (segments, k)
 
-    def logits(self) -> torch.Tensor:
-        return self.model.decoder.logits(self.hidden)  # (segments, vocabulary)
+    @torch.inference_mode()
+    def logits(self):
+        return self.model.decoder.logits(self.hidden).float().numpy()  # (segments, vocabulary)
 
 
 class TorchSequences:
@@ -60,17 +62,24 @@ class TorchSequences:
     def copy_prefix(self, prefix: TorchSequences, row: int) -> None:
         self.cache.copy_row(prefix.cache, 0, row)
 
+    def release(self) -> None:
+        self.cache = None  # the cache is this object's own: the allocator takes it back
+
     @torch.inference_mode()
     def extend(self, segments: Sequence[Segment]) -> TorchOutput:
         """One or more passes of at most PASS_TOKENS tokens; a long segment is prefilled in chunks."""
         hidden = []
-        for group in _passes(segments, PASS_TOKENS):
+        for group in split_passes(segments, PASS_TOKENS):
             out = self.model.decoder(self.cache, [(row, tokens) for row, tokens, _ in group])  # (group, hidden)
             hidden.extend(out[i] for i, (_, _, last) in enumerate(group) if last)
         return TorchOutput(self.model, torch.stack(hidden))
 
 
 class TorchSequenceModel:
+    #: Each batch allocates a cache of its own (README, "Memory"): no shared pool to fit.
+    batch_row_limit = None
+    batch_token_limit = None
+
     def __init__(self, decoder: Qwen2Decoder, label_rows: dict[int, torch.Tensor], threads: int):
         self.decoder = decoder
         #: token id -> float32 row of the output layer, for the label words only.
@@ -85,24 +94,6 @@ class TorchSequenceModel:
                           kv_bytes_per_token=self.decoder.shape.kv_bytes_per_token(), threads=self.threads,
                           # float32 matmuls may sum in another order for another number of rows.
                           batch_invariant=self.decoder.fmt == "int8")
-
-
-def _passes(segments: Sequence[Segment], budget: int):
-    """Groups of (row, tokens, is its segment's last chunk) of at most ``budget`` tokens each, in order."""
-    group, used = [], 0
-    for row, tokens in segments:
-        if not tokens:
-            raise ValueError(f"row {row}: a segment needs at least one token")
-        while tokens:
-            if used == budget:
-                yield group
-                group, used = [], 0
-            take = tokens[: budget - used]
-            tokens = tokens[len(take):]
-            group.append((row, take, not tokens))
-            used += len(take)
-    if group:
-        yield group
 
 
 def check_format(fmt: str) -> None:

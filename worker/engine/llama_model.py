@@ -1,0 +1,231 @@
+"""The llama.cpp engine's model: a GGUF file run in-process by llama.cpp, through llama-cpp-python.
+
+It implements the same ``SequenceModel`` as the torch decoder, on the
+binding's low-level API, so ``QwenEngine`` keeps everything that makes the
+service ours (one-pass sentiment, prefix caches, batched decoding with a
+deadline and limits per row, partial replies):
+
+- one ``llama_context`` with one unified key/value cache of a fixed size: a
+  sequence id per job row, plus one per fixed prompt prefix;
+- a prefix is copied into a job's sequence with ``llama_memory_seq_cp``: the
+  copy shares the prefix's cells, so it costs no compute and no memory;
+- a pass is one ``llama_batch`` holding every row's new tokens, each tagged
+  with its sequence; only each segment's last token asks for logits;
+- the weights stay in the memory-mapped GGUF file in their own format (4 to
+  8 bits), run by llama.cpp's kernels for the CPU's vector extensions.
+
+Nothing here imports torch or transformers: a llama.cpp worker loads in seconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+from collections.abc import Sequence
+
+import llama_cpp
+import numpy as np
+
+from worker.engine.chat import ChatFormat
+from worker.engine.generation import Sampler
+from worker.engine.interface import Segment, split_passes
+from worker.engine.llama_vocab import LlamaVocab
+from worker.engine.results import EngineInfo
+from worker.model_source import ModelLoadError, ModelSource
+
+log = logging.getLogger("qwen_allinone.worker")
+
+#: Tokens per llama_decode call (llama.cpp splits it into micro-batches of N_UBATCH).
+N_BATCH = 2048
+N_UBATCH = 512
+#: Cache tokens set aside for the fixed prompt prefixes (five, of about 30-80 tokens each).
+PREFIX_TOKENS = 1024
+#: Sequence ids kept for the fixed prompt prefixes (one per label set, one for the reply).
+PREFIX_SEQUENCES = 8
+#: Key/value cache entries are float16.
+KV_ELEMENT_BYTES = 2
+
+
+class LlamaOutput:
+    """The last-token logits of each segment of a pass.
+
+    Rows of the final llama_decode are views of llama.cpp's own output buffer,
+    valid until the next pass; both accessors copy out of them at once.
+    """
+
+    def __init__(self, rows: list[np.ndarray]):
+        self.rows = rows  # each (vocabulary,) float32
+
+    def scores(self, token_ids: Sequence[int]) -> np.ndarray:
+        return np.stack([row[list(token_ids)] for row in self.rows])  # (segments, k): the label columns only
+
+    def logits(self) -> np.ndarray:
+        return np.stack(self.rows)  # (segments, vocabulary)
+
+
+class LlamaSequences:
+    """Sequence ids of the context, one per row, with their lengths (the next token's position)."""
+
+    def __init__(self, model: LlamaSequenceModel, seq_ids: list[int]):
+        self.model = model
+        self.seq_ids = seq_ids
+        self.lengths = [0] * len(seq_ids)
+
+    def copy_prefix(self, prefix: LlamaSequences, row: int) -> None:
+        llama_cpp.llama_memory_seq_cp(self.model.memory, prefix.seq_ids[0], self.seq_ids[row], -1, -1)
+        self.lengths[row] = prefix.lengths[0]
+
+    def extend(self, segments: Sequence[Segment]) -> LlamaOutput:
+        rows: list[np.ndarray] = []
+        for group in split_passes(segments, N_BATCH):
+            rows = [row.copy() for row in rows]  # views of the previous pass: the next one overwrites them
+            wanted = self.model.decode(self, group)  # batch positions of the segments' last tokens
+            rows.extend(self.model.output_row(i) for i in wanted)
+        return LlamaOutput(rows)
+
+    def release(self) -> None:
+        self.model.release(self)
+
+
+class LlamaSequenceModel:
+    def __init__(self, model, context, threads: int, max_rows: int):
+        self.model = model        # llama_model *
+        self.context = context    # llama_context *
+        self.memory = llama_cpp.llama_get_memory(context)
+        self.threads = threads
+        self.n_ctx = llama_cpp.llama_n_ctx(context)
+        self.vocabulary = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
+        self._free_ids = list(range(max_rows + PREFIX_SEQUENCES))
+        self._live: dict[int, LlamaSequences] = {}
+        #: Rows one batch of forked sequences may have (the prefixes keep ids of their own).
+        self.batch_row_limit = max_rows
+
+    @property
+    def batch_token_limit(self) -> int:
+        """Cache cells free now: the context's size less what the live sequences (the prefixes) hold."""
+        return self.n_ctx - sum(sum(s.lengths) for s in self._live.values())
+
+    def new_sequences(self, rows: int, capacity: int) -> LlamaSequences:
+        if rows > len(self._free_ids):
+            raise RuntimeError(f"{rows} sequences asked for, {len(self._free_ids)} free in the llama.cpp context")
+        ids, self._free_ids = self._free_ids[:rows], self._free_ids[rows:]
+        sequences = LlamaSequences(self, ids)
+        self._live[id(sequences)] = sequences
+        return sequences
+
+    def release(self, sequences: LlamaSequences) -> None:
+        if self._live.pop(id(sequences), None) is None:
+            return
+        for seq_id in sequences.seq_ids:
+            llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        self._free_ids.extend(sequences.seq_ids)
+
+    def decode(self, sequences: LlamaSequences, group: list[tuple[int, list[int], bool]]) -> list[int]:
+        """One llama_decode of ``group``'s tokens; returns the batch positions whose logits it kept."""
+        batch = self._batch
+        n, wanted = 0, []
+        for row, tokens, last in group:
+            seq_id, start = sequences.seq_ids[row], sequences.lengths[row]
+            for offset, token in enumerate(tokens):
+                batch.token[n] = token
+                batch.pos[n] = start + offset
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq_id
+                batch.logits[n] = 0
+                n += 1
+            sequences.lengths[row] = start + len(tokens)
+            if last:
+                batch.logits[n - 1] = 1
+                wanted.append(n - 1)
+        batch.n_tokens = n
+        status = llama_cpp.llama_decode(self.context, batch)
+        if status != 0:
+            reason = "its key/value cache is full (raise KV_TOKENS_PER_JOB)" if status == 1 else f"status {status}"
+            raise RuntimeError(f"llama.cpp could not run a pass of {n} tokens: {reason}")
+        return wanted
+
+    def output_row(self, position: int) -> np.ndarray:
+        pointer = llama_cpp.llama_get_logits_ith(self.context, position)
+        return np.ctypeslib.as_array(pointer, shape=(self.vocabulary,))  # a view of llama.cpp's buffer
+
+    def info(self) -> EngineInfo:
+        n_layer = llama_cpp.llama_model_n_layer(self.model)
+        head_dim = llama_cpp.llama_model_n_embd(self.model) // llama_cpp.llama_model_n_head(self.model)
+        kv_per_token = n_layer * 2 * llama_cpp.llama_model_n_head_kv(self.model) * head_dim * KV_ELEMENT_BYTES
+        return EngineInfo(name="llama.cpp", weights=weights_name(self.model),
+                          weight_bytes=llama_cpp.llama_model_size(self.model), kv_bytes_per_token=kv_per_token,
+                          threads=self.threads, batch_invariant=False)
+
+
+def weights_name(model) -> str:
+    """The GGUF file's weight type as llama.cpp names it, e.g. "Q4_K - Medium"."""
+    buffer = ctypes.create_string_buffer(256)
+    llama_cpp.llama_model_desc(model, buffer, len(buffer))
+    parts = buffer.value.decode("utf-8", "replace").split(" ", 2)  # "qwen2 494M Q4_K - Medium"
+    return parts[2] if len(parts) == 3 else buffer.value.decode("utf-8", "replace")
+
+
+# --- loading ---
+
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+
+
+@llama_cpp.llama_log_callback
+def _forward_log(level, text, _user_data):
+    # llama.cpp reports every load step; the worker log gets its warnings and errors only.
+    if level in _LOG_LEVELS and text:
+        log.log(_LOG_LEVELS[level], "llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
+
+
+def load_llama_engine(engine_class, source: ModelSource, threads: int | None, kv_cache_tokens: int,
+                      max_rows: int, **options):
+    """A QwenEngine over a llama.cpp model of MODEL's GGUF file, with ``kv_cache_tokens`` for batches."""
+    if source.gguf_file is None:
+        raise ModelLoadError(f"MODEL={source.model_id!r} is not a .gguf file: ENGINE=llama.cpp runs GGUF "
+                             "models (use ENGINE=torch for a model folder)")
+    llama_cpp.llama_log_set(_forward_log, ctypes.c_void_p())
+    llama_cpp.llama_backend_init()
+    threads = threads or 1
+    model = _load_model(source)
+    vocab = LlamaVocab(model)
+    chat = ChatFormat(vocab, source.model_id, _generation_config(source).get("eos_token_id") or ())
+    sampler = Sampler.from_generation_config(_generation_config(source), chat.stop_token_ids)
+    context = _new_context(model, source, threads, PREFIX_TOKENS + max(kv_cache_tokens, 1), max_rows)
+    sequence_model = LlamaSequenceModel(model, context, threads, max_rows)
+    return engine_class(sequence_model, chat, source.model_id, f"gguf:{weights_name(model)}", sampler, **options)
+
+
+def _load_model(source: ModelSource):
+    params = llama_cpp.llama_model_default_params()
+    params.use_mmap = True  # the weights stay in the file's pages: shared, and read only when used
+    model = llama_cpp.llama_model_load_from_file(str(source.folder / source.gguf_file).encode(), params)
+    if not model:
+        raise ModelLoadError(f"MODEL={source.model_id!r} could not be loaded by llama.cpp (see the log above)")
+    return model
+
+
+def _new_context(model, source: ModelSource, threads: int, n_ctx: int, max_rows: int):
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = N_BATCH
+    params.n_ubatch = N_UBATCH
+    # One pool of cells for every sequence: a prefix copy shares cells instead of duplicating them.
+    params.kv_unified = True
+    params.n_seq_max = max_rows + PREFIX_SEQUENCES
+    params.n_threads = params.n_threads_batch = threads
+    context = llama_cpp.llama_init_from_model(model, params)
+    if not context:
+        raise ModelLoadError(f"MODEL={source.model_id!r}: llama.cpp could not create a context of "
+                             f"{n_ctx} tokens (BATCH_MAX x KV_TOKENS_PER_JOB)")
+    return context
+
+
+def _generation_config(source: ModelSource) -> dict:
+    """The sampling defaults a generation_config.json beside the GGUF file gives, if there is one."""
+    path = source.folder / "generation_config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
