@@ -15,6 +15,7 @@ import sys
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_shutdown
+from pydantic import ValidationError
 
 from producer.protocol import CELERY_WIRE_CONFIG
 from worker.model_source import ModelLoadError
@@ -56,7 +57,7 @@ def celery_config(settings: WorkerSettings) -> dict:
 
 
 def create_app(settings: WorkerSettings | None = None) -> Celery:
-    settings = settings or WorkerSettings()
+    settings = settings or _settings_from_environment()
     app = Celery("qwen-allinone")
     app.conf.update(celery_config(settings))
     runtime = WorkerRuntime(settings)
@@ -94,6 +95,17 @@ def _connect_model_loading(runtime: WorkerRuntime) -> None:
         # The SIGTERM above is a warm shutdown, which exits 0; a failed start must not.
         if load_failed.value:
             os._exit(1)
+
+
+def _settings_from_environment() -> WorkerSettings:
+    """The settings, or the worker stops with one line per bad setting (its variable, what it accepts)."""
+    try:
+        return WorkerSettings()
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper() or 'settings'}={e.get('input')!r}: {e['msg']}"
+                             for e in err.errors())
+        _die(problems)
+        raise  # not reached: _die exits
 
 
 def _die(message: str) -> None:

@@ -300,10 +300,16 @@ def cmd_peers(args: argparse.Namespace) -> int:
         jobs_per_client=args.jobs_per_client, reply_tokens=args.reply_tokens)
     examples = balanced_sample(read_rows(Path(args.data)), 400, seed=1)
     texts = [e.text for e in examples if len(e.text) <= 40][:100]  # short Chinese reviews, as in `batching`
-    ours = peers.measure_service(config, texts)
-    weight_bytes, bandwidth = peers.measure_engine_in_process(config, ours)
+    from worker.bench.micro import memory_bandwidth_gbps
+
+    engines = [e for e in peers.our_engines(config) if e.engine in args.engines.split(",")]
+    subjects, weight_bytes = [], {}
+    for engine in engines:  # one system at a time: two cores
+        subjects.append(peers.measure_service(config, engine, texts))
+        weight_bytes[engine.name] = peers.measure_engine_in_process(config, engine, subjects[-1])
     llama, llama_info = peers.measure_llama_server(config, texts)
-    print("\n".join(peers.report(config, [ours, llama], machine_line(), llama_info, weight_bytes, bandwidth)))
+    lines = peers.report(config, [*subjects, llama], machine_line(), llama_info, weight_bytes, memory_bandwidth_gbps())
+    print("\n".join(lines))
     return 0
 
 
@@ -421,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", required=True, help="the .gguf file llama-server runs")
     p.add_argument("--hf", required=True, help="the same weights as a Hugging Face folder (get_real_qwen.py --hf)")
     p.add_argument("--llama-bin", required=True, help="folder of llama-server and llama-batched-bench")
-    p.add_argument("--dtype", default="int8")
+    p.add_argument("--dtype", default="int8", help="the torch engine's DTYPE")
+    p.add_argument("--engines", default="llama.cpp,torch", help="which of our engines to run, in this order")
     p.add_argument("--threads", type=int, default=available_cores())
     p.add_argument("--concurrency", default="1,8")
     p.add_argument("--jobs-per-client", type=int, default=6)

@@ -55,7 +55,9 @@ def prefill_ms(engine, tokens: int = 34, repeats: int = 5) -> float:
         sequences = engine.model.new_sequences(1, tokens)
         started = time.perf_counter()
         sequences.extend([(0, ids)]).logits()
-        return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        sequences.release()
+        return elapsed
 
     once()  # warm-up
     return 1000 * _median([once() for _ in range(repeats)])

@@ -4,7 +4,8 @@ Both are driven as a user would drive them, by closed-loop clients measured
 on the client side (submit to final answer):
 
 - this service: ``Client.submit`` then ``Client.wait`` against real Celery
-  workers (the torch engine on the GGUF's Hugging Face folder);
+  workers, once with the llama.cpp engine on the GGUF file itself and once
+  with the torch engine on the GGUF's Hugging Face folder;
 - llama-server (``-np 8``): per job, a one-token completion of the classifier
   prompt with its token probabilities, then the chat reply with ``ignore_eos``
   and a fixed length, the two requests a user's script would make.
@@ -220,16 +221,31 @@ class PeersConfig:
     reply_tokens: int = 45
 
 
-def measure_service(config: PeersConfig, texts: list[str]) -> Subject:
+@dataclass(frozen=True)
+class OurEngine:
+    """One of our engines as ``bench peers`` runs it: its name in the tables, MODEL, ENGINE and DTYPE."""
+
+    name: str
+    model: Path
+    engine: str
+    dtype: str
+
+
+def our_engines(config: PeersConfig) -> list[OurEngine]:
+    return [OurEngine("this service, llama.cpp engine", config.gguf, "llama.cpp", config.dtype),
+            OurEngine(f"this service, torch engine, DTYPE={config.dtype}", config.hf_folder, "torch", config.dtype)]
+
+
+def measure_service(config: PeersConfig, engine: OurEngine, texts: list[str]) -> Subject:
     """This service through the queue: one worker (BATCH_MAX 8), closed-loop clients."""
     from producer import Client
     from producer.protocol import JobStatus
     from producer.settings import ProducerSettings
     from worker.bench.service import start_workers
 
-    subject = Subject(f"this service, torch engine, DTYPE={config.dtype}")
-    workers = start_workers(str(config.hf_folder), config.dtype, 1, config.threads, config.redis_url,
-                            env={"BATCH_MAX": "8"})
+    subject = Subject(engine.name)
+    workers = start_workers(str(engine.model), engine.dtype, 1, config.threads, config.redis_url,
+                            env={"BATCH_MAX": "8", "ENGINE": engine.engine})
     subject.start_s = workers.start_s
     client = Client(settings=ProducerSettings(redis_url=config.redis_url, job_timeout_s=300, queue_timeout_s=3600))
 
@@ -252,21 +268,22 @@ def measure_service(config: PeersConfig, texts: list[str]) -> Subject:
     return subject
 
 
-def measure_engine_in_process(config: PeersConfig, subject: Subject) -> tuple[int, float]:
-    """Decode per step at 1 and 8 rows and prefill, in this process; (weight bytes, bandwidth GB/s)."""
+def measure_engine_in_process(config: PeersConfig, engine: OurEngine, subject: Subject) -> int:
+    """Decode per step at 1 and 8 rows and prefill, in this process; returns the engine's weight bytes."""
     import gc
 
-    from worker.bench.micro import decode_ms_per_token, memory_bandwidth_gbps, prefill_ms
-    from worker.engine.qwen import QwenEngine
+    from worker.bench.micro import decode_ms_per_token, prefill_ms
+    from worker.engine import load_engine
     from worker.model_source import resolve_model_source
 
-    engine = QwenEngine.load(resolve_model_source(str(config.hf_folder)), config.dtype, config.threads)
-    subject.decode_ms = {rows: decode_ms_per_token(engine, rows=rows) for rows in (1, 8)}
-    subject.prefill_ms = prefill_ms(engine, tokens=34)
-    weight_bytes = engine.info().weight_bytes
-    del engine
+    loaded = load_engine(resolve_model_source(str(engine.model)), engine.dtype, config.threads, engine=engine.engine,
+                         max_rows=8)
+    subject.decode_ms = {rows: decode_ms_per_token(loaded, rows=rows) for rows in (1, 8)}
+    subject.prefill_ms = prefill_ms(loaded, tokens=34)
+    weight_bytes = loaded.info().weight_bytes
+    del loaded
     gc.collect()
-    return weight_bytes, memory_bandwidth_gbps()
+    return weight_bytes
 
 
 def measure_llama_server(config: PeersConfig, texts: list[str]) -> tuple[Subject, str]:
@@ -290,12 +307,12 @@ def measure_llama_server(config: PeersConfig, texts: list[str]) -> tuple[Subject
 
 
 def report(config: PeersConfig, subjects: list[Subject], machine: str, llama_info: str,
-           weight_bytes: int, bandwidth_gbps: float) -> list[str]:
-    ours, peer = subjects[0], subjects[-1]
-    floor_ms = 1000 * weight_bytes / (bandwidth_gbps * 1e9)
+           weight_bytes: dict[str, int], bandwidth_gbps: float) -> list[str]:
+    """The tables; ``subjects`` are ours, then llama-server last; ``weight_bytes`` by subject name."""
+    *ours, peer = subjects
     lines = [f"# bench peers, {time.strftime('%Y-%m-%d %H:%M')}", f"machine: {machine}",
              f"llama.cpp build: {llama_info}",
-             (f"weights: {config.gguf.name} (llama.cpp) and its Hugging Face folder (torch engine); "
+             (f"weights: {config.gguf.name} (llama.cpp engine, llama-server) and its Hugging Face folder (torch engine); "
               f"{config.threads} threads each; replies fixed at {config.reply_tokens} tokens; "
               f"closed loop, {config.jobs_per_client} jobs per client; latency measured by the client"), "",
              "| system | concurrency | jobs | jobs/min | p50 ms | p95 ms | failed |", "|---|---|---|---|---|---|---|"]
@@ -306,9 +323,17 @@ def report(config: PeersConfig, subjects: list[Subject], machine: str, llama_inf
         lines.append(f"| {s.name} | {s.start_s:.1f} | {s.rss_after_load / 2**20:.0f} MiB | "
                      f"{s.rss_peak / 2**20:.0f} MiB | {s.decode_ms.get(1, 0):.1f} | {s.decode_ms.get(8, 0):.1f} | "
                      f"{s.prefill_ms or 0:.0f} |")
-    by_level = {(s.name, loop.concurrency): loop for s in subjects for loop in s.loops}
-    lines += ["", (f"read bandwidth {bandwidth_gbps:.1f} GB/s; the torch engine's weights {weight_bytes / 1e6:.0f} "
-                   f"MB -> bandwidth floor {floor_ms:.1f} ms/token"), "", "ratios, ours / llama-server:"]
+    lines += ["", f"read bandwidth {bandwidth_gbps:.1f} GB/s"]
+    for s in ours:
+        lines += ratios(config, s, peer, weight_bytes[s.name], bandwidth_gbps)
+    return lines
+
+
+def ratios(config: PeersConfig, ours: Subject, peer: Subject, weight_bytes: int, bandwidth_gbps: float) -> list[str]:
+    floor_ms = 1000 * weight_bytes / (bandwidth_gbps * 1e9)
+    lines = ["", f"{ours.name}: weights {weight_bytes / 1e6:.0f} MB -> bandwidth floor {floor_ms:.1f} ms/token; "
+             "ratios to llama-server:"]
+    by_level = {(s.name, loop.concurrency): loop for s in (ours, peer) for loop in s.loops}
     for level in config.levels:
         a, b = by_level[(ours.name, level)], by_level[(peer.name, level)]
         lines.append(f"- concurrency {level}: p50 {percentile(a.latencies_ms, 50) / percentile(b.latencies_ms, 50):.2f}, "

@@ -33,14 +33,13 @@ from worker.engine.interface import Segment, split_passes
 from worker.engine.llama_vocab import LlamaVocab
 from worker.engine.results import EngineInfo
 from worker.model_source import ModelLoadError, ModelSource
+from worker.prompts import DEFAULT_CLASSIFIER_PROMPT
 
 log = logging.getLogger("qwen_allinone.worker")
 
 #: Tokens per llama_decode call (llama.cpp splits it into micro-batches of N_UBATCH).
 N_BATCH = 2048
 N_UBATCH = 512
-#: Cache tokens set aside for the fixed prompt prefixes (five, of about 30-80 tokens each).
-PREFIX_TOKENS = 1024
 #: Sequence ids kept for the fixed prompt prefixes (one per label set, one for the reply).
 PREFIX_SEQUENCES = 8
 #: Key/value cache entries are float16.
@@ -104,7 +103,8 @@ class LlamaSequenceModel:
 
     @property
     def batch_token_limit(self) -> int:
-        """Cache cells free now: the context's size less what the live sequences (the prefixes) hold."""
+        """Cache cells free now: the context's size (rounded up to 256 by llama.cpp) less what the
+        live sequences (the prefixes) hold."""
         return self.n_ctx - sum(sum(s.lengths) for s in self._live.values())
 
     def new_sequences(self, rows: int, capacity: int) -> LlamaSequences:
@@ -192,7 +192,10 @@ def load_llama_engine(engine_class, source: ModelSource, threads: int | None, kv
     vocab = LlamaVocab(model)
     chat = ChatFormat(vocab, source.model_id, _generation_config(source).get("eos_token_id") or ())
     sampler = Sampler.from_generation_config(_generation_config(source), chat.stop_token_ids)
-    context = _new_context(model, source, threads, PREFIX_TOKENS + max(kv_cache_tokens, 1), max_rows)
+    # The cache holds the fixed prefixes (computed once at load) and the batches' own tokens.
+    variant = options.get("prompt_variant", DEFAULT_CLASSIFIER_PROMPT)
+    prefix_tokens = sum(len(chat.prefix_ids(system)) for system in engine_class.prefix_systems(chat, variant))
+    context = _new_context(model, source, threads, prefix_tokens + kv_cache_tokens, max_rows)
     sequence_model = LlamaSequenceModel(model, context, threads, max_rows)
     return engine_class(sequence_model, chat, source.model_id, f"gguf:{weights_name(model)}", sampler, **options)
 

@@ -36,6 +36,7 @@ from worker.prompts import (
     REPLY_SYSTEM_PROMPT,
 )
 
+
 @dataclass(frozen=True)
 class PromptPrefix:
     """A fixed start of a prompt and its one-sequence cache, computed once and only ever copied from."""
@@ -59,10 +60,15 @@ class QwenEngine:
         #: Two-class sets answer positive when its probability is at least this.
         self.positive_threshold = positive_threshold
         self.unavailable_label_sets = chat.unavailable_label_sets
-        self.classifier_prefixes = {
-            name: self._prefix(chat.classifier_messages("x", name, prompt_variant)[:1]) for name in LABEL_SETS
-        }
-        self.reply_prefix = self._prefix([{"role": "system", "content": REPLY_SYSTEM_PROMPT}])
+        *classifier, reply = self.prefix_systems(chat, prompt_variant)
+        self.classifier_prefixes = {name: self._prefix(system) for name, system in zip(LABEL_SETS, classifier)}
+        self.reply_prefix = self._prefix(reply)
+
+    @staticmethod
+    def prefix_systems(chat: ChatFormat, prompt_variant: str) -> list[list[dict[str, str]]]:
+        """The system messages of the fixed prefixes: one per label set (in LABEL_SETS order), then the reply's."""
+        return [*(chat.classifier_messages("x", name, prompt_variant)[:1] for name in LABEL_SETS),
+                [{"role": "system", "content": REPLY_SYSTEM_PROMPT}]]
 
     @classmethod
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None, *,
