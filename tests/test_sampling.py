@@ -1,0 +1,69 @@
+"""The NumPy sampler both engines share: greedy, temperature, top-k/top-p and the repetition penalty."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+
+from worker.engine.generation import DecodeRow, Sampler, _draw, _penalize_repeats
+
+STOP = 3
+
+
+def row(temperature: float = 0.0, min_new_tokens: int = 0, prompt=(5, 6)) -> DecodeRow:
+    return DecodeRow(max_new_tokens=10, min_new_tokens=min_new_tokens, temperature=temperature,
+                     deadline=float("inf"), prompt_ids=list(prompt))
+
+
+def test_greedy_takes_the_largest_and_min_new_tokens_hides_the_stop_token():
+    logits = np.array([[0.0, 1.0, 2.0, 9.0, 0.5]], dtype=np.float32)
+    sampler = Sampler((STOP,))
+    assert sampler.choose(logits, [row()]) == [STOP]
+    assert sampler.choose(logits, [row(min_new_tokens=1)]) == [2]
+    assert logits[0, STOP] == 9.0  # the caller's logits are left as they were
+
+
+def test_draws_follow_the_distribution_and_never_pick_a_word_of_zero_weight():
+    weights = np.zeros(5000, dtype=np.float32)
+    weights[[0, 1500, 2047, 4999]] = [0.1, 0.2, 0.3, 0.4]
+    rng = np.random.default_rng(0)
+    picks = np.bincount([_draw(weights, rng.random()) for _ in range(20_000)], minlength=len(weights))
+    assert picks.sum() == picks[[0, 1500, 2047, 4999]].sum()
+    assert picks[[0, 1500, 2047, 4999]] / 20_000 == pytest.approx([0.1, 0.2, 0.3, 0.4], abs=0.015)
+    assert _draw(weights, 0.0) == 0 and _draw(weights, 1.0) == 4999  # the ends of [0, 1]
+
+
+def test_top_k_and_top_p_keep_the_words_transformers_keeps():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(1, 400)).astype(np.float32)
+    for top_k, top_p in [(20, None), (None, 0.8), (50, 0.9)]:
+        expected = torch.from_numpy(scores.copy())
+        if top_k:
+            expected = TopKLogitsWarper(top_k)(None, expected)
+        if top_p:
+            expected = TopPLogitsWarper(top_p)(None, expected)
+        allowed = set(np.flatnonzero(np.isfinite(expected.numpy()[0])))
+        sampler = Sampler((STOP,), top_k=top_k, top_p=top_p, rng=np.random.default_rng(2))
+        picks = {sampler.choose(scores, [row(temperature=1.0)])[0] for _ in range(300)}
+        assert picks <= allowed and len(picks) > 1
+
+
+def test_the_repetition_penalty_is_transformers_own():
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=50).astype(np.float32)
+    seen = [1, 4, 4, 7, 49]
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seen]), torch.from_numpy(scores.copy()[None]))
+    _penalize_repeats(scores, seen, 1.3)
+    assert np.array_equal(scores, expected.numpy()[0])
+
+
+def test_settings_come_from_a_generation_config_object_or_its_json():
+    class Config:
+        top_k, top_p, repetition_penalty = 20, 0.8, 1.05
+
+    from_object = Sampler.from_generation_config(Config(), [STOP])
+    from_json = Sampler.from_generation_config({"top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}, [STOP])
+    assert from_object == from_json == Sampler((STOP,), top_k=20, top_p=0.8, repetition_penalty=1.05)
+    assert Sampler.from_generation_config({}, [STOP]) == Sampler((STOP,))
