@@ -9,12 +9,18 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 
 # The CPU wheel first: from PyPI, torch is a multi-GB CUDA build.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<2.14"
+RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch>=2.5,<2.15"
 
+# `--build-arg EXTRAS=worker,llama` adds the llama.cpp engine. It compiles llama.cpp
+# (a few minutes) for the vector extensions of the machine that builds the image.
+ARG EXTRAS=worker
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install ".[worker]"
+RUN case ",$EXTRAS," in *,llama,*) \
+        apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+        && rm -rf /var/lib/apt/lists/* ;; esac \
+    && CMAKE_ARGS="-DLLAVA_BUILD=OFF" pip install ".[$EXTRAS]"
 
 RUN useradd --create-home --uid 1000 app && mkdir -p /hf-cache && chown app /hf-cache
 USER app

@@ -50,6 +50,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     examples = balanced_sample(read_rows(Path(args.data)), args.n, args.seed)
     source = resolve_model_source(args.model)
     rows = [measure_accuracy(source, dtype, examples, args.threads) for dtype in args.dtypes.split(",")]
+    if args.gguf:
+        rows.append(measure_accuracy(resolve_model_source(args.gguf), "", examples, args.threads, engine="llama.cpp"))
     if args.original:
         rows.append(measure_original_accuracy(source, examples, args.threads))
     print(f"\nsentiment accuracy, {args.n} balanced reviews of {Path(args.data).name} (seed {args.seed}); "
@@ -345,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("accuracy", help="sentiment accuracy per DTYPE on a fixed balanced sample")
     p.add_argument("--model", required=True, help="model folder or .gguf file")
     p.add_argument("--dtypes", default="float32,bfloat16,int8")
+    p.add_argument("--gguf", help="also this .gguf file on the llama.cpp engine (the same weights as --model)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV with label,review columns")
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)

@@ -22,14 +22,16 @@ class AccuracyRow:
     load_s: float
 
 
-def measure_accuracy(source: ModelSource, dtype: str, examples: list[Row], threads: int) -> AccuracyRow:
-    """The engine as the worker builds it by default, at the DTYPE given."""
-    from worker.engine.qwen import QwenEngine
+def measure_accuracy(source: ModelSource, dtype: str, examples: list[Row], threads: int,
+                     engine: str = "torch") -> AccuracyRow:
+    """The engine as the worker builds it by default, at the DTYPE given (llama.cpp: the GGUF's own)."""
+    from worker.engine import load_engine
 
     started = time.perf_counter()
-    engine = QwenEngine.load(source, dtype, threads)
+    loaded = load_engine(source, dtype, threads, engine=engine)
     load_s = time.perf_counter() - started
-    return _score(dtype, lambda text: engine.classify(text, "zh").label, examples, load_s)
+    name = f"llama.cpp, {loaded.dtype_name}" if engine == "llama.cpp" else dtype
+    return _score(name, lambda text: loaded.classify_batch([(text, "zh")])[0].label, examples, load_s)
 
 
 def measure_original_accuracy(source: ModelSource, examples: list[Row], threads: int) -> AccuracyRow:
