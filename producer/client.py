@@ -204,11 +204,25 @@ class Client:
                 raise WaitTimeout(job_id, timeout, record.status.value)
             time.sleep(poll_interval)
 
-    def wait(self, job_id: str, timeout: float = 120.0, poll_interval: float = 0.2) -> JobRecord:
-        """Poll until the job is final and return its record."""
-        record = None
-        for record in self.watch(job_id, timeout, poll_interval):
-            pass
-        assert record is not None
-        return record
+    def wait(self, job_id: str, timeout: float = 120.0, poll_interval: float = 1.0) -> JobRecord:
+        """Block until the job is final and return its record.
+
+        The worker's final write wakes the wait at once (a Redis BLPOP on the
+        job's done signal, no polling); the record is re-read at least every
+        ``poll_interval`` seconds all the same. Raises JobNotFound for an
+        unknown or expired id, WaitTimeout after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            record = self.get(job_id)
+            if record is None:
+                raise JobNotFound(job_id)
+            if record.status.is_final:
+                return record
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(job_id, timeout, record.status.value)
+            # Within the socket timeout (5 s): a blocked read must not look like a dead connection.
+            with self._broker_errors():
+                self.store.wait_until_final(job_id, max(0.01, min(left, poll_interval, 4.0)))
 

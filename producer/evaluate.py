@@ -99,7 +99,7 @@ def run_eval(client: Client, rows: list[Row], labels: str, concurrency: int = 1,
         job_id = None
         try:
             job_id = client.submit(row.text, labels=labels, max_new_tokens=reply_tokens, temperature=0.0)
-            record = client.wait(job_id, timeout=timeout, poll_interval=0.02)
+            record = client.wait(job_id, timeout=timeout)
         except ProducerError as err:  # QueueFull, WaitTimeout, ...: this row fails, the eval goes on
             results[index] = Prediction(text=row.text, gold=words[row.gold], predicted=None, confidence=None,
                                         p_positive=None, status=type(err).__name__, sentiment_ms=None,

@@ -56,6 +56,18 @@ def pending_turns_key(conversation_id: str) -> str:
     return f"{KEY_PREFIX}:turns:{conversation_id}"
 
 
+def done_key(job_id: str) -> str:
+    """A list that gets one item in the same transaction as the job's final record.
+
+    ``Client.wait`` blocks on it (BLPOP) instead of polling the record.
+    """
+    return f"{KEY_PREFIX}:done:{job_id}"
+
+
+#: How long a job's done signal outlives its final record's write.
+DONE_SIGNAL_TTL_S = 60
+
+
 def batch_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:batch:{job_id}"
 

@@ -18,6 +18,7 @@ from redis.retry import Retry
 
 from producer.errors import UnreadableRecord
 from producer.protocol import (
+    DONE_SIGNAL_TTL_S,
     METRICS_JOBS_KEY,
     QUEUE_NAME,
     STAGES,
@@ -26,6 +27,7 @@ from producer.protocol import (
     batch_key,
     bucket_field,
     conversation_key,
+    done_key,
     job_key,
     metrics_counted_key,
     metrics_stage_key,
@@ -92,10 +94,25 @@ class JobStore:
                         return False
                     pipe.multi()
                     pipe.set(key, record.to_json(), ex=self.ttl_s)
+                    if record.status.is_final:  # wakes the clients blocked in wait_until_final
+                        pipe.rpush(done_key(record.job_id), 1)
+                        pipe.expire(done_key(record.job_id), DONE_SIGNAL_TTL_S)
                     pipe.execute()
                     return True
                 except redis.WatchError:
                     continue
+
+    def wait_until_final(self, job_id: str, timeout_s: float) -> bool:
+        """Block until the job's record turns final or ``timeout_s`` passes; True if it did.
+
+        The signal is put back for any other client waiting on the same job.
+        """
+        key = done_key(job_id)
+        if self.redis.blpop([key], timeout=timeout_s) is None:
+            return False
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, 1).expire(key, DONE_SIGNAL_TTL_S).execute()
+        return True
 
     def delete(self, job_id: str) -> None:
         self.redis.delete(job_key(job_id))

@@ -133,3 +133,28 @@ def test_unreadable_record_is_a_clear_error(client, fake):
     fake.set(job_key(job_id), '{"job_id": "x", "status": "from-the-future"}')
     with pytest.raises(UnreadableRecord, match=f"record of job {job_id} is unreadable"):
         client.get(job_id)
+
+
+def test_wait_wakes_on_the_final_write_without_polling(redis_url, redis_client):
+    """The store's final write signals the waiting client at once; it never re-reads on a timer in between."""
+    from producer.store import JobStore
+
+    store = JobStore(redis_client, ttl_s=60)
+    record = JobRecord(job_id=new_job_id(), status=JobStatus.RUNNING, request={"text": "hi"},
+                       submitted_at=time.time())
+    store.put(record)
+    final = record.model_copy(update={"status": JobStatus.SUCCEEDED, "reply": "好的"})
+    waiters, results = [], []
+    with Client(settings=ProducerSettings(redis_url=redis_url)) as client:
+        for _ in range(2):  # two clients waiting on one job both wake
+            waiters.append(threading.Thread(
+                target=lambda: results.append(client.wait(record.job_id, timeout=20, poll_interval=30))))
+            waiters[-1].start()
+        time.sleep(0.3)
+        written = time.monotonic()
+        store.put(final)
+        for waiter in waiters:
+            waiter.join(10)
+        woke_after = time.monotonic() - written
+    assert [r.status for r in results] == [JobStatus.SUCCEEDED] * 2
+    assert woke_after < 2  # with poll_interval=30 only the signal can have woken them

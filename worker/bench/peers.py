@@ -252,7 +252,7 @@ def measure_service(config: PeersConfig, engine: OurEngine, texts: list[str]) ->
     def job(text: str) -> None:
         job_id = client.submit(text, max_new_tokens=config.reply_tokens, min_new_tokens=config.reply_tokens,
                                temperature=0.7)
-        record = client.wait(job_id, timeout=1800, poll_interval=0.02)
+        record = client.wait(job_id, timeout=1800)
         if record.status is not JobStatus.SUCCEEDED:
             raise RuntimeError(f"job {job_id} ended {record.status.value}")
 

@@ -178,7 +178,7 @@ def run_level(redis_url: str, texts: list[str], concurrency: int, jobs: int, rep
                 try:
                     job_id = client.submit(texts[i % len(texts)], max_new_tokens=reply_tokens,
                                            min_new_tokens=reply_tokens, temperature=0.7)
-                    record = client.wait(job_id, timeout=1800, poll_interval=0.02)
+                    record = client.wait(job_id, timeout=1800)
                 except Exception as err:  # counted, reported with its cause
                     with lock:
                         exceptions[type(err).__name__] += 1

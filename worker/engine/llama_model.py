@@ -42,8 +42,11 @@ N_BATCH = 2048
 N_UBATCH = 512
 #: Sequence ids kept for the fixed prompt prefixes (one per label set, one for the reply).
 PREFIX_SEQUENCES = 8
-#: Key/value cache entries are float16.
-KV_ELEMENT_BYTES = 2
+#: Key/value cache entries in llama.cpp's q8_0 (blocks of 32 int8 values and a float16 scale):
+#: half of float16's memory, at no measured cost in speed or accuracy (BENCHMARKS.md). A quantized
+#: V cache needs flash attention; a head size that is not a multiple of 32 keeps float16.
+Q8_0_BLOCK = 32
+KV_BYTES_PER_ELEMENT = {llama_cpp.GGML_TYPE_Q8_0: 34 / 32, llama_cpp.GGML_TYPE_F16: 2.0}
 
 
 class LlamaOutput:
@@ -152,11 +155,20 @@ class LlamaSequenceModel:
 
     def info(self) -> EngineInfo:
         n_layer = llama_cpp.llama_model_n_layer(self.model)
-        head_dim = llama_cpp.llama_model_n_embd(self.model) // llama_cpp.llama_model_n_head(self.model)
-        kv_per_token = n_layer * 2 * llama_cpp.llama_model_n_head_kv(self.model) * head_dim * KV_ELEMENT_BYTES
+        head_dim = _head_dim(self.model)
+        element_bytes = KV_BYTES_PER_ELEMENT[kv_cache_type(self.model)]
+        kv_per_token = round(n_layer * 2 * llama_cpp.llama_model_n_head_kv(self.model) * head_dim * element_bytes)
         return EngineInfo(name="llama.cpp", weights=weights_name(self.model),
                           weight_bytes=llama_cpp.llama_model_size(self.model), kv_bytes_per_token=kv_per_token,
                           threads=self.threads, batch_invariant=False)
+
+
+def _head_dim(model) -> int:
+    return llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
+
+
+def kv_cache_type(model) -> int:
+    return llama_cpp.GGML_TYPE_Q8_0 if _head_dim(model) % Q8_0_BLOCK == 0 else llama_cpp.GGML_TYPE_F16
 
 
 def weights_name(model) -> str:
@@ -216,6 +228,8 @@ def _new_context(model, source: ModelSource, threads: int, n_ctx: int, max_rows:
     params.n_ubatch = N_UBATCH
     # One pool of cells for every sequence: a prefix copy shares cells instead of duplicating them.
     params.kv_unified = True
+    params.type_k = params.type_v = kv_cache_type(model)
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     params.n_seq_max = max_rows + PREFIX_SEQUENCES
     params.n_threads = params.n_threads_batch = threads
     context = llama_cpp.llama_init_from_model(model, params)
