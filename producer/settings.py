@@ -41,6 +41,8 @@ class ApiSettings(ProducerSettings):
     api_key: SecretStr | None = None
     #: An events stream (SSE) closes with a ``timeout`` event after this long; the job goes on.
     events_timeout_s: float = Field(900.0, gt=0)
+    #: Request bodies over this many bytes get 413 before they are read whole.
+    max_body_bytes: int = Field(64 * 1024, ge=1024)
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -24,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model, field_validator
 
 from producer.api.events import job_events
+from producer.api.limits import BodyLimit, BodyTooLarge, printable_errors, too_large_response
 from producer.api.metrics import build_registry
 from producer.client import Client
 from producer.errors import BrokerUnavailable, InvalidRequest, QueueFull, UnreadableRecord
@@ -91,7 +93,8 @@ class UnreadableBody(BaseModel):
 
 
 class ApiError(BaseModel):
-    code: Literal["unauthorized", "not_found", "queue_full", "broker_unavailable", "unreadable_record"]
+    code: Literal["unauthorized", "not_found", "queue_full", "broker_unavailable", "unreadable_record",
+                  "body_too_large"]
     message: str
 
 
@@ -122,7 +125,16 @@ def _body_field(field: str) -> str:
     return field.removeprefix("options.")
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def unvalidated(_: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422, with inputs it could not print as JSON (inf, NaN, lone surrogates) left out.
+        return JSONResponse({"detail": printable_errors(list(err.errors()))}, status_code=422)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
+        return too_large_response(max_body_bytes)
+
     @app.exception_handler(ApiProblem)
     async def problem(_: Request, err: ApiProblem) -> JSONResponse:
         return _problem_response(err.status, err.code, err.message, err.headers)
@@ -182,7 +194,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         description="Sentiment (正面/负面) and an empathetic reply from one small Qwen model, through a queue.",
         lifespan=lifespan,
     )
-    _add_error_handlers(app)
+    _add_error_handlers(app, settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Needed when API_KEY is set")
 
@@ -206,6 +219,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         status_code=202,
         responses={
             400: {"model": UnreadableBody, "description": "The body cannot be parsed (not JSON, or not UTF-8)"},
+            413: {"model": ApiError, "description": "The body is over MAX_BODY_BYTES (body_too_large)"},
             503: {"model": ApiError, "description": "Queue full (queue_full) or Redis unreachable "
                                                     "(broker_unavailable); Retry-After says when to retry"},
         },
