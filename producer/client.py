@@ -150,6 +150,13 @@ class Client:
             yield
         except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
             raise BrokerUnavailable(f"broker unreachable at {self._safe_url()}: {err}") from err
+        except redis.ResponseError as err:
+            refusal = _refusal(err)
+            if refusal is None:
+                raise
+            # Full (maxmemory with noeviction), a replica, or a failed snapshot: nothing was
+            # written, and retrying later can succeed, as with an outage.
+            raise BrokerUnavailable(f"broker at {self._safe_url()} refuses writes: {refusal}") from err
 
     def _safe_url(self) -> str:
         # Never print a password that may be part of REDIS_URL.
@@ -226,3 +233,22 @@ class Client:
             with self._broker_errors():
                 self.store.wait_until_final(job_id, max(0.01, min(left, poll_interval, 4.0)))
 
+
+#: Redis's answers when it refuses writes for a while, and what they mean.
+_REFUSALS = {
+    "OOM": "OOM (maxmemory is reached and the policy is noeviction)",
+    "READONLY": "READONLY (it is a read-only replica)",
+    "MISCONF": "MISCONF (it cannot persist a snapshot and stops writes)",
+}
+
+
+def _refusal(err: redis.ResponseError) -> str | None:
+    """What the refusal means, or None for another error. A pipeline's error text quotes the
+    command (the user's text), so the answer names the kind of refusal only."""
+    if isinstance(err, redis.exceptions.OutOfMemoryError):
+        return _REFUSALS["OOM"]
+    if isinstance(err, redis.exceptions.ReadOnlyError):
+        return _REFUSALS["READONLY"]
+    text = str(err)
+    return next((meaning for code, meaning in _REFUSALS.items() if text.startswith(code) or f" {code} " in text),
+                None)
