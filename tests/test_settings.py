@@ -46,6 +46,13 @@ def test_visibility_timeout_must_outlast_the_hard_time_limit():
         WorkerSettings(job_timeout_s=100, time_limit_grace_s=10, visibility_timeout_s=60)
 
 
+def test_records_must_outlive_the_longest_open_job():
+    # 600 s queued + 40 s to the hard limit + 3,600 s until a dead worker's job comes back.
+    with pytest.raises(ValidationError, match=r"RESULT_TTL_S \(4000\) must be longer .*VISIBILITY_TIMEOUT_S \(4240 s\)"):
+        WorkerSettings(result_ttl_s=4000, queue_timeout_s=600, job_timeout_s=30, time_limit_grace_s=10)
+    assert WorkerSettings(result_ttl_s=4241, queue_timeout_s=600, job_timeout_s=30, time_limit_grace_s=10)
+
+
 def test_celery_config_keeps_delivery_guarantees():
     settings = WorkerSettings(job_timeout_s=30, time_limit_grace_s=10, visibility_timeout_s=300)
     conf = celery_config(settings)

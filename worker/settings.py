@@ -76,6 +76,23 @@ class WorkerSettings(ProducerSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _records_outlive_open_jobs(self) -> WorkerSettings:
+        # Otherwise a job's record could expire while the job is still queued or running,
+        # and its client would get "not found" for a job that still runs.
+        if self.result_ttl_s <= self.longest_open_s:
+            raise ValueError(
+                f"RESULT_TTL_S ({self.result_ttl_s}) must be longer than the longest time a job can stay "
+                f"open: QUEUE_TIMEOUT_S + JOB_TIMEOUT_S + TIME_LIMIT_GRACE_S + VISIBILITY_TIMEOUT_S "
+                f"({self.longest_open_s:g} s)"
+            )
+        return self
+
+    @property
+    def longest_open_s(self) -> float:
+        """Waiting, then running to the hard limit, then redelivered after a dead worker's visibility timeout."""
+        return self.queue_timeout_s + self.hard_time_limit_s + self.visibility_timeout_s
+
     @property
     def hard_time_limit_s(self) -> float:
         return self.job_timeout_s + self.time_limit_grace_s

@@ -64,7 +64,7 @@ def start_workers(model: str, dtype: str, count: int, threads: int, redis_url: s
                   env: dict[str, str] | None = None) -> Workers:
     """Start ``count`` workers; ``env`` adds or overrides worker settings (BATCH_MAX=1, ...)."""
     env = {**os.environ, "MODEL": model, "DTYPE": dtype, "TORCH_THREADS": str(threads), "REDIS_URL": redis_url,
-           "JOB_TIMEOUT_S": "300", "RESULT_TTL_S": "3600", "PYTHONUNBUFFERED": "1", **(env or {})}
+           "JOB_TIMEOUT_S": "300", "RESULT_TTL_S": "7200", "PYTHONUNBUFFERED": "1", **(env or {})}
     logdir = Path(tempfile.mkdtemp(prefix="qwen-allinone-bench-"))
     started = time.perf_counter()
     processes, logs = [], []
