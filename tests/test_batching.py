@@ -127,8 +127,15 @@ def test_an_unanswerable_label_set_fails_only_its_job(runtime):
     assert "en3" in records[1].error.message
 
 
+def test_a_job_cannot_ask_for_more_new_tokens_than_the_worker_allows(runtime):
+    [record] = run_jobs(runtime, _admit_all(runtime, ["送餐太慢了"], options={"max_new_tokens": 1024,
+                                                                          "min_new_tokens": 1024}))
+    assert record.status is JobStatus.SUCCEEDED
+    assert record.tokens.generated_tokens == runtime.settings.max_new_tokens == 8
+
+
 def test_partial_replies_grow_while_the_job_runs(runtime):
-    runtime.settings = runtime.settings.model_copy(update={"partial_reply_interval_ms": 0.001})
+    runtime.settings = runtime.settings.model_copy(update={"partial_reply_interval_ms": 0.001, "max_new_tokens": 12})
     [record] = run_jobs(runtime, _admit_all(runtime, ["送餐太慢了"], options={"max_new_tokens": 12, "temperature": 1.0,
                                                                           "min_new_tokens": 12}))
     partial = [w.reply for w in runtime.store.writes if w.status is JobStatus.RUNNING and w.reply]

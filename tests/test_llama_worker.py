@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def llama_worker(worker_env, tiny_gguf, tmp_path_factory):
     require_llama_cpp()
-    env = {**worker_env, "MODEL": str(tiny_gguf), "BATCH_MAX": "4", "KV_TOKENS_PER_JOB": "256"}
+    env = {**worker_env, "MODEL": str(tiny_gguf), "BATCH_MAX": "4", "KV_TOKENS_PER_JOB": "256",
+           "MAX_NEW_TOKENS": "1024"}
     process = start_worker("worker.app", tmp_path_factory.mktemp("logs") / "llama.log", env, name="llama")
     yield process
     process.stop()

@@ -115,10 +115,12 @@ def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str
 
 def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: WorkerSettings) -> ReplyRequest:
     options = job.message.request.options
+    # The worker's MAX_NEW_TOKENS caps what a job asks for: one long reply must not hold
+    # its whole batch past the others' deadlines.
     return ReplyRequest(
         text=job.message.request.text,
         history=history,
-        max_new_tokens=options.max_new_tokens or settings.max_new_tokens,
+        max_new_tokens=min(options.max_new_tokens or settings.max_new_tokens, settings.max_new_tokens),
         temperature=settings.temperature if options.temperature is None else options.temperature,
         deadline=job.deadline,
         min_new_tokens=options.min_new_tokens or 0,
