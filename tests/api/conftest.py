@@ -72,7 +72,10 @@ def start_gateway(env: dict[str, str], log_path: Path) -> Gateway:
 @pytest.fixture(scope="package")
 def api_worker(redis_url, tiny_model_dir, tmp_path_factory):
     """One real worker with the tiny model, for every gateway test that runs jobs."""
-    env = {"REDIS_URL": redis_url, "MODEL": str(tiny_model_dir), "TORCH_THREADS": "1"}
+    # MAX_NEW_TOKENS=1024: the events test needs a reply long enough to watch it being written;
+    # HISTORY_MAX_TOKENS then keeps such a reply in a conversation's next prompt (the page test).
+    env = {"REDIS_URL": redis_url, "MODEL": str(tiny_model_dir), "TORCH_THREADS": "1", "MAX_NEW_TOKENS": "1024",
+           "HISTORY_MAX_TOKENS": "4096"}
     worker = start_worker("worker.app", tmp_path_factory.mktemp("logs") / "api-worker.log", env, name="api")
     yield worker
     worker.stop()
