@@ -48,7 +48,8 @@ def test_job_succeeds_with_a_complete_record(worker, make_client, redis_client):
     assert record.submitted_at <= record.started_at <= record.finished_at
     ttl = redis_client.ttl(job_key(job_id))
     assert 0 < ttl <= client.settings.result_ttl_s
-    assert f"job={job_id} status=succeeded" in worker.log()
+    # The worker logs the outcome just after the final write, which wakes the client at once.
+    worker.wait_for_log(f"job={job_id} status=succeeded", timeout=10)
 
 
 def worker_model(worker) -> str:
@@ -128,4 +129,4 @@ def test_eval_command_runs_every_row_through_the_queue(worker, redis_url, tmp_pa
     body = json.loads(report.read_text())
     assert len(body["rows"]) == 4 and all(row["job_id"] and row["predicted"] in LABEL_SETS["zh"]
                                           for row in body["rows"])
-    assert f"job={body['rows'][0]['job_id']} status=succeeded" in worker.log()
+    worker.wait_for_log(f"job={body['rows'][0]['job_id']} status=succeeded", timeout=10)
