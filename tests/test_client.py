@@ -160,42 +160,6 @@ def test_wait_wakes_on_the_final_write_without_polling(redis_url, redis_client):
     assert woke_after < 2  # with poll_interval=30 only the signal can have woken them
 
 
-@pytest.fixture
-def refusing_redis(tmp_path):
-    """A private redis-server (it is reconfigured), which a test then makes refuse writes."""
-    from tests.fault.conftest import PrivateRedis
-
-    server = PrivateRedis(tmp_path)
-    server.start()
-    yield server
-    server.kill()
-
-
-@pytest.mark.parametrize(("refusal", "setup"), [
-    ("OOM", [("CONFIG", "SET", "maxmemory-policy", "noeviction"), ("CONFIG", "SET", "maxmemory", "1")]),
-    ("READONLY", [("REPLICAOF", "127.0.0.1", "1")]),  # a replica (of nothing) refuses writes
-])
-def test_redis_refusing_writes_is_a_503_with_retry_after_and_writes_nothing(refusing_redis, refusal, setup):
-    import redis
-    from fastapi.testclient import TestClient
-
-    from producer.api import create_app
-    from producer.settings import ApiSettings
-
-    admin = redis.Redis.from_url(refusing_redis.url)
-    for command in setup:
-        admin.execute_command(*command)
-    settings = ProducerSettings(redis_url=refusing_redis.url)
-    with Client(settings=settings) as client:
-        with pytest.raises(BrokerUnavailable, match=f"refuses writes: {refusal}"):
-            client.submit("好吃")
-    with TestClient(create_app(ApiSettings(redis_url=refusing_redis.url))) as gateway:
-        response = gateway.post("/v1/jobs", json={"text": "好吃"})
-    assert response.status_code == 503 and response.headers["Retry-After"]
-    assert response.json()["code"] == "broker_unavailable" and refusal in response.json()["message"]
-    assert admin.keys("qwen-allinone:*") == []
-
-
 def test_other_redis_errors_are_not_disguised_as_an_outage(fake):
     import redis
 

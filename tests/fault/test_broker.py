@@ -116,3 +116,29 @@ def test_jobs_taken_for_a_batch_survive_redis_going_away(private_redis, figures)
     finally:
         intake.close()
         app.close()
+
+
+@pytest.mark.parametrize(("refusal", "setup"), [
+    ("OOM", [("CONFIG", "SET", "maxmemory-policy", "noeviction"), ("CONFIG", "SET", "maxmemory", "1")]),
+    ("READONLY", [("REPLICAOF", "127.0.0.1", "1")]),  # a replica (of nothing) refuses writes
+])
+def test_redis_refusing_writes_is_a_503_with_retry_after_and_writes_nothing(private_redis, refusal, setup):
+    import redis
+    from fastapi.testclient import TestClient
+
+    from producer.api import create_app
+    from producer.settings import ApiSettings
+
+    # The gateway in process; the private Redis is made to refuse writes (it is reconfigured).
+    admin = redis.Redis.from_url(private_redis.url)
+    for command in setup:
+        admin.execute_command(*command)
+    settings = ProducerSettings(redis_url=private_redis.url)
+    with Client(settings=settings) as client:
+        with pytest.raises(BrokerUnavailable, match=f"refuses writes: {refusal}"):
+            client.submit("好吃")
+    with TestClient(create_app(ApiSettings(redis_url=private_redis.url))) as gateway:
+        response = gateway.post("/v1/jobs", json={"text": "好吃"})
+    assert response.status_code == 503 and response.headers["Retry-After"]
+    assert response.json()["code"] == "broker_unavailable" and refusal in response.json()["message"]
+    assert admin.keys("qwen-allinone:*") == []

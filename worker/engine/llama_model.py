@@ -203,8 +203,9 @@ def load_llama_engine(engine_class, source: ModelSource, threads: int | None, kv
     threads = threads or 1
     model = _load_model(source)
     vocab = LlamaVocab(model)
-    chat = ChatFormat(vocab, source.model_id, _generation_config(source).get("eos_token_id") or ())
-    sampler = Sampler.from_generation_config(_generation_config(source), chat.stop_token_ids)
+    generation = _generation_config(source)
+    chat = ChatFormat(vocab, source.model_id, generation.get("eos_token_id") or ())
+    sampler = Sampler.from_generation_config(generation, chat.stop_token_ids)
     # The cache holds the fixed prefixes (computed once at load) and the batches' own tokens.
     variant = options.get("prompt_variant", DEFAULT_CLASSIFIER_PROMPT)
     prefix_tokens = sum(len(chat.prefix_ids(system)) for system in engine_class.prefix_systems(chat, variant))
