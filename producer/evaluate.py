@@ -51,6 +51,8 @@ class Prediction:
     sentiment_ms: float | None
     total_ms: float | None
     job_id: str | None
+    #: What decided, as the record names it (``prompt:fewshot``, ``adapter:name@1a2b3c4d``).
+    classifier: str | None = None
 
 
 def read_rows(path: Path, text_column: str = "review", label_column: str = "label") -> list[Row]:
@@ -116,6 +118,7 @@ def run_eval(client: Client, rows: list[Row], labels: str, concurrency: int = 1,
             confidence=sentiment.confidence if sentiment else None, p_positive=p_positive,
             status=record.status.value, sentiment_ms=record.timings.sentiment_ms,
             total_ms=record.timings.total_ms, job_id=job_id,
+            classifier=sentiment.classifier if sentiment else None,
         )
         with lock:
             progress.update()
@@ -152,6 +155,7 @@ def summarize(predictions: list[Prediction], labels: str) -> dict:
         "rows": total,
         "accuracy": correct / total if total else 0.0,
         "valid_label_share": sum(p.predicted in words for p in predictions) / total if total else 0.0,
+        "classifiers": dict(Counter(p.classifier for p in predictions if p.classifier)),
         "failed_jobs": sum(p.status != JobStatus.SUCCEEDED.value for p in predictions),
         "per_class": per_class,
         "confusion": {gold: {pred: confusion[(gold, pred)] for pred in words} for gold in words},
@@ -196,6 +200,8 @@ def format_summary(summary: dict) -> str:
         f"valid labels {100 * summary['valid_label_share']:.1f}%; failed jobs {summary['failed_jobs']}",
         f"latency per job: mean {lat['job_mean']} ms, p95 {lat['job_p95']} ms; "
         f"sentiment step mean {lat['sentiment_mean']} ms",
+        "classifier: " + (", ".join(f"{name} ({rows} rows)" for name, rows in summary.get("classifiers", {}).items())
+                          or "not reported"),
         "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|",
     ]
     for word, m in summary["per_class"].items():

@@ -206,6 +206,8 @@ class Sentiment(_Model):
     label: str
     #: The model's probability of ``label`` among the label words, in [0, 1].
     confidence: Annotated[float, Field(ge=0.0, le=1.0)]
+    #: What decided: ``prompt:<CLASSIFIER_PROMPT>`` or ``adapter:<name>@<first 8 of its sha256>``.
+    classifier: str | None = None
 
 
 class Timings(_Model):

@@ -71,7 +71,8 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
             error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(sentiment).__name__}: {sentiment}"[:500])
             _settle(store, job, finish(record, JobStatus.FAILED, error))
             continue
-        record.sentiment = Sentiment(label=sentiment.label, confidence=sentiment.confidence)
+        record.sentiment = Sentiment(label=sentiment.label, confidence=sentiment.confidence,
+                                     classifier=sentiment.classifier or None)
         record.tokens.sentiment_prompt_tokens = sentiment.prompt_tokens
         store.put(record)  # the client can show the sentiment before the reply exists
         replying.append(job)

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from producer.store import JobStore, connect_redis
 from worker.engine import Engine
 from worker.intake import Intake
-from worker.model_source import ModelSource, choose_engine, resolve_model_source
+from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, load_adapter
+from worker.model_source import ModelLoadError, ModelSource, choose_engine, resolve_model_source
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("qwen_allinone.worker")
@@ -21,6 +22,8 @@ class WorkerRuntime:
 
     settings: WorkerSettings
     source: ModelSource | None = None
+    #: CLASSIFIER_ADAPTER, read in the parent (NumPy only) and inherited by the pool processes.
+    adapter: ClassifierAdapter | None = None
     engine: Engine | None = None
     #: Takes more waiting jobs for a batch; set by register().
     intake: Intake | None = None
@@ -37,10 +40,14 @@ class WorkerRuntime:
         return self._store
 
     def resolve_model(self) -> ModelSource:
-        """MODEL as files on disk, and ENGINE checked against it (no torch, no llama.cpp imported)."""
+        """MODEL as files on disk, ENGINE checked against it, CLASSIFIER_ADAPTER read (no torch, no llama.cpp)."""
         if self.source is None:
             source = resolve_model_source(self.settings.model)
-            choose_engine(self.settings.engine, source)
+            engine = choose_engine(self.settings.engine, source)
+            if self.settings.classifier_adapter:
+                if engine != "torch":
+                    raise ModelLoadError(ADAPTER_NEEDS_TORCH)
+                self.adapter = load_adapter(self.settings.classifier_adapter)
             self.source = source
         return self.source
 
@@ -53,6 +60,7 @@ class WorkerRuntime:
             self.engine = load_engine(
                 self.resolve_model(), settings.dtype, settings.threads, engine=settings.engine,
                 prompt_variant=settings.classifier_prompt, positive_threshold=settings.positive_threshold,
+                adapter=self.adapter,
                 kv_cache_tokens=settings.batch_max * settings.kv_tokens_per_job, max_rows=settings.batch_max,
             )
             info = self.engine.info()

@@ -45,6 +45,9 @@ class WorkerSettings(ProducerSettings):
     classifier_prompt: str = DEFAULT_CLASSIFIER_PROMPT
     #: Two-class sets answer positive when its probability is at least this (tuned in EVAL.md).
     positive_threshold: float = Field(DEFAULT_POSITIVE_THRESHOLD, gt=0.0, lt=1.0)
+    #: A classifier adapter file from ``python -m worker.tune``: its label set is decided with
+    #: the adapter (and the adapter's own threshold); the reply never sees it. Torch engine only.
+    classifier_adapter: str | None = None
     #: Reply length when the job does not say.
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     #: Sampling temperature when the job does not say; 0 = greedy.

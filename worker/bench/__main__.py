@@ -1,6 +1,7 @@
 """python -m worker.bench: measure the service on this machine.
 
     python -m worker.bench accuracy --model DIR [--dtypes float32,bfloat16,int8] [--n 400]
+    python -m worker.bench adapters --model DIR --adapters FILE[,FILE] [--dtype int8]
     python -m worker.bench prompts --model DIR [--layouts system:fewshot,example-turns]
     python -m worker.bench run --model DIR|FILE.gguf [--baseline] ...
     python -m worker.bench run --shape qwen2.5-0.5b [--baseline] ...
@@ -329,6 +330,27 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from producer.evaluate import balanced_sample, read_rows
+    from worker.bench.adapters import format_costs, measure
+
+    examples = balanced_sample(read_rows(Path(args.data)), args.n, args.seed)
+    costs = measure(args.model, args.adapters.split(","), args.dtype, args.threads, examples)
+    print(f"\nclassifier adapters at serving time, DTYPE={args.dtype}, {args.n} reviews of {Path(args.data).name} "
+          f"(seed {args.seed}); {machine_line()}, {args.threads} threads\n")
+    print(format_costs(costs))
+    return 0
+
+
+def cmd_adapter_one(args: argparse.Namespace) -> int:
+    import json
+
+    from worker.bench.adapters import cost_json, measure_one
+
+    print(cost_json(measure_one(args.model, args.adapter, args.dtype, args.threads, json.loads(args.texts))))
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from worker.bench.micro import profile_decode
     from worker.engine.qwen import QwenEngine
@@ -354,6 +376,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=available_cores())
     p.add_argument("--original", action="store_true", help="also the original pipeline's generate-and-search decision")
     p.set_defaults(func=cmd_accuracy)
+
+    p = sub.add_parser("adapters", help="what classifier adapters cost at serving time: RSS, sentiment, reply")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--adapters", required=True, help="comma-separated adapter files (worker.tune)")
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV with label,review columns")
+    p.add_argument("--n", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.set_defaults(func=cmd_adapters)
+
+    # One configuration of `adapters`, in a process of its own (prints one JSON line).
+    p = sub.add_parser("adapter-one")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter")
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--texts", required=True, help="a JSON list of texts")
+    p.set_defaults(func=cmd_adapter_one)
 
     p = sub.add_parser("prompts", help="classifier prompt layouts and label words, in process (EVAL.md)")
     p.add_argument("--model", required=True, help="model folder or .gguf file")

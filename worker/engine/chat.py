@@ -12,6 +12,8 @@ split, so a user who types ``<|im_end|>`` gets those characters, not the token.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from typing import Protocol
 
@@ -68,6 +70,11 @@ class HFTokenizer:
     def token_id(self, token):
         found = self.hf.convert_tokens_to_ids(token)
         return None if found is None or found == self.hf.unk_token_id else found
+
+    def vocabulary_sha256(self) -> str:
+        """A hash of every (token, id) pair: two tokenizers that split text alike hash alike."""
+        vocabulary = json.dumps(sorted(self.hf.get_vocab().items(), key=lambda item: item[1]), ensure_ascii=False)
+        return hashlib.sha256(vocabulary.encode("utf-8")).hexdigest()[:16]
 
 
 class ChatFormat:

@@ -119,9 +119,12 @@ class Qwen2Decoder(torch.nn.Module):
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         return KVCache(self.shape, rows, capacity)
 
-    def forward(self, cache: KVCache, segments: list[tuple[int, list[int]]]) -> torch.Tensor:
+    def forward(self, cache: KVCache, segments: list[tuple[int, list[int]]],
+                lora: LoraDeltas | None = None) -> torch.Tensor:
         """Append each segment's tokens to its cache row; the final hidden state of each segment's last token.
 
+        ``lora``: per layer, projection name -> (a, b), added to that projection
+        for this pass only (a classifier adapter; the weights are never changed).
         Returns (segments, hidden) float32, normalized: ready for the output layer.
         """
         starts = [cache.lengths[row] for row, _ in segments]
@@ -134,11 +137,12 @@ class Qwen2Decoder(torch.nn.Module):
         cos, sin = self._rope(positions)                                  # each (n, 1, d)
         x = self.embedding.embed(ids)                                     # (n, hidden)
         for index, layer in enumerate(self.layers):
+            deltas = None if lora is None else lora[index]
             x = x + self._attention(layer, _rms_norm(x, layer.attn_norm, self.shape.rms_eps), cos, sin,
-                                    cache, index, segments, starts)
-            h = layer.gate_up(_rms_norm(x, layer.mlp_norm, self.shape.rms_eps))  # (n, 2 * intermediate)
+                                    cache, index, segments, starts, deltas)
+            h = project(layer, "gate_up", _rms_norm(x, layer.mlp_norm, self.shape.rms_eps), deltas)  # (n, 2 inter)
             gate, up = h.chunk(2, dim=-1)                                        # each (n, intermediate)
-            x = x + layer.down(F.silu(gate) * up)                               # (n, hidden)
+            x = x + project(layer, "down", F.silu(gate) * up, deltas)           # (n, hidden)
         for (row, tokens), start in zip(segments, starts):
             cache.lengths[row] = start + len(tokens)
         last = torch.tensor(_cumulative(len(tokens) for _, tokens in segments)) - 1  # (segments,)
@@ -153,9 +157,10 @@ class Qwen2Decoder(torch.nn.Module):
         return ((angles.cos() * self.rope_scaling)[:, None, :],      # (n, 1, d)
                 (angles.sin() * self.rope_scaling)[:, None, :])
 
-    def _attention(self, layer: _Layer, h, cos, sin, cache: KVCache, index: int, segments, starts) -> torch.Tensor:
+    def _attention(self, layer: _Layer, h, cos, sin, cache: KVCache, index: int, segments, starts,
+                   deltas) -> torch.Tensor:
         s = self.shape
-        qkv = layer.qkv(h)                                                       # (n, (heads + 2 kv) d)
+        qkv = project(layer, "qkv", h, deltas)                                   # (n, (heads + 2 kv) d)
         q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
         q = _rotate(q.view(-1, s.heads, s.head_dim), cos, sin)                   # (n, heads, d)
         k = _rotate(k.view(-1, s.kv_heads, s.head_dim), cos, sin)                # (n, kv, d)
@@ -173,7 +178,28 @@ class Qwen2Decoder(torch.nn.Module):
                                                  attn_mask=mask, enable_gqa=True)  # (1, heads, n, d)
             outputs.append(out[0].transpose(0, 1).reshape(n, s.heads * s.head_dim))  # (n, heads d)
             offset += n
-        return layer.o(torch.cat(outputs) if len(outputs) > 1 else outputs[0])  # (n, hidden)
+        return project(layer, "o", torch.cat(outputs) if len(outputs) > 1 else outputs[0], deltas)  # (n, hidden)
+
+
+#: Per layer: projection name ("qkv", "o", "gate_up", "down") -> (a (rank, in), b (out, rank)) float32.
+LoraDeltas = list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def project(layer: torch.nn.Module, name: str, x: torch.Tensor, deltas) -> torch.Tensor:
+    """``layer.<name>(x)``, plus its low-rank update when the pass carries one.
+
+    The update is computed row by row (a batch of one-row matmuls), because a
+    matmul over all rows may sum in another order for another number of rows,
+    and a job's sentiment must not depend on its batch.
+    """
+    y = getattr(layer, name)(x)                                            # (n, out)
+    pair = None if deltas is None else deltas.get(name)
+    if pair is not None:
+        a, b = pair                                                        # (rank, in), (out, rank)
+        rows = x.shape[0]
+        low = torch.bmm(x[:, None, :], a.T.expand(rows, -1, -1))           # (n, 1, rank)
+        y = y + torch.bmm(low, b.T.expand(rows, -1, -1))[:, 0]             # (n, out)
+    return y
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -76,6 +76,10 @@ class Sequences(Protocol):
     def release(self) -> None:
         """Hand the sequences' cache back to the model; they are not used again."""
 
+    def attach(self, adapter: Any) -> None:
+        """This one-sequence prefix, still empty, and every sequence forked from it run with a
+        classifier adapter (adapter.py) from now on; engines that cannot raise ModelLoadError."""
+
 
 class SequenceModel(Protocol):
     #: Sequences one batch may fork at once, or None for no bound.
@@ -87,6 +91,9 @@ class SequenceModel(Protocol):
     def new_sequences(self, rows: int, capacity: int) -> Sequences: ...
 
     def info(self) -> EngineInfo: ...
+
+    def identity(self) -> dict[str, Any]:
+        """Architecture, sizes and a fingerprint of the weights: what an adapter must have been trained on."""
 
 
 def split_passes(segments: Sequence[Segment], budget: int) -> Iterator[list[tuple[int, list[int], bool]]]:

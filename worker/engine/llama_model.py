@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import llama_cpp
 import numpy as np
 
+from worker.engine.adapter import ADAPTER_NEEDS_TORCH
 from worker.engine.chat import ChatFormat
 from worker.engine.generation import Sampler
 from worker.engine.interface import Segment, split_passes
@@ -89,6 +90,9 @@ class LlamaSequences:
 
     def release(self) -> None:
         self.model.release(self)
+
+    def attach(self, adapter) -> None:
+        raise ModelLoadError(ADAPTER_NEEDS_TORCH)
 
 
 class LlamaSequenceModel:

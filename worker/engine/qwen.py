@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from producer.protocol import LABEL_SETS
+from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, check_fits
 from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.generation import DecodeRow, Sampler, decode
 from worker.engine.interface import SequenceModel, Sequences
@@ -43,12 +44,19 @@ class PromptPrefix:
 
     ids: tuple[int, ...]
     sequences: Sequences
+    #: Learned key/value entries in front of ``ids`` (a classifier adapter's prefix).
+    virtual_tokens: int = 0
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.virtual_tokens + len(self.ids)
 
 
 class QwenEngine:
     def __init__(self, model: SequenceModel, chat: ChatFormat, model_id: str, dtype_name: str, sampler: Sampler, *,
                  prompt_variant: str = DEFAULT_CLASSIFIER_PROMPT,
-                 positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD):
+                 positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD,
+                 adapter: ClassifierAdapter | None = None):
         if prompt_variant not in CLASSIFIER_PROMPTS:
             raise ModelLoadError(f"CLASSIFIER_PROMPT={prompt_variant!r} is not one of {sorted(CLASSIFIER_PROMPTS)}")
         self.model = model
@@ -60,9 +68,14 @@ class QwenEngine:
         #: Two-class sets answer positive when its probability is at least this.
         self.positive_threshold = positive_threshold
         self.unavailable_label_sets = chat.unavailable_label_sets
+        #: label set -> what decides it: ``prompt:<variant>``, or the adapter trained for that set.
+        self.classifiers = {name: f"prompt:{prompt_variant}" for name in LABEL_SETS}
         *classifier, reply = self.prefix_systems(chat, prompt_variant)
         self.classifier_prefixes = {name: self._prefix(system) for name, system in zip(LABEL_SETS, classifier)}
         self.reply_prefix = self._prefix(reply)
+        self.adapter = adapter
+        if adapter is not None:
+            self._attach(adapter, dict(zip(LABEL_SETS, classifier))[adapter.labels])
 
     @staticmethod
     def prefix_systems(chat: ChatFormat, prompt_variant: str) -> list[list[dict[str, str]]]:
@@ -74,10 +87,13 @@ class QwenEngine:
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None, *,
              engine: str = "torch", kv_cache_tokens: int = 8192, max_rows: int = 8, **options) -> QwenEngine:
         """Load MODEL on ``engine`` ("torch" or "llama.cpp"); ``options`` (prompt_variant,
-        positive_threshold) go to the constructor. llama.cpp's one context holds ``kv_cache_tokens``
+        positive_threshold, adapter) go to the constructor. llama.cpp's one context holds ``kv_cache_tokens``
         for up to ``max_rows`` rows at once; the torch engine sizes a cache per batch instead."""
         if engine == "llama.cpp":
             from worker.engine.llama_model import load_llama_engine
+
+            if options.get("adapter") is not None:
+                raise ModelLoadError(ADAPTER_NEEDS_TORCH)
 
             return load_llama_engine(cls, source, threads, kv_cache_tokens, max_rows, **options)
         from worker.engine.torch_model import load_model, release_freed_memory
@@ -149,7 +165,11 @@ class QwenEngine:
         if label_set in self.unavailable_label_sets:
             return ValueError(self.unavailable_label_sets[label_set])
         ids = self.chat.encode_chat(self.chat.classifier_messages(text, label_set, self.prompt_variant))
-        with _released(self.model.new_sequences(1, len(ids))) as sequences:
+        adapter = self.adapter if self.adapter is not None and self.adapter.labels == label_set else None
+        virtual = 0 if adapter is None else adapter.prefix_tokens
+        with _released(self.model.new_sequences(1, virtual + len(ids))) as sequences:
+            if adapter is not None:
+                sequences.attach(adapter)
             scores = sequences.extend([(0, ids)]).scores(self.chat.label_token_ids[label_set])  # (1, labels)
         return self._decide(scores[0], label_set, len(ids))
 
@@ -159,7 +179,9 @@ class QwenEngine:
         probabilities = (exp / exp.sum()).tolist()
         words = LABEL_SETS[label_set]
         if len(words) == 2:
-            best = 0 if probabilities[0] >= self.positive_threshold else 1
+            adapted = self.adapter is not None and self.adapter.labels == label_set
+            threshold = self.adapter.positive_threshold if adapted else self.positive_threshold
+            best = 0 if probabilities[0] >= threshold else 1
         else:
             best = max(range(len(words)), key=probabilities.__getitem__)
         return SentimentResult(
@@ -167,6 +189,7 @@ class QwenEngine:
             confidence=probabilities[best],
             probabilities=dict(zip(words, probabilities)),
             prompt_tokens=prompt_tokens,
+            classifier=self.classifiers[label_set],
         )
 
     # --- the reply ---
@@ -234,16 +257,33 @@ class QwenEngine:
 
     # --- prefixes ---
 
-    def _prefix(self, system: list[dict[str, str]]) -> PromptPrefix:
+    def _prefix(self, system: list[dict[str, str]], adapter: ClassifierAdapter | None = None) -> PromptPrefix:
         ids = self.chat.prefix_ids(system)
-        sequences = self.model.new_sequences(1, len(ids))
+        virtual = 0 if adapter is None else adapter.prefix_tokens
+        sequences = self.model.new_sequences(1, virtual + len(ids))
+        if adapter is not None:
+            sequences.attach(adapter)  # a deep prefix fills cache slots 0..virtual-1
         sequences.extend([(0, ids)])
-        return PromptPrefix(tuple(ids), sequences)
+        return PromptPrefix(tuple(ids), sequences, virtual)
+
+    def _attach(self, adapter: ClassifierAdapter, system: list[dict[str, str]]) -> None:
+        """Serve ``adapter``'s label set with its learned prefix in front of the classifier prompt."""
+        expected = {
+            "model": self.model.identity(),
+            "tokenizer_sha256": self.chat.tokenizer.vocabulary_sha256(),
+            "label_words": list(LABEL_SETS.get(adapter.labels, ())),
+            "label_token_ids": self.chat.label_token_ids.get(adapter.labels),
+            "classifier_prompt": system[0]["content"],
+        }
+        check_fits(adapter, expected)
+        self.classifier_prefixes[adapter.labels].sequences.release()
+        self.classifier_prefixes[adapter.labels] = self._prefix(system, adapter)
+        self.classifiers[adapter.labels] = adapter.classifier
 
     @contextmanager
     def _fork(self, prefix: PromptPrefix, rows: int, extra_tokens: int) -> Iterator[Sequences]:
         """``rows`` sequences that start as copies of ``prefix``, with room for ``extra_tokens`` more each."""
-        with _released(self.model.new_sequences(rows, len(prefix.ids) + extra_tokens)) as sequences:
+        with _released(self.model.new_sequences(rows, prefix.cache_tokens + extra_tokens)) as sequences:
             for row in range(rows):
                 sequences.copy_prefix(prefix.sequences, row)
             yield sequences

@@ -25,6 +25,8 @@ class SentimentResult:
     #: Probability of every label word, in label-set order.
     probabilities: dict[str, float]
     prompt_tokens: int
+    #: What decided: ``prompt:<variant>`` or ``adapter:<name>@<first 8 of its sha256>``.
+    classifier: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ model is dropped, so a worker holds each weight once.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from worker.engine.decoder import KVCache, Qwen2Decoder
+from worker.engine.adapter import LORA, ClassifierAdapter
+from worker.engine.decoder import KVCache, LoraDeltas, Qwen2Decoder
 from worker.engine.interface import Segment, split_passes
 from worker.engine.mapped import MappedEmbedding
 from worker.engine.results import EngineInfo
@@ -54,6 +57,8 @@ class TorchSequences:
     def __init__(self, model: TorchSequenceModel, cache: KVCache):
         self.model = model
         self.cache = cache
+        #: A LoRA classifier adapter's updates, for every pass of these sequences (None: the plain model).
+        self.lora: LoraDeltas | None = None
 
     @property
     def lengths(self) -> list[int]:
@@ -61,16 +66,30 @@ class TorchSequences:
 
     def copy_prefix(self, prefix: TorchSequences, row: int) -> None:
         self.cache.copy_row(prefix.cache, 0, row)
+        self.lora = prefix.lora  # forks of an adapted prefix run adapted
 
     def release(self) -> None:
         self.cache = None  # the cache is this object's own: the allocator takes it back
+
+    def attach(self, adapter: ClassifierAdapter) -> None:
+        """This (prefix) sequence, and every fork of it, runs with ``adapter`` from here on."""
+        if adapter.technique == LORA:
+            self.lora = self.model.lora_deltas(adapter)
+            return
+        keys, values = adapter.tensors["prefix.keys"], adapter.tensors["prefix.values"]  # (layers, kv, n, d)
+        n = keys.shape[2]
+        for layer, (k, v) in enumerate(zip(keys, values)):
+            self.cache.keys[layer][0, :, :n] = torch.as_tensor(k)    # (kv, n, d)
+            self.cache.values[layer][0, :, :n] = torch.as_tensor(v)  # (kv, n, d)
+        self.cache.lengths[0] = n
 
     @torch.inference_mode()
     def extend(self, segments: Sequence[Segment]) -> TorchOutput:
         """One or more passes of at most PASS_TOKENS tokens; a long segment is prefilled in chunks."""
         hidden = []
         for group in split_passes(segments, PASS_TOKENS):
-            out = self.model.decoder(self.cache, [(row, tokens) for row, tokens, _ in group])  # (group, hidden)
+            out = self.model.decoder(self.cache, [(row, tokens) for row, tokens, _ in group],
+                                     self.lora)  # (group, hidden)
             hidden.extend(out[i] for i, (_, _, last) in enumerate(group) if last)
         return TorchOutput(self.model, torch.stack(hidden))
 
@@ -89,11 +108,34 @@ class TorchSequenceModel:
     def new_sequences(self, rows: int, capacity: int) -> TorchSequences:
         return TorchSequences(self, self.decoder.new_cache(rows, capacity))
 
+    def identity(self) -> dict:
+        return model_identity(self.decoder)
+
+    def lora_deltas(self, adapter: ClassifierAdapter) -> LoraDeltas:
+        """A LoRA adapter's (a, b) per layer and projection as float32 tensors, checked against the weights."""
+        deltas: LoraDeltas = [{} for _ in self.decoder.layers]
+        for (index, name), (a, b) in adapter.lora_pairs().items():
+            out_features, in_features = getattr(self.decoder.layers[index], name).weight.shape
+            if a.shape[1] != in_features or b.shape[0] != out_features:
+                raise ModelLoadError(f"CLASSIFIER_ADAPTER={str(adapter.path)!r} does not fit: layer {index} {name} "
+                                     f"is {out_features} x {in_features}, the adapter's update "
+                                     f"{b.shape[0]} x {a.shape[1]}")
+            deltas[index][name] = (torch.from_numpy(a.copy()), torch.from_numpy(b.copy()))  # (r, in), (out, r)
+        return deltas
+
     def info(self) -> EngineInfo:
         return EngineInfo(name="torch", weights=self.decoder.fmt, weight_bytes=weight_bytes(self.decoder),
                           kv_bytes_per_token=self.decoder.shape.kv_bytes_per_token(), threads=self.threads,
                           # float32 matmuls may sum in another order for another number of rows.
                           batch_invariant=self.decoder.fmt == "int8")
+
+
+def model_identity(decoder: Qwen2Decoder) -> dict:
+    """The decoder's shape and a fingerprint of its weights: the norms, which survive every weight format."""
+    digest = hashlib.sha256(decoder.final_norm.numpy().tobytes())
+    for layer in decoder.layers:
+        digest.update(layer.attn_norm.numpy().tobytes())
+    return {"architecture": "qwen2", **dataclasses.asdict(decoder.shape), "fingerprint": digest.hexdigest()[:16]}
 
 
 def check_format(fmt: str) -> None:
