@@ -25,6 +25,7 @@ import numpy as np
 
 from producer.protocol import LABEL_SETS
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, check_fits
+from worker.engine.adapter import SETTING as ADAPTER_SETTING
 from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.generation import DecodeRow, Sampler, decode
 from worker.engine.interface import SequenceModel, Sequences
@@ -68,14 +69,19 @@ class QwenEngine:
         #: Two-class sets answer positive when its probability is at least this.
         self.positive_threshold = positive_threshold
         self.unavailable_label_sets = chat.unavailable_label_sets
-        #: label set -> what decides it: ``prompt:<variant>``, or the adapter trained for that set.
-        self.classifiers = {name: f"prompt:{prompt_variant}" for name in LABEL_SETS}
         *classifier, reply = self.prefix_systems(chat, prompt_variant)
-        self.classifier_prefixes = {name: self._prefix(system) for name, system in zip(LABEL_SETS, classifier)}
-        self.reply_prefix = self._prefix(reply)
+        systems = dict(zip(LABEL_SETS, classifier))
+        #: The classifier adapter (CLASSIFIER_ADAPTER) of one label set, checked against this model.
         self.adapter = adapter
         if adapter is not None:
-            self._attach(adapter, dict(zip(LABEL_SETS, classifier))[adapter.labels])
+            self._check_adapter(adapter, systems)
+        #: label set -> what decides it: ``prompt:<variant>``, or the adapter trained for that set.
+        self.classifiers = {name: f"prompt:{prompt_variant}" for name in LABEL_SETS}
+        if adapter is not None:
+            self.classifiers[adapter.labels] = adapter.classifier
+        self.classifier_prefixes = {name: self._prefix(system, self._adapter_for(name))
+                                    for name, system in systems.items()}
+        self.reply_prefix = self._prefix(reply)
 
     @staticmethod
     def prefix_systems(chat: ChatFormat, prompt_variant: str) -> list[list[dict[str, str]]]:
@@ -165,7 +171,7 @@ class QwenEngine:
         if label_set in self.unavailable_label_sets:
             return ValueError(self.unavailable_label_sets[label_set])
         ids = self.chat.encode_chat(self.chat.classifier_messages(text, label_set, self.prompt_variant))
-        adapter = self.adapter if self.adapter is not None and self.adapter.labels == label_set else None
+        adapter = self._adapter_for(label_set)
         virtual = 0 if adapter is None else adapter.prefix_tokens
         with _released(self.model.new_sequences(1, virtual + len(ids))) as sequences:
             if adapter is not None:
@@ -179,8 +185,8 @@ class QwenEngine:
         probabilities = (exp / exp.sum()).tolist()
         words = LABEL_SETS[label_set]
         if len(words) == 2:
-            adapted = self.adapter is not None and self.adapter.labels == label_set
-            threshold = self.adapter.positive_threshold if adapted else self.positive_threshold
+            adapter = self._adapter_for(label_set)
+            threshold = self.positive_threshold if adapter is None else adapter.positive_threshold
             best = 0 if probabilities[0] >= threshold else 1
         else:
             best = max(range(len(words)), key=probabilities.__getitem__)
@@ -266,19 +272,21 @@ class QwenEngine:
         sequences.extend([(0, ids)])
         return PromptPrefix(tuple(ids), sequences, virtual)
 
-    def _attach(self, adapter: ClassifierAdapter, system: list[dict[str, str]]) -> None:
-        """Serve ``adapter``'s label set with its learned prefix in front of the classifier prompt."""
-        expected = {
+    def _adapter_for(self, label_set: str) -> ClassifierAdapter | None:
+        return self.adapter if self.adapter is not None and self.adapter.labels == label_set else None
+
+    def _check_adapter(self, adapter: ClassifierAdapter, systems: dict[str, list[dict[str, str]]]) -> None:
+        """ModelLoadError naming the first thing ``adapter`` was trained for that this engine is not."""
+        if adapter.labels not in systems:
+            raise ModelLoadError(f"{ADAPTER_SETTING}={str(adapter.path)!r}: labels {adapter.labels!r} "
+                                 f"is not one of {sorted(systems)}")
+        check_fits(adapter, {
             "model": self.model.identity(),
             "tokenizer_sha256": self.chat.tokenizer.vocabulary_sha256(),
-            "label_words": list(LABEL_SETS.get(adapter.labels, ())),
+            "label_words": list(LABEL_SETS[adapter.labels]),
             "label_token_ids": self.chat.label_token_ids.get(adapter.labels),
-            "classifier_prompt": system[0]["content"],
-        }
-        check_fits(adapter, expected)
-        self.classifier_prefixes[adapter.labels].sequences.release()
-        self.classifier_prefixes[adapter.labels] = self._prefix(system, adapter)
-        self.classifiers[adapter.labels] = adapter.classifier
+            "classifier_prompt": systems[adapter.labels][0]["content"],
+        })
 
     @contextmanager
     def _fork(self, prefix: PromptPrefix, rows: int, extra_tokens: int) -> Iterator[Sequences]:

@@ -120,7 +120,8 @@ class TorchSequenceModel:
                 raise ModelLoadError(f"CLASSIFIER_ADAPTER={str(adapter.path)!r} does not fit: layer {index} {name} "
                                      f"is {out_features} x {in_features}, the adapter's update "
                                      f"{b.shape[0]} x {a.shape[1]}")
-            deltas[index][name] = (torch.from_numpy(a.copy()), torch.from_numpy(b.copy()))  # (r, in), (out, r)
+            # Shares the adapter's arrays: the updates are held once.
+            deltas[index][name] = (torch.from_numpy(a), torch.from_numpy(b))  # (r, in), (out, r)
         return deltas
 
     def info(self) -> EngineInfo:
