@@ -35,9 +35,9 @@ def test_balanced_sample_is_balanced_and_repeatable():
         balanced_sample(rows, 200)
 
 
-def prediction(gold, predicted, confidence):
+def prediction(gold, predicted, confidence, classifier="prompt:fewshot"):
     p_pos = confidence if predicted == "正面" else 1 - confidence
-    return Prediction("t", gold, predicted, confidence, p_pos, "succeeded", 10.0, 100.0, "id")
+    return Prediction("t", gold, predicted, confidence, p_pos, "succeeded", 10.0, 100.0, "id", classifier)
 
 
 def test_summary_metrics():
@@ -54,6 +54,7 @@ def test_summary_metrics():
     assert summary["threshold_sweep"]["0.35"] == 1.0 and summary["threshold_sweep"]["0.50"] == 0.75
     text = format_summary(summary)
     assert "accuracy 0.750 on 4 rows" in text and "best POSITIVE_THRESHOLD on this data: 0.35" in text
+    assert "classifier: prompt:fewshot (4 rows)" in text
 
 
 def test_percentile_interpolates_and_handles_empty():

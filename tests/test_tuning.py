@@ -195,24 +195,24 @@ def test_records_name_the_classifier_and_a_mismatched_adapter_stops_the_worker(
     manifest["tokenizer_sha256"] = "f" * 16
     bad = tmp_path / "bad.safetensors"
     save_adapter(bad, adapter.tensors, manifest)
-    worker = start_worker("worker.app", tmp_path / "bad.log", {**worker_env, "CLASSIFIER_ADAPTER": str(bad)},
-                          wait_loaded=False, name="bad-adapter")
-    try:
-        assert worker.process.wait(60) != 0
-    finally:
-        worker.stop()
-    assert f"qwen-allinone worker: cannot start: CLASSIFIER_ADAPTER='{bad}' does not fit: tokenizer_sha256" \
-        in worker.log()
-    assert "Traceback" not in worker.log()
+    log = _log_of_a_worker_refusing(worker_env, tmp_path, bad)
+    assert f"qwen-allinone worker: cannot start: CLASSIFIER_ADAPTER='{bad}' does not fit: tokenizer_sha256" in log
+    assert "Traceback" not in log
 
 
 @pytest.mark.slow
 def test_a_missing_adapter_stops_the_worker_before_the_pool_starts(worker_env, tmp_path):
     missing = Path(tmp_path / "nowhere.safetensors")
-    worker = start_worker("worker.app", tmp_path / "missing.log", {**worker_env, "CLASSIFIER_ADAPTER": str(missing)},
-                          wait_loaded=False, name="missing-adapter")
+    log = _log_of_a_worker_refusing(worker_env, tmp_path, missing)
+    assert f"cannot start: CLASSIFIER_ADAPTER='{missing}': no such file" in log
+
+
+def _log_of_a_worker_refusing(worker_env: dict[str, str], tmp_path: Path, adapter: Path) -> str:
+    """Start a worker with CLASSIFIER_ADAPTER=adapter, check that it exits non-zero, return its log."""
+    worker = start_worker("worker.app", tmp_path / f"{adapter.stem}.log",
+                          {**worker_env, "CLASSIFIER_ADAPTER": str(adapter)}, wait_loaded=False, name="refused")
     try:
         assert worker.process.wait(60) != 0
     finally:
         worker.stop()
-    assert f"cannot start: CLASSIFIER_ADAPTER='{missing}': no such file" in worker.log()
+    return worker.log()
