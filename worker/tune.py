@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     words = LABEL_SETS[args.labels]
     try:
-        rows = [row for row in read_rows(args.data, args.text_column, args.label_column)]
+        rows = read_rows(args.data, args.text_column, args.label_column)
         if max(row.gold for row in rows) >= len(words):
             raise ValueError(f"{args.data} has neutral rows but --labels {args.labels} has no neutral label")
         split = split_rows(rows, dev_size=args.dev_size, heldout=args.heldout, limit=args.limit or None,
