@@ -16,7 +16,6 @@ CPU only and deterministic for a seed. Also installed as ``qwen-allinone-tune``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import random
 import sys
 import time
@@ -57,10 +56,6 @@ def split_rows(rows: list[Row], *, dev_size: int, heldout: int, limit: int | Non
     return Split(train, kept_aside, len(rows) - len(remaining))
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="qwen-allinone-tune", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the model folder (or .gguf file) the worker serves")
@@ -93,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from worker.engine.adapter import save_adapter
+    from worker.engine.adapter import file_sha256, save_adapter
     from worker.engine.tuning import Recipe, Tuner
     from worker.model_source import ModelLoadError, resolve_model_source
 
