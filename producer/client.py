@@ -14,7 +14,6 @@ from pydantic import ValidationError
 from producer.errors import BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, WaitTimeout
 from producer.protocol import (
     CELERY_WIRE_CONFIG,
-    TASK_NAME,
     describe_validation_error,
     JobMessage,
     JobRecord,
@@ -26,6 +25,8 @@ from producer.protocol import (
 )
 from producer.settings import ProducerSettings
 from producer.store import JobMetrics, JobStore, connect_redis
+from worker.queue import QUEUE_TRANSPORT
+from worker.queue.submission import submit_job
 
 
 class Client:
@@ -53,6 +54,8 @@ class Client:
         self._celery = Celery("qwen-allinone-producer", broker=settings.redis_url, set_as_current=False)
         self._celery.conf.update(
             CELERY_WIRE_CONFIG,
+            # Publishes a job with its record in one step (worker.queue.submission).
+            broker_transport=QUEUE_TRANSPORT,
             # Fail fast with BrokerUnavailable rather than hang when Redis is down.
             task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
@@ -81,9 +84,10 @@ class Client:
     ) -> str:
         """Validate and enqueue one job; return its id.
 
+        The record, the message and the conversation's pending turn are written
+        in one atomic step (``worker.queue.submission``): all or nothing.
         Raises InvalidRequest (bad input) or QueueFull (MAX_QUEUE jobs waiting)
-        before anything is written, and BrokerUnavailable when Redis cannot be
-        reached (a record written before the failure is removed if Redis allows).
+        with nothing written, and BrokerUnavailable when Redis cannot be reached.
         """
         request = self._validate(
             {
@@ -109,30 +113,17 @@ class Client:
             start_by=message.start_by,
             timeout_s=message.timeout_s,
         )
-        with self._broker_errors():
-            depth = self.store.queue_depth()
-            # Check-then-send is not atomic: concurrent submitters can overshoot
-            # MAX_QUEUE by at most their own number, which keeps memory bounded.
-            if depth >= self.settings.max_queue:
-                raise QueueFull(depth, self.settings.max_queue)
-            # The record exists before the message, so a worker never sees a job without one.
-            self.store.put(record)
-            if conversation_id:
-                self.store.push_pending_turn(conversation_id, job_id)
-            try:
-                self._celery.send_task(
-                    TASK_NAME,
-                    task_id=job_id,
-                    kwargs={"message": message.model_dump(mode="json")},
-                )
-            except BaseException:
-                # Best effort: with Redis down the delete fails too, and the
-                # orphan record expires after RESULT_TTL_S.
-                with contextlib.suppress(redis.RedisError):
-                    self.store.delete(job_id)
-                    if conversation_id:
-                        self.store.remove_pending_turn(conversation_id, job_id)
-                raise
+        try:
+            with self._broker_errors():
+                submit_job(self._celery, record, message, max_queue=self.settings.max_queue,
+                           ttl_s=self.settings.result_ttl_s)
+        except BrokerUnavailable:
+            # The connection may have dropped after the script ran: then the job is queued
+            # and its record says so. Nothing is ever deleted here (it might run).
+            with contextlib.suppress(redis.RedisError):
+                if self.store.get(job_id) is not None:
+                    return job_id
+            raise
         return job_id
 
     def _validate(self, data: dict) -> JobRequest:
@@ -149,14 +140,21 @@ class Client:
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
+            # kombu wraps what Redis answered while publishing; an answer is not an outage.
+            answer = err.__cause__ or err.__context__
+            if isinstance(answer, redis.ResponseError) and not isinstance(answer, redis.ConnectionError):
+                self._raise_for_answer(answer)
             raise BrokerUnavailable(f"broker unreachable at {self._safe_url()}: {err}") from err
         except redis.ResponseError as err:
-            refusal = _refusal(err)
-            if refusal is None:
-                raise
-            # Full (maxmemory with noeviction), a replica, or a failed snapshot: nothing was
-            # written, and retrying later can succeed, as with an outage.
-            raise BrokerUnavailable(f"broker at {self._safe_url()} refuses writes: {refusal}") from err
+            self._raise_for_answer(err)
+
+    def _raise_for_answer(self, err: redis.ResponseError) -> None:
+        refusal = _refusal(err)
+        if refusal is None:
+            raise err
+        # Full (maxmemory with noeviction), a replica, or a failed snapshot: nothing was
+        # written, and retrying later can succeed, as with an outage.
+        raise BrokerUnavailable(f"broker at {self._safe_url()} refuses writes: {refusal}") from err
 
     def _safe_url(self) -> str:
         # Never print a password that may be part of REDIS_URL.

@@ -19,6 +19,16 @@ key                                         type    holds
 ``qwen-allinone:metrics:stage:<stage>``     hash    latency histogram of one stage (``STAGES``): ``le:<bound>``
                                                     → jobs in that bucket (not cumulative), ``count``, ``sum`` (s)
 ``qwen-allinone:metrics:counted:<job_id>``  string  marks a job already counted, so a second final write is not
+``qwen-allinone:open``                      zset    every job whose record is queued or running, scored by its
+                                                    deadline (start_by while queued, started_at + timeout_s
+                                                    while running); the reconciler's list of what must finish
+``qwen-allinone:consumer:<consumer_id>``    string  a process holding queue messages is alive (short TTL)
+``qwen-allinone:held:<consumer_id>``        set     delivery tags of the messages that process holds unacked
+``qwen-allinone:consumers``                 set     consumer ids that have held messages (pruned when dead)
+``qwen-allinone:reconciler``                string  the reconciler's lock: one sweep at a time across workers
+``qwen-allinone:suspects``                  hash    what the last sweep found unheld (``job:<id>`` or
+                                                    ``tag:<tag>``) → when it was first seen so
+``qwen-allinone:resends``                   hash    job id → times the reconciler re-sent it
 ==========================================  ======  ==========================================
 
 Job records, conversations and the ``counted`` marks expire ``RESULT_TTL_S``
@@ -84,6 +94,30 @@ def metrics_counted_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:metrics:counted:{job_id}"
 
 
+#: Every open (queued or running) job, scored by its deadline.
+OPEN_JOBS_KEY = f"{KEY_PREFIX}:open"
+#: Ids of the processes that have held queue messages.
+CONSUMERS_KEY = f"{KEY_PREFIX}:consumers"
+RECONCILER_LOCK_KEY = f"{KEY_PREFIX}:reconciler"
+SUSPECTS_KEY = f"{KEY_PREFIX}:suspects"
+RESENDS_KEY = f"{KEY_PREFIX}:resends"
+
+
+def consumer_key(consumer_id: str) -> str:
+    return f"{KEY_PREFIX}:consumer:{consumer_id}"
+
+
+def held_key(consumer_id: str) -> str:
+    return f"{KEY_PREFIX}:held:{consumer_id}"
+
+
+def open_job_score(record: JobRecord) -> float:
+    """When an open job is overdue: its start deadline while queued, its run deadline while running."""
+    if record.started_at is not None and record.timeout_s is not None:
+        return record.started_at + record.timeout_s
+    return record.start_by if record.start_by is not None else record.submitted_at
+
+
 def new_job_id() -> str:
     # UUID4: random, so one client cannot guess another client's job id.
     return str(uuid.uuid4())
@@ -101,6 +135,9 @@ def is_job_id(value: str) -> bool:
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_TIMEOUT_S = 600.0
 MAX_TEMPERATURE = 2.0
+#: Timestamps in a job message lie between 1970 and this (year 5138): a duration
+#: computed from one, in milliseconds, is always a finite float.
+MAX_EPOCH_S = 1e11
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -186,9 +223,10 @@ class JobMessage(_Model):
     """The body of the Celery message (its kwargs). The job id is the Celery task id."""
 
     request: JobRequest
-    submitted_at: float
+    #: Epoch seconds, bounded so every duration computed from it stays finite.
+    submitted_at: Annotated[float, Field(ge=0, le=MAX_EPOCH_S)]
     #: Epoch seconds by which the job must START, or it is recorded ``expired``.
-    start_by: float
+    start_by: Annotated[float, Field(ge=0, le=MAX_EPOCH_S)]
     #: Seconds the job may run once started; generation stops at this deadline.
     timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]
 

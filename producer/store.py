@@ -20,9 +20,11 @@ from producer.errors import UnreadableRecord
 from producer.protocol import (
     DONE_SIGNAL_TTL_S,
     METRICS_JOBS_KEY,
+    OPEN_JOBS_KEY,
     QUEUE_NAME,
     STAGES,
     JobRecord,
+    JobStatus,
     Turn,
     batch_key,
     bucket_field,
@@ -31,11 +33,42 @@ from producer.protocol import (
     job_key,
     metrics_counted_key,
     metrics_stage_key,
+    open_job_score,
     pending_turns_key,
     stage_seconds,
 )
 
 log = logging.getLogger("qwen_allinone.store")
+
+#: A final record and all its bookkeeping, in one atomic step: the record (unless the stored
+#: one is already final: the first final status wins), the done signal that wakes waiting
+#: clients, the job's removal from the open jobs and from its conversation's pending turns,
+#: and the metrics, counted once per job (the ``counted`` mark). Redis refuses a script under
+#: maxmemory at its first write, so it runs whole or not at all.
+#: KEYS: job, done, open index, pending turns (or ""), counted mark, jobs by status, stage hashes.
+#: ARGV: record JSON, record TTL, done TTL, job id, status, then (bucket field, seconds) per stage.
+_FINAL_SCRIPT = "local FINAL = {" + ", ".join(f"['{s.value}'] = true" for s in JobStatus if s.is_final) + """}
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local ok, old = pcall(cjson.decode, stored)
+  if ok and type(old) == 'table' and FINAL[old['status']] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('RPUSH', KEYS[2], 1)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('ZREM', KEYS[3], ARGV[4])
+if KEYS[4] ~= '' then redis.call('LREM', KEYS[4], 0, ARGV[4]) end
+if redis.call('SET', KEYS[5], 1, 'NX', 'EX', ARGV[2]) then
+  redis.call('HINCRBY', KEYS[6], ARGV[5], 1)
+  for i = 7, #KEYS do
+    local j = 6 + (i - 7) * 2
+    redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
+    redis.call('HINCRBY', KEYS[i], 'count', 1)
+    redis.call('HINCRBYFLOAT', KEYS[i], 'sum', ARGV[j + 1])
+  end
+end
+return 1
+"""
 
 
 def connect_redis(url: str, *, retries: int, socket_timeout: float) -> redis.Redis:
@@ -68,18 +101,22 @@ class JobStore:
 
         Two writers can race at the end of a job (the hard time limit writes
         ``timed_out`` in the worker's parent while the child may still write);
-        the first final status wins.
+        the first final status wins. An open record is (re)indexed among the
+        open jobs; a final one is written with all of its bookkeeping in one
+        step (``_FINAL_SCRIPT``), so a crash never leaves half of it.
         """
-        # A transaction that watches a key is not retried by redis-py when the connection
-        # drops; the write is idempotent, so it is retried here, with the client's backoff.
-        return self._retried(lambda: self._put_once(record))
+        # Neither a watched transaction nor a script is retried by redis-py when the connection
+        # drops; both writes are idempotent, so they are retried here, with the client's backoff.
+        if record.status.is_final:
+            return self._retried(lambda: self._put_final_once(record))
+        return self._retried(lambda: self._put_open_once(record))
 
     def _retried(self, operation):
         """Run ``operation`` under the client's retry policy (connect_redis), if it has one."""
         retry = self.redis.get_retry()
         return operation() if retry is None else retry.call_with_retry(operation, lambda _: None)
 
-    def _put_once(self, record: JobRecord) -> bool:
+    def _put_open_once(self, record: JobRecord) -> bool:
         key = job_key(record.job_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -94,14 +131,22 @@ class JobStore:
                         return False
                     pipe.multi()
                     pipe.set(key, record.to_json(), ex=self.ttl_s)
-                    if record.status.is_final:  # wakes the clients blocked in wait_until_final
-                        pipe.rpush(done_key(record.job_id), 1)
-                        pipe.expire(done_key(record.job_id), DONE_SIGNAL_TTL_S)
+                    pipe.zadd(OPEN_JOBS_KEY, {record.job_id: open_job_score(record)})
                     pipe.execute()
                     return True
                 except redis.WatchError:
                     continue
 
+    def _put_final_once(self, record: JobRecord) -> bool:
+        conversation_id = record.request.conversation_id if record.request else None
+        stages = stage_seconds(record.timings)
+        keys = [job_key(record.job_id), done_key(record.job_id), OPEN_JOBS_KEY,
+                pending_turns_key(conversation_id) if conversation_id else "",
+                metrics_counted_key(record.job_id), METRICS_JOBS_KEY,
+                *(metrics_stage_key(stage) for stage in stages)]
+        args = [record.to_json(), self.ttl_s, DONE_SIGNAL_TTL_S, record.job_id, record.status.value,
+                *(item for seconds in stages.values() for item in (bucket_field(seconds), repr(seconds)))]
+        return bool(self.redis.eval(_FINAL_SCRIPT, len(keys), *keys, *args))
     def wait_until_final(self, job_id: str, timeout_s: float) -> bool:
         """Block until the job's record turns final or ``timeout_s`` passes; True if it did.
 
@@ -189,40 +234,7 @@ class JobStore:
     def batch_of(self, job_id: str) -> list[str]:
         return [raw.decode() for raw in self.redis.lrange(batch_key(job_id), 0, -1)]
 
-    # --- metrics: every final record is counted once, by the worker that wrote it ---
-
-    def record_outcome(self, record: JobRecord) -> None:
-        """Count a final record: its status, and each stage's latency in a histogram.
-
-        A job is counted once even if a final record is written twice (the
-        ``counted`` mark). Metrics are bookkeeping: a Redis error here is logged,
-        never raised, so it cannot fail or requeue a job whose record is written.
-        """
-        if not record.status.is_final:
-            return
-        mark = metrics_counted_key(record.job_id)
-        try:
-            with self.redis.pipeline(transaction=True) as pipe:
-                while True:
-                    try:
-                        pipe.watch(mark)
-                        if pipe.exists(mark):
-                            pipe.unwatch()
-                            return
-                        pipe.multi()
-                        pipe.set(mark, 1, ex=self.ttl_s)
-                        pipe.hincrby(METRICS_JOBS_KEY, record.status.value, 1)
-                        for stage, seconds in stage_seconds(record.timings).items():
-                            key = metrics_stage_key(stage)
-                            pipe.hincrby(key, bucket_field(seconds), 1)
-                            pipe.hincrby(key, "count", 1)
-                            pipe.hincrbyfloat(key, "sum", seconds)
-                        pipe.execute()
-                        return
-                    except redis.WatchError:
-                        continue
-        except redis.RedisError as err:
-            log.warning("job=%s not counted in the metrics: Redis error %s", record.job_id, err)
+    # --- metrics: every final record is counted once, in the same step that writes it ---
 
     def read_metrics(self) -> JobMetrics:
         """Every job counter and stage histogram, read in one round trip."""

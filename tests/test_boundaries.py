@@ -55,6 +55,21 @@ def test_only_the_engine_and_the_benchmarks_import_torch():
     assert offenders == []
 
 
+#: What only worker/queue/ may touch: kombu's transport internals and Celery's worker pool.
+KOMBU_INTERNALS = ("kombu.transport", "kombu.message", "_q_for_pri", "unacked_key", "unacked_index_key",
+                   "restore_unacked", "_brpop_read", "priority_steps", "_remove_from_indices", "QoS")
+
+
+def test_only_the_queue_package_touches_kombu_internals():
+    offenders = []
+    for path in sorted((ROOT / "worker").rglob("*.py")) + sorted((ROOT / "producer").rglob("*.py")):
+        if path.parent.name == "queue" and path.parent.parent.name == "worker":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            offenders += [f"{path.relative_to(ROOT)}:{number}: {word}" for word in KOMBU_INTERNALS if word in line]
+    assert offenders == []
+
+
 def test_only_the_llama_modules_import_llama_cpp():
     offenders = []
     for path in sorted((ROOT / "worker").rglob("*.py")) + sorted((ROOT / "producer").rglob("*.py")):

@@ -25,7 +25,7 @@ from producer.protocol import (
     describe_validation_error,
 )
 from producer.store import JobStore
-from worker.intake import TakenJob
+from worker.queue.intake import TakenJob
 from worker.outcome import finish, save_final, to_ms
 from worker.runtime import WorkerRuntime
 

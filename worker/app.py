@@ -14,11 +14,16 @@ import signal
 import sys
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 from pydantic import ValidationError
 
 from producer.protocol import CELERY_WIRE_CONFIG
+from producer.store import JobStore, connect_redis
+from worker.admission import MAX_ATTEMPTS
 from worker.model_source import ModelLoadError
+from worker.queue import QUEUE_TRANSPORT, check_versions, transport_options
+from worker.queue.liveness import Heartbeat
+from worker.queue.reconciler import Reconciler
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 from worker.tasks import register
@@ -44,14 +49,10 @@ def celery_config(settings: WorkerSettings) -> dict:
         "task_reject_on_worker_lost": True,
         "task_time_limit": settings.hard_time_limit_s,
         "worker_proc_alive_timeout": POOL_PROCESS_START_TIMEOUT_S,
-        # Kombu's Redis transport, hardened against undecodable messages.
-        "broker_transport": "worker.transport:Transport",
-        "broker_transport_options": {
-            "visibility_timeout": settings.visibility_timeout_s,
-            # Sweep for messages of dead workers often enough for a short visibility timeout.
-            "unacked_restore_interval": max(1, min(10, settings.visibility_timeout_s // 4)),
-            "unacked_restore_throttle": 1,
-        },
+        # Kombu's Redis transport, hardened against undecodable messages, with liveness
+        # bookkeeping (worker.queue.transport).
+        "broker_transport": QUEUE_TRANSPORT,
+        "broker_transport_options": transport_options(settings.visibility_timeout_s),
         "broker_connection_retry_on_startup": True,
     }
 
@@ -63,7 +64,33 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
     runtime = WorkerRuntime(settings)
     register(app, runtime)
     _connect_model_loading(runtime)
+    _connect_upkeep(app, runtime)
     return app
+
+
+def _connect_upkeep(app: Celery, runtime: WorkerRuntime) -> None:
+    """Heartbeats in the parent and each pool process; the reconciler in the parent."""
+    settings = runtime.settings
+    running: list = []
+
+    def upkeep_client():
+        return connect_redis(settings.redis_url, retries=3, socket_timeout=10)
+
+    @worker_ready.connect(weak=False)
+    def start_parent_upkeep(**_):
+        store = JobStore(upkeep_client(), settings.result_ttl_s)
+        running.append(Heartbeat(store.redis, settings.liveness_ttl_s).start())
+        running.append(Reconciler(app, store, grace_s=settings.reconcile_interval_s,
+                                  interval_s=settings.reconcile_interval_s, max_attempts=MAX_ATTEMPTS).start())
+
+    @worker_process_init.connect(weak=False)
+    def start_pool_heartbeat(**_):
+        running.append(Heartbeat(upkeep_client(), settings.liveness_ttl_s).start())
+
+    @worker_shutdown.connect(weak=False)
+    def stop_upkeep(**_):
+        for part in running:
+            part.stop()
 
 
 def _connect_model_loading(runtime: WorkerRuntime) -> None:
@@ -74,6 +101,8 @@ def _connect_model_loading(runtime: WorkerRuntime) -> None:
     def check_model(**_):
         # In the parent, before forking: resolve MODEL to local files (no torch),
         # so a bad setting stops the worker here with one line.
+        if problem := check_versions():
+            _die(problem)
         try:
             runtime.resolve_model()
         except ModelLoadError as err:

@@ -74,6 +74,13 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
         record.sentiment = Sentiment(label=sentiment.label, confidence=sentiment.confidence,
                                      classifier=sentiment.classifier or None)
         record.tokens.sentiment_prompt_tokens = sentiment.prompt_tokens
+        if time.time() >= job.deadline:
+            # Its deadline passed during the sentiment pass: it fails alone, with its label,
+            # rather than take a row of the reply batch that it cannot use.
+            error = JobError(code=ErrorCode.TIMED_OUT, message=(
+                f"its deadline ({record.timeout_s:g}s, JOB_TIMEOUT_S) passed before the reply could start"))
+            _settle(store, job, finish(record, JobStatus.TIMED_OUT, error))
+            continue
         store.put(record)  # the client can show the sentiment before the reply exists
         replying.append(job)
     if not replying:

@@ -24,12 +24,17 @@ def finish(record: JobRecord, status: JobStatus, error: JobError | None = None) 
 
 
 def save_final(store: JobStore, record: JobRecord) -> JobRecord:
-    """Write a final record and let the conversation's next turn go."""
-    store.put(record)
-    if record.request is not None and record.request.conversation_id:
-        store.remove_pending_turn(record.request.conversation_id, record.job_id)
-    store.record_outcome(record)  # jobs by status and stage latencies, for the gateway's /metrics
-    _log_outcome(record)
+    """Write a final record, with its bookkeeping in the same step (``JobStore.put``).
+
+    The conversation's next turn may go, the job leaves the open jobs, and the
+    gateway's /metrics counts it. A record already final is left as it is and
+    not counted or logged again.
+    """
+    if store.put(record):
+        _log_outcome(record)
+    else:  # the job ran twice (a redelivery raced its first run); the client keeps the first result
+        log.warning("job=%s ran again and ended %s; its first final record stands", record.job_id,
+                    record.status.value)
     return record
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from producer.store import JobStore, connect_redis
 from worker.engine import Engine
-from worker.intake import Intake
+from worker.queue.intake import Intake
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, load_adapter
 from worker.model_source import ModelLoadError, ModelSource, choose_engine, resolve_model_source
 from worker.settings import WorkerSettings
@@ -29,6 +29,8 @@ class WorkerRuntime:
     intake: Intake | None = None
     #: Jobs in this process's previous batch, taken messages included.
     last_batch_size: int = 1
+    #: Jobs handed back in a row because Redis failed (sets the back-off before the next).
+    redis_failures: int = 0
     _store: JobStore | None = field(default=None, repr=False)
 
     @property

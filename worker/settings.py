@@ -66,7 +66,13 @@ class WorkerSettings(ProducerSettings):
     partial_reply_interval_ms: float = Field(250.0, ge=0)
     #: Celery's hard time limit is job_timeout_s plus this; a job killed by it is ``timed_out``.
     time_limit_grace_s: float = Field(10.0, gt=0)
-    #: A message fetched but not acknowledged (its worker died) is redelivered after this long.
+    #: A process that holds queue messages refreshes its heartbeat four times in this
+    #: period; once it lapses (the process died), its messages go back to the queue.
+    liveness_ttl_s: float = Field(10.0, ge=1)
+    #: Each worker's parent runs the reconciler this often (one worker at a time sweeps).
+    reconcile_interval_s: float = Field(3.0, gt=0)
+    #: The last resort behind liveness: a message fetched but not acknowledged is
+    #: redelivered after this long whatever else happened.
     visibility_timeout_s: int = Field(3600, ge=1)
 
     @model_validator(mode="after")

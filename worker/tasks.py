@@ -3,7 +3,7 @@
 ``run_job`` turns a Celery message into a sequence of record writes:
 ``running`` → sentiment known → partial replies → ``succeeded`` (or
 ``failed`` / ``expired``). When more jobs wait in the queue, the task takes up
-to ``BATCH_MAX - 1`` of them (``worker.intake``), admits each
+to ``BATCH_MAX - 1`` of them (``worker.queue.intake``), admits each
 (``worker.admission``) and runs them all as one batch (``worker.batch``): one
 sentiment pass, one batched generation, each job's record written and its
 message acknowledged on its own.
@@ -15,6 +15,7 @@ records when the hard time limit kills a child.
 from __future__ import annotations
 
 import logging
+import time
 
 import redis
 from billiard.exceptions import TimeLimitExceeded
@@ -24,7 +25,7 @@ from celery.exceptions import Reject
 from producer.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStatus
 from worker.admission import TurnNotReady, admit
 from worker.batch import run_jobs
-from worker.intake import Intake
+from worker.queue.intake import Intake
 from worker.outcome import finish, save_final
 from worker.runtime import WorkerRuntime
 
@@ -32,6 +33,10 @@ log = logging.getLogger("qwen_allinone.worker")
 
 #: A later turn of a conversation whose earlier turn still runs is retried after this long.
 TURN_RETRY_S = 0.25
+#: A job handed back because Redis failed waits this long first, doubled for each failure in
+#: a row, up to the maximum.
+REDIS_BACKOFF_S = 0.5
+REDIS_BACKOFF_MAX_S = 30.0
 #: After a batch of one, a job waits BATCH_WAIT_MS divided by this for others to arrive.
 IDLE_WAIT_DIVISOR = 5
 
@@ -77,15 +82,21 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
         unexpected = {f"args[{i}]" for i in range(len(args))} | set(kwargs)
         try:
             run_batch(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
+            self.runtime.redis_failures = 0
         except TurnNotReady as wait:
             # Back to the queue for a moment; the worker serves other jobs meanwhile.
             if not self.request.retries:  # once, not every 0.25 s
                 log.info("job=%s waits: %s", self.request.id, wait)
             raise self.retry(countdown=TURN_RETRY_S) from None
         except redis.RedisError as err:
-            # Redis is gone even after retries: hand the job back rather than
-            # acknowledge it with its record unfinished.
-            log.error("job=%s handed back to the queue: Redis error %s", self.request.id, err)
+            # Redis is gone even after retries, or refuses writes (OOM, READONLY, MISCONF):
+            # hand the job back rather than acknowledge it with its record unfinished. Back off
+            # first, doubling each time in a row, so a refusing Redis is not hammered.
+            failures = self.runtime.redis_failures = self.runtime.redis_failures + 1
+            pause = min(REDIS_BACKOFF_S * 2 ** (failures - 1), REDIS_BACKOFF_MAX_S)
+            log.error("job=%s handed back to the queue in %.1fs (Redis failure %d in a row): %s",
+                      self.request.id, pause, failures, err)
+            time.sleep(pause)
             raise Reject(str(err), requeue=True) from err
 
     return run_job

@@ -6,13 +6,13 @@ import time
 
 import fakeredis
 import pytest
-import redis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.api.metrics import build_registry
 from producer.client import Client
 from producer.protocol import (
+    job_key,
     METRICS_JOBS_KEY,
     JobRecord,
     JobStatus,
@@ -51,8 +51,10 @@ def test_bucket_is_the_smallest_bound_that_holds_the_value():
 
 def test_a_final_record_is_counted_once_with_each_stage_that_ran(store, fake):
     done = record(JobStatus.SUCCEEDED, queue_wait_ms=20, sentiment_ms=80, history_ms=1, reply_ms=700, total_ms=801)
-    store.record_outcome(done)
-    store.record_outcome(done)  # a second final write of the same job
+    assert store.put(done) is True
+    assert store.put(done) is False  # a second final write of the same job
+    fake.delete(job_key(done.job_id))  # even one that finds the record gone is not counted again
+    assert store.put(done) is True
     assert fake.hgetall(METRICS_JOBS_KEY) == {b"succeeded": b"1"}
     reply = fake.hgetall(metrics_stage_key("reply"))
     assert (reply[b"le:1"], reply[b"count"], float(reply[b"sum"])) == (b"1", b"1", pytest.approx(0.7))
@@ -60,7 +62,7 @@ def test_a_final_record_is_counted_once_with_each_stage_that_ran(store, fake):
     assert 0 < fake.ttl(metrics_counted_key(done.job_id)) <= 60
 
     expired = record(JobStatus.EXPIRED, total_ms=700_000)  # never ran: only its total
-    store.record_outcome(expired)
+    store.put(expired)
     metrics = store.read_metrics()
     assert metrics.jobs_by_status == {"succeeded": 1, "expired": 1}
     assert metrics.stages["total"].count == 2 and metrics.stages["total"].buckets == {"1": 1, "+Inf": 1}
@@ -68,23 +70,14 @@ def test_a_final_record_is_counted_once_with_each_stage_that_ran(store, fake):
 
 
 def test_unfinished_records_are_not_counted(store, fake):
-    store.record_outcome(record(JobStatus.RUNNING, queue_wait_ms=5))
-    assert fake.keys("*") == []
-
-
-def test_a_redis_error_never_reaches_the_job(monkeypatch, store, fake, caplog):
-    def broken(*args, **kwargs):
-        raise redis.ConnectionError("Connection refused")
-
-    monkeypatch.setattr(fake, "pipeline", broken)
-    store.record_outcome(record(JobStatus.FAILED, total_ms=5))
-    assert "not counted in the metrics" in caplog.text
+    store.put(record(JobStatus.RUNNING, queue_wait_ms=5))
+    assert fake.keys("qwen-allinone:metrics*") == []
 
 
 def test_exposition_is_cumulative_with_every_final_status(store, fake):
-    store.record_outcome(record(JobStatus.SUCCEEDED, queue_wait_ms=10, sentiment_ms=40, reply_ms=300, total_ms=350))
-    store.record_outcome(record(JobStatus.SUCCEEDED, queue_wait_ms=10, sentiment_ms=40, reply_ms=3000, total_ms=3050))
-    store.record_outcome(record(JobStatus.TIMED_OUT, queue_wait_ms=10, total_ms=41_000))
+    store.put(record(JobStatus.SUCCEEDED, queue_wait_ms=10, sentiment_ms=40, reply_ms=300, total_ms=350))
+    store.put(record(JobStatus.SUCCEEDED, queue_wait_ms=10, sentiment_ms=40, reply_ms=3000, total_ms=3050))
+    store.put(record(JobStatus.TIMED_OUT, queue_wait_ms=10, total_ms=41_000))
     fake.rpush("qwen-allinone", "m1", "m2")
     client = Client(settings=ProducerSettings(redis_url="redis://127.0.0.1:1/0"), redis_client=fake)
     text = generate_latest(build_registry(client)).decode()

@@ -97,3 +97,22 @@ def test_a_batch_killed_by_the_hard_time_limit_times_out_every_job_at_once(fault
     assert [r.status for r in records] == [JobStatus.TIMED_OUT] * 3
     assert all(r.error.code is ErrorCode.TIMED_OUT for r in records)
     assert max(r.finished_at for r in records) - min(r.started_at for r in records) < 15
+
+
+def test_a_job_whose_deadline_passes_in_the_sentiment_pass_fails_alone(worker_env, tmp_path, make_client, figures):
+    # The sentiment pass of "[[slow=3]]" takes 3 s, past its 2 s deadline, well inside the
+    # hard time limit (2 + 20 s): the job ends at once with its label, and takes no reply row.
+    env = {**worker_env, "JOB_TIMEOUT_S": "2", "TIME_LIMIT_GRACE_S": "20"}
+    worker = start_worker(FAULT_APP, tmp_path / "deadline.log", env, name="deadline")
+    client = make_client()
+    try:
+        late = client.wait(client.submit("[[slow=3]] 太慢了", max_new_tokens=40), timeout=60)
+        after = client.wait(client.submit("好吃", max_new_tokens=8), timeout=60)
+    finally:
+        worker.stop()
+    figures.update(jobs=2, timed_out=1, took_s=round(late.finished_at - late.started_at, 1))
+    assert late.status is JobStatus.TIMED_OUT and late.error.code is ErrorCode.TIMED_OUT
+    assert "passed before the reply could start" in late.error.message
+    assert late.sentiment is not None and late.reply is None
+    assert late.finished_at - late.started_at < 10
+    assert after.status is JobStatus.SUCCEEDED

@@ -94,7 +94,7 @@ def test_jobs_taken_for_a_batch_survive_redis_going_away(private_redis, figures)
     # is back, the next take hands them back first: nothing waits for VISIBILITY_TIMEOUT_S.
     from producer.protocol import TASK_NAME, new_job_id
     from worker.app import celery_config
-    from worker.intake import Intake
+    from worker.queue.intake import Intake
     from worker.settings import WorkerSettings
 
     app = Celery("intake-test", set_as_current=False)

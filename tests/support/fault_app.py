@@ -7,21 +7,46 @@ markers a test can put in the job's text:
   (to observe intermediate states, hit deadlines and kill a job mid-run);
 - ``[[fail]]``: the sentiment step raises, as a broken model would.
 
+and one per worker: with ``FAULT_DIE_BEFORE_UNACKED=<path>`` the worker's parent
+exits (as ``kill -9`` would end it) right after kombu popped a message and
+before it recorded it as unacknowledged, once: it creates ``<path>`` first.
+
 Run with ``celery -A tests.support.fault_app worker ...``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import time
+from pathlib import Path
 
 from celery.signals import worker_process_init
 
 from producer.protocol import TASK_NAME
 from worker.app import app
+from worker.queue import transport
 
 _SLOW = re.compile(r"\[\[slow=([0-9.]+)\]\]")
 _delay_s = 0.0
+
+
+def _die_before_unacked() -> None:
+    marker = os.environ.get("FAULT_DIE_BEFORE_UNACKED")
+    if not marker or Path(marker).exists():
+        return
+    append = transport.QoS.append
+
+    def append_or_die(self, message, delivery_tag):
+        if not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            os.killpg(os.getpgrp(), 9)  # the message is popped, not yet recorded anywhere
+        return append(self, message, delivery_tag)
+
+    transport.QoS.append = append_or_die
+
+
+_die_before_unacked()
 
 
 @worker_process_init.connect(weak=False)

@@ -5,7 +5,8 @@ Celery hands the task one message. When more jobs wait, the task takes up to
 which is what Celery's consumer itself uses. A taken message lands in kombu's
 "unacked" set exactly as a delivery to Celery does (in one atomic step, see
 ``_get``), so if this process dies before acknowledging it, the
-visibility-timeout sweep puts it back in the queue for another worker. Each
+reconciler puts it back in the queue for another worker once this process's
+heartbeat lapses (``worker.queue.liveness``). Each
 taken message is acknowledged by the task right after its job's final record
 is written.
 
@@ -32,7 +33,8 @@ from kombu import Connection
 from kombu.message import Message
 from kombu.transport.virtual import QoS as VirtualQoS
 
-from producer.protocol import QUEUE_NAME, TASK_NAME
+from producer.protocol import QUEUE_NAME, TASK_NAME, held_key
+from worker.queue.liveness import consumer_id
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -42,10 +44,12 @@ POLL_INTERVAL_S = 0.002
 #: Pop the oldest message (highest priority first) and, in the same step, record it as
 #: unacknowledged in kombu's own format (kombu.transport.redis.QoS.append): the hash
 #: field is the delivery tag and the value is ``[payload, exchange, routing_key]``;
-#: the index is scored by time, for the visibility-timeout sweep. The payload is kept
-#: as the exact text that was queued. Something that is not an envelope is only popped.
+#: the index is scored by time, for the visibility-timeout sweep; the tag joins this
+#: process's held set (worker.queue.liveness). The payload is kept as the exact text
+#: that was queued. Something that is not an envelope is only popped.
+#: KEYS: unacked hash, unacked index, held set, then the queue's lanes.
 _TAKE_SCRIPT = """
-for i = 3, #KEYS do
+for i = 4, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then
     local ok, payload = pcall(cjson.decode, item)
@@ -59,6 +63,7 @@ for i = 3, #KEYS do
       end
       local tag = tostring(payload['properties']['delivery_tag'])
       redis.call('ZADD', KEYS[2], ARGV[1], tag)
+      redis.call('SADD', KEYS[3], tag)
       redis.call('HSET', KEYS[1], tag,
         '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
     end
@@ -145,14 +150,14 @@ class Intake:
         """
         queues = [channel._q_for_pri(QUEUE_NAME, priority) for priority in channel.priority_steps]
         with channel.conn_or_acquire() as client:
-            raw = client.eval(_TAKE_SCRIPT, 2 + len(queues), channel.unacked_key, channel.unacked_index_key,
-                              *queues, time.time())
+            raw = client.eval(_TAKE_SCRIPT, 3 + len(queues), channel.unacked_key, channel.unacked_index_key,
+                              held_key(consumer_id()), *queues, time.time())
         if raw is None:
             return None
         try:
             message = channel.Message(json.loads(raw), channel=channel)
         except (ValueError, KeyError, TypeError) as err:
-            # Not a kombu envelope; it was already popped, as on Celery's own path (worker.transport).
+            # Not a kombu envelope; it was already popped, as on Celery's own path (worker.queue.transport).
             log.error("dropped an undecodable message from the queue: %s: %s", type(err).__name__, err)
             return None
         # kombu's in-memory bookkeeping only: the script already wrote the unacked records.

@@ -1,0 +1,52 @@
+"""The queue: the one place that knows kombu's and Celery's internals.
+
+The rest of the code uses this small interface:
+
+- ``QUEUE_TRANSPORT``: Celery's ``broker_transport`` for producers and workers
+  (``transport``: hardened reads, liveness bookkeeping, atomic admission).
+- ``submission.submit_job``: a job, its record and its pending turn, queued in one step.
+- ``Intake``: a pool process takes more waiting jobs for its batch (``intake``).
+- ``Heartbeat``: a process that holds messages says it is alive (``liveness``).
+- ``Reconciler``: hands back the messages of dead processes and re-sends open jobs
+  whose message is gone (``reconciler``).
+- ``check_versions``: kombu and Celery are the versions this code was tested on.
+
+kombu's Redis internals used here: ``Channel._put``, ``_brpop_read``,
+``_q_for_pri``, ``priority_steps``, ``unacked_key`` and ``unacked_index_key``,
+``QoS.append`` and ``QoS._remove_from_indices``, and the unacked entry's
+format ``[payload, exchange, routing_key]``.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+#: Celery's ``broker_transport`` setting that selects our Redis transport.
+QUEUE_TRANSPORT = "worker.queue.transport:Transport"
+
+#: The minor versions the suite ran on; the internals above may change in any other.
+TESTED_VERSIONS = {"kombu": "5.7", "celery": "5.7"}
+
+
+def check_versions() -> str | None:
+    """None when kombu and Celery are the tested minor versions, else one line saying what differs."""
+    found = {name: version(name) for name in TESTED_VERSIONS}
+    wrong = [f"{name} {found[name]}" for name, minor in TESTED_VERSIONS.items()
+             if not (found[name] == minor or found[name].startswith(minor + "."))]
+    if not wrong:
+        return None
+    tested = ", ".join(f"{name} {minor}.x" for name, minor in TESTED_VERSIONS.items())
+    return (f"{' and '.join(wrong)} installed, but worker/queue/ uses kombu internals tested only with "
+            f"{tested}; install those (pip install -e .[worker])")
+
+
+def transport_options(visibility_timeout_s: int) -> dict:
+    """Celery's ``broker_transport_options`` for the worker."""
+    return {
+        # The last resort: the reconciler hands a dead worker's messages back within
+        # seconds (LIVENESS_TTL_S); kombu's sweep catches what it cannot.
+        "visibility_timeout": visibility_timeout_s,
+        # Sweep for messages of dead workers often enough for a short visibility timeout.
+        "unacked_restore_interval": max(1, min(10, visibility_timeout_s // 4)),
+        "unacked_restore_throttle": 1,
+    }

@@ -1,0 +1,80 @@
+"""Liveness: which processes are alive, and which queue messages each one holds.
+
+Every process that takes messages off the queue (a worker's parent, which is
+Celery's consumer, and its pool process, which takes more for a batch) has a
+consumer id and a heartbeat: a key with a short TTL that a thread of its own
+refreshes. Each message it holds unacknowledged is in its ``held`` set,
+written in the same step as kombu's unacked record (``worker.queue.transport``
+and the intake's script). When a process dies its heartbeat lapses within
+``LIVENESS_TTL_S`` and the reconciler hands its messages back to the queue,
+instead of kombu's visibility timeout (an hour by default) doing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+
+import redis
+
+from producer.protocol import CONSUMERS_KEY, consumer_key
+
+log = logging.getLogger("qwen_allinone.worker")
+
+_identity: tuple[int, str] | None = None
+_identity_lock = threading.Lock()
+
+
+def consumer_id() -> str:
+    """This process's consumer id: host, pid and a random part (a pid is reused, a restart is new)."""
+    global _identity
+    with _identity_lock:
+        # A forked pool process inherits the module: it gets an id of its own.
+        if _identity is None or _identity[0] != os.getpid():
+            _identity = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+        return _identity[1]
+
+
+class Heartbeat:
+    """Keeps this process's consumer key alive from a daemon thread; ``stop`` removes it."""
+
+    def __init__(self, client: redis.Redis, ttl_s: float):
+        self.client = client
+        self.ttl_s = ttl_s
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> None:
+        me = consumer_id()
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(consumer_key(me), 1, px=int(self.ttl_s * 1000))
+            pipe.sadd(CONSUMERS_KEY, me)
+            pipe.execute()
+
+    def start(self) -> Heartbeat:
+        try:
+            self.beat()  # alive from the start, before the thread's first turn
+        except redis.RedisError as err:
+            log.warning("heartbeat not written: Redis error %s", err)
+        self._thread = threading.Thread(target=self._run, name="qwen-allinone-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        try:
+            self.client.delete(consumer_key(consumer_id()))
+        except redis.RedisError:
+            pass  # it lapses on its own
+
+    def _run(self) -> None:
+        # Four beats per TTL: one late or failed beat does not make a live process look dead.
+        while not self._stopped.is_set():
+            try:
+                self.beat()
+            except redis.RedisError as err:
+                log.warning("heartbeat not written: Redis error %s", err)
+            self._stopped.wait(self.ttl_s / 4)

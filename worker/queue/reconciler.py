@@ -1,0 +1,254 @@
+"""The reconciler: every open job finishes, whatever died or failed on the way.
+
+The job record is the source of truth. Every job whose record is queued or
+running is in the open-job index (``OPEN_JOBS_KEY``), added in the same step
+as its ``queued`` record (``worker.queue.submission``) and removed in the same
+step as its final record (``JobStore.put``). Each worker's parent sweeps every
+``RECONCILE_INTERVAL_S``; a Redis lock lets one sweep run at a time across all
+workers. A sweep does two things:
+
+1. **Messages of dead processes go back to the queue.** An unacknowledged
+   message that no live process holds (its holder's heartbeat lapsed,
+   ``worker.queue.liveness``) is moved back to the front of the queue, as
+   kombu's visibility timeout would do an hour later.
+2. **Open jobs whose message is gone are re-sent.** A job that is open but in
+   no queue and no unacked record (a worker killed between kombu's pop and
+   its unacked bookkeeping, a re-publish that failed, a hard-time-limit
+   bookkeeping write that failed before Celery acked) is re-sent under the
+   same id, or finished as ``expired`` if its start deadline passed, or as
+   ``failed`` once it has been re-sent ``MAX_ATTEMPTS`` times.
+
+Both act only on what two sweeps at least ``grace_s`` apart found in the same
+state (``SUSPECTS_KEY``), so a message in transit between the queue and a
+worker, or a process whose heartbeat a Redis restart wiped, is left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+from celery import Celery
+
+from producer.errors import UnreadableRecord
+from producer.protocol import (
+    CONSUMERS_KEY,
+    OPEN_JOBS_KEY,
+    QUEUE_NAME,
+    RECONCILER_LOCK_KEY,
+    RESENDS_KEY,
+    SUSPECTS_KEY,
+    ErrorCode,
+    JobError,
+    JobStatus,
+    consumer_key,
+    held_key,
+)
+from producer.store import JobStore
+from worker.outcome import finish, save_final
+from worker.queue.submission import resend_job
+
+log = logging.getLogger("qwen_allinone.worker")
+
+#: Move an unacked entry back to the front of its queue lanes, unless it changed or went meanwhile.
+#: KEYS: unacked hash, unacked index, lanes. ARGV: tag, the entry as read, the payload to queue.
+_RESTORE_SCRIPT = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+for i = 3, #KEYS do redis.call('RPUSH', KEYS[i], ARGV[3]) end
+return 1
+"""
+#: Release the lock only if it is still ours.
+_UNLOCK_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+#: A sweep that takes longer than this (Redis unreachable) lets another worker sweep.
+LOCK_TTL_S = 60
+
+
+@dataclass
+class SweepReport:
+    restored: list[str] = field(default_factory=list)  # job ids whose message went back to the queue
+    resent: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # expired or failed without a message
+
+
+class Reconciler:
+    def __init__(self, app: Celery, store: JobStore, *, grace_s: float, interval_s: float, max_attempts: int):
+        self.app = app
+        self.store = store
+        self.grace_s = grace_s
+        self.interval_s = interval_s
+        self.max_attempts = max_attempts
+        self._stopped = threading.Event()
+        self._connection = None
+
+    # --- running on the worker's own timer ---
+
+    def start(self) -> Reconciler:
+        threading.Thread(target=self._run, name="qwen-allinone-reconciler", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            try:
+                self.sweep()
+            except Exception as err:  # Redis down, or a bug: the next sweep tries again
+                log.warning("reconciler sweep failed: %s: %s", type(err).__name__, err)
+
+    # --- one sweep ---
+
+    def sweep(self, now: float | None = None) -> SweepReport | None:
+        """One sweep, or None when another worker holds the lock."""
+        client = self.store.redis
+        token = uuid.uuid4().hex
+        if not client.set(RECONCILER_LOCK_KEY, token, nx=True, ex=LOCK_TTL_S):
+            return None
+        try:
+            return self._sweep(client, time.time() if now is None else now)
+        finally:
+            client.eval(_UNLOCK_SCRIPT, 1, RECONCILER_LOCK_KEY, token)
+
+    def _sweep(self, client: redis.Redis, now: float) -> SweepReport:
+        channel = self._channel()
+        unacked = {tag.decode(): raw for tag, raw in client.hgetall(channel.unacked_key).items()}
+        held, dead = self._held_by_live_consumers(client)
+        orphaned_tags = [tag for tag in unacked if tag not in held]
+        open_ids = [raw.decode() for raw in client.zrange(OPEN_JOBS_KEY, 0, -1)]
+        present = {_job_id_of_entry(raw) for raw in unacked.values()}
+        lost_ids = [job_id for job_id in open_ids if job_id not in present]
+        if lost_ids:  # only then is the queue worth reading
+            present |= self._queued_ids(client, channel)
+            lost_ids = [job_id for job_id in lost_ids if job_id not in present]
+        confirmed = self._confirm(client, [f"tag:{t}" for t in orphaned_tags] + [f"job:{j}" for j in lost_ids], now)
+        report = SweepReport()
+        for tag in (key.removeprefix("tag:") for key in confirmed if key.startswith("tag:")):
+            if self._restore(client, channel, tag, unacked[tag]):
+                report.restored.append(_job_id_of_entry(unacked[tag]) or tag)
+        for job_id in (key.removeprefix("job:") for key in confirmed if key.startswith("job:")):
+            self._settle_lost(client, job_id, now, report)
+        self._forget(client, dead, open_ids)
+        if report.restored or report.resent or report.finished:
+            log.warning("reconciler: handed back %s; re-sent %s; finished %s",
+                        report.restored or "-", report.resent or "-", report.finished or "-")
+        return report
+
+    def _held_by_live_consumers(self, client: redis.Redis) -> tuple[set[str], list[str]]:
+        """Tags held by processes whose heartbeat is alive, and the ids of dead processes."""
+        consumers = sorted(raw.decode() for raw in client.smembers(CONSUMERS_KEY))
+        with client.pipeline(transaction=False) as pipe:
+            for consumer in consumers:
+                pipe.exists(consumer_key(consumer))
+            alive = pipe.execute()
+        live = [c for c, up in zip(consumers, alive) if up]
+        held = {raw.decode() for raw in client.sunion([held_key(c) for c in live])} if live else set()
+        return held, [c for c, up in zip(consumers, alive) if not up]
+
+    def _queued_ids(self, client: redis.Redis, channel) -> set[str]:
+        ids = set()
+        for lane in _lanes(channel, QUEUE_NAME):
+            ids |= {_job_id_of_payload(raw) for raw in client.lrange(lane, 0, -1)}
+        return ids
+
+    def _confirm(self, client: redis.Redis, suspects: list[str], now: float) -> list[str]:
+        """The suspects also seen at least ``grace_s`` ago; the others are remembered for next time."""
+        seen = {key.decode(): float(value) for key, value in client.hgetall(SUSPECTS_KEY).items()}
+        confirmed = [key for key in suspects if key in seen and now - seen[key] >= self.grace_s]
+        waiting = {key: seen.get(key, now) for key in suspects if key not in confirmed}
+        with client.pipeline(transaction=True) as pipe:
+            pipe.delete(SUSPECTS_KEY)
+            if waiting:
+                pipe.hset(SUSPECTS_KEY, mapping=waiting)
+            pipe.execute()
+        return confirmed
+
+    def _restore(self, client: redis.Redis, channel, tag: str, raw: bytes) -> bool:
+        try:
+            payload, exchange, routing_key = json.loads(raw)
+            payload["headers"]["redelivered"] = True
+            priority = channel._get_message_priority(payload, reverse=False)
+            lanes = [channel._q_for_pri(queue, priority) for queue in channel._lookup(exchange, routing_key)]
+        except (ValueError, KeyError, TypeError) as err:
+            log.error("reconciler: unacked entry %s is not a kombu message (%s); left to kombu", tag, err)
+            return False
+        keys = [channel.unacked_key, channel.unacked_index_key, *lanes]
+        return bool(client.eval(_RESTORE_SCRIPT, len(keys), *keys, tag, raw, json.dumps(payload)))
+
+    def _settle_lost(self, client: redis.Redis, job_id: str, now: float, report: SweepReport) -> None:
+        """Re-send an open job whose message is gone, or finish it if it may not run any more."""
+        try:
+            record = self.store.get(job_id)
+        except UnreadableRecord:
+            record = None
+        if record is None or record.status.is_final:
+            client.zrem(OPEN_JOBS_KEY, job_id)  # expired, or finished meanwhile
+            return
+        resends = int(client.hget(RESENDS_KEY, job_id) or 0)
+        if record.status is JobStatus.QUEUED and record.start_by is not None and now > record.start_by:
+            error = JobError(code=ErrorCode.EXPIRED, message=(
+                f"waited {now - record.submitted_at:.0f}s, past its start deadline; not run (QUEUE_TIMEOUT_S)"))
+            save_final(self.store, finish(record, JobStatus.EXPIRED, error))
+            report.finished.append(job_id)
+        elif record.request is None or resends >= self.max_attempts:
+            error = JobError(code=ErrorCode.INTERNAL_ERROR,
+                             message=f"its queue message was lost {resends + 1} times; not re-sent again")
+            save_final(self.store, finish(record, JobStatus.FAILED, error))
+            report.finished.append(job_id)
+        else:
+            client.hincrby(RESENDS_KEY, job_id, 1)
+            resend_job(self.app, record)
+            report.resent.append(job_id)
+
+    def _forget(self, client: redis.Redis, dead: list[str], open_ids: list[str]) -> None:
+        """Drop dead processes whose messages are all back, and re-send counts of finished jobs."""
+        unacked_tags = {tag.decode() for tag in client.hkeys(self._channel().unacked_key)}
+        with client.pipeline(transaction=False) as pipe:
+            for consumer in dead:
+                if not {t.decode() for t in client.smembers(held_key(consumer))} & unacked_tags:
+                    pipe.delete(held_key(consumer))
+                    pipe.srem(CONSUMERS_KEY, consumer)
+            still_open = set(open_ids)
+            finished = [raw.decode() for raw in client.hkeys(RESENDS_KEY) if raw.decode() not in still_open]
+            if finished:
+                pipe.hdel(RESENDS_KEY, *finished)
+            pipe.execute()
+
+    def _channel(self):
+        if self._connection is None:
+            self._connection = self.app.connection_for_write()
+        return self._connection.default_channel
+
+    def close(self) -> None:
+        self.stop()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.release()
+            self._connection = None
+
+
+def _lanes(channel, queue: str) -> list[str]:
+    return list(dict.fromkeys(channel._q_for_pri(queue, step) for step in channel.priority_steps))
+
+
+def _job_id_of_payload(raw: bytes) -> str | None:
+    try:
+        return json.loads(raw)["headers"]["id"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _job_id_of_entry(raw: bytes) -> str | None:
+    """The job id of an unacked entry, ``[payload, exchange, routing_key]``."""
+    try:
+        return json.loads(raw)[0]["headers"]["id"]
+    except (ValueError, KeyError, TypeError, IndexError):
+        return None
+

@@ -1,0 +1,73 @@
+"""Kombu's Redis transport with three changes, selected by Celery's ``broker_transport``.
+
+1. Undecodable messages. Anyone who can write to Redis can push bytes that
+   are not a kombu envelope. Stock kombu raises while decoding them and the
+   worker stops with "Unrecoverable error"; this channel logs and drops such a
+   message (it was already popped, so nothing else is lost) and goes on.
+2. Liveness. A message recorded as unacknowledged is added, in the same
+   pipeline, to the ``held`` set of the process holding it, and removed with
+   it (``worker.queue.liveness``); the reconciler reads those sets.
+3. Atomic admission. A job published inside ``submission.admitting`` is
+   written by one script: the depth check, its record, its open-job entry,
+   its conversation's pending turn and the message itself
+   (``worker.queue.submission``).
+
+``REDIS_URL`` stays a plain ``redis://`` URL.
+"""
+
+from __future__ import annotations
+
+import logging
+from time import time
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport.virtual import QoS as VirtualQoS
+from kombu.utils.json import dumps
+
+from producer.protocol import held_key
+from worker.queue import submission
+from worker.queue.liveness import consumer_id
+
+log = logging.getLogger("qwen_allinone.worker")
+
+
+class QoS(kombu_redis.QoS):
+    def append(self, message, delivery_tag):
+        # kombu's own append, plus the held set, in one pipeline (one MULTI).
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
+                .hset(self.unacked_key, delivery_tag, entry) \
+                .sadd(held_key(consumer_id()), delivery_tag) \
+                .execute()
+        VirtualQoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag, pipe=None):
+        # Every path that settles a message (ack, reject, restore) comes through here.
+        return super()._remove_from_indices(delivery_tag, pipe).srem(held_key(consumer_id()), delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    QoS = QoS
+
+    def _brpop_read(self, **options):
+        try:
+            return super()._brpop_read(**options)
+        except (ValueError, KeyError, TypeError) as err:
+            # JSON that does not decode, or decodes to something that is not an envelope.
+            log.error("dropped an undecodable message from the queue: %s: %s", type(err).__name__, err)
+            return True
+
+    def _put(self, queue, message, **kwargs):
+        plan = submission.current_plan()
+        if plan is None:
+            return super()._put(queue, message, **kwargs)
+        lanes = list(dict.fromkeys(self._q_for_pri(queue, step) for step in self.priority_steps))
+        target = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client:
+            plan.run(client, target, lanes, dumps(message))
+
+
+class Transport(kombu_redis.Transport):
+    Channel = Channel
