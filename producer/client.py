@@ -11,7 +11,14 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from producer.errors import BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, WaitTimeout
+from producer.errors import (
+    BrokerUnavailable,
+    InvalidRequest,
+    JobNotFound,
+    QueueFull,
+    UnreadableRecord,
+    WaitTimeout,
+)
 from producer.protocol import (
     CELERY_WIRE_CONFIG,
     describe_validation_error,
@@ -77,6 +84,7 @@ class Client:
         text: str,
         *,
         conversation_id: str | None = None,
+        tenant: str | None = None,
         max_new_tokens: int | None = None,
         min_new_tokens: int | None = None,
         temperature: float | None = None,
@@ -84,6 +92,9 @@ class Client:
     ) -> str:
         """Validate and enqueue one job; return its id.
 
+        A ``conversation_id`` is scoped by ``tenant``: the same id under two
+        tenants is two conversations, and one without a tenant is a third. A
+        service with several users passes each user's tenant.
         The record, the message and the conversation's pending turn are written
         in one atomic step (``worker.queue.submission``): all or nothing.
         Raises InvalidRequest (bad input) or QueueFull (MAX_QUEUE jobs waiting)
@@ -93,6 +104,7 @@ class Client:
             {
                 "text": text,
                 "conversation_id": conversation_id,
+                "tenant": tenant,
                 "options": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                             "temperature": temperature, "labels": labels},
             }
@@ -169,6 +181,11 @@ class Client:
             return None
         with self._broker_errors():
             return self.store.get(job_id)
+
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None | UnreadableRecord]:
+        """Several records in one round trip (None: unknown or expired; an unreadable one as its error)."""
+        with self._broker_errors():
+            return self.store.get_many(job_ids)
 
     def queue_depth(self) -> int:
         with self._broker_errors():

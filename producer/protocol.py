@@ -11,10 +11,12 @@ key                                         type    holds
 ==========================================  ======  ==========================================
 ``qwen-allinone`` (``QUEUE_NAME``)          list    Celery messages waiting for a worker
 ``qwen-allinone:job:<job_id>``              string  the job record (``JobRecord`` as JSON)
-``qwen-allinone:conv:<conversation_id>``    list    earlier turns (``Turn`` as JSON), newest last
-``qwen-allinone:turns:<conversation_id>``   list    ids of the conversation's unfinished jobs, oldest first
-``qwen-allinone:batch:<job_id>``            list    ids of the jobs a worker took into the batch of this
-                                                    delivered job, while that batch runs
+``qwen-allinone:conv:<scope>``              list    earlier turns (``Turn`` as JSON), newest last; the scope is
+                                                    ``<tenant>/<conversation_id>``, or the conversation id alone
+                                                    for a job without a tenant (``JobRequest.conversation_scope``)
+``qwen-allinone:turns:<scope>``             list    ids of the conversation's unfinished jobs, oldest first
+``qwen-allinone:batch:<job_id>``            hash    while the batch of this delivered job runs: ``pid``, its pool
+                                                    process, and ``taken``, the ids of the jobs taken into it (JSON)
 ``qwen-allinone:metrics:jobs``              hash    finished jobs by final status (status → count)
 ``qwen-allinone:metrics:stage:<stage>``     hash    latency histogram of one stage (``STAGES``): ``le:<bound>``
                                                     → jobs in that bucket (not cumulative), ``count``, ``sum`` (s)
@@ -29,6 +31,7 @@ key                                         type    holds
 ``qwen-allinone:suspects``                  hash    what the last sweep found unheld (``job:<id>`` or
                                                     ``tag:<tag>``) → when it was first seen so
 ``qwen-allinone:resends``                   hash    job id → times the reconciler re-sent it
+``qwen-allinone:probe``                     string  written by a worker to learn whether Redis takes writes again
 ==========================================  ======  ==========================================
 
 Job records, conversations and the ``counted`` marks expire ``RESULT_TTL_S``
@@ -101,6 +104,7 @@ CONSUMERS_KEY = f"{KEY_PREFIX}:consumers"
 RECONCILER_LOCK_KEY = f"{KEY_PREFIX}:reconciler"
 SUSPECTS_KEY = f"{KEY_PREFIX}:suspects"
 RESENDS_KEY = f"{KEY_PREFIX}:resends"
+WRITE_PROBE_KEY = f"{KEY_PREFIX}:probe"
 
 
 def consumer_key(consumer_id: str) -> str:
@@ -139,6 +143,8 @@ MAX_TEMPERATURE = 2.0
 #: computed from one, in milliseconds, is always a finite float.
 MAX_EPOCH_S = 1e11
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+#: A tenant name (the gateway's API_KEYS): no "/", which separates it from the conversation id.
+TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -201,7 +207,16 @@ class JobRequest(_Model):
 
     text: str
     conversation_id: Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)] | None = None
+    #: Whose conversation: the same conversation_id under two tenants is two conversations.
+    tenant: Annotated[str, Field(pattern=TENANT_PATTERN)] | None = None
     options: JobOptions = Field(default_factory=JobOptions)
+
+    @property
+    def conversation_scope(self) -> str | None:
+        """The conversation's name in Redis keys: ``<tenant>/<conversation_id>``, or None without one."""
+        if self.conversation_id is None:
+            return None
+        return self.conversation_id if self.tenant is None else f"{self.tenant}/{self.conversation_id}"
 
     @field_validator("text")
     @classmethod

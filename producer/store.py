@@ -8,6 +8,7 @@ record with a final status is never overwritten.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from producer.protocol import (
     DONE_SIGNAL_TTL_S,
     METRICS_JOBS_KEY,
     OPEN_JOBS_KEY,
+    WRITE_PROBE_KEY,
     QUEUE_NAME,
     STAGES,
     JobRecord,
@@ -96,6 +98,13 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         return _parse(job_id, self.redis.get(job_key(job_id)))
 
+    def get_many(self, job_ids: list[str]) -> list[JobRecord | None | UnreadableRecord]:
+        """Several records in one round trip; an unreadable one comes back as its error."""
+        if not job_ids:
+            return []
+        raws = self.redis.mget([job_key(job_id) for job_id in job_ids])
+        return [_parse_or_error(job_id, raw) for job_id, raw in zip(job_ids, raws)]
+
     def put(self, record: JobRecord) -> bool:
         """Write ``record`` unless the stored one is already final; return whether it was written.
 
@@ -138,7 +147,7 @@ class JobStore:
                     continue
 
     def _put_final_once(self, record: JobRecord) -> bool:
-        conversation_id = record.request.conversation_id if record.request else None
+        conversation_id = record.request.conversation_scope if record.request else None
         stages = stage_seconds(record.timings)
         keys = [job_key(record.job_id), done_key(record.job_id), OPEN_JOBS_KEY,
                 pending_turns_key(conversation_id) if conversation_id else "",
@@ -161,6 +170,10 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         self.redis.delete(job_key(job_id))
+
+    def probe_writes(self) -> None:
+        """Raise Redis's error unless it takes a write now (OOM, READONLY and MISCONF refuse)."""
+        self.redis.set(WRITE_PROBE_KEY, 1, ex=DONE_SIGNAL_TTL_S)
 
     # --- queue ---
 
@@ -221,18 +234,24 @@ class JobStore:
 
     # --- batches: which jobs run with a delivered one, for the hard time limit's bookkeeping ---
 
-    def set_batch(self, job_id: str, taken_ids: list[str], ttl_s: int) -> None:
-        """Record the jobs taken into ``job_id``'s batch (none: forget them)."""
+    def set_batch(self, job_id: str, pool_pid: int, taken_ids: list[str], ttl_s: int) -> None:
+        """Record the pool process running ``job_id``'s batch and the jobs it took into it."""
         key = batch_key(job_id)
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
-            if taken_ids:
-                pipe.rpush(key, *taken_ids)
-                pipe.expire(key, ttl_s)
+            pipe.hset(key, mapping={"pid": pool_pid, "taken": json.dumps(taken_ids)})
+            pipe.expire(key, ttl_s)
             pipe.execute()
 
-    def batch_of(self, job_id: str) -> list[str]:
-        return [raw.decode() for raw in self.redis.lrange(batch_key(job_id), 0, -1)]
+    def forget_batch(self, job_id: str) -> None:
+        self.redis.delete(batch_key(job_id))
+
+    def batch_of(self, job_id: str) -> tuple[int | None, list[str]]:
+        """The pool process's pid (None if unknown) and the taken jobs' ids."""
+        fields = self.redis.hgetall(batch_key(job_id))
+        if not fields:
+            return None, []
+        return int(fields[b"pid"]), json.loads(fields[b"taken"])
 
     # --- metrics: every final record is counted once, in the same step that writes it ---
 
@@ -277,3 +296,10 @@ def _parse(job_id: str, raw: bytes | None) -> JobRecord | None:
     except ValidationError as err:
         raise UnreadableRecord(f"the record of job {job_id} is unreadable: {err.errors()[0]['msg']}") from None
 
+
+
+def _parse_or_error(job_id: str, raw: bytes | None) -> JobRecord | None | UnreadableRecord:
+    try:
+        return _parse(job_id, raw)
+    except UnreadableRecord as err:
+        return err

@@ -96,3 +96,12 @@ def test_the_llama_cpp_engine_runs_without_torch_or_transformers(tiny_gguf):
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_worker_refuses_kombu_versions_it_was_not_tested_with(monkeypatch):
+    import worker.queue as queue
+
+    assert queue.check_versions() is None  # what is installed is what was tested
+    monkeypatch.setattr(queue, "version", lambda name: "5.8.1" if name == "kombu" else "5.7.0")
+    problem = queue.check_versions()
+    assert problem.startswith("kombu 5.8.1 installed") and "kombu 5.7.x" in problem

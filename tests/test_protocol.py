@@ -31,8 +31,29 @@ def test_key_scheme_is_documented_and_prefixed():
     assert job_key("abc") == "qwen-allinone:job:abc"
     assert conversation_key("c1") == "qwen-allinone:conv:c1"
     assert protocol.QUEUE_NAME == "qwen-allinone"
-    for name in ("qwen-allinone:job:<job_id>", "qwen-allinone:conv:<conversation_id>"):
+    assert protocol.OPEN_JOBS_KEY == "qwen-allinone:open"
+    for name in ("qwen-allinone:job:<job_id>", "qwen-allinone:conv:<scope>", "qwen-allinone:turns:<scope>",
+                 "qwen-allinone:open", "qwen-allinone:consumer:<consumer_id>", "qwen-allinone:held:<consumer_id>",
+                 "qwen-allinone:consumers", "qwen-allinone:reconciler", "qwen-allinone:suspects",
+                 "qwen-allinone:resends"):
         assert name in protocol.__doc__
+
+
+def test_a_conversation_is_scoped_by_its_tenant():
+    assert JobRequest(text="hi", conversation_id="user-42").conversation_scope == "user-42"
+    assert JobRequest(text="hi", conversation_id="user-42", tenant="acme").conversation_scope == "acme/user-42"
+    assert JobRequest(text="hi", tenant="acme").conversation_scope is None
+    with pytest.raises(ValidationError, match="tenant"):
+        JobRequest(text="hi", tenant="acme/other")
+
+
+@pytest.mark.parametrize("field", ["submitted_at", "start_by"])
+@pytest.mark.parametrize("value", [-1e308, -1.0, 1e12])
+def test_absurd_timestamps_are_an_invalid_message(field, value):
+    # A duration computed from -1e308 overflows to infinity: the record could not be written.
+    message = {"request": {"text": "hi"}, "submitted_at": 1.0, "start_by": 2.0, "timeout_s": 5.0, field: value}
+    with pytest.raises(ValidationError, match=field):
+        JobMessage.model_validate(message)
 
 
 def test_job_ids_are_random_uuid4():

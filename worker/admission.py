@@ -92,8 +92,8 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
             message=f"waited {waited:.0f}s in the queue, past its start deadline; not run (QUEUE_TIMEOUT_S)",
         )
         return save_final(store, finish(record, JobStatus.EXPIRED, error))
-    if message.request.conversation_id:
-        _check_turn(store, message.request.conversation_id, job_id)
+    if message.request.conversation_scope:
+        _check_turn(store, message.request.conversation_scope, job_id)
 
     record.attempts += 1
     record.worker = hostname

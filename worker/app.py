@@ -34,6 +34,7 @@ log = logging.getLogger("qwen_allinone.worker")
 #: (4 s) is shorter than a model load, so a pool process replaced after a hard
 #: time limit was killed before it was up, again and again, and no job ran.
 POOL_PROCESS_START_TIMEOUT_S = 300.0
+WORKER_LOST_WAIT_S = 1.0
 
 
 def celery_config(settings: WorkerSettings) -> dict:
@@ -47,6 +48,11 @@ def celery_config(settings: WorkerSettings) -> dict:
         # first, the message goes back to the queue.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # When a pool process dies, its job is requeued as lost after this wait (Celery's
+        # default, 10 s, lets a short hard time limit fire first: the job was then recorded
+        # timed_out although it was killed from outside). Our results are in Redis: no
+        # result in flight is worth waiting for.
+        "worker_lost_wait": WORKER_LOST_WAIT_S,
         "task_time_limit": settings.hard_time_limit_s,
         "worker_proc_alive_timeout": POOL_PROCESS_START_TIMEOUT_S,
         # Kombu's Redis transport, hardened against undecodable messages, with liveness

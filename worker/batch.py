@@ -106,16 +106,16 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
         record.tokens.reply_prompt_tokens = reply.prompt_tokens
         record.tokens.generated_tokens = reply.generated_tokens
         request = job.message.request
-        if request.conversation_id:
+        if request.conversation_scope:
             # Stored before the record turns final, so a client's next turn always sees it.
             # An empty reply (deadline) is kept too: what the user said is still context.
             turn = Turn(job_id=record.job_id, user=request.text, assistant=reply.text)
-            store.append_turn(request.conversation_id, turn, settings.history_max_turns)
+            store.append_turn(request.conversation_scope, turn, settings.history_max_turns)
         _settle(store, job, finish(record, JobStatus.SUCCEEDED))
 
 
 def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str, str]]:
-    conversation_id = job.message.request.conversation_id
+    conversation_id = job.message.request.conversation_scope
     if not conversation_id:
         return []
     return [(turn.user, turn.assistant) for turn in store.load_turns(conversation_id, max_turns)]

@@ -15,17 +15,19 @@ records when the hard time limit kills a child.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
+import psutil
 import redis
 from billiard.exceptions import TimeLimitExceeded
 from celery import Celery, Task
 from celery.exceptions import Reject
 
 from producer.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStatus
-from worker.admission import TurnNotReady, admit
+from worker.admission import RunningJob, TurnNotReady, admit
 from worker.batch import run_jobs
-from worker.queue.intake import Intake
+from worker.queue.intake import Intake, TakenJob
 from worker.outcome import finish, save_final
 from worker.runtime import WorkerRuntime
 
@@ -37,6 +39,9 @@ TURN_RETRY_S = 0.25
 #: a row, up to the maximum.
 REDIS_BACKOFF_S = 0.5
 REDIS_BACKOFF_MAX_S = 30.0
+#: A job killed by the hard time limit started at most this long before the limit's start
+#: (the admission's own time): an older start belongs to an earlier attempt.
+STARTED_SLACK_S = 1.0
 #: After a batch of one, a job waits BATCH_WAIT_MS divided by this for others to arrive.
 IDLE_WAIT_DIVISOR = 5
 
@@ -57,16 +62,46 @@ class JobTask(Task):
         limit = self.runtime.settings.hard_time_limit_s
         message = f"killed by the hard time limit ({limit:g}s); the worker moved on to the next job"
         try:
-            # The jobs taken into the killed batch died with it. Their messages come back
-            # after VISIBILITY_TIMEOUT_S and are then skipped, as their records are final.
-            for job_id in [task_id, *store.batch_of(task_id)]:
+            pool_pid, taken_ids = store.batch_of(task_id)
+            if pool_pid is not None and not _alive(pool_pid):
+                # Celery reports the limit for a job whose pool process was killed from outside
+                # (the OOM killer) before it could report the loss: the jobs did not time out.
+                # Liveness hands back the taken ones; the reconciler re-sends the delivered one.
+                log.warning("job=%s: its pool process %d died before the hard time limit; the jobs go back to "
+                            "the queue", task_id, pool_pid)
+                return
+            # The jobs taken into the killed batch died with it. Their messages come back when
+            # the killed pool process's heartbeat lapses, and are then skipped (final records).
+            # If this write fails, the reconciler finds the jobs open and re-sends them.
+            for job_id in [task_id, *taken_ids]:
                 record = store.get(job_id)
-                if record is not None and not record.status.is_final:
+                if record is not None and _ran_into_the_limit(record, limit):
                     error = JobError(code=ErrorCode.TIMED_OUT, message=message)
                     save_final(store, finish(record, JobStatus.TIMED_OUT, error))
-            store.set_batch(task_id, [], 0)
+                elif record is not None and not record.status.is_final:
+                    # Celery counted the limit while a new pool process was still loading the
+                    # model: this attempt never started. Its message is acknowledged; the
+                    # reconciler finds the job open and re-sends it.
+                    log.warning("job=%s hit the hard time limit before it started; left for the reconciler",
+                                job_id)
+            store.forget_batch(task_id)
         except Exception:  # never let bookkeeping break Celery's acknowledgement
             log.exception("job=%s (or a job of its batch) could not be recorded as timed_out", task_id)
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie does not: it is dead, not yet reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _ran_into_the_limit(record: JobRecord, limit_s: float) -> bool:
+    """True if the job started in the attempt the hard time limit just killed (within the last limit_s)."""
+    if record.status is not JobStatus.RUNNING or record.started_at is None:
+        return False
+    return record.started_at >= time.time() - limit_s - STARTED_SLACK_S
 
 
 def register(app: Celery, runtime: WorkerRuntime) -> Task:
@@ -90,16 +125,31 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
             raise self.retry(countdown=TURN_RETRY_S) from None
         except redis.RedisError as err:
             # Redis is gone even after retries, or refuses writes (OOM, READONLY, MISCONF):
-            # hand the job back rather than acknowledge it with its record unfinished. Back off
-            # first, doubling each time in a row, so a refusing Redis is not hammered.
-            failures = self.runtime.redis_failures = self.runtime.redis_failures + 1
-            pause = min(REDIS_BACKOFF_S * 2 ** (failures - 1), REDIS_BACKOFF_MAX_S)
-            log.error("job=%s handed back to the queue in %.1fs (Redis failure %d in a row): %s",
-                      self.request.id, pause, failures, err)
-            time.sleep(pause)
+            # hand the job back rather than acknowledge it with its record unfinished.
+            _wait_until_redis_takes_writes(self.runtime, self.request.id, err)
             raise Reject(str(err), requeue=True) from err
 
     return run_job
+
+
+def _wait_until_redis_takes_writes(runtime: WorkerRuntime, job_id: str, err: redis.RedisError) -> None:
+    """Back off (doubling, in a row across jobs) until a write succeeds.
+
+    Handing a job back is itself a write; tried while Redis still refuses, it would fail
+    and leave the message with this live worker until the visibility timeout. Waiting
+    here also keeps a refusing Redis from being hammered. The hard time limit bounds it.
+    """
+    while True:
+        failures = runtime.redis_failures = runtime.redis_failures + 1
+        pause = min(REDIS_BACKOFF_S * 2 ** (failures - 1), REDIS_BACKOFF_MAX_S)
+        log.error("job=%s: Redis failed (%s); waiting %.1fs before handing it back to the queue (failure %d "
+                  "in a row)", job_id, err, pause, failures)
+        time.sleep(pause)
+        try:
+            runtime.store.probe_writes()
+            return
+        except redis.RedisError as again:
+            err = again
 
 
 def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], hostname: str) -> JobRecord:
@@ -115,10 +165,14 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
     Each taken message is acknowledged once its job's final record is written;
     whatever is left unsettled when this returns or raises goes back to the queue.
     """
+    settings = runtime.settings
+    # For the parent, should the hard time limit end this batch: which pool process runs it
+    # (alive then, or already dead of something else) and which jobs it took.
+    runtime.store.set_batch(job_id, os.getpid(), [], settings.visibility_timeout_s)
     first = admit(runtime, job_id, raw_message, unexpected, hostname)
     if isinstance(first, JobRecord):
+        runtime.store.forget_batch(job_id)
         return [first]
-    settings = runtime.settings
     taken = []
     if settings.batch_max > 1:
         # Under load (the last batch had company) clients served together come back
@@ -134,21 +188,10 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
     if taken:
         log.info("job=%s batch: took %s", job_id, " ".join(item.job_id for item in taken))
     try:
-        jobs, finished = [first], []
-        for item in taken:
-            try:
-                admitted = admit(runtime, item.job_id, item.raw_message, item.unexpected, hostname)
-            except TurnNotReady:
-                item.requeue()  # its earlier turn may be in this very batch: after it, not beside it
-                continue
-            if isinstance(admitted, JobRecord):
-                finished.append(admitted)
-                item.ack()
-            else:
-                admitted.taken = item
-                jobs.append(admitted)
-        if len(jobs) > 1:  # for the parent, should the hard time limit kill this batch
-            runtime.store.set_batch(job_id, [job.record.job_id for job in jobs[1:]], settings.visibility_timeout_s)
+        jobs, finished = _admit_taken(runtime, first, taken, hostname)
+        if len(jobs) > 1:
+            runtime.store.set_batch(job_id, os.getpid(), [job.record.job_id for job in jobs[1:]],
+                                    settings.visibility_timeout_s)
         return finished + run_jobs(runtime, jobs)
     finally:
         for item in taken:
@@ -157,8 +200,26 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
                     item.requeue()
                 except Exception as err:  # Redis is down: the intake hands it back at its next take
                     log.error("job=%s could not be handed back to the queue yet: %s", item.job_id, err)
-        if taken:
-            try:
-                runtime.store.set_batch(job_id, [], 0)
-            except redis.RedisError as err:  # it expires after VISIBILITY_TIMEOUT_S anyway
-                log.error("job=%s: could not forget its batch: %s", job_id, err)
+        try:
+            runtime.store.forget_batch(job_id)
+        except redis.RedisError as err:  # it expires after VISIBILITY_TIMEOUT_S anyway
+            log.error("job=%s: could not forget its batch: %s", job_id, err)
+
+
+def _admit_taken(runtime: WorkerRuntime, first: RunningJob, taken: list[TakenJob],
+                 hostname: str) -> tuple[list[RunningJob], list[JobRecord]]:
+    """Admit the taken jobs: those to run (the delivered one first), and those finished at admission."""
+    jobs, finished = [first], []
+    for item in taken:
+        try:
+            admitted = admit(runtime, item.job_id, item.raw_message, item.unexpected, hostname)
+        except TurnNotReady:
+            item.requeue()  # its earlier turn may be in this very batch: after it, not beside it
+            continue
+        if isinstance(admitted, JobRecord):
+            finished.append(admitted)
+            item.ack()
+        else:
+            admitted.taken = item
+            jobs.append(admitted)
+    return jobs, finished

@@ -21,16 +21,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model, field_validator
 
 from producer.api.events import job_events
+from producer.api.watch import CachedPing, RecordWatcher, StreamsFull
 from producer.api.limits import BodyLimit, BodyTooLarge, printable_errors, too_large_response
 from producer.api.metrics import build_registry
 from producer.client import Client
 from producer.errors import BrokerUnavailable, InvalidRequest, QueueFull, UnreadableRecord
 from producer.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus
-from producer.settings import ApiSettings
+from producer.settings import ApiSettings, tenant_keys
 
 #: Retry-After on a full queue: long enough for a worker to finish a few jobs.
 QUEUE_FULL_RETRY_AFTER_S = 5
@@ -38,6 +40,10 @@ QUEUE_FULL_RETRY_AFTER_S = 5
 BROKER_DOWN_RETRY_AFTER_S = 2
 #: /healthz waits this long for workers to answer Celery's ping.
 HEALTH_PING_TIMEOUT_S = 1.0
+#: /healthz answers from a ping at most this old; one ping serves every caller meanwhile.
+HEALTH_PING_MAX_AGE_S = 2.0
+#: Retry-After when MAX_EVENT_STREAMS streams are open.
+STREAMS_FULL_RETRY_AFTER_S = 5
 
 
 #: At least one character that is neither whitespace nor a control character (those are removed).
@@ -94,7 +100,7 @@ class UnreadableBody(BaseModel):
 
 class ApiError(BaseModel):
     code: Literal["unauthorized", "not_found", "queue_full", "broker_unavailable", "unreadable_record",
-                  "body_too_large"]
+                  "body_too_large", "too_many_streams"]
     message: str
 
 
@@ -102,7 +108,8 @@ class Health(BaseModel):
     #: ok: Redis answers and at least one worker answered the ping; otherwise unavailable (503).
     status: Literal["ok", "unavailable"]
     redis: Literal["ok", "unreachable"]
-    #: Names of the workers that answered Celery's ping within HEALTH_PING_TIMEOUT_S.
+    #: Names of the workers that answered Celery's ping within HEALTH_PING_TIMEOUT_S
+    #: (a ping at most HEALTH_PING_MAX_AGE_S old).
     workers: list[str]
     #: Jobs waiting in the queue; null when Redis is unreachable.
     queue_depth: int | None
@@ -154,12 +161,16 @@ def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     async def broker_down(_: Request, err: BrokerUnavailable) -> JSONResponse:
         return _problem_response(503, "broker_unavailable", str(err), {"Retry-After": str(BROKER_DOWN_RETRY_AFTER_S)})
 
+    @app.exception_handler(StreamsFull)
+    async def streams_full(_: Request, err: StreamsFull) -> JSONResponse:
+        return _problem_response(503, "too_many_streams", str(err), {"Retry-After": str(STREAMS_FULL_RETRY_AFTER_S)})
+
     @app.exception_handler(UnreadableRecord)
     async def unreadable(_: Request, err: UnreadableRecord) -> JSONResponse:
         return _problem_response(500, "unreadable_record", str(err))
 
 
-_UNAUTHORIZED = "API_KEY is set and the X-API-Key header is missing or wrong"
+_UNAUTHORIZED = "API_KEY or API_KEYS is set and the X-API-Key header is missing or wrong"
 _BROKER_DOWN = "Redis is unreachable (broker_unavailable); Retry-After says when to retry"
 _UNKNOWN_JOB = "Unknown job id, or its record expired"
 _ERRORS = {401: {"model": ApiError, "description": _UNAUTHORIZED}, 503: {"model": ApiError, "description": _BROKER_DOWN}}
@@ -173,7 +184,8 @@ def _json_error(description: str) -> dict:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ApiError"}}}}
 
 
-_STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB), 503: _json_error(_BROKER_DOWN)}
+_STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB),
+                  503: _json_error(_BROKER_DOWN + "; or MAX_EVENT_STREAMS streams are open (too_many_streams)")}
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -181,6 +193,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     client = Client(settings=settings)
     SubmitJob = submit_job_model(settings.max_input_chars)  # noqa: N806 (a class, used as the body type)
     registry = build_registry(client)
+    watcher = RecordWatcher(client, settings.max_event_streams)
+    ping = CachedPing(lambda: client.ping_workers(timeout=HEALTH_PING_TIMEOUT_S), HEALTH_PING_MAX_AGE_S)
     page = importlib.resources.files("producer.api").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
@@ -197,22 +211,32 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     _add_error_handlers(app, settings.max_body_bytes)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
-    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="Needed when API_KEY is set")
+    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                                  description="Needed when API_KEY or API_KEYS is set")
 
-    def require_api_key(key: Annotated[str | None, Security(api_key_header)]) -> None:
-        if settings.api_key is None:
-            return
-        # Constant-time comparison: the answer's timing does not leak the key.
-        if key is None or not secrets.compare_digest(key.encode(), settings.api_key.get_secret_value().encode()):
-            raise ApiProblem(401, "unauthorized", "missing or wrong X-API-Key header")
+    tenants = tenant_keys(settings.api_keys) if settings.api_keys is not None else None
+    single_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
 
-    def existing_record(job_id: str) -> JobRecord:
+    def caller_tenant(key: Annotated[str | None, Security(api_key_header)]) -> str | None:
+        """The caller's tenant (API_KEYS), or None for a single-tenant gateway; 401 for a wrong key."""
+        if tenants is not None:
+            # Every key is compared, in constant time: the answer's timing leaks neither a key nor which.
+            matches = [tenant for known, tenant in tenants.items()
+                       if key is not None and secrets.compare_digest(key.encode(), known.encode())]
+            if matches:
+                return matches[0]
+        elif single_key is None or (key is not None and secrets.compare_digest(key.encode(), single_key.encode())):
+            return None
+        raise ApiProblem(401, "unauthorized", "missing or wrong X-API-Key header")
+
+    def existing_record(job_id: str, tenant: Annotated[str | None, Depends(caller_tenant)]) -> JobRecord:
         record = client.get(job_id)
-        if record is None:
+        # Under API_KEYS a tenant sees only its own jobs: another tenant's is "not found".
+        if record is None or (tenants is not None and (record.request is None or record.request.tenant != tenant)):
             raise ApiProblem(404, "not_found", f"job {job_id} not found (unknown id, or its record expired)")
         return record
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_ERRORS)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller_tenant)], responses=_ERRORS)
 
     @v1.post(
         "/jobs",
@@ -224,11 +248,16 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
                                                     "(broker_unavailable); Retry-After says when to retry"},
         },
     )
-    def submit_job(body: SubmitJob, response: Response) -> JobAccepted:
-        """Queue a job. Poll its record at `Location`, or follow its events."""
+    def submit_job(body: SubmitJob, response: Response,
+                   tenant: Annotated[str | None, Depends(caller_tenant)]) -> JobAccepted:
+        """Queue a job. Poll its record at `Location`, or follow its events.
+
+        A `conversation_id` belongs to the caller's tenant (API_KEYS): another tenant's
+        conversation of the same id is a different one."""
         job_id = client.submit(
             body.text,
             conversation_id=body.conversation_id,
+            tenant=tenant,
             max_new_tokens=body.max_new_tokens,
             min_new_tokens=body.min_new_tokens,
             temperature=body.temperature,
@@ -246,19 +275,24 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @v1.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
     async def job_event_stream(
         record: Annotated[JobRecord, Depends(existing_record)],
+        _: Annotated[None, Depends(watcher.check_capacity)],
     ) -> AsyncIterable[ServerSentEvent]:
         """Server-Sent Events: status, queue, sentiment, reply (partial), then done with the final record."""
-        async for event in job_events(client, record, settings.events_timeout_s):
+        async for event in job_events(watcher, record, settings.events_timeout_s):
             yield event
 
     app.include_router(v1)
 
     @app.get("/healthz", responses={503: {"model": Health, "description": "Redis unreachable or no worker answered"}})
-    def healthz(response: Response) -> Health:
-        """Redis reachable, workers answering Celery's ping, and the queue depth. No API key needed."""
+    async def healthz(response: Response) -> Health:
+        """Redis reachable, workers answering Celery's ping, and the queue depth. No API key needed.
+
+        Never holds a request thread for the ping: the answer comes from a ping at most
+        HEALTH_PING_MAX_AGE_S old, and one ping serves every caller waiting on it.
+        """
         try:
-            depth = client.queue_depth()
-            workers = client.ping_workers(timeout=HEALTH_PING_TIMEOUT_S)
+            depth = await run_in_threadpool(client.queue_depth)
+            workers = await ping.workers()
         except BrokerUnavailable:
             response.status_code = 503
             return Health(status="unavailable", redis="unreachable", workers=[], queue_depth=None)

@@ -14,29 +14,22 @@ derived from the record a poll returned. Events, in the order a job produces the
 - ``error``: ``{"code": "not_found" | "broker_unavailable" | ..., "message": ...}``; the stream closes.
 
 FastAPI adds a ``: ping`` comment every 15 s when nothing else is sent, so
-proxies keep the connection open.
+proxies keep the connection open. Records are read for all streams at once
+(``producer.api.watch``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi.sse import ServerSentEvent
-from starlette.concurrency import run_in_threadpool
 
-from producer.client import Client
-from producer.errors import BrokerUnavailable, ProducerError
+from producer.api.watch import RecordWatcher
+from producer.errors import BrokerUnavailable, UnreadableRecord
 from producer.protocol import JobRecord, JobStatus, Sentiment
-
-#: Redis is read this often per open stream: fast enough for a reply that grows
-#: every ~0.25 s, light enough for hundreds of streams (one GET each).
-POLL_INTERVAL_S = 0.15
-#: The queue depth (one LLEN) is read at most this often while the job waits.
-QUEUE_DEPTH_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -73,36 +66,44 @@ def _error(code: str, message: str) -> ServerSentEvent:
     return _event("error", {"code": code, "message": message})
 
 
-async def job_events(client: Client, record: JobRecord, timeout_s: float) -> AsyncIterator[ServerSentEvent]:
+async def job_events(watcher: RecordWatcher, record: JobRecord, timeout_s: float) -> AsyncIterator[ServerSentEvent]:
     """Events of one job from ``record`` (already read) until it is final, times out or fails."""
     deadline = time.monotonic() + timeout_s
     shown = _Shown()
-    next_depth_read = 0.0
-    while True:
-        for event in _changes(shown, record):
-            yield event
-        if record.status.is_final:
-            yield ServerSentEvent(event="done", raw_data=record.to_json())
-            return
-        try:
-            if record.status is JobStatus.QUEUED and time.monotonic() >= next_depth_read:
-                depth = await run_in_threadpool(client.queue_depth)
-                next_depth_read = time.monotonic() + QUEUE_DEPTH_INTERVAL_S
-                if depth != shown.queue_depth:
-                    yield _event("queue", {"queue_depth": depth})
-                    shown.queue_depth = depth
+    job_id = record.job_id
+    watcher.watch(job_id)
+    try:
+        while True:
+            for event in _changes(shown, record):
+                yield event
+            if record.status.is_final:
+                yield ServerSentEvent(event="done", raw_data=record.to_json())
+                return
             if time.monotonic() >= deadline:
                 yield _event("timeout", {"status": record.status.value, "after_s": timeout_s})
                 return
-            await asyncio.sleep(POLL_INTERVAL_S)
-            latest = await run_in_threadpool(client.get, record.job_id)
-        except BrokerUnavailable as err:
-            yield _error("broker_unavailable", f"{err}; the job may still finish: read it again later")
-            return
-        except ProducerError as err:  # e.g. a record this version cannot read
-            yield _error("unreadable_record", str(err))
-            return
-        if latest is None:
-            yield _error("not_found", f"the record of job {record.job_id} expired or was removed")
-            return
-        record = latest
+            snapshot = await watcher.next_snapshot()
+            if snapshot.error is not None:
+                yield _read_error(snapshot.error)
+                return
+            if job_id not in snapshot.records:  # watched since after this tick's read began
+                continue
+            latest = snapshot.records[job_id]
+            if isinstance(latest, UnreadableRecord):
+                yield _error("unreadable_record", str(latest))
+                return
+            if latest is None:
+                yield _error("not_found", f"the record of job {job_id} expired or was removed")
+                return
+            record = latest
+            if record.status is JobStatus.QUEUED and snapshot.queue_depth not in (None, shown.queue_depth):
+                yield _event("queue", {"queue_depth": snapshot.queue_depth})
+                shown.queue_depth = snapshot.queue_depth
+    finally:
+        watcher.unwatch(job_id)
+
+
+def _read_error(err: Exception) -> ServerSentEvent:
+    if isinstance(err, BrokerUnavailable):
+        return _error("broker_unavailable", f"{err}; the job may still finish: read it again later")
+    return _error("unreadable_record", f"{type(err).__name__}: {err}")

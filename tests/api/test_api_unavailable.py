@@ -6,6 +6,7 @@ queued and the queue can be filled without disturbing the shared test database.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 
 import httpx
@@ -22,13 +23,14 @@ pytestmark = pytest.mark.slow
 MAX_QUEUE = 2
 KEY = {"X-API-Key": "s3cret"}
 EVENTS_TIMEOUT_S = 1.5
+MAX_EVENT_STREAMS = 2
 
 
 @pytest.fixture(scope="module")
 def guarded(lonely_redis, tmp_path_factory):
     """A gateway with an API key, a tiny queue and a short events timeout; no worker anywhere."""
     env = {"REDIS_URL": lonely_redis.url, "MAX_QUEUE": str(MAX_QUEUE), "API_KEY": KEY["X-API-Key"],
-           "EVENTS_TIMEOUT_S": str(EVENTS_TIMEOUT_S)}
+           "EVENTS_TIMEOUT_S": str(EVENTS_TIMEOUT_S), "MAX_EVENT_STREAMS": str(MAX_EVENT_STREAMS)}
     gateway = start_gateway(env, tmp_path_factory.mktemp("logs") / "guarded-gateway.log")
     yield gateway
     gateway.stop()
@@ -80,6 +82,39 @@ def test_healthz_is_503_when_no_worker_answers(http):
     response = http.get("/healthz")
     assert response.status_code == 503
     assert response.json() == {"status": "unavailable", "redis": "ok", "workers": [], "queue_depth": 1}
+
+
+def test_healthz_never_holds_the_request_threads(guarded, http, figures):
+    # Each /healthz used to hold a request thread for the whole ping (1 s); 60 at once
+    # took every thread and a /v1 read behind them waited. Now one ping serves them all.
+    job_id = submit(http)
+    answers: list[int] = []
+    with concurrent.futures.ThreadPoolExecutor(60) as pool:
+        probes = [pool.submit(lambda: httpx.get(f"{guarded.url}/healthz", timeout=30).status_code)
+                  for _ in range(60)]
+        time.sleep(0.2)  # the probes are in
+        started = time.monotonic()
+        read = http.get(f"/v1/jobs/{job_id}", headers=KEY)
+        read_s = time.monotonic() - started
+        answers = [probe.result() for probe in probes]
+    figures.update(healthz_calls=len(answers), v1_read_ms=round(read_s * 1000))
+    assert read.status_code == 200
+    assert answers == [503] * 60  # no worker: unavailable, and answered
+    assert read_s < 0.9  # less than one ping: it did not queue behind them
+
+
+def test_event_streams_past_max_event_streams_get_503(http):
+    job_id = submit(http)
+    path = f"/v1/jobs/{job_id}/events"
+    with http.stream("GET", path, headers=KEY) as first, http.stream("GET", path, headers=KEY) as second:
+        # Kept: an iterator that is dropped closes its stream.
+        first_lines, second_lines = first.iter_lines(), second.iter_lines()
+        assert next(first_lines) == next(second_lines) == "event: status"  # both counted
+        third = http.get(path, headers=KEY)
+    assert third.status_code == 503 and third.headers["retry-after"] == "5"
+    assert third.json()["code"] == "too_many_streams" and "MAX_EVENT_STREAMS" in third.json()["message"]
+    time.sleep(0.5)  # the closed streams end at their next tick
+    assert [e.name for e in read_events(http, path, headers=KEY)][-1] == "timeout"
 
 
 def test_events_of_a_waiting_job_show_the_queue_then_time_out(http):

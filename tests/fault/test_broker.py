@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 
 import pytest
@@ -142,3 +143,64 @@ def test_redis_refusing_writes_is_a_503_with_retry_after_and_writes_nothing(priv
     assert response.status_code == 503 and response.headers["Retry-After"]
     assert response.json()["code"] == "broker_unavailable" and refusal in response.json()["message"]
     assert admin.keys("qwen-allinone:*") == []
+
+
+def test_redis_full_for_five_seconds_while_jobs_and_turns_run_loses_nothing(private_redis, worker_env, tmp_path,
+                                                                           figures):
+    import threading
+
+    import redis
+
+    admin = redis.Redis.from_url(private_redis.url)
+    worker = start_worker("tests.support.fault_app", tmp_path / "full.log",
+                          {**worker_env, "REDIS_URL": private_redis.url}, name="full")
+    client = client_for(private_redis.url)
+    accepted: list[str] = []
+    refused: list[str] = []
+    stop = threading.Event()
+
+    def submit_stream():
+        turn = 0
+        while not stop.is_set():
+            turn += 1
+            try:  # plain jobs and the turns of one conversation, side by side
+                accepted.append(client.submit(f"[[slow=0.02]] 第{turn}单 太慢了", max_new_tokens=8))
+                accepted.append(client.submit(f"第{turn}句", conversation_id="full-chat", max_new_tokens=8))
+            except BrokerUnavailable as err:
+                refused.append(str(err))
+            time.sleep(0.1)
+
+    submitter = threading.Thread(target=submit_stream)
+    try:
+        submitter.start()
+        time.sleep(2)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)  # full: every write is refused with OOM
+        full_from = datetime.datetime.now()
+        time.sleep(5)
+        admin.config_set("maxmemory", 0)
+        full_until = datetime.datetime.now()
+        time.sleep(1)
+        stop.set()
+        submitter.join()
+        finals = [client.wait(job_id, timeout=120) for job_id in accepted]
+    finally:
+        stop.set()
+        worker.stop()
+    handed_back = worker.log().count("before handing it back to the queue")
+    # Celery's deliveries (redeliveries included) while Redis was full.
+    deliveries = sum(full_from <= _logged_at(line) <= full_until
+                     for line in worker.log().splitlines() if line.endswith("] received"))
+    figures.update(accepted=len(accepted), refused_503=len(refused), handed_back_while_full=handed_back,
+                   deliveries=deliveries, lost=sum(r.status is not JobStatus.SUCCEEDED for r in finals))
+    assert refused and all("refuses writes: OOM" in message for message in refused)
+    assert all(r.status is JobStatus.SUCCEEDED for r in finals), [r.status for r in finals]
+    # Backing off 0.5, 1, 2, 4 s until Redis takes writes: a handful of tries and deliveries in
+    # 5 s, not a redelivery loop.
+    assert handed_back <= 8, handed_back
+    assert deliveries <= 8, deliveries
+
+
+def _logged_at(line: str) -> datetime.datetime:
+    """The time of a Celery log line: ``[2026-12-02 21:47:03,083: INFO/...] ...``."""
+    return datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")

@@ -32,10 +32,19 @@ def consumer_id() -> str:
     """This process's consumer id: host, pid and a random part (a pid is reused, a restart is new)."""
     global _identity
     with _identity_lock:
-        # A forked pool process inherits the module: it gets an id of its own.
         if _identity is None or _identity[0] != os.getpid():
             _identity = (os.getpid(), f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
         return _identity[1]
+
+
+def _forget_identity_in_child() -> None:
+    # A forked pool process gets an id of its own, and a fresh lock: the parent's heartbeat
+    # thread may have held the old one at the moment of the fork, and would never release it here.
+    global _identity, _identity_lock
+    _identity, _identity_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_identity_in_child)
 
 
 class Heartbeat:

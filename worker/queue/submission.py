@@ -53,9 +53,9 @@ class AdmissionPlan:
 
     def run(self, client, target_lane: str, lanes: list[str], envelope: str) -> None:
         """Run the admission script; raises QueueFull when ``max_queue`` messages wait."""
-        conversation_id = self.record.request.conversation_id if self.record.request else None
+        conversation = self.record.request.conversation_scope if self.record.request else None
         keys = [target_lane, job_key(self.record.job_id), OPEN_JOBS_KEY,
-                pending_turns_key(conversation_id) if conversation_id else "", *lanes]
+                pending_turns_key(conversation) if conversation else "", *lanes]
         args = [self.max_queue, self.record.to_json(), self.ttl_s, open_job_score(self.record),
                 self.record.job_id, envelope]
         queued, depth = client.eval(_ADMIT_SCRIPT, len(keys), *keys, *args)

@@ -1,0 +1,132 @@
+"""One Redis poller for every open event stream, and a cached worker ping for /healthz.
+
+Each SSE stream used to poll its job's record on its own (a GET every 0.15 s
+per stream). ``RecordWatcher`` polls for all of them at once: one MGET of
+every watched record per tick, plus the queue depth (one LLEN) at most once a
+second while any watched job waits, in one task on the event loop, with the
+Redis call in a worker thread. A stream awaits the next tick and reads the
+record it cares about. Streams are counted, and ``MAX_EVENT_STREAMS`` caps
+them (``StreamsFull``).
+
+``CachedPing`` keeps Celery's worker ping off the request path: /healthz
+answers from the last ping (at most ``max_age_s`` old); when that is stale one
+ping runs for every caller waiting on it, in one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from starlette.concurrency import run_in_threadpool
+
+from producer.client import Client
+from producer.protocol import JobRecord
+
+#: How often the watched records are read: fast enough for a reply that grows every ~0.25 s.
+POLL_INTERVAL_S = 0.15
+#: The queue depth is read at most this often.
+QUEUE_DEPTH_INTERVAL_S = 1.0
+
+
+class StreamsFull(Exception):
+    """MAX_EVENT_STREAMS streams are open."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"{limit} event streams are open (MAX_EVENT_STREAMS); poll GET /v1/jobs/{{id}} "
+                         "or retry the stream later")
+
+
+@dataclass
+class Snapshot:
+    """What one tick read: each watched job's record (None: gone) or the error that stopped the read."""
+
+    records: dict[str, JobRecord | None] = field(default_factory=dict)
+    queue_depth: int | None = None
+    error: Exception | None = None
+
+
+class RecordWatcher:
+    def __init__(self, client: Client, max_streams: int):
+        self.client = client
+        self.max_streams = max_streams
+        self._watched: Counter[str] = Counter()
+        self._snapshot = Snapshot()
+        self._tick = asyncio.Condition()
+        self._task: asyncio.Task | None = None
+        self._next_depth_read = 0.0
+
+    @property
+    def open_streams(self) -> int:
+        return sum(self._watched.values())
+
+    async def check_capacity(self) -> None:
+        """Raise StreamsFull when ``max_streams`` streams are open: before the response starts.
+
+        A FastAPI dependency; async, so it runs on the event loop like the streams' counting."""
+        if self.open_streams >= self.max_streams:
+            raise StreamsFull(self.max_streams)
+
+    def watch(self, job_id: str) -> None:
+        """Count one more stream of ``job_id`` (from inside the stream, so a stream that never
+        starts is never counted); ``unwatch`` when it ends."""
+        self._watched[job_id] += 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    def unwatch(self, job_id: str) -> None:
+        self._watched[job_id] -= 1
+        if self._watched[job_id] <= 0:
+            del self._watched[job_id]
+
+    async def next_snapshot(self) -> Snapshot:
+        """Wait for the next tick's reads."""
+        async with self._tick:
+            await self._tick.wait()
+            return self._snapshot
+
+    async def _poll(self) -> None:
+        while self._watched:
+            await asyncio.sleep(POLL_INTERVAL_S)
+            ids = list(self._watched)
+            read_depth = time.monotonic() >= self._next_depth_read
+            try:
+                snapshot = await run_in_threadpool(self._read, ids, read_depth)
+            except Exception as err:  # BrokerUnavailable, an unreadable record: each stream says so
+                snapshot = Snapshot(error=err)
+            if read_depth and snapshot.error is None:
+                self._next_depth_read = time.monotonic() + QUEUE_DEPTH_INTERVAL_S
+            async with self._tick:
+                self._snapshot = snapshot
+                self._tick.notify_all()
+
+    def _read(self, ids: list[str], read_depth: bool) -> Snapshot:
+        records = self.client.get_many(ids)
+        depth = self.client.queue_depth() if read_depth else None
+        return Snapshot(records=dict(zip(ids, records)), queue_depth=depth)
+
+
+class CachedPing:
+    """The names of the workers that answered Celery's ping, at most ``max_age_s`` old."""
+
+    def __init__(self, ping: Callable[[], list[str]], max_age_s: float):
+        self._ping = ping
+        self.max_age_s = max_age_s
+        self._answer: tuple[float, list[str]] | None = None
+        self._running: asyncio.Task | None = None
+
+    async def workers(self) -> list[str]:
+        if self._answer is not None and time.monotonic() - self._answer[0] < self.max_age_s:
+            return self._answer[1]
+        if self._running is None or self._running.done():
+            self._running = asyncio.get_running_loop().create_task(self._refresh())
+        return await asyncio.shield(self._running)
+
+    async def _refresh(self) -> list[str]:
+        workers = await run_in_threadpool(self._ping)
+        self._answer = (time.monotonic(), workers)
+        return workers
