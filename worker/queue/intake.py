@@ -35,6 +35,7 @@ from kombu.transport.virtual import QoS as VirtualQoS
 
 from producer.protocol import QUEUE_NAME, TASK_NAME, held_key
 from worker.queue.liveness import consumer_id
+from worker.queue.transport import queue_lanes
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -148,7 +149,7 @@ class Intake:
         killed between them loses the message. Taking happens right after a job
         starts, so the fault suite's kills landed there often enough to lose a job.
         """
-        queues = [channel._q_for_pri(QUEUE_NAME, priority) for priority in channel.priority_steps]
+        queues = queue_lanes(channel, QUEUE_NAME)
         with channel.conn_or_acquire() as client:
             raw = client.eval(_TAKE_SCRIPT, 3 + len(queues), channel.unacked_key, channel.unacked_index_key,
                               held_key(consumer_id()), *queues, time.time())

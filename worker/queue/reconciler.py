@@ -53,6 +53,7 @@ from producer.protocol import (
 from producer.store import JobStore
 from worker.outcome import finish, save_final
 from worker.queue.submission import resend_job
+from worker.queue.transport import queue_lanes
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -154,7 +155,7 @@ class Reconciler:
 
     def _queued_ids(self, client: redis.Redis, channel) -> set[str]:
         ids = set()
-        for lane in _lanes(channel, QUEUE_NAME):
+        for lane in queue_lanes(channel, QUEUE_NAME):
             ids |= {_job_id_of_payload(raw) for raw in client.lrange(lane, 0, -1)}
         return ids
 
@@ -232,10 +233,6 @@ class Reconciler:
             with contextlib.suppress(Exception):
                 self._connection.release()
             self._connection = None
-
-
-def _lanes(channel, queue: str) -> list[str]:
-    return list(dict.fromkeys(channel._q_for_pri(queue, step) for step in channel.priority_steps))
 
 
 def _job_id_of_payload(raw: bytes) -> str | None:

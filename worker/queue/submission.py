@@ -82,11 +82,14 @@ def admitting(plan: AdmissionPlan) -> Iterator[None]:
 def submit_job(celery: Celery, record: JobRecord, message: JobMessage, *, max_queue: int, ttl_s: int) -> None:
     """Queue one job atomically with its record; raises QueueFull, or kombu's errors when Redis fails."""
     with admitting(AdmissionPlan(record, max_queue, ttl_s)):
-        celery.send_task(TASK_NAME, task_id=record.job_id, kwargs={"message": message.model_dump(mode="json")})
+        _send(celery, record.job_id, message)
 
 
 def resend_job(celery: Celery, record: JobRecord) -> None:
     """Queue a job whose record is open but whose message is gone, under the same id."""
-    message = JobMessage(request=record.request, submitted_at=record.submitted_at,
-                         start_by=record.start_by, timeout_s=record.timeout_s)
-    celery.send_task(TASK_NAME, task_id=record.job_id, kwargs={"message": message.model_dump(mode="json")})
+    _send(celery, record.job_id, JobMessage(request=record.request, submitted_at=record.submitted_at,
+                                            start_by=record.start_by, timeout_s=record.timeout_s))
+
+
+def _send(celery: Celery, job_id: str, message: JobMessage) -> None:
+    celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": message.model_dump(mode="json")})

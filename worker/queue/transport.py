@@ -31,6 +31,11 @@ from worker.queue.liveness import consumer_id
 log = logging.getLogger("qwen_allinone.worker")
 
 
+def queue_lanes(channel, queue: str) -> list[str]:
+    """The Redis lists of ``queue``, one per priority step, highest priority first."""
+    return list(dict.fromkeys(channel._q_for_pri(queue, step) for step in channel.priority_steps))
+
+
 class QoS(kombu_redis.QoS):
     def append(self, message, delivery_tag):
         # kombu's own append, plus the held set, in one pipeline (one MULTI).
@@ -63,7 +68,7 @@ class Channel(kombu_redis.Channel):
         plan = submission.current_plan()
         if plan is None:
             return super()._put(queue, message, **kwargs)
-        lanes = list(dict.fromkeys(self._q_for_pri(queue, step) for step in self.priority_steps))
+        lanes = queue_lanes(self, queue)
         target = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         with self.conn_or_acquire() as client:
             plan.run(client, target, lanes, dumps(message))
