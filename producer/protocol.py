@@ -115,6 +115,11 @@ def held_key(consumer_id: str) -> str:
     return f"{KEY_PREFIX}:held:{consumer_id}"
 
 
+def runner_key(job_id: str) -> str:
+    """The consumer id of the process running the job's current attempt."""
+    return f"{KEY_PREFIX}:runner:{job_id}"
+
+
 def open_job_score(record: JobRecord) -> float:
     """When an open job is overdue: its start deadline while queued, its run deadline while running."""
     if record.started_at is not None and record.timeout_s is not None:

@@ -81,7 +81,7 @@ def connect_redis(url: str, *, retries: int, socket_timeout: float) -> redis.Red
     """
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=5,
+        socket_connect_timeout=min(5, socket_timeout),
         socket_timeout=socket_timeout,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
         retry_on_error=[redis.ConnectionError],

@@ -131,3 +131,38 @@ def test_one_sweep_at_a_time(reconciler, clean):
     clean.delete(RECONCILER_LOCK_KEY)
     assert reconciler.sweep() is not None
     assert clean.exists(RECONCILER_LOCK_KEY) == 0  # released after the sweep
+
+
+def test_a_failing_item_does_not_stop_the_sweep_and_a_failed_send_is_not_counted(
+    reconciler, make_client, clean, monkeypatch
+):
+    from worker.queue import reconciler as module
+
+    unlucky, _ = _queued_job(make_client, clean)
+    lucky, _ = _queued_job(make_client, clean)
+    real_resend = module.resend_job
+
+    def resend(app, record):
+        if record.job_id == unlucky:
+            raise ConnectionError("the broker went away during this one send")
+        return real_resend(app, record)
+
+    monkeypatch.setattr(module, "resend_job", resend)
+    reconciler.sweep(now=1000.0)
+    report = reconciler.sweep(now=1000.0 + GRACE_S)
+    assert report.resent == [lucky] and _queued_ids(clean) == [lucky]
+    assert clean.hget(RESENDS_KEY, unlucky) is None  # not sent, not counted
+    monkeypatch.setattr(module, "resend_job", real_resend)
+    reconciler.sweep(now=1000.0 + 2 * GRACE_S)  # seen lost again: the sweeps after try again
+    assert reconciler.sweep(now=1000.0 + 3 * GRACE_S).resent == [unlucky]
+
+
+def test_the_sweep_clock_is_redis_not_the_host(reconciler, make_client, clean, monkeypatch):
+    """Two workers' sweeps compare sightings on one clock, whatever their hosts' clocks say."""
+    import time as host_time
+
+    job_id, _ = _queued_job(make_client, clean)
+    reconciler.sweep()
+    monkeypatch.setattr(host_time, "time", lambda: 4_000_000_000.0)  # this host's clock jumps ahead
+    assert reconciler.sweep().resent == []  # Redis says only a moment passed: not yet confirmed
+    assert clean.hexists(SUSPECTS_KEY, f"job:{job_id}")

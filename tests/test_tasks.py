@@ -157,7 +157,7 @@ def test_turn_is_stored_once_and_history_off_stores_nothing(runtime):
 
 
 def test_later_turn_waits_for_an_unfinished_earlier_turn(runtime):
-    from worker.admission import TurnNotReady
+    from worker.admission import NotReadyYet
 
     store = runtime.store
     first_id, second_id = new_job_id(), new_job_id()
@@ -167,7 +167,7 @@ def test_later_turn_waits_for_an_unfinished_earlier_turn(runtime):
     store.push_pending_turn("c9", first_id)
     store.push_pending_turn("c9", second_id)
     writes = len(store.writes)
-    with pytest.raises(TurnNotReady, match=first_id):
+    with pytest.raises(NotReadyYet, match=first_id):
         run(runtime, second_id, second_raw, set(), hostname="w1")
     assert len(store.writes) == writes  # waiting writes nothing
 
@@ -190,3 +190,47 @@ def test_dead_earlier_turn_does_not_block_the_conversation(runtime, earlier):
     store.push_pending_turn("c10", stale_id)
     store.push_pending_turn("c10", job_id)
     assert run(runtime, job_id, raw, set(), hostname="w1").status is JobStatus.SUCCEEDED
+
+
+def test_a_job_another_live_process_runs_is_not_run_beside_it(runtime):
+    """A copy handed back while its holder was cut off from Redis waits while that holder lives."""
+    from producer.protocol import consumer_key, runner_key
+    from worker.admission import NotReadyYet
+
+    store = runtime.store
+    job_id = new_job_id()
+    store.redis.set(runner_key(job_id), "host:1:cutoff")
+    store.redis.set(consumer_key("host:1:cutoff"), 1)  # its heartbeat is back
+    writes = len(store.writes)
+    with pytest.raises(NotReadyYet, match="host:1:cutoff"):
+        run(runtime, job_id, message(), set(), hostname="w1")
+    assert len(store.writes) == writes
+
+    store.redis.delete(consumer_key("host:1:cutoff"))  # it died: the copy runs
+    assert run(runtime, job_id, message(), set(), hostname="w1").status is JobStatus.SUCCEEDED
+
+
+def _hard_limit_report(runtime, job_id):
+    from billiard.exceptions import TimeLimitExceeded
+    from celery import Celery
+
+    from worker.tasks import register
+
+    app = Celery("on-failure-test", set_as_current=False)
+    task = register(app, runtime)
+    task.on_failure(TimeLimitExceeded(30), job_id, (), {}, None)
+
+
+@pytest.mark.parametrize("waiting_for_redis", [False, True])
+def test_a_job_killed_while_it_waited_out_redis_is_not_recorded_timed_out(runtime, waiting_for_redis):
+    store = runtime.store
+    runtime._parent_store = store
+    job_id = new_job_id()
+    raw = message()
+    store.put(JobRecord(job_id=job_id, status=JobStatus.RUNNING, request=raw["request"],
+                        submitted_at=raw["submitted_at"], start_by=raw["start_by"], started_at=time.time()))
+    runtime.waiting_for_redis.value = 4242 if waiting_for_redis else 0
+    _hard_limit_report(runtime, job_id)
+    expected = JobStatus.RUNNING if waiting_for_redis else JobStatus.TIMED_OUT  # left for the reconciler
+    assert store.get(job_id).status is expected
+    assert runtime.waiting_for_redis.value == 0

@@ -2,8 +2,9 @@
 
 A job is finished here when its record is already final (a redelivered
 message), its message is invalid, it waited past its start deadline, or its
-worker died too often. A later turn of a conversation waits (TurnNotReady)
-while an earlier turn is unfinished.
+worker died too often. A job waits (NotReadyYet) while an earlier turn of its
+conversation is unfinished, or while another live process still runs it (a
+copy of its message handed back when that process was cut off from Redis).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from producer.protocol import (
 )
 from producer.store import JobStore
 from worker.queue.intake import TakenJob
+from worker.queue.liveness import claim_run
 from worker.outcome import finish, save_final, to_ms
 from worker.runtime import WorkerRuntime
 
@@ -35,8 +37,8 @@ log = logging.getLogger("qwen_allinone.worker")
 MAX_ATTEMPTS = 3
 
 
-class TurnNotReady(Exception):
-    """An earlier turn of the same conversation has not finished; run this job later."""
+class NotReadyYet(Exception):
+    """An earlier turn of the same conversation has not finished, or the job runs elsewhere; run it later."""
 
 
 @dataclass
@@ -55,8 +57,9 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
           hostname: str) -> RunningJob | JobRecord:
     """Check a job and mark it ``running``; or finish it without the model and return its final record.
 
-    Raises TurnNotReady, without touching the job's record, while an earlier
-    turn of the job's conversation is still queued or running.
+    Raises NotReadyYet, without touching the job's record, while an earlier
+    turn of the job's conversation is still queued or running, or while another
+    process whose heartbeat is alive runs it.
     """
     store, settings = runtime.store, runtime.settings
     record = _load_record(store, job_id)
@@ -95,6 +98,9 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
     if message.request.conversation_scope:
         _check_turn(store, message.request.conversation_scope, job_id)
 
+    if runner := claim_run(store.redis, job_id, settings.hard_time_limit_s):
+        raise NotReadyYet(f"job {job_id} still runs in process {runner}, which is alive")
+
     record.attempts += 1
     record.worker = hostname
     if record.attempts > MAX_ATTEMPTS:
@@ -132,7 +138,7 @@ def _parse_message(raw_message, unexpected: set[str], max_input_chars: int) -> J
 
 
 def _check_turn(store: JobStore, conversation_id: str, job_id: str) -> None:
-    """Raise TurnNotReady unless this job is the oldest unfinished turn of its conversation."""
+    """Raise NotReadyYet unless this job is the oldest unfinished turn of its conversation."""
     while (first := store.first_pending_turn(conversation_id)) not in (None, job_id):
         earlier = _load_record(store, first)
         alive = earlier is not None and not earlier.status.is_final and not (
@@ -140,5 +146,5 @@ def _check_turn(store: JobStore, conversation_id: str, job_id: str) -> None:
             earlier.status is JobStatus.QUEUED and earlier.start_by is not None and time.time() > earlier.start_by
         )
         if alive:
-            raise TurnNotReady(f"job {first} is an earlier turn of conversation {conversation_id}")
+            raise NotReadyYet(f"job {first} is an earlier turn of conversation {conversation_id}")
         store.remove_pending_turn(conversation_id, first)

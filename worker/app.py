@@ -79,19 +79,22 @@ def _connect_upkeep(app: Celery, runtime: WorkerRuntime) -> None:
     settings = runtime.settings
     running: list = []
 
-    def upkeep_client():
-        return connect_redis(settings.redis_url, retries=3, socket_timeout=10)
+    def heartbeat():
+        # No retries, and a beat gives up well inside its interval: a beat stuck in retries
+        # would let a live process's key lapse, and its messages be handed to another worker.
+        client = connect_redis(settings.redis_url, retries=0, socket_timeout=settings.liveness_ttl_s / 4)
+        return Heartbeat(client, settings.liveness_ttl_s).start()
 
     @worker_ready.connect(weak=False)
     def start_parent_upkeep(**_):
-        store = JobStore(upkeep_client(), settings.result_ttl_s)
-        running.append(Heartbeat(store.redis, settings.liveness_ttl_s).start())
+        running.append(heartbeat())
+        store = JobStore(connect_redis(settings.redis_url, retries=3, socket_timeout=10), settings.result_ttl_s)
         running.append(Reconciler(app, store, grace_s=settings.reconcile_interval_s,
                                   interval_s=settings.reconcile_interval_s, max_attempts=MAX_ATTEMPTS).start())
 
     @worker_process_init.connect(weak=False)
     def start_pool_heartbeat(**_):
-        running.append(Heartbeat(upkeep_client(), settings.liveness_ttl_s).start())
+        running.append(heartbeat())
 
     @worker_shutdown.connect(weak=False)
     def stop_upkeep(**_):

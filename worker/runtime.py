@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +33,12 @@ class WorkerRuntime:
     last_batch_size: int = 1
     #: Jobs handed back in a row because Redis failed (sets the back-off before the next).
     redis_failures: int = 0
+    #: The pid of a pool process waiting for Redis to take writes again (0: none). Shared memory,
+    #: made in the parent before it forks: the parent's hard-time-limit handler reads it.
+    waiting_for_redis: ctypes.c_int = field(
+        default_factory=lambda: multiprocessing.RawValue("i", 0), repr=False)
     _store: JobStore | None = field(default=None, repr=False)
+    _parent_store: JobStore | None = field(default=None, repr=False)
 
     @property
     def store(self) -> JobStore:
@@ -40,6 +47,19 @@ class WorkerRuntime:
             client = connect_redis(self.settings.redis_url, retries=20, socket_timeout=30)
             self._store = JobStore(client, self.settings.result_ttl_s)
         return self._store
+
+    @property
+    def parent_store(self) -> JobStore:
+        """The store for the parent's hard-time-limit bookkeeping, which runs on Celery's event loop.
+
+        A few seconds at most, not ``store``'s 30 s of reconnects: the parent also
+        consumes, acknowledges and heartbeats. A write given up here is left to the
+        reconciler, which finds the job open and re-sends it.
+        """
+        if self._parent_store is None:
+            client = connect_redis(self.settings.redis_url, retries=1, socket_timeout=2)
+            self._parent_store = JobStore(client, self.settings.result_ttl_s)
+        return self._parent_store
 
     def resolve_model(self) -> ModelSource:
         """MODEL as files on disk, ENGINE checked against it, CLASSIFIER_ADAPTER read (no torch, no llama.cpp)."""

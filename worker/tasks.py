@@ -25,9 +25,10 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from producer.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStatus
-from worker.admission import RunningJob, TurnNotReady, admit
+from worker.admission import RunningJob, NotReadyYet, admit
 from worker.batch import run_jobs
 from worker.queue.intake import Intake, TakenJob
+from worker.queue.liveness import release_runs
 from worker.outcome import finish, save_final
 from worker.runtime import WorkerRuntime
 
@@ -58,9 +59,17 @@ class JobTask(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         if not isinstance(exc, TimeLimitExceeded):
             return
-        store = self.runtime.store
+        store = self.runtime.parent_store
         limit = self.runtime.settings.hard_time_limit_s
         message = f"killed by the hard time limit ({limit:g}s); the worker moved on to the next job"
+        if waiting_pid := self.runtime.waiting_for_redis.value:
+            # Killed while it waited out a Redis that refused writes: the job did not time out.
+            # Its message is acknowledged now; the reconciler finds the job open and re-sends it,
+            # and liveness hands back what its batch took.
+            self.runtime.waiting_for_redis.value = 0
+            log.warning("job=%s: its pool process %d was waiting for Redis when the hard time limit hit; "
+                        "left for the reconciler", task_id, waiting_pid)
+            return
         try:
             pool_pid, taken_ids = store.batch_of(task_id)
             if pool_pid is not None and not _alive(pool_pid):
@@ -118,7 +127,7 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
         try:
             run_batch(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
             self.runtime.redis_failures = 0
-        except TurnNotReady as wait:
+        except NotReadyYet as wait:
             # Back to the queue for a moment; the worker serves other jobs meanwhile.
             if not self.request.retries:  # once, not every 0.25 s
                 log.info("job=%s waits: %s", self.request.id, wait)
@@ -127,6 +136,10 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
             # Redis is gone even after retries, or refuses writes (OOM, READONLY, MISCONF):
             # hand the job back rather than acknowledge it with its record unfinished.
             _wait_until_redis_takes_writes(self.runtime, self.request.id, err)
+            try:  # what this batch took and could not hand back while Redis refused
+                self.runtime.intake.hand_back_unsettled()
+            except Exception as again:  # the next take tries again
+                log.error("job=%s: taken jobs not handed back yet: %s", self.request.id, again)
             raise Reject(str(err), requeue=True) from err
 
     return run_job
@@ -137,8 +150,17 @@ def _wait_until_redis_takes_writes(runtime: WorkerRuntime, job_id: str, err: red
 
     Handing a job back is itself a write; tried while Redis still refuses, it would fail
     and leave the message with this live worker until the visibility timeout. Waiting
-    here also keeps a refusing Redis from being hammered. The hard time limit bounds it.
+    here also keeps a refusing Redis from being hammered. The hard time limit bounds it;
+    ``waiting_for_redis`` tells the parent that such a kill is not the job's time out.
     """
+    runtime.waiting_for_redis.value = os.getpid()
+    try:
+        _back_off_until_writable(runtime, job_id, err)
+    finally:
+        runtime.waiting_for_redis.value = 0
+
+
+def _back_off_until_writable(runtime: WorkerRuntime, job_id: str, err: redis.RedisError) -> None:
     while True:
         failures = runtime.redis_failures = runtime.redis_failures + 1
         pause = min(REDIS_BACKOFF_S * 2 ** (failures - 1), REDIS_BACKOFF_MAX_S)
@@ -169,10 +191,26 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
     # For the parent, should the hard time limit end this batch: which pool process runs it
     # (alive then, or already dead of something else) and which jobs it took.
     runtime.store.set_batch(job_id, os.getpid(), [], settings.visibility_timeout_s)
-    first = admit(runtime, job_id, raw_message, unexpected, hostname)
-    if isinstance(first, JobRecord):
-        runtime.store.forget_batch(job_id)
-        return [first]
+    taken: list[TakenJob] = []
+    try:
+        first = admit(runtime, job_id, raw_message, unexpected, hostname)
+        if isinstance(first, JobRecord):
+            return [first]
+        taken = _take_company(runtime)
+        if taken:
+            log.info("job=%s batch: took %s", job_id, " ".join(item.job_id for item in taken))
+        jobs, finished = _admit_taken(runtime, first, taken, hostname)
+        if len(jobs) > 1:
+            runtime.store.set_batch(job_id, os.getpid(), [job.record.job_id for job in jobs[1:]],
+                                    settings.visibility_timeout_s)
+        return finished + run_jobs(runtime, jobs)
+    finally:
+        _settle_batch(runtime, job_id, taken)
+
+
+def _take_company(runtime: WorkerRuntime) -> list[TakenJob]:
+    """Up to BATCH_MAX - 1 waiting jobs to run beside the delivered one."""
+    settings = runtime.settings
     taken = []
     if settings.batch_max > 1:
         # Under load (the last batch had company) clients served together come back
@@ -185,25 +223,22 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
             # What was taken before the error stays with the intake, which hands it back next time.
             log.warning("could not take more jobs for a batch: %s: %s", type(err).__name__, err)
     runtime.last_batch_size = 1 + len(taken)
-    if taken:
-        log.info("job=%s batch: took %s", job_id, " ".join(item.job_id for item in taken))
+    return taken
+
+
+def _settle_batch(runtime: WorkerRuntime, job_id: str, taken: list[TakenJob]) -> None:
+    """Hand back what the batch took and did not finish, and release the batch's claims."""
+    for item in taken:
+        if not item.settled:
+            try:
+                item.requeue()
+            except Exception as err:  # Redis is down: the intake hands it back at its next take
+                log.error("job=%s could not be handed back to the queue yet: %s", item.job_id, err)
     try:
-        jobs, finished = _admit_taken(runtime, first, taken, hostname)
-        if len(jobs) > 1:
-            runtime.store.set_batch(job_id, os.getpid(), [job.record.job_id for job in jobs[1:]],
-                                    settings.visibility_timeout_s)
-        return finished + run_jobs(runtime, jobs)
-    finally:
-        for item in taken:
-            if not item.settled:
-                try:
-                    item.requeue()
-                except Exception as err:  # Redis is down: the intake hands it back at its next take
-                    log.error("job=%s could not be handed back to the queue yet: %s", item.job_id, err)
-        try:
-            runtime.store.forget_batch(job_id)
-        except redis.RedisError as err:  # it expires after VISIBILITY_TIMEOUT_S anyway
-            log.error("job=%s: could not forget its batch: %s", job_id, err)
+        release_runs(runtime.store.redis, [job_id, *(item.job_id for item in taken)])
+        runtime.store.forget_batch(job_id)
+    except redis.RedisError as err:  # both expire (hard time limit, VISIBILITY_TIMEOUT_S)
+        log.error("job=%s: could not release its batch: %s", job_id, err)
 
 
 def _admit_taken(runtime: WorkerRuntime, first: RunningJob, taken: list[TakenJob],
@@ -213,7 +248,7 @@ def _admit_taken(runtime: WorkerRuntime, first: RunningJob, taken: list[TakenJob
     for item in taken:
         try:
             admitted = admit(runtime, item.job_id, item.raw_message, item.unexpected, hostname)
-        except TurnNotReady:
+        except NotReadyYet:
             item.requeue()  # its earlier turn may be in this very batch: after it, not beside it
             continue
         if isinstance(admitted, JobRecord):

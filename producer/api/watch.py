@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +30,8 @@ from producer.protocol import JobRecord
 POLL_INTERVAL_S = 0.15
 #: The queue depth is read at most this often.
 QUEUE_DEPTH_INTERVAL_S = 1.0
+#: An admitted stream that has not started after this long (its client left) frees its place.
+ADMISSION_HOLD_S = 5.0
 
 
 class StreamsFull(Exception):
@@ -55,6 +57,8 @@ class RecordWatcher:
         self.client = client
         self.max_streams = max_streams
         self._watched: Counter[str] = Counter()
+        #: When each admitted stream that has not started yet passed check_capacity.
+        self._admitted: deque[float] = deque()
         self._snapshot = Snapshot()
         self._tick = asyncio.Condition()
         self._task: asyncio.Task | None = None
@@ -62,18 +66,29 @@ class RecordWatcher:
 
     @property
     def open_streams(self) -> int:
-        return sum(self._watched.values())
+        """Streams running, and those admitted whose first event is not out yet."""
+        return sum(self._watched.values()) + len(self._admitted)
 
     async def check_capacity(self) -> None:
         """Raise StreamsFull when ``max_streams`` streams are open: before the response starts.
 
-        A FastAPI dependency; async, so it runs on the event loop like the streams' counting."""
+        A FastAPI dependency; async, so it runs on the event loop like the streams' counting.
+        The check and the count are one step (no await between them), so a burst of requests
+        cannot all pass it: an admitted stream holds its place until it starts (``watch``),
+        or for ``ADMISSION_HOLD_S`` if it never does (the client left first).
+        """
+        now = time.monotonic()
+        while self._admitted and self._admitted[0] <= now - ADMISSION_HOLD_S:
+            self._admitted.popleft()
         if self.open_streams >= self.max_streams:
             raise StreamsFull(self.max_streams)
+        self._admitted.append(now)
 
     def watch(self, job_id: str) -> None:
-        """Count one more stream of ``job_id`` (from inside the stream, so a stream that never
-        starts is never counted); ``unwatch`` when it ends."""
+        """Count one more stream of ``job_id`` (from inside the stream, which takes over the
+        place its admission held); ``unwatch`` when it ends."""
+        if self._admitted:
+            self._admitted.popleft()
         self._watched[job_id] += 1
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._poll())

@@ -191,3 +191,32 @@ def test_unreachable_redis_is_503_with_retry_after(orphan):
         assert health.status_code == 503
         assert health.json() == {"status": "unavailable", "redis": "unreachable", "workers": [], "queue_depth": None}
         assert http.get("/metrics").status_code == 503
+
+
+def test_a_burst_of_event_streams_cannot_overshoot_the_cap():
+    """Requests that all pass the check before any stream starts still count against the cap."""
+    import asyncio
+
+    from producer.api.watch import RecordWatcher, StreamsFull
+
+    async def burst() -> list[bool]:
+        watcher = RecordWatcher(client=None, max_streams=MAX_EVENT_STREAMS)
+
+        async def open_stream(n: int) -> bool:
+            try:
+                await watcher.check_capacity()
+            except StreamsFull:
+                return False
+            await asyncio.sleep(0.01)  # the response starts a moment later
+            watcher.watch(f"job-{n}")
+            return True
+
+        opened = await asyncio.gather(*(open_stream(n) for n in range(MAX_EVENT_STREAMS + 5)))
+        for n, ok in enumerate(opened):
+            if ok:
+                watcher.unwatch(f"job-{n}")
+        if watcher._task is not None:
+            await watcher._task
+        return opened
+
+    assert sum(asyncio.run(burst())) == MAX_EVENT_STREAMS

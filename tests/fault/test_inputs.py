@@ -127,6 +127,12 @@ def test_poison_entries_in_the_queue_are_dropped_and_the_worker_keeps_serving(
                     "headers": {"task": TASK_NAME, "id": envelope_id},
                     "properties": {"body_encoding": "base64", "delivery_tag": "poison-1",
                                    "delivery_info": {"exchange": "", "routing_key": QUEUE_NAME}}}).encode(),
+        # A well-formed kombu envelope that Celery cannot read (no task id): kombu records it as
+        # unacknowledged before Celery fails on it, so dropping it must also settle it.
+        json.dumps({"body": "e30=", "content-type": "application/json", "content-encoding": "utf-8",
+                    "headers": {"task": TASK_NAME},
+                    "properties": {"body_encoding": "base64", "delivery_tag": "poison-2",
+                                   "delivery_info": {"exchange": "", "routing_key": QUEUE_NAME}}}).encode(),
     ]
     for entry in poison:
         redis_client.lpush(QUEUE_NAME, entry)
@@ -149,5 +155,6 @@ def test_poison_entries_in_the_queue_are_dropped_and_the_worker_keeps_serving(
     assert not marker.exists()
     assert client.get(pickled) is None and client.get(envelope_id) is None
     log = worker.log()
-    assert log.count("dropped an undecodable message") >= 3
+    assert log.count("dropped an undecodable message") >= 4
+    assert not redis_client.hexists("unacked", "poison-2")  # not left held by the live worker
     figures.update(poison_entries=len(poison) + 3, worker_alive=True, unpickled=marker.exists())

@@ -35,7 +35,7 @@ from kombu.transport.virtual import QoS as VirtualQoS
 
 from producer.protocol import QUEUE_NAME, TASK_NAME, held_key
 from worker.queue.liveness import consumer_id
-from worker.queue.transport import queue_lanes
+from worker.queue.transport import UNREADABLE_MESSAGE_ERRORS, queue_lanes
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -47,28 +47,30 @@ POLL_INTERVAL_S = 0.002
 #: field is the delivery tag and the value is ``[payload, exchange, routing_key]``;
 #: the index is scored by time, for the visibility-timeout sweep; the tag joins this
 #: process's held set (worker.queue.liveness). The payload is kept as the exact text
-#: that was queued. Something that is not an envelope is only popped.
-#: KEYS: unacked hash, unacked index, held set, then the queue's lanes.
+#: that was queued. Something that is not an envelope (no string delivery tag) is only popped.
+#: KEYS: unacked hash, unacked index, held set, then the queue's lanes. ARGV: the time.
+#: Returns false (queue empty) or {item, the tag it was recorded under or ''}.
 _TAKE_SCRIPT = """
 for i = 4, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then
+    local tag = ''
     local ok, payload = pcall(cjson.decode, item)
     if ok and type(payload) == 'table' and type(payload['properties']) == 'table'
-        and payload['properties']['delivery_tag'] then
+        and type(payload['properties']['delivery_tag']) == 'string' then
       local info = payload['properties']['delivery_info']
       local exchange, routing_key = '', ''
       if type(info) == 'table' then
         if type(info['exchange']) == 'string' then exchange = info['exchange'] end
         if type(info['routing_key']) == 'string' then routing_key = info['routing_key'] end
       end
-      local tag = tostring(payload['properties']['delivery_tag'])
+      tag = payload['properties']['delivery_tag']
       redis.call('ZADD', KEYS[2], ARGV[1], tag)
       redis.call('SADD', KEYS[3], tag)
       redis.call('HSET', KEYS[1], tag,
         '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
     end
-    return item
+    return {item, tag}
   end
 end
 return false
@@ -112,24 +114,31 @@ class Intake:
         taken: list[TakenJob] = []
         deadline = time.monotonic() + wait_s
         channel = self._channel()
-        # Messages of an earlier batch that could be neither acknowledged nor handed back
-        # (Redis was down, or a take broke off) are still this channel's: hand them back
-        # now. Every message of a finished batch is settled, so only such orphans remain.
-        channel.qos.restore_unacked()
+        self.hand_back_unsettled()
         pops = 0
         # Every pop counts, so a message handed straight back (see _as_job) cannot keep this looping.
         while pops < limit:
-            message = self._get(channel)
-            if message is None:
+            popped, message = self._get(channel)
+            if not popped:
                 if time.monotonic() >= deadline:
                     break
                 time.sleep(POLL_INTERVAL_S)
                 continue
             pops += 1
-            job = _as_job(message)
+            job = _as_job(message) if message is not None else None
             if job is not None:
                 taken.append(job)
         return taken
+
+    def hand_back_unsettled(self) -> None:
+        """Put back in the queue every message this process took and has not settled.
+
+        Messages of an earlier batch that could be neither acknowledged nor handed back
+        (Redis was down or refused writes, or a take broke off) are still this channel's.
+        Every message of a finished batch is settled, so only such orphans remain.
+        """
+        if self._connection is not None:
+            self._channel().qos.restore_unacked()
 
     def close(self) -> None:
         if self._connection is not None:
@@ -142,8 +151,10 @@ class Intake:
             self._connection = self.app.connection_for_read()
         return self._connection.default_channel
 
-    def _get(self, channel) -> Message | None:
+    def _get(self, channel) -> tuple[bool, Message | None]:
         """Pop the oldest waiting message, recorded as unacknowledged in the same atomic step.
+
+        Returns whether anything was popped, and the message (None if it was dropped).
 
         kombu's ``basic_get`` pops, then records, in two round trips: a worker
         killed between them loses the message. Taking happens right after a job
@@ -151,19 +162,25 @@ class Intake:
         """
         queues = queue_lanes(channel, QUEUE_NAME)
         with channel.conn_or_acquire() as client:
-            raw = client.eval(_TAKE_SCRIPT, 3 + len(queues), channel.unacked_key, channel.unacked_index_key,
-                              held_key(consumer_id()), *queues, time.time())
-        if raw is None:
-            return None
+            popped = client.eval(_TAKE_SCRIPT, 3 + len(queues), channel.unacked_key,
+                                 channel.unacked_index_key, held_key(consumer_id()), *queues, time.time())
+        if popped is None:
+            return False, None
+        raw, recorded_tag = popped
         try:
+            if not recorded_tag:  # no string delivery tag: the script did not record it
+                raise ValueError("no delivery tag")
             message = channel.Message(json.loads(raw), channel=channel)
-        except (ValueError, KeyError, TypeError) as err:
-            # Not a kombu envelope; it was already popped, as on Celery's own path (worker.queue.transport).
+        except UNREADABLE_MESSAGE_ERRORS as err:
+            # Not a kombu envelope (a body that does not decode, say); it was already popped, as on
+            # Celery's own path (worker.queue.transport). If the script recorded it, unrecord it.
+            if recorded_tag:
+                channel.qos._remove_from_indices(recorded_tag.decode()).execute()
             log.error("dropped an undecodable message from the queue: %s: %s", type(err).__name__, err)
-            return None
+            return True, None
         # kombu's in-memory bookkeeping only: the script already wrote the unacked records.
         VirtualQoS.append(channel.qos, message, message.delivery_tag)
-        return message
+        return True, message
 
 
 def _as_job(message: Message) -> TakenJob | None:

@@ -20,7 +20,7 @@ import uuid
 
 import redis
 
-from producer.protocol import CONSUMERS_KEY, consumer_key
+from producer.protocol import CONSUMERS_KEY, consumer_key, runner_key
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -45,6 +45,44 @@ def _forget_identity_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_identity_in_child)
+
+
+#: Claim a job's run for this process, unless another process whose heartbeat is alive runs it.
+#: KEYS: the job's runner key. ARGV: this consumer id, the claim's TTL in ms, the consumer key prefix.
+#: Returns false (claimed) or the live runner's id.
+_CLAIM_SCRIPT = """
+local runner = redis.call('GET', KEYS[1])
+if runner and runner ~= ARGV[1] and redis.call('EXISTS', ARGV[3] .. runner) == 1 then return runner end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+
+def claim_run(client: redis.Redis, job_id: str, ttl_s: float) -> str | None:
+    """Claim the job's run for this process; None if claimed, else the id of the live process running it.
+
+    A message is handed back when its holder's heartbeat lapses; a holder that was only
+    cut off from Redis for that long still runs the job when its copy is delivered again.
+    The claim keeps the second copy from running beside the first.
+    """
+    runner = client.eval(_CLAIM_SCRIPT, 1, runner_key(job_id), consumer_id(), int(ttl_s * 1000),
+                         consumer_key(""))
+    return runner.decode() if runner else None
+
+
+#: Drop the claims that are this process's. KEYS: runner keys. ARGV: this consumer id.
+_RELEASE_SCRIPT = """
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]) end
+end
+return 0
+"""
+
+
+def release_runs(client: redis.Redis, job_ids: list[str]) -> None:
+    """Give up this process's claims on ``job_ids`` (their run ended, finished or handed back)."""
+    if job_ids:
+        client.eval(_RELEASE_SCRIPT, len(job_ids), *map(runner_key, job_ids), consumer_id())
 
 
 class Heartbeat:

@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -65,6 +64,32 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 for i = 3, #KEYS do redis.call('RPUSH', KEYS[i], ARGV[3]) end
 return 1
+"""
+#: Which of the given job ids are in no queue lane and no unacked entry, read in one atomic
+#: step, so a message moving between the queue and the unacked hash meanwhile is seen in one.
+#: KEYS: unacked hash, lanes. ARGV: job ids. Returns the ids found nowhere.
+_ABSENT_SCRIPT = """
+local wanted = {}
+for i = 1, #ARGV do wanted[ARGV[i]] = true end
+local function drop(payload)
+  if type(payload) == 'table' and type(payload['headers']) == 'table' then
+    local id = payload['headers']['id']
+    if type(id) == 'string' then wanted[id] = nil end
+  end
+end
+for _, entry in ipairs(redis.call('HVALS', KEYS[1])) do
+  local ok, decoded = pcall(cjson.decode, entry)
+  if ok and type(decoded) == 'table' then drop(decoded[1]) end
+end
+for i = 2, #KEYS do
+  for _, item in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do
+    local ok, decoded = pcall(cjson.decode, item)
+    if ok then drop(decoded) end
+  end
+end
+local absent = {}
+for i = 1, #ARGV do if wanted[ARGV[i]] then table.insert(absent, ARGV[i]) end end
+return absent
 """
 #: Release the lock only if it is still ours.
 _UNLOCK_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -114,7 +139,7 @@ class Reconciler:
         if not client.set(RECONCILER_LOCK_KEY, token, nx=True, ex=LOCK_TTL_S):
             return None
         try:
-            return self._sweep(client, time.time() if now is None else now)
+            return self._sweep(client, _redis_time(client) if now is None else now)
         finally:
             client.eval(_UNLOCK_SCRIPT, 1, RECONCILER_LOCK_KEY, token)
 
@@ -127,15 +152,17 @@ class Reconciler:
         present = {_job_id_of_entry(raw) for raw in unacked.values()}
         lost_ids = [job_id for job_id in open_ids if job_id not in present]
         if lost_ids:  # only then is the queue worth reading
-            present |= self._queued_ids(client, channel)
-            lost_ids = [job_id for job_id in lost_ids if job_id not in present]
+            keys = [channel.unacked_key, *queue_lanes(channel, QUEUE_NAME)]
+            lost_ids = [raw.decode() for raw in client.eval(_ABSENT_SCRIPT, len(keys), *keys, *lost_ids)]
         confirmed = self._confirm(client, [f"tag:{t}" for t in orphaned_tags] + [f"job:{j}" for j in lost_ids], now)
         report = SweepReport()
         for tag in (key.removeprefix("tag:") for key in confirmed if key.startswith("tag:")):
-            if self._restore(client, channel, tag, unacked[tag]):
-                report.restored.append(_job_id_of_entry(unacked[tag]) or tag)
+            with _each("hand back unacked message", tag):
+                if self._restore(client, channel, tag, unacked[tag]):
+                    report.restored.append(_job_id_of_entry(unacked[tag]) or tag)
         for job_id in (key.removeprefix("job:") for key in confirmed if key.startswith("job:")):
-            self._settle_lost(client, job_id, now, report)
+            with _each("settle lost job", job_id):
+                self._settle_lost(client, job_id, now, report)
         self._forget(client, dead, open_ids)
         if report.restored or report.resent or report.finished:
             log.warning("reconciler: handed back %s; re-sent %s; finished %s",
@@ -152,12 +179,6 @@ class Reconciler:
         live = [c for c, up in zip(consumers, alive) if up]
         held = {raw.decode() for raw in client.sunion([held_key(c) for c in live])} if live else set()
         return held, [c for c, up in zip(consumers, alive) if not up]
-
-    def _queued_ids(self, client: redis.Redis, channel) -> set[str]:
-        ids = set()
-        for lane in queue_lanes(channel, QUEUE_NAME):
-            ids |= {_job_id_of_payload(raw) for raw in client.lrange(lane, 0, -1)}
-        return ids
 
     def _confirm(self, client: redis.Redis, suspects: list[str], now: float) -> list[str]:
         """The suspects also seen at least ``grace_s`` ago; the others are remembered for next time."""
@@ -204,8 +225,9 @@ class Reconciler:
             save_final(self.store, finish(record, JobStatus.FAILED, error))
             report.finished.append(job_id)
         else:
-            client.hincrby(RESENDS_KEY, job_id, 1)
             resend_job(self.app, record)
+            # Counted after the send: a send that failed is not a re-send.
+            client.hincrby(RESENDS_KEY, job_id, 1)
             report.resent.append(job_id)
 
     def _forget(self, client: redis.Redis, dead: list[str], open_ids: list[str]) -> None:
@@ -235,11 +257,19 @@ class Reconciler:
             self._connection = None
 
 
-def _job_id_of_payload(raw: bytes) -> str | None:
+@contextlib.contextmanager
+def _each(action: str, item: str):
+    """One item's failure (an error, a bug) is logged and the sweep goes on with the next."""
     try:
-        return json.loads(raw)["headers"]["id"]
-    except (ValueError, KeyError, TypeError):
-        return None
+        yield
+    except Exception as err:
+        log.warning("reconciler: could not %s %s: %s: %s", action, item, type(err).__name__, err)
+
+
+def _redis_time(client: redis.Redis) -> float:
+    """Redis's clock: one clock for every worker's sweeps, whatever their hosts' clocks say."""
+    seconds, microseconds = client.time()
+    return seconds + microseconds / 1e6
 
 
 def _job_id_of_entry(raw: bytes) -> str | None:

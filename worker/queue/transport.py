@@ -1,9 +1,11 @@
 """Kombu's Redis transport with three changes, selected by Celery's ``broker_transport``.
 
 1. Undecodable messages. Anyone who can write to Redis can push bytes that
-   are not a kombu envelope. Stock kombu raises while decoding them and the
-   worker stops with "Unrecoverable error"; this channel logs and drops such a
-   message (it was already popped, so nothing else is lost) and goes on.
+   are not a kombu envelope, or an envelope Celery cannot read (no task id).
+   Stock kombu raises and the worker stops with "Unrecoverable error"; this
+   channel logs and drops such a message and goes on. One that kombu had
+   already recorded as unacknowledged is acknowledged as it is dropped, so it
+   is not left held by a live process for ever.
 2. Liveness. A message recorded as unacknowledged is added, in the same
    pipeline, to the ``held`` set of the process holding it, and removed with
    it (``worker.queue.liveness``); the reconciler reads those sets.
@@ -36,7 +38,14 @@ def queue_lanes(channel, queue: str) -> list[str]:
     return list(dict.fromkeys(channel._q_for_pri(queue, step) for step in channel.priority_steps))
 
 
+#: What decoding a message that is not a (Celery) envelope raises, in kombu or in Celery's strategy.
+UNREADABLE_MESSAGE_ERRORS = (ValueError, KeyError, TypeError)
+
+
 class QoS(kombu_redis.QoS):
+    #: The tag last recorded as unacknowledged (see Channel._brpop_read).
+    last_appended: str | None = None
+
     def append(self, message, delivery_tag):
         # kombu's own append, plus the held set, in one pipeline (one MULTI).
         delivery = message.delivery_info
@@ -47,6 +56,7 @@ class QoS(kombu_redis.QoS):
                 .sadd(held_key(consumer_id()), delivery_tag) \
                 .execute()
         VirtualQoS.append(self, message, delivery_tag)
+        self.last_appended = delivery_tag
 
     def _remove_from_indices(self, delivery_tag, pipe=None):
         # Every path that settles a message (ack, reject, restore) comes through here.
@@ -57,10 +67,15 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
 
     def _brpop_read(self, **options):
+        self.qos.last_appended = None
         try:
             return super()._brpop_read(**options)
-        except (ValueError, KeyError, TypeError) as err:
+        except UNREADABLE_MESSAGE_ERRORS as err:
             # JSON that does not decode, or decodes to something that is not an envelope.
+            tag = self.qos.last_appended
+            if tag is not None and tag in self.qos._delivered:
+                # Recorded before Celery failed to read it: settle it, or it stays held by this live process.
+                self.qos.reject(tag, requeue=False)
             log.error("dropped an undecodable message from the queue: %s: %s", type(err).__name__, err)
             return True
 

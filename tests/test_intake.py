@@ -1,0 +1,63 @@
+"""The batch intake's take, on the real Redis (db 15): what it records, and what it leaves behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from celery import Celery
+
+from producer.protocol import QUEUE_NAME, TASK_NAME, held_key, new_job_id
+from worker.queue.intake import Intake
+from worker.queue.liveness import consumer_id
+
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's default key names
+
+
+@pytest.fixture
+def intake(redis_url, redis_client):
+    from worker.app import celery_config
+    from worker.settings import WorkerSettings
+
+    def wipe():
+        redis_client.delete(QUEUE_NAME, UNACKED, UNACKED_INDEX, held_key(consumer_id()))
+
+    wipe()
+    app = Celery("intake-test", set_as_current=False)
+    app.conf.update(celery_config(WorkerSettings(redis_url=redis_url)))
+    taker = Intake(app)
+    yield app, taker
+    taker.close()
+    app.close()
+    wipe()
+
+
+def _envelope(delivery_tag, body: str) -> bytes:
+    return json.dumps({
+        "body": body, "content-type": "application/json", "content-encoding": "utf-8",
+        "headers": {"task": TASK_NAME, "id": new_job_id()},
+        "properties": {"body_encoding": "base64", "delivery_tag": delivery_tag,
+                       "delivery_info": {"exchange": "", "routing_key": QUEUE_NAME}},
+    }).encode()
+
+
+def test_entries_that_are_not_envelopes_are_dropped_without_a_trace(intake, redis_client):
+    _, taker = intake
+    redis_client.lpush(QUEUE_NAME, _envelope(12345, "e30="))  # a number where kombu writes a string tag
+    redis_client.lpush(QUEUE_NAME, _envelope("tag-bad-body", "not base64 at all!"))  # fails in Python
+    assert taker.take(5, wait_s=0) == []
+    assert redis_client.llen(QUEUE_NAME) == 0
+    # Nothing is left recorded as held by this live process, where no one would ever settle it.
+    assert redis_client.hlen(UNACKED) == 0 and redis_client.zcard(UNACKED_INDEX) == 0
+    assert redis_client.scard(held_key(consumer_id())) == 0
+
+
+def test_unsettled_jobs_are_handed_back_on_request(intake, redis_client):
+    app, taker = intake
+    job_ids = [new_job_id() for _ in range(2)]
+    for job_id in job_ids:
+        app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "好吃"}}}, task_id=job_id)
+    taken = taker.take(5, wait_s=0)
+    assert [item.job_id for item in taken] == job_ids and redis_client.llen(QUEUE_NAME) == 0
+    taker.hand_back_unsettled()  # what the worker does once a refusing Redis takes writes again
+    assert redis_client.llen(QUEUE_NAME) == 2 and redis_client.hlen(UNACKED) == 0
