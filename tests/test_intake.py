@@ -61,3 +61,15 @@ def test_unsettled_jobs_are_handed_back_on_request(intake, redis_client):
     assert [item.job_id for item in taken] == job_ids and redis_client.llen(QUEUE_NAME) == 0
     taker.hand_back_unsettled()  # what the worker does once a refusing Redis takes writes again
     assert redis_client.llen(QUEUE_NAME) == 2 and redis_client.hlen(UNACKED) == 0
+
+
+def test_a_message_redis_cannot_decode_is_taken_and_recorded(intake, redis_client):
+    app, taker = intake
+    job_id = new_job_id()
+    app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "\ud800"}}}, task_id=job_id)
+    [taken] = taker.take(5, wait_s=0)
+    assert taken.job_id == job_id
+    tag = taken.message.delivery_tag
+    assert redis_client.hexists(UNACKED, tag) and redis_client.sismember(held_key(consumer_id()), tag)
+    taken.ack()
+    assert redis_client.hlen(UNACKED) == 0

@@ -166,3 +166,14 @@ def test_the_sweep_clock_is_redis_not_the_host(reconciler, make_client, clean, m
     monkeypatch.setattr(host_time, "time", lambda: 4_000_000_000.0)  # this host's clock jumps ahead
     assert reconciler.sweep().resent == []  # Redis says only a moment passed: not yet confirmed
     assert clean.hexists(SUSPECTS_KEY, f"job:{job_id}")
+
+
+def test_a_queued_message_that_redis_cannot_decode_is_still_seen(reconciler, make_client, clean):
+    """A lone surrogate escape in a header: Redis's JSON decoder refuses it, Python's reads it."""
+    job_id, envelope = _queued_job(make_client, clean)
+    payload = json.loads(envelope)
+    payload["headers"]["argsrepr"] = "\ud800"
+    clean.lpush(QUEUE_NAME, json.dumps(payload))  # written as the escape \\ud800
+    for now in (1000.0, 1000.0 + GRACE_S, 1000.0 + 2 * GRACE_S):
+        assert reconciler.sweep(now=now).resent == []
+    assert _queued_ids(clean) == [job_id]

@@ -10,18 +10,26 @@ no worker, so the fuzzed jobs only queue up there.
 /healthz is left out: it has no input to fuzz, and without a worker it answers
 503 by design (tested in test_api_unavailable.py).
 
+Its generators only write JSON a standard encoder can, so the hostile bodies
+(non-finite numbers, lone surrogates, a body over the limit) are added to its
+examples phase by ``tests/api/schemathesis_hooks.py``.
+
 Schemathesis runs as its command line (``python -m schemathesis.cli``): its
 pytest loader does not work with pytest 9.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.api.conftest import start_gateway
+from tests.api.schemathesis_hooks import HOSTILE_ANSWERS_FILE, HOSTILE_BODIES
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +51,13 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_undocumented_an
          "--header", f"X-API-Key: {API_KEY}", "--max-examples", "20", "--exclude-path", "/healthz",
          "--generation-database", "none", "--seed", "20261123"],
         cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.schemathesis_hooks",
+             "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )
     report = result.stdout + result.stderr
     assert result.returncode == 0, f"{report[-6000:]}\n--- gateway log ---\n{fuzzed_gateway.log()[-3000:]}"
     assert "No issues found" in report
     assert "Operations:       3 selected / 4 total" in report
+    answers = [json.loads(line) for line in (tmp_path / HOSTILE_ANSWERS_FILE).read_text().splitlines()]
+    expected = {name: status for name, _, status in HOSTILE_BODIES}
+    assert {answer["case"]: answer["status"] for answer in answers} == expected

@@ -74,7 +74,12 @@ def test_sigkilled_workers_lose_no_job(worker_env, tmp_path, make_client, figure
     assert lost == 0, statuses
     # Each killed job ran again, unless it had just finished when its worker was killed.
     assert all(finals[job_id].attempts >= 2 or finals[job_id].finished_at <= at for job_id, at in killed.items())
-    assert set(final_lines.values()) == {1}, final_lines
+    # At most one final write per job. None only for a job whose final record was written in
+    # the moment before a kill: the log line comes after the write and died with the process.
+    assert max(final_lines.values()) == 1, final_lines
+    unlogged = [job_id for job_id, lines in final_lines.items() if lines == 0]
+    assert all(any(-0.5 < at - finals[job_id].finished_at < 1.0 for at in killed.values()) for job_id in unlogged), \
+        {job_id: finals[job_id].finished_at for job_id in unlogged}
     assert max(recovery_s) < 30 + 30  # JOB_TIMEOUT_S + 30 s
 
 

@@ -47,7 +47,8 @@ POLL_INTERVAL_S = 0.002
 #: field is the delivery tag and the value is ``[payload, exchange, routing_key]``;
 #: the index is scored by time, for the visibility-timeout sweep; the tag joins this
 #: process's held set (worker.queue.liveness). The payload is kept as the exact text
-#: that was queued. Something that is not an envelope (no string delivery tag) is only popped.
+#: that was queued. Something Redis's JSON decoder cannot read as an envelope with a string
+#: delivery tag is only popped; the caller records it if Python reads it.
 #: KEYS: unacked hash, unacked index, held set, then the queue's lanes. ARGV: the time.
 #: Returns false (queue empty) or {item, the tag it was recorded under or ''}.
 _TAKE_SCRIPT = """
@@ -168,9 +169,9 @@ class Intake:
             return False, None
         raw, recorded_tag = popped
         try:
-            if not recorded_tag:  # no string delivery tag: the script did not record it
-                raise ValueError("no delivery tag")
             message = channel.Message(json.loads(raw), channel=channel)
+            if not isinstance(message.delivery_tag, str):
+                raise TypeError(f"delivery tag {message.delivery_tag!r} is not a string")
         except UNREADABLE_MESSAGE_ERRORS as err:
             # Not a kombu envelope (a body that does not decode, say); it was already popped, as on
             # Celery's own path (worker.queue.transport). If the script recorded it, unrecord it.
@@ -178,8 +179,13 @@ class Intake:
                 channel.qos._remove_from_indices(recorded_tag.decode()).execute()
             log.error("dropped an undecodable message from the queue: %s: %s", type(err).__name__, err)
             return True, None
-        # kombu's in-memory bookkeeping only: the script already wrote the unacked records.
-        VirtualQoS.append(channel.qos, message, message.delivery_tag)
+        if recorded_tag:
+            # kombu's in-memory bookkeeping only: the script already wrote the unacked records.
+            VirtualQoS.append(channel.qos, message, message.delivery_tag)
+        else:
+            # JSON that Redis's decoder refuses and Python's reads (a lone surrogate escape in a
+            # header): recorded now, in a second step, as kombu's own consumer does.
+            channel.qos.append(message, message.delivery_tag)
         return True, message
 
 

@@ -71,20 +71,25 @@ return 1
 _ABSENT_SCRIPT = """
 local wanted = {}
 for i = 1, #ARGV do wanted[ARGV[i]] = true end
-local function drop(payload)
-  if type(payload) == 'table' and type(payload['headers']) == 'table' then
-    local id = payload['headers']['id']
-    if type(id) == 'string' then wanted[id] = nil end
+local function drop(raw, decoded)
+  local id
+  if type(decoded) == 'table' and type(decoded['headers']) == 'table' then
+    id = decoded['headers']['id']
+  else
+    -- JSON that Redis's decoder refuses (a lone surrogate escape): the first "id" is the
+    -- headers' (the body is base64, and Celery writes the id before any user text).
+    id = string.match(raw, '"id": "([^"]*)"')
   end
+  if type(id) == 'string' then wanted[id] = nil end
 end
 for _, entry in ipairs(redis.call('HVALS', KEYS[1])) do
   local ok, decoded = pcall(cjson.decode, entry)
-  if ok and type(decoded) == 'table' then drop(decoded[1]) end
+  drop(entry, ok and type(decoded) == 'table' and decoded[1] or nil)
 end
 for i = 2, #KEYS do
   for _, item in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do
     local ok, decoded = pcall(cjson.decode, item)
-    if ok then drop(decoded) end
+    drop(item, ok and decoded or nil)
   end
 end
 local absent = {}
