@@ -27,6 +27,8 @@ key                                         type    holds
 ``qwen-allinone:consumer:<consumer_id>``    string  a process holding queue messages is alive (short TTL)
 ``qwen-allinone:held:<consumer_id>``        set     delivery tags of the messages that process holds unacked
 ``qwen-allinone:consumers``                 set     consumer ids that have held messages (pruned when dead)
+``qwen-allinone:runner:<job_id>``           string  the consumer id of the process running the job's attempt
+                                                    (lapses after the hard time limit; released when it ends)
 ``qwen-allinone:reconciler``                string  the reconciler's lock: one sweep at a time across workers
 ``qwen-allinone:suspects``                  hash    what the last sweep found unheld (``job:<id>`` or
                                                     ``tag:<tag>``) → when it was first seen so

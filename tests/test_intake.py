@@ -73,3 +73,19 @@ def test_a_message_redis_cannot_decode_is_taken_and_recorded(intake, redis_clien
     assert redis_client.hexists(UNACKED, tag) and redis_client.sismember(held_key(consumer_id()), tag)
     taken.ack()
     assert redis_client.hlen(UNACKED) == 0
+
+
+def test_a_job_handed_back_and_taken_by_another_consumer_is_not_handed_back_twice(intake, redis_client):
+    """A turn that must wait goes back to the queue; Celery's consumer takes it; the next take of
+    the batch intake must not push that (settled) message into the queue once more."""
+    app, taker = intake
+    job_id = new_job_id()
+    app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "好吃"}}}, task_id=job_id)
+    [taken] = taker.take(5, wait_s=0)
+    taken.requeue()
+    with app.connection_for_read() as other:  # Celery's consumer in the worker's parent
+        delivered = other.default_channel.basic_get(QUEUE_NAME, no_ack=False)
+        assert delivered is not None and redis_client.hlen(UNACKED) == 1
+        assert taker.take(5, wait_s=0) == []  # hands back its own unsettled messages only
+        assert redis_client.llen(QUEUE_NAME) == 0 and redis_client.hlen(UNACKED) == 1
+        delivered.ack()

@@ -204,3 +204,36 @@ def test_redis_full_for_five_seconds_while_jobs_and_turns_run_loses_nothing(priv
 def _logged_at(line: str) -> datetime.datetime:
     """The time of a Celery log line: ``[2026-12-02 21:47:03,083: INFO/...] ...``."""
     return datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def test_a_refusing_redis_never_stops_celerys_consumer(private_redis):
+    """An ack, a hand-back or a delivery that Redis refuses (OOM) is settled later, not raised."""
+    import redis
+    from kombu import Connection
+
+    from worker.queue import QUEUE_TRANSPORT, transport_options
+    from worker.queue.transport import NotRecorded
+
+    admin = redis.Redis.from_url(private_redis.url)
+    with Connection(private_redis.url, transport=QUEUE_TRANSPORT,
+                    transport_options=transport_options(3600)) as connection:
+        channel = connection.default_channel
+        producer = connection.Producer(channel)
+        for n in range(3):
+            producer.publish({"n": n}, routing_key="refusals", declare=[connection.SimpleQueue("refusals").queue])
+        acked, requeued = (channel.basic_get("refusals", no_ack=False) for _ in range(2))
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            acked.ack()  # refused in Redis: done in memory, no exception
+            requeued.reject(requeue=True)
+            assert admin.hlen("unacked") == 2  # both records kept: nothing is lost meanwhile
+            with pytest.raises(NotRecorded):
+                channel.qos.append(channel.Message({"body": "", "properties": {"delivery_tag": "x",
+                                   "delivery_info": {"exchange": "", "routing_key": "refusals"}}},
+                                   channel=channel), "x")
+        finally:
+            admin.config_set("maxmemory", 0)
+        third = channel.basic_get("refusals", no_ack=False)  # the next step settles the leftovers
+        assert admin.hlen("unacked") == 1 and admin.hexists("unacked", third.delivery_tag)
+        assert admin.llen("refusals") == 1  # the rejected one is back in the queue

@@ -1,4 +1,4 @@
-"""Kombu's Redis transport with three changes, selected by Celery's ``broker_transport``.
+"""Kombu's Redis transport with four changes, selected by Celery's ``broker_transport``.
 
 1. Undecodable messages. Anyone who can write to Redis can push bytes that
    are not a kombu envelope, or an envelope Celery cannot read (no task id).
@@ -13,6 +13,11 @@
    written by one script: the depth check, its record, its open-job entry,
    its conversation's pending turn and the message itself
    (``worker.queue.submission``).
+4. A Redis that refuses writes (OOM at maxmemory, READONLY, MISCONF) does not
+   stop Celery's consumer with "Unrecoverable error". An acknowledgement or a
+   hand-back it refuses is done in memory now and in Redis at the next step
+   (the record stays meanwhile, so nothing is lost); a delivered message it
+   refuses to record is dropped, and the reconciler re-sends its open job.
 
 ``REDIS_URL`` stays a plain ``redis://`` URL.
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 from time import time
 
+import redis
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.json import dumps
@@ -42,21 +48,78 @@ def queue_lanes(channel, queue: str) -> list[str]:
 UNREADABLE_MESSAGE_ERRORS = (ValueError, KeyError, TypeError)
 
 
+class NotRecorded(Exception):
+    """Redis refused to record a delivered message as unacknowledged (OOM, READONLY, MISCONF)."""
+
+
 class QoS(kombu_redis.QoS):
     #: The tag last recorded as unacknowledged (see Channel._brpop_read).
     last_appended: str | None = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        #: Tags settled in memory whose Redis records could not be removed, or handed back to the
+        #: queue, yet (Redis refused writes); kept in Redis meanwhile, so nothing is lost.
+        self._unsettled_in_redis: set[str] = set()
+        self._unrestored: set[str] = set()
+
     def append(self, message, delivery_tag):
         # kombu's own append, plus the held set, in one pipeline (one MULTI).
+        self._settle_leftovers()
         delivery = message.delivery_info
         entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
-                .hset(self.unacked_key, delivery_tag, entry) \
-                .sadd(held_key(consumer_id()), delivery_tag) \
-                .execute()
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
+                    .hset(self.unacked_key, delivery_tag, entry) \
+                    .sadd(held_key(consumer_id()), delivery_tag) \
+                    .execute()
+        except redis.ResponseError as err:
+            raise NotRecorded(str(err)) from err
         VirtualQoS.append(self, message, delivery_tag)
         self.last_appended = delivery_tag
+
+    def ack(self, delivery_tag):
+        # A refused write must not stop Celery's consumer (it would exit with "Unrecoverable
+        # error"): the message is settled in memory now, in Redis at the next chance.
+        self._settle_leftovers()
+        try:
+            self._remove_from_indices(delivery_tag).execute()
+        except redis.ResponseError as err:
+            log.warning("message %s: acknowledged, but Redis refused to drop its record (%s); retried later",
+                        delivery_tag, err)
+            self._unsettled_in_redis.add(delivery_tag)
+        VirtualQoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client=None):
+        # kombu's Redis QoS restores every tag it ever delivered, settled ones included (it
+        # skips the in-memory flush that the base class does). A settled message that went
+        # back to the queue and was taken again, by Celery's consumer say, would then be
+        # pushed to the queue a second time, and run twice. Forget the settled tags first.
+        self._flush()
+        return super().restore_unacked(client)
+
+    def reject(self, delivery_tag, requeue=False):
+        if not requeue:
+            return self.ack(delivery_tag)
+        self._settle_leftovers()
+        try:
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        except redis.ResponseError as err:
+            log.warning("message %s: not handed back yet, Redis refused (%s); retried later", delivery_tag, err)
+            self._unrestored.add(delivery_tag)
+        VirtualQoS.ack(self, delivery_tag)
+
+    def _settle_leftovers(self) -> None:
+        """Finish in Redis what a refused write left undone (before this process's next step)."""
+        for tags, settle in ((self._unsettled_in_redis, lambda tag: self._remove_from_indices(tag).execute()),
+                             (self._unrestored, lambda tag: self.restore_by_tag(tag, leftmost=True))):
+            for tag in list(tags):
+                try:
+                    settle(tag)
+                except redis.ResponseError:
+                    return  # still refused: next time
+                tags.discard(tag)
 
     def _remove_from_indices(self, delivery_tag, pipe=None):
         # Every path that settles a message (ack, reject, restore) comes through here.
@@ -70,6 +133,12 @@ class Channel(kombu_redis.Channel):
         self.qos.last_appended = None
         try:
             return super()._brpop_read(**options)
+        except NotRecorded as err:
+            # Popped, but Redis refuses writes: it cannot be held. Its job is open and in no
+            # queue, so the reconciler re-sends it once Redis takes writes again.
+            log.error("a delivered message could not be recorded (Redis refuses writes: %s); the reconciler "
+                      "re-sends its job", err)
+            return True
         except UNREADABLE_MESSAGE_ERRORS as err:
             # JSON that does not decode, or decodes to something that is not an envelope.
             tag = self.qos.last_appended
