@@ -98,8 +98,9 @@ return absent
 """
 #: Release the lock only if it is still ours.
 _UNLOCK_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-#: A sweep that takes longer than this (Redis unreachable) lets another worker sweep.
-LOCK_TTL_S = 60
+#: The lock outlives a sweep (milliseconds) by far, and a worker killed in the middle of one
+#: (whole-worker kills landed there) holds up every other worker's sweeps only this long.
+LOCK_TTL_S = 10
 
 
 @dataclass
