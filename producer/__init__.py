@@ -2,6 +2,7 @@
 
 from producer.client import Client
 from producer.errors import (
+    AlreadyFinal,
     BrokerUnavailable,
     InvalidRequest,
     JobNotFound,
@@ -12,6 +13,7 @@ from producer.errors import (
 from producer.protocol import JobRecord, JobStatus
 
 __all__ = [
+    "AlreadyFinal",
     "BrokerUnavailable",
     "Client",
     "InvalidRequest",

@@ -1,8 +1,8 @@
-"""Command line: ``qwen-allinone submit|get|wait|run`` (also ``python -m producer``).
+"""Command line: ``qwen-allinone submit|get|wait|run|cancel|eval`` (also ``python -m producer``).
 
-Exit codes: 0 job succeeded (or submitted/found), 1 job ended failed/timed_out/expired
-(or its record is unreadable), 2 invalid input or setting, 3 job not found, 4 queue full
-or broker unreachable, 5 wait timed out.
+Exit codes: 0 job succeeded (or submitted/found/cancelled), 1 job ended failed/timed_out/
+expired/cancelled (or its record is unreadable), 2 invalid input or setting, 3 job not found,
+4 queue full or broker unreachable, 5 wait timed out, 6 nothing to cancel (the job had ended).
 """
 
 from __future__ import annotations
@@ -14,10 +14,19 @@ import sys
 from producer.client import Client
 from pydantic import ValidationError
 
-from producer.errors import BrokerUnavailable, InvalidRequest, JobNotFound, ProducerError, QueueFull, WaitTimeout
+from producer.errors import (
+    AlreadyFinal,
+    BrokerUnavailable,
+    InvalidRequest,
+    JobNotFound,
+    ProducerError,
+    QueueFull,
+    WaitTimeout,
+)
 from producer.protocol import LABEL_SETS, JobRecord, JobStatus, describe_validation_error
 
 EXIT_JOB_FAILED, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_WAIT_TIMEOUT = 1, 2, 3, 4, 5
+EXIT_ALREADY_FINAL = 6
 
 
 def sentiment_line(record: JobRecord) -> str:
@@ -30,11 +39,17 @@ def sentiment_line(record: JobRecord) -> str:
 
 def format_record(record: JobRecord) -> str:
     lines = [f"job:     {record.job_id}", f"status:  {record.status.value}"]
+    if record.queue_position is not None:
+        eta = "" if record.eta_s is None else f", about {record.eta_s:.0f} s"
+        lines.append(f"queue:   #{record.queue_position} in line{eta}")
     if record.sentiment:
-        lines.append(sentiment_line(record))
+        lines.append(sentiment_line(record) + ("  [cached]" if record.sentiment.cached else ""))
     if record.reply is not None:
         suffix = "  [truncated at the deadline]" if record.truncated else ""
+        suffix += "  [cached]" if record.reply_cached else ""
         lines.append(f"🤖 reply: {record.reply}{suffix}")
+    if record.flagged:
+        lines.append(f"flagged: input {record.flagged.input or '-'} · reply {record.flagged.reply or '-'}")
     if record.error:
         lines.append(f"error:   {record.error.code.value}: {record.error.message}")
     t = record.timings
@@ -67,6 +82,8 @@ def _submit(client: Client, args: argparse.Namespace) -> str:
         min_new_tokens=args.min_new_tokens,
         temperature=args.temperature,
         labels=args.labels,
+        priority=args.priority,
+        callback_url=args.callback_url,
     )
 
 
@@ -117,6 +134,21 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
     return _final_exit_code(record)
 
 
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    try:
+        record = client.cancel(args.job_id)
+    except AlreadyFinal as err:
+        print(str(err), file=sys.stderr)
+        _print_record(err.record, args.json)
+        return EXIT_ALREADY_FINAL
+    if not args.json:
+        done = record.status is JobStatus.CANCELLED
+        print(f"job {args.job_id} {'cancelled' if done else 'stops at its next step (it was running)'}",
+              file=sys.stderr)
+    _print_record(record, args.json)
+    return 0
+
+
 def cmd_eval(client: Client, args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -148,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (worker default 0.7)")
         p.add_argument("--labels", choices=list(LABEL_SETS), default="zh",
                        help="zh: 正面/负面, en: positive/negative, zh3/en3: also 中性/neutral")
+        p.add_argument("--priority", choices=["interactive", "bulk"], default="interactive",
+                       help="bulk waits behind interactive jobs, at most BULK_MAX_WAIT_S (default interactive)")
+        p.add_argument("--callback-url", help="a gateway POSTs the final record here, signed (its host must be "
+                                              "in CALLBACK_ALLOWED_HOSTS)")
 
     def add_common(p: argparse.ArgumentParser, wait: bool = False) -> None:
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -173,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_job_args(p)
     add_common(p, wait=True)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("cancel", help="cancel a job: a queued one never runs, a running one stops")
+    p.add_argument("job_id")
+    add_common(p)
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("eval", help="sentiment accuracy on a labelled CSV, through the queue")
     p.add_argument("file", help="CSV with a text column and a label column (1/0/2 or label words)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import urllib.parse
 from collections.abc import Iterator
 
 import redis
@@ -12,15 +13,16 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from producer.errors import (
+    AlreadyFinal,
     BrokerUnavailable,
     InvalidRequest,
     JobNotFound,
-    QueueFull,
     UnreadableRecord,
     WaitTimeout,
 )
 from producer.protocol import (
     CELERY_WIRE_CONFIG,
+    QUEUE_NAME,
     describe_validation_error,
     JobMessage,
     JobRecord,
@@ -31,9 +33,11 @@ from producer.protocol import (
     validation_problems,
 )
 from producer.settings import ProducerSettings
-from producer.store import JobMetrics, JobStore, connect_redis
+from producer.metrics_store import JobMetrics
+from producer.store import JobStore, connect_redis
 from worker.queue import QUEUE_TRANSPORT
 from worker.queue.submission import submit_job
+from worker.queue.transport import lane_keys
 
 
 class Client:
@@ -89,12 +93,17 @@ class Client:
         min_new_tokens: int | None = None,
         temperature: float | None = None,
         labels: str = "zh",
+        priority: str = "interactive",
+        callback_url: str | None = None,
     ) -> str:
         """Validate and enqueue one job; return its id.
 
         A ``conversation_id`` is scoped by ``tenant``: the same id under two
         tenants is two conversations, and one without a tenant is a third. A
-        service with several users passes each user's tenant.
+        service with several users passes each user's tenant. ``priority="bulk"`` queues
+        the job behind interactive ones, for at most BULK_MAX_WAIT_S (JobRequest.priority).
+        A ``callback_url`` (its host in CALLBACK_ALLOWED_HOSTS) gets the final record POSTed
+        by a gateway (producer.api.callbacks).
         The record, the message and the conversation's pending turn are written
         in one atomic step (``worker.queue.submission``): all or nothing.
         Raises InvalidRequest (bad input) or QueueFull (MAX_QUEUE jobs waiting)
@@ -105,6 +114,8 @@ class Client:
                 "text": text,
                 "conversation_id": conversation_id,
                 "tenant": tenant,
+                "priority": priority,
+                "callback_url": callback_url,
                 "options": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                             "temperature": temperature, "labels": labels},
             }
@@ -128,7 +139,8 @@ class Client:
         try:
             with self._broker_errors():
                 submit_job(self._celery, record, message, max_queue=self.settings.max_queue,
-                           ttl_s=self.settings.result_ttl_s)
+                           ttl_s=self.settings.result_ttl_s,
+                           lane_limit=self.settings.max_queue_bulk if priority == "bulk" else 0)
         except BrokerUnavailable:
             # The connection may have dropped after the script ran: then the job is queued
             # and its record says so. Nothing is ever deleted here (it might run).
@@ -141,11 +153,17 @@ class Client:
     def _validate(self, data: dict) -> JobRequest:
         data["options"] = {k: v for k, v in data["options"].items() if v is not None}
         try:
-            return JobRequest.model_validate(
+            request = JobRequest.model_validate(
                 data, context={"max_input_chars": self.settings.max_input_chars}
             )
         except ValidationError as err:
             raise InvalidRequest(describe_validation_error(err), validation_problems(err)) from None
+        if request.callback_url is not None:
+            host = (urllib.parse.urlsplit(request.callback_url).hostname or "").lower()
+            if host not in self.settings.allowed_callback_hosts:
+                problem = f"host {host!r} is not in CALLBACK_ALLOWED_HOSTS"
+                raise InvalidRequest(f"callback_url: {problem}", [("callback_url", problem)])
+        return request
 
     @contextlib.contextmanager
     def _broker_errors(self) -> Iterator[None]:
@@ -173,6 +191,27 @@ class Client:
         pool_kwargs = self._redis.connection_pool.connection_kwargs
         return f"{pool_kwargs.get('host', '?')}:{pool_kwargs.get('port', '?')}"
 
+    # --- cancel ---
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job and return its record as it is after the request.
+
+        A queued job ends ``cancelled`` at once and never runs. A running job
+        stops at its worker's next decoding step (a quarter second or so) and ends
+        ``cancelled`` with its partial reply; the record returned still says
+        ``running`` (``wait`` for the end). Raises JobNotFound for an unknown id,
+        and AlreadyFinal (with the record) for a job that had already ended.
+        """
+        if not is_job_id(job_id):
+            raise JobNotFound(job_id)
+        with self._broker_errors():
+            record, accepted = self.store.cancel(job_id)
+        if record is None:
+            raise JobNotFound(job_id)
+        if not accepted:
+            raise AlreadyFinal(record)
+        return record
+
     # --- read ---
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -180,7 +219,25 @@ class Client:
         if not is_job_id(job_id):
             return None
         with self._broker_errors():
-            return self.store.get(job_id)
+            record = self.store.get(job_id)
+        if record is not None:
+            self.place_in_line([record])
+        return record
+
+    def place_in_line(self, records: list[JobRecord]) -> None:
+        """Fill in each queued record's ``queue_position`` (1 = next) and ``eta_s``, in place.
+
+        One scan of the queue for all of them (a Lua script, O(queue length)), and the
+        service rate of the last SERVICE_RATE_WINDOW_S for the ETA: position / rate."""
+        queued = [record for record in records if record.status is JobStatus.QUEUED]
+        if not queued:
+            return
+        with self._broker_errors():
+            positions = self.store.queue_positions([r.job_id for r in queued], lane_keys(QUEUE_NAME))
+            rate = self.store.service_rate(time.time()) if positions else None
+        for record in queued:
+            record.queue_position = positions.get(record.job_id)
+            record.eta_s = round(record.queue_position / rate, 1) if rate and record.queue_position else None
 
     def get_many(self, job_ids: list[str]) -> list[JobRecord | None | UnreadableRecord]:
         """Several records in one round trip (None: unknown or expired; an unreadable one as its error)."""
@@ -189,7 +246,7 @@ class Client:
 
     def queue_depth(self) -> int:
         with self._broker_errors():
-            return self.store.queue_depth()
+            return self.store.queue_depth(lane_keys(QUEUE_NAME))
 
     def read_metrics(self) -> JobMetrics:
         """Jobs by final status and stage latency histograms, as workers counted them."""

@@ -18,14 +18,15 @@ class InvalidRequest(ProducerError, ValueError):
 
 
 class QueueFull(ProducerError):
-    """The queue already holds MAX_QUEUE jobs; nothing was enqueued or written."""
+    """The queue already holds MAX_QUEUE jobs (or the job's lane its own limit); nothing was written."""
 
-    def __init__(self, depth: int, limit: int):
+    def __init__(self, depth: int, limit: int, lane: str | None = None):
         self.depth = depth
         self.limit = limit
-        super().__init__(
-            f"queue full: {depth} jobs waiting, MAX_QUEUE={limit}; retry later or add workers"
-        )
+        self.lane = lane
+        setting = "MAX_QUEUE" if lane is None else f"MAX_QUEUE_{lane.upper()}"
+        waiting = "jobs waiting" if lane is None else f"{lane} jobs waiting"
+        super().__init__(f"queue full: {depth} {waiting}, {setting}={limit}; retry later or add workers")
 
 
 class BrokerUnavailable(ProducerError, ConnectionError):
@@ -54,3 +55,11 @@ class WaitTimeout(ProducerError, TimeoutError):
             f"job {job_id} still {status} after waiting {timeout:g}s; "
             "it keeps running: wait again or check it later with `get`"
         )
+
+
+class AlreadyFinal(ProducerError):
+    """The job had already ended, so it cannot be cancelled; ``record`` is its final record."""
+
+    def __init__(self, record):
+        self.record = record
+        super().__init__(f"job {record.job_id} already ended {record.status.value}; nothing to cancel")

@@ -100,7 +100,9 @@ def run_eval(client: Client, rows: list[Row], labels: str, concurrency: int = 1,
         row = rows[index]
         job_id = None
         try:
-            job_id = client.submit(row.text, labels=labels, max_new_tokens=reply_tokens, temperature=0.0)
+            # Bulk: an evaluation run never holds up interactive users.
+            job_id = client.submit(row.text, labels=labels, max_new_tokens=reply_tokens, temperature=0.0,
+                                   priority="bulk")
             record = client.wait(job_id, timeout=timeout)
         except ProducerError as err:  # QueueFull, WaitTimeout, ...: this row fails, the eval goes on
             results[index] = Prediction(text=row.text, gold=words[row.gold], predicted=None, confidence=None,

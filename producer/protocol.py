@@ -20,6 +20,11 @@ key                                         type    holds
 ``qwen-allinone:metrics:jobs``              hash    finished jobs by final status (status → count)
 ``qwen-allinone:metrics:stage:<stage>``     hash    latency histogram of one stage (``STAGES``): ``le:<bound>``
                                                     → jobs in that bucket (not cumulative), ``count``, ``sum`` (s)
+``qwen-allinone:metrics:finished``          zset    job ids finished in the last SERVICE_RATE_WINDOW_S, by finish time
+``qwen-allinone:callbacks``                 zset    final jobs whose callback_url is still to be POSTed, by next try
+``qwen-allinone:callbacks:attempts``        hash    job id → callback attempts so far; ``<job id>:first`` → when the first was
+``qwen-allinone:metrics:cache``             hash    result-cache lookups: ``<kind>_hits`` / ``<kind>_misses``
+``qwen-allinone:cache:<kind>:<sha256>``     string  a cached sentiment or greedy reply (JSON), CACHE_TTL_S
 ``qwen-allinone:metrics:counted:<job_id>``  string  marks a job already counted, so a second final write is not
 ``qwen-allinone:open``                      zset    every job whose record is queued or running, scored by its
                                                     deadline (start_by while queued, started_at + timeout_s
@@ -27,6 +32,7 @@ key                                         type    holds
 ``qwen-allinone:consumer:<consumer_id>``    string  a process holding queue messages is alive (short TTL)
 ``qwen-allinone:held:<consumer_id>``        set     delivery tags of the messages that process holds unacked
 ``qwen-allinone:consumers``                 set     consumer ids that have held messages (pruned when dead)
+``qwen-allinone:cancel:<job_id>``           string  a running job's client asked to stop it (removed with the final record)
 ``qwen-allinone:runner:<job_id>``           string  the consumer id of the process running the job's attempt
                                                     (lapses after the hard time limit; released when it ends)
 ``qwen-allinone:reconciler``                string  the reconciler's lock: one sweep at a time across workers
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import enum
 import re
+import time
 import uuid
 from typing import Annotated, Literal
 
@@ -95,6 +102,24 @@ def metrics_stage_key(stage: str) -> str:
     return f"{KEY_PREFIX}:metrics:stage:{stage}"
 
 
+#: Jobs finished recently, scored by when (epoch s): the service rate behind a queued job's ETA.
+FINISHED_RECENTLY_KEY = f"{KEY_PREFIX}:metrics:finished"
+#: The service rate is measured over this many seconds of finished jobs.
+SERVICE_RATE_WINDOW_S = 300.0
+#: Final jobs whose callback is due, scored by when to try next (epoch s).
+CALLBACKS_KEY = f"{KEY_PREFIX}:callbacks"
+#: Callback attempts so far, by job id, and when the first was (``<job id>:first``).
+CALLBACK_ATTEMPTS_KEY = f"{KEY_PREFIX}:callbacks:attempts"
+#: Result-cache lookups by kind and outcome (``sentiment_hits``, ``reply_misses``, ...).
+METRICS_CACHE_KEY = f"{KEY_PREFIX}:metrics:cache"
+CACHE_KINDS = ("sentiment", "reply")
+
+
+def cache_key(kind: str, digest: str) -> str:
+    """A cached result: ``kind`` is ``sentiment`` or ``reply``, ``digest`` the SHA-256 of its inputs."""
+    return f"{KEY_PREFIX}:cache:{kind}:{digest}"
+
+
 def metrics_counted_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:metrics:counted:{job_id}"
 
@@ -111,6 +136,11 @@ WRITE_PROBE_KEY = f"{KEY_PREFIX}:probe"
 
 def consumer_key(consumer_id: str) -> str:
     return f"{KEY_PREFIX}:consumer:{consumer_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set while a running job's client asks for it to stop; the worker polls it between steps."""
+    return f"{KEY_PREFIX}:cancel:{job_id}"
 
 
 def held_key(consumer_id: str) -> str:
@@ -166,6 +196,9 @@ class JobStatus(str, enum.Enum):
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     EXPIRED = "expired"
+    #: Stopped by its client (``Client.cancel``, ``DELETE /v1/jobs/{id}``): never run, or
+    #: stopped at the next decoding step with its partial reply kept.
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
@@ -178,6 +211,7 @@ class ErrorCode(str, enum.Enum):
     INTERNAL_ERROR = "internal_error"  # anything else inside the worker
     TIMED_OUT = "timed_out"  # killed by the hard time limit
     EXPIRED = "expired"  # waited in the queue past its start deadline
+    CANCELLED = "cancelled"  # its client cancelled it
 
 
 #: Label sets the classifier can answer with: positive, negative, then neutral in three-class sets.
@@ -188,6 +222,9 @@ LABEL_SETS: dict[str, tuple[str, ...]] = {
     "en3": ("positive", "negative", "neutral"),
 }
 LabelSetName = Literal["zh", "en", "zh3", "en3"]
+Priority = Literal["interactive", "bulk"]
+#: The broker's message priority of each lane (kombu's Redis transport: 0 is served first).
+LANE_PRIORITY: dict[str, int] = {"interactive": 0, "bulk": 9}
 
 
 # --- request -------------------------------------------------------------------
@@ -217,6 +254,12 @@ class JobRequest(_Model):
     #: Whose conversation: the same conversation_id under two tenants is two conversations.
     tenant: Annotated[str, Field(pattern=TENANT_PATTERN)] | None = None
     options: JobOptions = Field(default_factory=JobOptions)
+    #: ``interactive`` jobs are served first; ``bulk`` jobs (evaluation, labelling runs) wait
+    #: behind them, but never longer than BULK_MAX_WAIT_S (then they join the interactive lane).
+    priority: Priority = "interactive"
+    #: When the job is final, the gateway POSTs its record here, signed (see producer.api.callbacks).
+    #: http(s) only; its host must be in CALLBACK_ALLOWED_HOSTS (checked by the Client).
+    callback_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = None
 
     @property
     def conversation_scope(self) -> str | None:
@@ -268,6 +311,8 @@ class Sentiment(_Model):
     confidence: Annotated[float, Field(ge=0.0, le=1.0)]
     #: What decided: ``prompt:<CLASSIFIER_PROMPT>`` or ``adapter:<name>@<first 8 of its sha256>``.
     classifier: str | None = None
+    #: Served from the result cache (CACHE_TTL_S): the same text, label set, classifier and model.
+    cached: bool = False
 
 
 class Timings(_Model):
@@ -320,6 +365,13 @@ class JobError(_Model):
     message: str
 
 
+class Flagged(_Model):
+    """Terms of the safety word list (SAFETY_WORDS_FILE) found in the user's text and in the reply."""
+
+    input: list[str] = Field(default_factory=list)
+    reply: list[str] = Field(default_factory=list)
+
+
 class JobRecord(_Model):
     """The state of one job, as stored in Redis and returned to clients."""
 
@@ -340,6 +392,10 @@ class JobRecord(_Model):
     reply: str | None = None
     #: True when the deadline cut the reply short.
     truncated: bool = False
+    #: The reply came from the result cache: a greedy reply to the same text with no history.
+    reply_cached: bool = False
+    #: Set when the safety filter found listed terms; the reply is then SAFETY_MESSAGE.
+    flagged: Flagged | None = None
     timings: Timings = Field(default_factory=Timings)
     tokens: TokenCounts = Field(default_factory=TokenCounts)
     model_id: str | None = None
@@ -347,9 +403,22 @@ class JobRecord(_Model):
     #: How many jobs the worker ran together with this one (itself included).
     batch_size: int | None = None
     error: JobError | None = None
+    #: While queued, when read: its place in line (1 = next) and the seconds until it starts,
+    #: from the service rate of the last SERVICE_RATE_WINDOW_S (None: no job finished lately).
+    #: Not stored: worked out from the queue at read time.
+    queue_position: int | None = None
+    eta_s: float | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json()
+
+    def finish(self, status: JobStatus, error: JobError | None = None, now: float | None = None) -> JobRecord:
+        """Stamp this record final (in place): status, error, finish time and total time."""
+        self.status = status
+        self.error = error
+        self.finished_at = time.time() if now is None else now
+        self.timings.total_ms = round((self.finished_at - self.submitted_at) * 1000.0, 1)
+        return self
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> JobRecord:

@@ -22,8 +22,10 @@ class ProducerSettings(BaseSettings):
 
     #: Redis holding the queue (Celery broker), the job records and conversations.
     redis_url: str = DEFAULT_REDIS_URL
-    #: Submissions are refused with QueueFull once this many jobs wait.
+    #: Submissions are refused with QueueFull once this many jobs wait (both lanes together).
     max_queue: int = Field(1000, ge=1)
+    #: Bulk submissions are refused once this many bulk jobs wait (0: only MAX_QUEUE limits them).
+    max_queue_bulk: int = Field(0, ge=0)
     #: Longest accepted input text, in characters.
     max_input_chars: int = Field(2000, ge=1)
     #: Job records and conversation histories expire this long after their last write.
@@ -33,6 +35,14 @@ class ProducerSettings(BaseSettings):
     job_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S)
     #: Time a job may wait in the queue before it is recorded ``expired`` without running.
     queue_timeout_s: float = Field(600.0, gt=0)
+    #: Hosts a job's callback_url may name, comma-separated (``hooks.example.com,127.0.0.1``);
+    #: empty: callbacks are refused. A list, not a pattern, so the service cannot be pointed at
+    #: internal addresses.
+    callback_allowed_hosts: str = ""
+
+    @property
+    def allowed_callback_hosts(self) -> set[str]:
+        return {host.strip().lower() for host in self.callback_allowed_hosts.split(",") if host.strip()}
 
 
 class ApiSettings(ProducerSettings):
@@ -50,6 +60,16 @@ class ApiSettings(ProducerSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     #: At most this many event streams (SSE) are open at once; past it a new one gets 503.
     max_event_streams: int = Field(1000, ge=1)
+    #: The HMAC-SHA256 key that signs each callback's body (header X-Qwen-Allinone-Signature).
+    callback_secret: SecretStr | None = None
+    #: A callback that keeps failing is retried, with exponential backoff, for this long.
+    callback_retry_for_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _callbacks_are_signed(self) -> ApiSettings:
+        if self.allowed_callback_hosts and self.callback_secret is None:
+            raise ValueError("CALLBACK_ALLOWED_HOSTS needs CALLBACK_SECRET: every callback is signed")
+        return self
 
     @model_validator(mode="after")
     def _one_kind_of_key(self) -> ApiSettings:
@@ -57,7 +77,7 @@ class ApiSettings(ProducerSettings):
             raise ValueError("set API_KEY (one tenant) or API_KEYS (several), not both")
         return self
 
-    @field_validator("api_key", "api_keys", mode="before")
+    @field_validator("api_key", "api_keys", "callback_secret", mode="before")
     @classmethod
     def _empty_key_is_no_key(cls, value: object) -> object:
         # docker-compose passes an unset variable as "": that means "no key", never "the empty key".

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import time
 
 import redis
 from pydantic import ValidationError
@@ -18,17 +18,22 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from producer.errors import UnreadableRecord
+from producer.metrics_store import JobMetrics, read_metrics
 from producer.protocol import (
     DONE_SIGNAL_TTL_S,
+    CALLBACKS_KEY,
+    FINISHED_RECENTLY_KEY,
+    SERVICE_RATE_WINDOW_S,
     METRICS_JOBS_KEY,
     OPEN_JOBS_KEY,
     WRITE_PROBE_KEY,
-    QUEUE_NAME,
-    STAGES,
+    ErrorCode,
+    JobError,
     JobRecord,
     JobStatus,
     Turn,
     batch_key,
+    cancel_key,
     bucket_field,
     conversation_key,
     done_key,
@@ -47,8 +52,13 @@ log = logging.getLogger("qwen_allinone.store")
 #: clients, the job's removal from the open jobs and from its conversation's pending turns,
 #: and the metrics, counted once per job (the ``counted`` mark). Redis refuses a script under
 #: maxmemory at its first write, so it runs whole or not at all.
-#: KEYS: job, done, open index, pending turns (or ""), counted mark, jobs by status, stage hashes.
-#: ARGV: record JSON, record TTL, done TTL, job id, status, then (bucket field, seconds) per stage.
+#: The job's cancel flag goes too, it joins the recently finished jobs (the service rate), and a
+#: job with a callback_url joins the callbacks due.
+#: KEYS: job, done, open index, pending turns (or ""), counted mark, jobs by status, cancel flag,
+#: recently finished, callbacks due, stage hashes.
+#: ARGV: record JSON, record TTL, done TTL, job id, status, finish time, rate window, has a
+#: callback ('1' or '0'), ran ('1' or '0': only jobs that ran count towards the service rate),
+#: then (bucket field, seconds) per stage.
 _FINAL_SCRIPT = "local FINAL = {" + ", ".join(f"['{s.value}'] = true" for s in JobStatus if s.is_final) + """}
 local stored = redis.call('GET', KEYS[1])
 if stored then
@@ -60,10 +70,16 @@ redis.call('RPUSH', KEYS[2], 1)
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[4])
 if KEYS[4] ~= '' then redis.call('LREM', KEYS[4], 0, ARGV[4]) end
+redis.call('DEL', KEYS[7])
 if redis.call('SET', KEYS[5], 1, 'NX', 'EX', ARGV[2]) then
   redis.call('HINCRBY', KEYS[6], ARGV[5], 1)
-  for i = 7, #KEYS do
-    local j = 6 + (i - 7) * 2
+  if ARGV[9] == '1' then
+    redis.call('ZADD', KEYS[8], ARGV[6], ARGV[4])
+    redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', ARGV[6] - ARGV[7])
+  end
+  if ARGV[8] == '1' then redis.call('ZADD', KEYS[9], ARGV[6], ARGV[4]) end
+  for i = 10, #KEYS do
+    local j = 10 + (i - 10) * 2
     redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
     redis.call('HINCRBY', KEYS[i], 'count', 1)
     redis.call('HINCRBYFLOAT', KEYS[i], 'sum', ARGV[j + 1])
@@ -86,6 +102,29 @@ def connect_redis(url: str, *, retries: int, socket_timeout: float) -> redis.Red
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
         retry_on_error=[redis.ConnectionError],
     )
+
+
+#: The place in line of each wanted job: lanes are read highest priority first, each from its
+#: right end (the next to be taken). A message's job id is its headers' first "id" (the body is
+#: base64, and Celery writes the id before any text of the user's).
+#: KEYS: lanes. ARGV: job ids. Returns {id, position, id, position, ...}.
+_POSITIONS_SCRIPT = """
+local wanted = {}
+for _, id in ipairs(ARGV) do wanted[id] = true end
+local ahead, found = 0, {}
+for k = 1, #KEYS do
+  local items = redis.call('LRANGE', KEYS[k], 0, -1)
+  for j = #items, 1, -1 do
+    ahead = ahead + 1
+    local id = string.match(items[j], '"id": "([^"]*)"')
+    if id and wanted[id] then
+      table.insert(found, id)
+      table.insert(found, ahead)
+    end
+  end
+end
+return found
+"""
 
 
 class JobStore:
@@ -146,16 +185,63 @@ class JobStore:
                 except redis.WatchError:
                     continue
 
-    def _put_final_once(self, record: JobRecord) -> bool:
+    def _put_final_once(self, record: JobRecord, pipe: redis.client.Pipeline | None = None) -> bool:
         conversation_id = record.request.conversation_scope if record.request else None
         stages = stage_seconds(record.timings)
         keys = [job_key(record.job_id), done_key(record.job_id), OPEN_JOBS_KEY,
                 pending_turns_key(conversation_id) if conversation_id else "",
-                metrics_counted_key(record.job_id), METRICS_JOBS_KEY,
-                *(metrics_stage_key(stage) for stage in stages)]
+                metrics_counted_key(record.job_id), METRICS_JOBS_KEY, cancel_key(record.job_id),
+                FINISHED_RECENTLY_KEY, CALLBACKS_KEY, *(metrics_stage_key(stage) for stage in stages)]
+        finished_at = record.finished_at if record.finished_at is not None else time.time()
         args = [record.to_json(), self.ttl_s, DONE_SIGNAL_TTL_S, record.job_id, record.status.value,
+                repr(finished_at), repr(SERVICE_RATE_WINDOW_S),
+                "1" if record.request is not None and record.request.callback_url else "0",
+                "1" if record.started_at is not None else "0",
                 *(item for seconds in stages.values() for item in (bucket_field(seconds), repr(seconds)))]
+        if pipe is not None:  # part of the caller's transaction
+            pipe.eval(_FINAL_SCRIPT, len(keys), *keys, *args)
+            return True
         return bool(self.redis.eval(_FINAL_SCRIPT, len(keys), *keys, *args))
+    # --- cancel ---
+
+    def cancel(self, job_id: str) -> tuple[JobRecord | None, bool]:
+        """Cancel a job: its record as it is after the request (None: no such job), and whether
+        the request was taken (False for a job already final).
+
+        A queued job is finished ``cancelled`` at once, with the same bookkeeping as any
+        final record; its message stays in the queue and is skipped when delivered, so it
+        never runs, not even after a redelivery. A running job gets a cancel flag that its
+        worker reads between decoding steps; the record returned still says ``running``.
+        A final record is returned as it is. The record is watched from the read to the
+        write, so a job a worker starts meanwhile is flagged instead.
+        """
+        key = job_key(job_id)
+        while True:
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(key)
+                    record = _parse(job_id, pipe.get(key))
+                    if record is None or record.status.is_final:
+                        return record, False
+                    pipe.multi()
+                    if record.status is JobStatus.QUEUED:
+                        record.finish(JobStatus.CANCELLED, JobError(
+                            code=ErrorCode.CANCELLED, message="cancelled by its client before it started"))
+                        self._put_final_once(record, pipe)
+                    else:
+                        pipe.set(cancel_key(job_id), 1, ex=self.ttl_s)
+                    pipe.execute()
+                    return record, True
+                except redis.WatchError:
+                    continue
+
+    def cancel_requested(self, job_ids: list[str]) -> set[str]:
+        """Which of the running ``job_ids`` their clients asked to stop."""
+        if not job_ids:
+            return set()
+        flags = self.redis.mget([cancel_key(job_id) for job_id in job_ids])
+        return {job_id for job_id, flag in zip(job_ids, flags) if flag is not None}
+
     def wait_until_final(self, job_id: str, timeout_s: float) -> bool:
         """Block until the job's record turns final or ``timeout_s`` passes; True if it did.
 
@@ -177,9 +263,25 @@ class JobStore:
 
     # --- queue ---
 
-    def queue_depth(self) -> int:
-        """Messages waiting in the Celery queue (not counting jobs already running)."""
-        return int(self.redis.llen(QUEUE_NAME))
+    def queue_depth(self, lanes: list[str]) -> int:
+        """Messages waiting in the queue's ``lanes`` (its Redis lists), not counting running jobs."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for lane in lanes:
+                pipe.llen(lane)
+            return sum(pipe.execute())
+
+    def queue_positions(self, job_ids: list[str], lanes: list[str]) -> dict[str, int]:
+        """Each waiting job's place in line (1 = next), over ``lanes`` highest first; a job that
+        is not waiting in them (running, or between the queue and a worker) is left out."""
+        if not job_ids:
+            return {}
+        found = self.redis.eval(_POSITIONS_SCRIPT, len(lanes), *lanes, *job_ids)
+        return {found[i].decode(): int(found[i + 1]) for i in range(0, len(found), 2)}
+
+    def service_rate(self, now: float) -> float | None:
+        """Jobs finished per second over the last SERVICE_RATE_WINDOW_S; None if none finished."""
+        finished = self.redis.zcount(FINISHED_RECENTLY_KEY, now - SERVICE_RATE_WINDOW_S, "+inf")
+        return finished / SERVICE_RATE_WINDOW_S if finished else None
 
     # --- conversations ---
 
@@ -256,36 +358,8 @@ class JobStore:
     # --- metrics: every final record is counted once, in the same step that writes it ---
 
     def read_metrics(self) -> JobMetrics:
-        """Every job counter and stage histogram, read in one round trip."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(METRICS_JOBS_KEY)
-            for stage in STAGES:
-                pipe.hgetall(metrics_stage_key(stage))
-            jobs_raw, *stages_raw = pipe.execute()
-        metrics = JobMetrics(jobs_by_status={k.decode(): int(v) for k, v in jobs_raw.items()})
-        for stage, raw in zip(STAGES, stages_raw):
-            fields = {k.decode(): v for k, v in raw.items()}
-            metrics.stages[stage] = StageHistogram(
-                buckets={k.removeprefix("le:"): int(v) for k, v in fields.items() if k.startswith("le:")},
-                count=int(fields.get("count", 0)),
-                sum_s=float(fields.get("sum", 0.0)),
-            )
-        return metrics
-
-
-@dataclass
-class StageHistogram:
-    """One stage's latency counts as stored: jobs per bucket (not cumulative), by upper bound."""
-
-    buckets: dict[str, int] = field(default_factory=dict)  # "0.5" → jobs with 0.25 < s <= 0.5; "+Inf" → over the last
-    count: int = 0
-    sum_s: float = 0.0
-
-
-@dataclass
-class JobMetrics:
-    jobs_by_status: dict[str, int] = field(default_factory=dict)
-    stages: dict[str, StageHistogram] = field(default_factory=dict)
+        """Every job counter, cache counter and stage histogram, read in one round trip."""
+        return read_metrics(self.redis)
 
 
 def _parse(job_id: str, raw: bytes | None) -> JobRecord | None:

@@ -224,7 +224,9 @@ def start_worker(
 
 @pytest.fixture(scope="module")
 def worker_env(redis_url, tiny_model_dir) -> dict[str, str]:
-    return {"REDIS_URL": redis_url, "MODEL": str(tiny_model_dir), "TORCH_THREADS": "1"}
+    # The result cache off: jobs of other tests with the same text must not change what a test
+    # sees (a cached sentiment skips the model pass); tests of the cache turn it on.
+    return {"REDIS_URL": redis_url, "MODEL": str(tiny_model_dir), "TORCH_THREADS": "1", "CACHE_TTL_S": "0"}
 
 
 @pytest.fixture(scope="module")

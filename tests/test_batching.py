@@ -68,7 +68,7 @@ def test_long_texts_are_split_into_passes_within_the_token_budget(engine, monkey
 
 @pytest.fixture
 def runtime(tiny_model_dir):
-    runtime = WorkerRuntime(WorkerSettings(model=str(tiny_model_dir), max_new_tokens=8, temperature=0.0,
+    runtime = WorkerRuntime(WorkerSettings(model=str(tiny_model_dir), cache_ttl_s=0, max_new_tokens=8, temperature=0.0,
                                            partial_reply_interval_ms=0))
     runtime.engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1)
     runtime._store = RecordingStore()
@@ -174,3 +174,120 @@ def test_redis_going_away_mid_batch_hands_the_jobs_back_instead_of_failing_them(
         run_jobs(runtime, jobs)
     # Not failed for an outage: the task hands the messages back and the jobs run again.
     assert all(not w.status.is_final for w in runtime.store.writes)
+
+
+# --- cancel ---
+
+#: What a stubbed model "writes": one character a generated token.
+STORY = "从前有一个小村庄，坏蛋来了以后大家都很害怕，后来勇敢的孩子们赶走了他。"
+
+
+def test_a_cancelled_row_leaves_the_batch_with_its_partial_reply_and_the_others_go_on(runtime, monkeypatch):
+    import worker.batch as batch
+
+    monkeypatch.setattr(batch, "CANCEL_POLL_S", 0.0)  # read the flags after every step
+    runtime.settings.partial_reply_interval_ms = 0.001  # and write partial replies (text_of) after every step
+    eight = {"options": {"max_new_tokens": 8, "min_new_tokens": 8}}
+    jobs = _admit_all(runtime, TEXTS[:3], **eight)
+    victim = jobs[1].record.job_id
+    def text_of(tokens):  # one character a token (the tiny model's greedy tokens decode to nothing)
+        if len(tokens) == 3:  # the client cancels once the victim has three tokens
+            runtime.store.cancel(victim)
+        return STORY[: len(tokens)]
+
+    monkeypatch.setattr(runtime.engine, "text_of", text_of)
+    cancelled_batch = run_jobs(runtime, jobs)
+    alone = [run(runtime, new_job_id(), message(text, **eight), set(), hostname="w1") for text in TEXTS[:3]]
+    statuses = [r.status for r in cancelled_batch]
+    assert statuses == [JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.SUCCEEDED]
+    cancelled = cancelled_batch[1]
+    assert cancelled.error.code.value == "cancelled" and cancelled.sentiment is not None
+    assert 3 <= cancelled.tokens.generated_tokens < 8  # stopped at the next step, not at the end
+    assert cancelled.reply and alone[1].reply.startswith(cancelled.reply)  # what it had generated so far
+    assert len(cancelled.reply) == cancelled.tokens.generated_tokens
+    # The other rows are what they are alone (greedy).
+    assert [cancelled_batch[0].reply, cancelled_batch[2].reply] == [alone[0].reply, alone[2].reply]
+    assert runtime.store.redis.exists(f"qwen-allinone:cancel:{victim}") == 0  # the flag went with the final record
+
+
+# --- result cache ---
+
+
+def test_a_cache_hit_costs_no_model_pass(runtime, monkeypatch):
+    runtime.settings.cache_ttl_s = 60
+    runtime._cache = None
+    passes = {"classify": 0, "reply": 0}
+    for name in passes:
+        real = getattr(runtime.engine, f"{name}_batch")
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            passes[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(runtime.engine, f"{name}_batch", counted)
+    first = run_jobs(runtime, _admit_all(runtime, ["好吃", "太慢了"]))
+    assert passes == {"classify": 1, "reply": 1}
+    again = run_jobs(runtime, _admit_all(runtime, ["好吃", "太慢了"]))
+    assert passes == {"classify": 1, "reply": 1}  # no model pass at all
+    assert all(r.sentiment.cached and r.reply_cached for r in again)
+    assert [(r.sentiment.label, r.sentiment.confidence, r.reply) for r in again] == \
+        [(r.sentiment.label, r.sentiment.confidence, r.reply) for r in first]
+    sampled = run_jobs(runtime, _admit_all(runtime, ["好吃"], options={"temperature": 0.7}))
+    assert passes == {"classify": 1, "reply": 2}  # a sampled reply is never cached; its sentiment is
+    assert sampled[0].sentiment.cached and not sampled[0].reply_cached
+    lookups = runtime.store.read_metrics().cache_lookups
+    assert lookups == {"sentiment_hits": 3, "sentiment_misses": 2, "reply_hits": 2, "reply_misses": 2}
+
+
+# --- safety filter ---
+
+
+def test_a_flagged_term_never_appears_in_a_partial_or_final_reply(runtime, monkeypatch):
+    from worker.safety import SafetyFilter
+
+    long = {"options": {"max_new_tokens": 24, "min_new_tokens": 24}}
+    monkeypatch.setattr(runtime.engine, "text_of", lambda tokens: STORY[: len(tokens)])
+    term = "村庄"  # the model writes it at tokens 7 and 8 (MAX_NEW_TOKENS is 8 here)
+    runtime.safety = SafetyFilter([term, "从不出现的词"])
+    runtime.settings.partial_reply_interval_ms = 0.001  # a partial reply after every step
+    runtime.store.writes.clear()
+    [filtered] = run_jobs(runtime, _admit_all(runtime, ["讲个故事"], **long))
+    partials = [w.reply for w in runtime.store.writes if w.status is JobStatus.RUNNING and w.reply]
+    assert partials, "partial replies were written"
+    assert all(term.casefold() not in p.casefold() for p in partials)
+    assert filtered.reply == runtime.settings.safety_message
+    assert filtered.flagged.reply == [term] and filtered.flagged.input == []
+
+
+def test_a_text_with_a_flagged_term_gets_no_generated_reply(runtime, monkeypatch):
+    from worker.safety import SafetyFilter
+
+    runtime.safety = SafetyFilter(["坏词"])
+    monkeypatch.setattr(runtime.engine, "reply_batch", lambda *a, **k: pytest.fail("no reply should run"))
+    [record] = run_jobs(runtime, _admit_all(runtime, ["这里有个坏词"]))
+    assert record.status is JobStatus.SUCCEEDED and record.sentiment is not None
+    assert record.reply == runtime.settings.safety_message and record.flagged.input == ["坏词"]
+
+
+def test_a_cache_entry_that_does_not_decode_is_a_miss(runtime):
+    from producer.protocol import cache_key
+
+    runtime.settings.cache_ttl_s = 60
+    runtime._cache = None
+    [first] = run_jobs(runtime, _admit_all(runtime, ["好吃"]))
+    for key in runtime.store.redis.keys(cache_key("*", "*")):
+        runtime.store.redis.set(key, b'{"written by": "another version"}')
+    [again] = run_jobs(runtime, _admit_all(runtime, ["好吃"]))
+    assert again.status is JobStatus.SUCCEEDED and not again.sentiment.cached and not again.reply_cached
+    assert (again.sentiment.label, again.reply) == (first.sentiment.label, first.reply)
+
+
+def test_a_cancel_that_comes_after_a_row_ended_keeps_its_stop_reason():
+    from worker.engine.generation import DecodeRow
+    from worker.engine.qwen import _cancel
+
+    ended = DecodeRow(max_new_tokens=4, min_new_tokens=0, temperature=0.0, deadline=float("inf"), prompt_ids=[],
+                      ended=True)
+    running = DecodeRow(max_new_tokens=4, min_new_tokens=0, temperature=0.0, deadline=float("inf"), prompt_ids=[])
+    _cancel([ended, running], {0, 1})
+    assert (ended.cancelled, running.cancelled) == (False, True)

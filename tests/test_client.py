@@ -36,6 +36,7 @@ def client(fake):
         ({"text": "ok", "temperature": 5.0}, "options.temperature", "less than or equal to 2"),
         ({"text": "ok", "labels": "fr"}, "options.labels", "'zh', 'en', 'zh3' or 'en3'"),
         ({"text": "ok", "conversation_id": "a b"}, "conversation_id", "pattern"),
+        ({"text": "ok", "priority": "urgent"}, "priority", "'interactive' or 'bulk'"),
     ],
 )
 def test_bad_input_names_field_and_limit_and_writes_nothing(client, fake, kwargs, field, limit):
@@ -209,3 +210,52 @@ def test_other_redis_errors_are_not_disguised_as_an_outage(make_client, queue_ke
     queue_keys.set(QUEUE_NAME, "not a list")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         make_client().submit("好吃")
+
+
+def test_the_bulk_lane_has_its_own_limit_and_interactive_jobs_still_get_in(make_client, queue_keys):
+    from worker.queue.transport import lane_keys
+
+    bulk_lane = lane_keys(QUEUE_NAME)[-1]
+    queue_keys.delete(bulk_lane)
+    try:
+        client = make_client(max_queue=10, max_queue_bulk=2)
+        for _ in range(2):
+            client.submit("批量", priority="bulk")
+        with pytest.raises(QueueFull, match="2 bulk jobs waiting, MAX_QUEUE_BULK=2"):
+            client.submit("批量", priority="bulk")
+        client.submit("在线")
+        assert queue_keys.llen(bulk_lane) == 2 and queue_keys.llen(QUEUE_NAME) == 1
+        assert client.queue_depth() == 3  # both lanes count
+    finally:
+        queue_keys.delete(bulk_lane)
+
+
+def test_a_waiting_job_knows_its_place_in_line_and_when_it_starts(make_client, queue_keys):
+    from producer.protocol import FINISHED_RECENTLY_KEY
+    from worker.queue.transport import lane_keys
+
+    bulk_lane = lane_keys(QUEUE_NAME)[-1]
+    queue_keys.delete(bulk_lane, FINISHED_RECENTLY_KEY)
+    try:
+        client = make_client()
+        bulk = client.submit("批量", priority="bulk")
+        first, second = client.submit("一"), client.submit("二")
+        assert [client.get(j).queue_position for j in (first, second, bulk)] == [1, 2, 3]  # bulk last
+        assert client.get(first).eta_s is None  # no job finished lately: no rate to go by
+        now = time.time()
+        queue_keys.zadd(FINISHED_RECENTLY_KEY, {f"done-{i}": now - i for i in range(30)})  # 30 in 300 s
+        assert client.get(second).eta_s == 20.0  # 2nd in line at 0.1 jobs/s
+        queue_keys.rpop(QUEUE_NAME)  # a worker took the first
+        assert client.get(second).queue_position == 1
+    finally:
+        queue_keys.delete(bulk_lane, FINISHED_RECENTLY_KEY)
+
+
+def test_jobs_that_never_ran_do_not_count_towards_the_service_rate(make_client, queue_keys):
+    from producer.protocol import FINISHED_RECENTLY_KEY
+
+    queue_keys.delete(FINISHED_RECENTLY_KEY)
+    client = make_client()
+    client.cancel(client.submit("不要了"))  # final, but it never ran
+    assert queue_keys.zcard(FINISHED_RECENTLY_KEY) == 0
+    assert client.store.service_rate(time.time()) is None

@@ -46,3 +46,31 @@ def test_ci_runs_the_readme_test_command():
     command = re.search(r"```bash\n(.+?)\n```", tests_section, re.S).group(1).strip()
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert ci_lines[-1] == command
+
+
+def test_the_demo_starts_its_own_redis_where_none_answers(tiny_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0", "TORCH_THREADS": "1"}
+    demo = subprocess.run([sys.executable, "-m", "worker.demo", "好吃", "--model", str(tiny_model_dir),
+                           "--timeout", "120"], env=env, capture_output=True, text=True, timeout=180)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    assert "started a private redis-server for this demo" in demo.stderr
+    assert "LLM 情感判断" in demo.stdout
+    assert "DeprecationWarning" not in demo.stderr + demo.stdout and "FutureWarning" not in demo.stderr
+
+
+def test_the_demo_says_how_to_get_a_redis_where_it_cannot_start_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0", "PATH": str(tmp_path)}  # no redis-server
+    demo = subprocess.run([sys.executable, "-m", "worker.demo", "好吃"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert demo.returncode == 1
+    assert demo.stderr.strip().splitlines() == [
+        "no Redis answers at redis://127.0.0.1:1/0: start one (sudo apt install redis-server, or docker run -p "
+        "6379:6379 redis:7) or set REDIS_URL"]

@@ -130,3 +130,16 @@ def test_eval_command_runs_every_row_through_the_queue(worker, redis_url, tmp_pa
     assert len(body["rows"]) == 4 and all(row["job_id"] and row["predicted"] in LABEL_SETS["zh"]
                                           for row in body["rows"])
     worker.wait_for_log(f"job={body['rows'][0]['job_id']} status=succeeded", timeout=10)
+
+
+def test_the_cli_submits_in_a_lane_and_cancels(worker, make_client, redis_url):
+    submitted = cli(redis_url, "submit", "一般般吧", "--priority", "bulk", "--max-new-tokens", "4")
+    job_id = submitted.stdout.strip()
+    assert submitted.returncode == 0 and make_client().get(job_id).request.priority == "bulk"
+    make_client().wait(job_id, timeout=60)
+    after_the_end = cli(redis_url, "cancel", job_id)  # nothing to cancel: the final record, exit 6
+    assert after_the_end.returncode == 6 and "already ended succeeded" in after_the_end.stderr
+    assert "status:  succeeded" in after_the_end.stdout
+    assert cli(redis_url, "cancel", new_job_id()).returncode == 3
+    refused = cli(redis_url, "submit", "好吃", "--callback-url", "http://10.0.0.1/hook")
+    assert refused.returncode == 2 and "callback_url: host '10.0.0.1' is not in CALLBACK_ALLOWED_HOSTS" in refused.stderr

@@ -67,7 +67,8 @@ def test_job_ids_are_random_uuid4():
 def test_status_lifecycle():
     assert not JobStatus.QUEUED.is_final and not JobStatus.RUNNING.is_final
     finals = {s for s in JobStatus if s.is_final}
-    assert finals == {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.EXPIRED}
+    assert finals == {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.TIMED_OUT, JobStatus.EXPIRED,
+                      JobStatus.CANCELLED}
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t  \n", "\x00\x01"])
@@ -108,7 +109,7 @@ def test_conversation_id_pattern(conversation_id):
 
 def test_unknown_fields_are_rejected():
     with pytest.raises(ValidationError, match="extra"):
-        validate({"text": "hi", "priority": 9})
+        validate({"text": "hi", "urgency": 9})
 
 
 def test_record_round_trips_as_json():

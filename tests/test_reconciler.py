@@ -177,3 +177,30 @@ def test_a_queued_message_that_redis_cannot_decode_is_still_seen(reconciler, mak
     for now in (1000.0, 1000.0 + GRACE_S, 1000.0 + 2 * GRACE_S):
         assert reconciler.sweep(now=now).resent == []
     assert _queued_ids(clean) == [job_id]
+
+
+def test_a_bulk_job_that_waited_too_long_joins_the_back_of_the_interactive_lane(
+    redis_url, clean, make_client
+):
+    from worker.queue.transport import lane_keys
+
+    app = Celery("reconciler-test", broker=redis_url, set_as_current=False)
+    app.conf.update(CELERY_WIRE_CONFIG, broker_transport=QUEUE_TRANSPORT)
+    sweeper = Reconciler(app, JobStore(clean, 60), grace_s=GRACE_S, interval_s=1, max_attempts=2,
+                         bulk_max_wait_s=30)
+    bulk_lane = lane_keys(QUEUE_NAME)[-1]
+    try:
+        client = make_client()
+        old_bulk = client.submit("批量", priority="bulk")
+        interactive = client.submit("在线")
+        submitted = JobStore(clean, 60).get(old_bulk).submitted_at
+        assert clean.llen(bulk_lane) == 1 and _queued_ids(clean) == [interactive]
+        assert sweeper.sweep(now=submitted + 29).promoted == []
+        assert sweeper.sweep(now=submitted + 31).promoted == [old_bulk]
+        # Behind the interactive job that already waited: the list is popped from the right.
+        assert _queued_ids(clean) == [old_bulk, interactive] and clean.llen(bulk_lane) == 0
+        assert json.loads(clean.lindex(QUEUE_NAME, 0))["properties"]["priority"] == 0
+    finally:
+        clean.delete(bulk_lane)
+        sweeper.close()
+        app.close()

@@ -36,7 +36,7 @@ def engine(tiny_model_dir):
 
 @pytest.fixture
 def runtime(engine, tiny_model_dir):
-    runtime = WorkerRuntime(WorkerSettings(model=str(tiny_model_dir), max_new_tokens=8))
+    runtime = WorkerRuntime(WorkerSettings(model=str(tiny_model_dir), cache_ttl_s=0, max_new_tokens=8))
     runtime.engine = engine
     runtime._store = RecordingStore()
     return runtime

@@ -114,7 +114,11 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
     record.started_at = now
     record.sentiment, record.reply, record.truncated, record.error = None, None, False, None
     record.timings = Timings(queue_wait_ms=to_ms(now - message.submitted_at))
-    store.put(record)
+    if not store.put(record):
+        # It turned final since it was read: cancelled by its client, say. It never runs.
+        final = _load_record(store, job_id)
+        log.info("job=%s turned %s before it started; not run", job_id, final.status.value if final else "-")
+        return final or record
     return RunningJob(record, message, deadline=now + record.timeout_s)
 
 

@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import warnings
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
@@ -63,7 +64,16 @@ def celery_config(settings: WorkerSettings) -> dict:
     }
 
 
+def quiet_library_notices() -> None:
+    """Keep torch's and transformers' deprecation notices out of the user's terminal and the worker
+    log: they are addressed to those libraries' callers (us), who pin the versions tested."""
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def create_app(settings: WorkerSettings | None = None) -> Celery:
+    quiet_library_notices()
     settings = settings or _settings_from_environment()
     app = Celery("qwen-allinone")
     app.conf.update(celery_config(settings))
@@ -90,7 +100,8 @@ def _connect_upkeep(app: Celery, runtime: WorkerRuntime) -> None:
         running.append(heartbeat())
         store = JobStore(connect_redis(settings.redis_url, retries=3, socket_timeout=10), settings.result_ttl_s)
         running.append(Reconciler(app, store, grace_s=settings.reconcile_interval_s,
-                                  interval_s=settings.reconcile_interval_s, max_attempts=MAX_ATTEMPTS).start())
+                                  interval_s=settings.reconcile_interval_s, max_attempts=MAX_ATTEMPTS,
+                                  bulk_max_wait_s=settings.bulk_max_wait_s).start())
 
     @worker_process_init.connect(weak=False)
     def start_pool_heartbeat(**_):

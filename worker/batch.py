@@ -12,15 +12,21 @@ import time
 
 import redis
 
-from producer.protocol import ErrorCode, JobError, JobRecord, JobStatus, Sentiment, Turn
+from producer.protocol import ErrorCode, Flagged, JobError, JobRecord, JobStatus, Sentiment, Turn
 from producer.store import JobStore
 from worker.admission import RunningJob
-from worker.engine import Engine, ReplyRequest
+from worker.cache import CachedReply, digest
+from worker.engine import Engine, ReplyRequest, ReplyResult, StopReason
 from worker.outcome import finish, save_final, to_ms
 from worker.runtime import WorkerRuntime
+from worker.safety import SafetyFilter
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("qwen_allinone.worker")
+
+#: A running job's cancel flag is read at most this often (seconds): one MGET for the batch.
+CANCEL_POLL_S = 0.25
+_CANCELLED_WHILE_RUNNING = JobError(code=ErrorCode.CANCELLED, message="cancelled by its client while it ran")
 
 
 def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[JobRecord]:
@@ -54,14 +60,36 @@ def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[JobRecord]:
 
 
 def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
-    engine, store, settings = runtime.load_engine(), runtime.store, runtime.settings
+    engine = runtime.load_engine()
     for job in jobs:
         job.record.model_id = engine.model_id
         job.record.batch_size = len(jobs)
+    replying = _drop_cancelled(runtime.store, _sentiment_step(runtime, engine, jobs))
+    replying = _refuse_flagged_input(runtime, replying)
+    if replying:
+        _reply_step(runtime, engine, replying)
 
+
+def _refuse_flagged_input(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[RunningJob]:
+    """Finish the jobs whose text holds a listed term with SAFETY_MESSAGE, unanswered; return the rest."""
+    if runtime.safety is None:
+        return jobs
+    rest = []
+    for job in jobs:
+        terms = runtime.safety.find(job.message.request.text)
+        if not terms:
+            rest.append(job)
+            continue
+        job.record.flagged = Flagged(input=terms)
+        _finish_reply(runtime, job, CachedReply(runtime.settings.safety_message, 0, 0), reply_ms=0.0)
+    return rest
+
+
+def _sentiment_step(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob]) -> list[RunningJob]:
+    """Every job's sentiment (from the cache, or one pass for the rest); returns the jobs to reply to."""
+    store = runtime.store
     step = time.perf_counter()
-    sentiments = engine.classify_batch([(job.message.request.text, job.message.request.options.labels)
-                                        for job in jobs])
+    sentiments = _sentiments(runtime, engine, jobs)
     elapsed = to_ms(time.perf_counter() - step)
     replying = []
     for job, sentiment in zip(jobs, sentiments):
@@ -71,9 +99,7 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
             error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(sentiment).__name__}: {sentiment}"[:500])
             _settle(store, job, finish(record, JobStatus.FAILED, error))
             continue
-        record.sentiment = Sentiment(label=sentiment.label, confidence=sentiment.confidence,
-                                     classifier=sentiment.classifier or None)
-        record.tokens.sentiment_prompt_tokens = sentiment.prompt_tokens
+        record.sentiment = sentiment
         if time.time() >= job.deadline:
             # Its deadline passed during the sentiment pass: it fails alone, with its label,
             # rather than take a row of the reply batch that it cannot use.
@@ -83,35 +109,91 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
             continue
         store.put(record)  # the client can show the sentiment before the reply exists
         replying.append(job)
-    if not replying:
-        return
+    return replying
 
+
+def _sentiments(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob]) -> list[Sentiment | Exception]:
+    """Cached sentiments, and one model pass for the jobs the cache does not know (none: no pass)."""
+    items = [(job.message.request.text, job.message.request.options.labels) for job in jobs]
+    digests = [digest("sentiment", text, labels, engine.classifier_id(labels), engine.model_id, engine.dtype_name,
+                      runtime.settings.positive_threshold) for text, labels in items]
+    found: list[Sentiment | Exception | None] = list(runtime.cache.sentiments(digests))
+    missing = [i for i, sentiment in enumerate(found) if sentiment is None]
+    results = engine.classify_batch([items[i] for i in missing]) if missing else []
+    fresh = {}
+    for i, result in zip(missing, results):
+        if isinstance(result, Exception):
+            found[i] = result
+            continue
+        found[i] = Sentiment(label=result.label, confidence=result.confidence, classifier=result.classifier or None)
+        jobs[i].record.tokens.sentiment_prompt_tokens = result.prompt_tokens
+        fresh[digests[i]] = found[i]
+    runtime.cache.store_sentiments(fresh)
+    return found
+
+
+def _reply_step(runtime: WorkerRuntime, engine: Engine, replying: list[RunningJob]) -> None:
+    store, settings = runtime.store, runtime.settings
     step = time.perf_counter()
     histories = [_history(store, job, settings.history_max_turns) for job in replying]
     elapsed = to_ms(time.perf_counter() - step)
     for job in replying:
         job.record.timings.history_ms = elapsed
 
-    step = time.perf_counter()
     requests = [_reply_request(job, history, settings) for job, history in zip(replying, histories)]
-    partial = PartialReplies(store, engine, replying, settings.partial_reply_interval_ms / 1000)
-    replies = engine.reply_batch(requests, history_max_tokens=settings.history_max_tokens,
-                                 on_step=partial.update if partial.enabled else None)
+    digests = [_reply_digest(engine, request) for request in requests]
+    cached = runtime.cache.replies([d for d in digests if d is not None])
+    hits = dict(zip([d for d in digests if d is not None], cached))
+    for job, d in zip(replying, digests):  # a cache hit costs no model pass
+        if hits.get(d) is not None:
+            _finish_reply(runtime, job, hits[d], reply_ms=0.0, cached=True)
+    todo = [i for i, d in enumerate(digests) if hits.get(d) is None]
+    if not todo:
+        return
+    step = time.perf_counter()
+    steps = StepUpdates(store, engine, [replying[i] for i in todo], settings.partial_reply_interval_ms / 1000,
+                        runtime.safety)
+    replies = engine.reply_batch([requests[i] for i in todo], history_max_tokens=settings.history_max_tokens,
+                                 on_step=steps.update)
     elapsed = to_ms(time.perf_counter() - step)
-    for job, reply in zip(replying, replies):
-        record = job.record
-        record.timings.reply_ms = elapsed
-        record.reply = reply.text
-        record.truncated = reply.truncated
-        record.tokens.reply_prompt_tokens = reply.prompt_tokens
-        record.tokens.generated_tokens = reply.generated_tokens
-        request = job.message.request
-        if request.conversation_scope:
-            # Stored before the record turns final, so a client's next turn always sees it.
-            # An empty reply (deadline) is kept too: what the user said is still context.
-            turn = Turn(job_id=record.job_id, user=request.text, assistant=reply.text)
-            store.append_turn(request.conversation_scope, turn, settings.history_max_turns)
-        _settle(store, job, finish(record, JobStatus.SUCCEEDED))
+    fresh = {}
+    for i, reply in zip(todo, replies):
+        _finish_reply(runtime, replying[i], reply, reply_ms=elapsed, cancelled=reply.stop_reason is StopReason.CANCELLED)
+        if digests[i] is not None and reply.stop_reason in (StopReason.EOS, StopReason.LENGTH):
+            fresh[digests[i]] = CachedReply(reply.text, reply.prompt_tokens, reply.generated_tokens)
+    runtime.cache.store_replies(fresh)
+
+
+def _reply_digest(engine: Engine, request: ReplyRequest) -> str | None:
+    """The cache key of a reply as determined as a sentiment: greedy, with no history; else None."""
+    if request.temperature > 0 or request.history:
+        return None
+    return digest("reply", request.text, request.max_new_tokens, request.min_new_tokens, engine.model_id,
+                  engine.dtype_name)
+
+
+def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | CachedReply, *, reply_ms: float,
+                  cached: bool = False, cancelled: bool = False) -> None:
+    store, record = runtime.store, job.record
+    record.timings.reply_ms = reply_ms
+    record.reply = reply.text
+    if runtime.safety is not None and (terms := runtime.safety.find(reply.text)):
+        record.flagged = Flagged(input=record.flagged.input if record.flagged else [], reply=terms)
+        record.reply = runtime.settings.safety_message
+    record.reply_cached = cached
+    record.truncated = getattr(reply, "truncated", False)
+    record.tokens.reply_prompt_tokens = reply.prompt_tokens
+    record.tokens.generated_tokens = reply.generated_tokens
+    if cancelled:  # the partial reply stays; no turn is stored
+        _settle(store, job, finish(record, JobStatus.CANCELLED, _CANCELLED_WHILE_RUNNING))
+        return
+    request = job.message.request
+    if request.conversation_scope:
+        # Stored before the record turns final, so a client's next turn always sees it.
+        # An empty reply (deadline) is kept too: what the user said is still context.
+        turn = Turn(job_id=record.job_id, user=request.text, assistant=record.reply)
+        store.append_turn(request.conversation_scope, turn, runtime.settings.history_max_turns)
+    _settle(store, job, finish(record, JobStatus.SUCCEEDED))
 
 
 def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str, str]]:
@@ -135,23 +217,55 @@ def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: Wo
     )
 
 
-class PartialReplies:
-    """Writes each job's reply-so-far into its record while it is generated, at most every ``interval_s``."""
+class StepUpdates:
+    """Called after every decoding step: writes partial replies, and stops rows whose job was cancelled.
 
-    def __init__(self, store: JobStore, engine: Engine, jobs: list[RunningJob], interval_s: float):
-        self.store, self.engine, self.jobs, self.interval_s = store, engine, jobs, interval_s
-        self.enabled = interval_s > 0
-        self._next_write = time.monotonic() + interval_s
+    Each job's reply-so-far goes into its record at most every ``partial_interval_s``
+    (0: never); the cancel flags are read at most every ``CANCEL_POLL_S``, in one MGET.
+    """
 
-    def update(self, tokens: list[list[int]]) -> None:
-        if time.monotonic() < self._next_write:
-            return
-        for job, generated in zip(self.jobs, tokens):
+    def __init__(self, store: JobStore, engine: Engine, jobs: list[RunningJob], partial_interval_s: float,
+                 safety: SafetyFilter | None = None):
+        self.store, self.engine, self.jobs, self.safety = store, engine, jobs, safety
+        self.partial_interval_s = partial_interval_s
+        now = time.monotonic()
+        self._next_write = now + partial_interval_s
+        self._next_cancel_check = now + CANCEL_POLL_S
+        self._stopped: set[int] = set()
+
+    def update(self, tokens: list[list[int]]) -> set[int]:
+        """Rows to stop now (their jobs were cancelled)."""
+        now = time.monotonic()
+        if self.partial_interval_s > 0 and now >= self._next_write:
+            self._write_partials(tokens)
+            self._next_write = now + self.partial_interval_s
+        if now < self._next_cancel_check:
+            return set()
+        self._next_cancel_check = now + CANCEL_POLL_S
+        running = {job.record.job_id: i for i, job in enumerate(self.jobs) if i not in self._stopped}
+        cancelled = {running[job_id] for job_id in self.store.cancel_requested(list(running))}
+        for i in cancelled:  # what the row generated so far is its reply
+            self.jobs[i].record.reply = self.engine.text_of(tokens[i])
+        self._stopped |= cancelled
+        return cancelled
+
+    def _write_partials(self, tokens: list[list[int]]) -> None:
+        for i, (job, generated) in enumerate(zip(self.jobs, tokens)):
             text = self.engine.text_of(generated)
-            if text and text != job.record.reply:
+            if self.safety is not None:  # never a listed term, nor the start of one
+                text = self.safety.safe_prefix(text)
+            if i not in self._stopped and text and text != job.record.reply:
                 job.record.reply = text
                 self.store.put(job.record)
-        self._next_write = time.monotonic() + self.interval_s
+
+
+def _drop_cancelled(store: JobStore, jobs: list[RunningJob]) -> list[RunningJob]:
+    """Finish the jobs cancelled during the sentiment pass (they keep their label); return the rest."""
+    cancelled = store.cancel_requested([job.record.job_id for job in jobs])
+    for job in jobs:
+        if job.record.job_id in cancelled:
+            _settle(store, job, finish(job.record, JobStatus.CANCELLED, _CANCELLED_WHILE_RUNNING))
+    return [job for job in jobs if job.record.job_id not in cancelled]
 
 
 def _settle(store: JobStore, job: RunningJob, record: JobRecord) -> None:

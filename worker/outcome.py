@@ -7,7 +7,6 @@ jobs; they share this module so none of them imports another.
 from __future__ import annotations
 
 import logging
-import time
 
 from producer.protocol import JobError, JobRecord, JobStatus
 from producer.store import JobStore
@@ -16,11 +15,7 @@ log = logging.getLogger("qwen_allinone.worker")
 
 
 def finish(record: JobRecord, status: JobStatus, error: JobError | None = None) -> JobRecord:
-    record.status = status
-    record.error = error
-    record.finished_at = time.time()
-    record.timings.total_ms = to_ms(record.finished_at - record.submitted_at)
-    return record
+    return record.finish(status, error)
 
 
 def save_final(store: JobStore, record: JobRecord) -> JobRecord:

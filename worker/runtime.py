@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 
 from producer.store import JobStore, connect_redis
+from worker.cache import ResultCache
+from worker.safety import SafetyFilter
 from worker.engine import Engine
 from worker.queue.intake import Intake
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, load_adapter
@@ -27,6 +29,8 @@ class WorkerRuntime:
     #: CLASSIFIER_ADAPTER, read in the parent (NumPy only) and inherited by the pool processes.
     adapter: ClassifierAdapter | None = None
     engine: Engine | None = None
+    #: SAFETY_WORDS_FILE's terms, read in the parent and inherited by the pool processes.
+    safety: SafetyFilter | None = None
     #: Takes more waiting jobs for a batch; set by register().
     intake: Intake | None = None
     #: Jobs in this process's previous batch, taken messages included.
@@ -39,6 +43,7 @@ class WorkerRuntime:
         default_factory=lambda: multiprocessing.RawValue("i", 0), repr=False)
     _store: JobStore | None = field(default=None, repr=False)
     _parent_store: JobStore | None = field(default=None, repr=False)
+    _cache: ResultCache | None = field(default=None, repr=False)
 
     @property
     def store(self) -> JobStore:
@@ -47,6 +52,12 @@ class WorkerRuntime:
             client = connect_redis(self.settings.redis_url, retries=20, socket_timeout=30)
             self._store = JobStore(client, self.settings.result_ttl_s)
         return self._store
+
+    @property
+    def cache(self) -> ResultCache:
+        if self._cache is None:
+            self._cache = ResultCache(self.store.redis, self.settings.cache_ttl_s)
+        return self._cache
 
     @property
     def parent_store(self) -> JobStore:
@@ -62,7 +73,13 @@ class WorkerRuntime:
         return self._parent_store
 
     def resolve_model(self) -> ModelSource:
-        """MODEL as files on disk, ENGINE checked against it, CLASSIFIER_ADAPTER read (no torch, no llama.cpp)."""
+        """MODEL as files on disk, ENGINE checked against it, CLASSIFIER_ADAPTER and SAFETY_WORDS_FILE
+        read (no torch, no llama.cpp)."""
+        if self.safety is None and self.settings.safety_words_file:
+            try:
+                self.safety = SafetyFilter.from_file(self.settings.safety_words_file)
+            except (OSError, UnicodeDecodeError) as err:
+                raise ModelLoadError(f"SAFETY_WORDS_FILE={self.settings.safety_words_file!r}: {err}") from err
         if self.source is None:
             source = resolve_model_source(self.settings.model)
             engine = choose_engine(self.settings.engine, source)

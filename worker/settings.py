@@ -71,6 +71,16 @@ class WorkerSettings(ProducerSettings):
     liveness_ttl_s: float = Field(10.0, ge=1)
     #: Each worker's parent runs the reconciler this often (one worker at a time sweeps).
     reconcile_interval_s: float = Field(3.0, gt=0)
+    #: Sentiments (and greedy replies without history) are cached in Redis this long, for the
+    #: same inputs; 0 turns the cache off.
+    cache_ttl_s: int = Field(3600, ge=0)
+    #: A word list (one term a line): a job whose text holds a term gets SAFETY_MESSAGE as its
+    #: reply, without generating one, and so does a reply that holds one. Unset: no filter.
+    safety_words_file: str | None = None
+    safety_message: str = Field("抱歉，这个话题我不能回复。", min_length=1)
+    #: A bulk job that has waited this long joins the end of the interactive lane, so a steady
+    #: stream of interactive jobs cannot starve bulk ones (the reconciler moves it).
+    bulk_max_wait_s: float = Field(60.0, gt=0)
     #: The last resort behind liveness: a message fetched but not acknowledged is
     #: redelivered after this long whatever else happened.
     visibility_timeout_s: int = Field(3600, ge=1)

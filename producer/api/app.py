@@ -10,6 +10,7 @@ Redis through the same pool.
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at
 # run time, and they name objects local to create_app.
 import importlib.metadata
+import re
 import importlib.resources
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator
@@ -19,19 +20,23 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, FastAPI, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, create_model, field_validator
 
+from producer.api.callbacks import CallbackSender
 from producer.api.events import job_events
 from producer.api.watch import CachedPing, RecordWatcher, StreamsFull
 from producer.api.limits import BodyLimit, BodyTooLarge, printable_errors, too_large_response
 from producer.api.metrics import build_registry
 from producer.client import Client
-from producer.errors import BrokerUnavailable, InvalidRequest, QueueFull, UnreadableRecord
-from producer.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus
+from producer.errors import AlreadyFinal, BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, UnreadableRecord
+from producer.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus, Priority
 from producer.settings import ApiSettings, tenant_keys
 
 #: Retry-After on a full queue: long enough for a worker to finish a few jobs.
@@ -61,7 +66,7 @@ class _JsonTypedJobOptions(JobOptions):
         return value
 
 
-def submit_job_model(max_input_chars: int) -> type[JobOptions]:
+def submit_job_model(max_input_chars: int, callback_hosts: set[str] = frozenset()) -> type[JobOptions]:
     """The body of ``POST /v1/jobs``: the text, a conversation, and the protocol's options
     (``JobOptions``: max_new_tokens, min_new_tokens, temperature, labels) with their limits.
 
@@ -75,12 +80,22 @@ def submit_job_model(max_input_chars: int) -> type[JobOptions]:
         json_schema_extra=text_schema,
     )]
     conversation_id = Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)] | None
+    # The allowed hosts are in the schema: a client sees which callbacks it may ask for.
+    host_names = "|".join(re.escape(host) for host in sorted(callback_hosts))
+    callback_url = (Annotated[str, Field(max_length=2048,
+                                         pattern=rf"(?i)^https?://({host_names})(:[0-9]{{1,5}})?([/?]\S*)?$")]
+                    | None) if callback_hosts else None
     return create_model(
         "SubmitJob",
         __base__=_JsonTypedJobOptions,
         text=(text, ...),
         conversation_id=(conversation_id, Field(
             None, description="Continue this conversation: its earlier turns are the reply's history.")),
+        priority=(Priority, Field("interactive", description=(
+            "interactive jobs are served first; bulk jobs wait behind them, at most BULK_MAX_WAIT_S"))),
+        callback_url=(callback_url, Field(None, description=(
+            "POSTed the final record, signed (X-Qwen-Allinone-Signature); http(s), its host in "
+            "CALLBACK_ALLOWED_HOSTS"))),
     )
 
 
@@ -142,6 +157,17 @@ def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     async def too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
         return too_large_response(max_body_bytes)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # Starlette's 405 names the methods of the first route of the path only (GET, where
+        # DELETE is a route of its own); Allow lists every method the path takes.
+        headers = dict(err.headers or {})
+        if err.status_code == 405:
+            allowed = {method for route in app.routes if isinstance(route, APIRoute)
+                       and route.matches(request.scope)[0] is not Match.NONE for method in route.methods}
+            headers["Allow"] = ", ".join(sorted(allowed))
+        return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=headers)
+
     @app.exception_handler(ApiProblem)
     async def problem(_: Request, err: ApiProblem) -> JSONResponse:
         return _problem_response(err.status, err.code, err.message, err.headers)
@@ -191,15 +217,24 @@ _STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     client = Client(settings=settings)
-    SubmitJob = submit_job_model(settings.max_input_chars)  # noqa: N806 (a class, used as the body type)
+    SubmitJob = submit_job_model(settings.max_input_chars, settings.allowed_callback_hosts)  # noqa: N806 (a class, used as the body type)
     registry = build_registry(client)
     watcher = RecordWatcher(client, settings.max_event_streams)
     ping = CachedPing(lambda: client.ping_workers(timeout=HEALTH_PING_TIMEOUT_S), HEALTH_PING_MAX_AGE_S)
     page = importlib.resources.files("producer.api").joinpath("static/index.html").read_text(encoding="utf-8")
 
+    sender = None
+    if settings.callback_secret is not None:
+        sender = CallbackSender(client, settings.callback_secret.get_secret_value().encode(),
+                                settings.callback_retry_for_s)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if sender is not None:
+            sender.start()
         yield
+        if sender is not None:
+            await sender.stop()
         client.close()
 
     app = FastAPI(
@@ -262,6 +297,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
             min_new_tokens=body.min_new_tokens,
             temperature=body.temperature,
             labels=body.labels,
+            priority=body.priority,
+            callback_url=body.callback_url,
         )
         location = f"/v1/jobs/{job_id}"
         response.headers["Location"] = location
@@ -271,6 +308,19 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     def get_job(record: Annotated[JobRecord, Depends(existing_record)]) -> JobRecord:
         """The job's record as it is now: status, sentiment, reply (partial while running), timings."""
         return record
+
+    @v1.delete("/jobs/{job_id}", status_code=202, responses={
+        **_NOT_FOUND, 409: {"model": JobRecord, "description": "The job had already ended: its final record"}})
+    def cancel_job(record: Annotated[JobRecord, Depends(existing_record)]) -> JobRecord:
+        """Cancel a job. A queued job ends `cancelled` at once and never runs, not even after a
+        redelivery. A running job stops at its worker's next decoding step and ends `cancelled`
+        with its partial reply; the answer then still says `running` (follow the job to see it end)."""
+        try:
+            return client.cancel(record.job_id)
+        except AlreadyFinal as err:
+            return JSONResponse(err.record.model_dump(mode="json"), status_code=409)
+        except JobNotFound as err:  # expired between the read and the cancel
+            raise ApiProblem(404, "not_found", str(err)) from None
 
     @v1.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
     async def job_event_stream(

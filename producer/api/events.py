@@ -4,7 +4,10 @@ The stream carries the same data as ``GET /v1/jobs/{id}``: every event is
 derived from the record a poll returned. Events, in the order a job produces them:
 
 - ``status``: ``{"status": "queued"}``; sent first, then on every change.
-- ``queue``: ``{"queue_depth": n}``, jobs waiting in the whole queue, while this one waits.
+- ``queue``: ``{"queue_depth": n, "queue_position": p, "eta_s": s}`` while this job waits:
+  jobs waiting in the whole queue, this job's place in line (1 = next) and the seconds
+  until it starts at the recent service rate (null when no job finished lately); sent
+  when any of them changes, read at most once a second.
 - ``sentiment``: ``{"label": "正面", "confidence": 0.93}``, as soon as the worker knows it.
 - ``reply``: ``{"text": "..."}``, the reply so far, while the job runs (a worker that
   writes its reply only at the end sends none; the reply is then in ``done``).
@@ -39,7 +42,7 @@ class _Shown:
     status: JobStatus | None = None
     sentiment: Sentiment | None = None
     reply: str | None = None
-    queue_depth: int | None = None
+    queue: tuple | None = None  # (depth, position, eta) last sent
 
 
 def _event(name: str, data: dict) -> ServerSentEvent:
@@ -96,9 +99,10 @@ async def job_events(watcher: RecordWatcher, record: JobRecord, timeout_s: float
                 yield _error("not_found", f"the record of job {job_id} expired or was removed")
                 return
             record = latest
-            if record.status is JobStatus.QUEUED and snapshot.queue_depth not in (None, shown.queue_depth):
-                yield _event("queue", {"queue_depth": snapshot.queue_depth})
-                shown.queue_depth = snapshot.queue_depth
+            queue = (snapshot.queue_depth, record.queue_position, record.eta_s)
+            if record.status is JobStatus.QUEUED and snapshot.queue_depth is not None and queue != shown.queue:
+                yield _event("queue", {"queue_depth": queue[0], "queue_position": queue[1], "eta_s": queue[2]})
+                shown.queue = queue
     finally:
         watcher.unwatch(job_id)
 

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from producer.client import Client
-from producer.protocol import STAGE_BUCKETS_S, JobStatus
+from producer.protocol import CACHE_KINDS, STAGE_BUCKETS_S, JobStatus
 
 FINAL_STATUSES = [status.value for status in JobStatus if status.is_final]
 
@@ -30,6 +30,7 @@ class QueueCollector:
         yield GaugeMetricFamily("qwen_allinone_queue_depth", _QUEUE_DOC)
         yield CounterMetricFamily("qwen_allinone_jobs", _JOBS_DOC, labels=["status"])
         yield HistogramMetricFamily("qwen_allinone_stage_seconds", _STAGE_DOC, labels=["stage"])
+        yield CounterMetricFamily("qwen_allinone_cache_lookups", _CACHE_DOC, labels=["kind", "result"])
 
     def collect(self) -> Iterator[Metric]:
         # Raises BrokerUnavailable when Redis is down; the /metrics route answers 503 then.
@@ -54,6 +55,12 @@ class QueueCollector:
             stages.add_metric([stage], buckets, sum_value=histogram.sum_s)
         yield stages
 
+        lookups = CounterMetricFamily("qwen_allinone_cache_lookups", _CACHE_DOC, labels=["kind", "result"])
+        for kind in CACHE_KINDS:
+            for result, counter in (("hit", "hits"), ("miss", "misses")):
+                lookups.add_metric([kind, result], metrics.cache_lookups.get(f"{kind}_{counter}", 0))
+        yield lookups
+
 
 def build_registry(client: Client) -> CollectorRegistry:
     # A registry of our own, not the global one: each app built by create_app has its own.
@@ -63,5 +70,7 @@ def build_registry(client: Client) -> CollectorRegistry:
 
 
 _QUEUE_DOC = "Jobs waiting in the queue for a worker (not counting running jobs)."
+_CACHE_DOC = ("Result-cache lookups (CACHE_TTL_S) by kind (sentiment, reply) and result (hit, miss); "
+              "the hit rate is hits / (hits + misses).")
 _JOBS_DOC = "Jobs that reached a final status, counted by the worker that finished them."
 _STAGE_DOC = "Seconds per stage of finished jobs: queue_wait, sentiment, reply, and total (submission to final status)."

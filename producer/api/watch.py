@@ -2,8 +2,8 @@
 
 Each SSE stream used to poll its job's record on its own (a GET every 0.15 s
 per stream). ``RecordWatcher`` polls for all of them at once: one MGET of
-every watched record per tick, plus the queue depth (one LLEN) at most once a
-second while any watched job waits, in one task on the event loop, with the
+every watched record per tick, plus the queue depth and the waiting jobs' places
+in line at most once a second, in one task on the event loop, with the
 Redis call in a worker thread. A stream awaits the next tick and reads the
 record it cares about. Streams are counted, and ``MAX_EVENT_STREAMS`` caps
 them (``StreamsFull``).
@@ -121,7 +121,10 @@ class RecordWatcher:
 
     def _read(self, ids: list[str], read_depth: bool) -> Snapshot:
         records = self.client.get_many(ids)
-        depth = self.client.queue_depth() if read_depth else None
+        depth = None
+        if read_depth:  # and the queued jobs' places in line, from the same once-a-second read
+            depth = self.client.queue_depth()
+            self.client.place_in_line([r for r in records if isinstance(r, JobRecord)])
         return Snapshot(records=dict(zip(ids, records)), queue_depth=depth)
 
 

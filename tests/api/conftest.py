@@ -75,7 +75,7 @@ def api_worker(redis_url, tiny_model_dir, tmp_path_factory):
     # MAX_NEW_TOKENS=1024: the events test needs a reply long enough to watch it being written;
     # HISTORY_MAX_TOKENS then keeps such a reply in a conversation's next prompt (the page test).
     env = {"REDIS_URL": redis_url, "MODEL": str(tiny_model_dir), "TORCH_THREADS": "1", "MAX_NEW_TOKENS": "1024",
-           "HISTORY_MAX_TOKENS": "4096"}
+           "HISTORY_MAX_TOKENS": "4096", "CACHE_TTL_S": "0"}
     worker = start_worker("worker.app", tmp_path_factory.mktemp("logs") / "api-worker.log", env, name="api")
     yield worker
     worker.stop()

@@ -47,7 +47,7 @@ def test_unknown_job_is_404(http, path, job_id):
         ({"text": "ok", "temperature": -1}, "temperature", "greater than or equal to 0"),
         ({"text": "ok", "labels": "fr"}, "labels", "'zh', 'en', 'zh3' or 'en3'"),
         ({"text": "ok", "conversation_id": "a b"}, "conversation_id", "pattern"),
-        ({"text": "ok", "priority": 1}, "priority", "Extra inputs are not permitted"),
+        ({"text": "ok", "urgency": 1}, "urgency", "Extra inputs are not permitted"),
         ({"text": "ok", "temperature": False}, "temperature", "must be a JSON number"),
         ({"text": "ok", "max_new_tokens": "8"}, "max_new_tokens", "must be a JSON number"),
         ({}, "text", "Field required"),

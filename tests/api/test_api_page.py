@@ -115,13 +115,14 @@ def test_page_explains_key_failure_timeout_and_a_full_queue(page, stalled_gatewa
     page.fill("#api-key", "page-key")
 
     ask(page, "第一条")
-    expect(turns.nth(1).locator(".state")).to_have_text("⏳ 排队中：队列里共有 1 个任务在等待（含本条）")
+    expect(turns.nth(1).locator(".state")).to_have_text("⏳ 排队中：第 1 位（1st in line）")  # no rate yet: no ETA
     finish_as_a_worker_would(lonely_redis, turns.nth(1), JobStatus.FAILED, ErrorCode.MODEL_ERROR,
                              "RuntimeError: out of memory")
     expect(turns.nth(1).locator(".problem")).to_have_text("❌ 任务失败：RuntimeError: out of memory")
 
     ask(page, "第二条")  # waits behind the first message, which no worker takes
-    expect(turns.nth(2).locator(".state")).to_have_text("⏳ 排队中：队列里共有 2 个任务在等待（含本条）")
+    # Behind the first job's message; one job finished in the last 300 s: about 600 s.
+    expect(turns.nth(2).locator(".state")).to_have_text("⏳ 排队中：第 2 位，约 600 秒（2nd in line）")
     expect(turns.nth(2).locator(".problem")).to_contain_text("⌛ 等了 2 秒，任务仍在排队", timeout=10_000)
 
     ask(page, "第三条")
@@ -137,6 +138,8 @@ def finish_as_a_worker_would(server, turn, status: JobStatus, code: ErrorCode, m
         store = JobStore(client, ttl_s=60)
         record = store.get(turn.get_attribute("data-job-id"))
         record.status, record.finished_at = status, time.time()
+        if status is not JobStatus.EXPIRED:  # it ran: it counts towards the service rate (the ETA)
+            record.started_at = record.finished_at
         record.error = JobError(code=code, message=message)
         store.put(record)
 
@@ -158,3 +161,21 @@ def test_page_explains_a_timeout_and_an_expiry(page, stalled_gateway, lonely_red
         finish_as_a_worker_would(lonely_redis, turns.nth(n), status, code, status.value)
         expect(turns.nth(n).locator(".problem")).to_have_text(shown)
         expect(turns.nth(n).locator(".state")).to_be_empty()
+
+
+def test_the_stop_button_cancels_a_waiting_job(page, stalled_gateway, lonely_redis):
+    from playwright.sync_api import expect
+
+    with redis.Redis.from_url(lonely_redis.url) as client:
+        client.flushdb()
+    page.goto(stalled_gateway.url)
+    page.click("summary")
+    page.fill("#api-key", "page-key")
+    turn = page.locator(".turn").nth(0)
+    ask(page, "不想等了")
+    expect(turn.locator(".state")).to_contain_text("⏳ 排队中")
+    turn.locator(".stop").click()
+    expect(turn.locator(".problem")).to_have_text("⏹ 已取消。(cancelled)")
+    expect(turn.locator(".stop")).to_be_hidden()
+    with redis.Redis.from_url(lonely_redis.url) as client:
+        assert JobStore(client, ttl_s=60).get(turn.get_attribute("data-job-id")).status is JobStatus.CANCELLED

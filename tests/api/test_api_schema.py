@@ -8,7 +8,9 @@ and events. The gateway runs under uvicorn against a private redis-server with
 no worker, so the fuzzed jobs only queue up there.
 
 /healthz is left out: it has no input to fuzz, and without a worker it answers
-503 by design (tested in test_api_unavailable.py).
+503 by design (tested in test_api_unavailable.py). One check is off:
+``use_after_free`` expects a resource that DELETE removed to answer 404, but
+DELETE /v1/jobs/{id} cancels, and the cancelled record stays readable.
 
 Its generators only write JSON a standard encoder can, so the hostile bodies
 (non-finite numbers, lone surrogates, a body over the limit) are added to its
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +52,9 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_undocumented_an
     result = subprocess.run(
         [sys.executable, "-m", "schemathesis.cli", "run", f"{fuzzed_gateway.url}/openapi.json",
          "--header", f"X-API-Key: {API_KEY}", "--max-examples", "20", "--exclude-path", "/healthz",
+         # DELETE /v1/jobs/{id} cancels: the record stays readable, saying `cancelled` (documented),
+         # where this check expects a deleted resource to answer 404.
+         "--exclude-checks", "use_after_free",
          "--generation-database", "none", "--seed", "20261123"],
         cwd=tmp_path, capture_output=True, text=True, timeout=240,
         env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.api.schemathesis_hooks",
@@ -57,7 +63,8 @@ def test_fuzzing_the_openapi_schema_finds_no_server_error_and_no_undocumented_an
     report = result.stdout + result.stderr
     assert result.returncode == 0, f"{report[-6000:]}\n--- gateway log ---\n{fuzzed_gateway.log()[-3000:]}"
     assert "No issues found" in report
-    assert "Operations:       3 selected / 4 total" in report
+    # POST a job, GET and DELETE it, its events; /healthz left out.
+    assert re.search(r"Operations:\s+4 selected / 5 total|Selected: 4/5", report), report[-2000:]
     answers = [json.loads(line) for line in (tmp_path / HOSTILE_ANSWERS_FILE).read_text().splitlines()]
     expected = {name: status for name, _, status in HOSTILE_BODIES}
     assert {answer["case"]: answer["status"] for answer in answers} == expected

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from producer.protocol import QUEUE_NAME, job_key
+from producer.protocol import FINISHED_RECENTLY_KEY, QUEUE_NAME, job_key, new_job_id
 from tests.api.conftest import read_events, start_gateway
 from tests.conftest import _free_port
 from tests.fault.conftest import PrivateRedis
@@ -38,7 +38,8 @@ def guarded(lonely_redis, tmp_path_factory):
 
 @pytest.fixture
 def http(guarded, lonely_redis):
-    redis.Redis.from_url(lonely_redis.url).delete(QUEUE_NAME)  # each test starts with an empty queue
+    # Each test starts with an empty queue, and no finished job (no service rate, no ETA).
+    redis.Redis.from_url(lonely_redis.url).delete(QUEUE_NAME, FINISHED_RECENTLY_KEY)
     with httpx.Client(base_url=guarded.url, timeout=30) as client:
         yield client
 
@@ -124,7 +125,7 @@ def test_events_of_a_waiting_job_show_the_queue_then_time_out(http):
     events = read_events(http, f"/v1/jobs/{job_id}/events", headers=KEY)
     assert [(event.name, event.data) for event in events] == [
         ("status", {"status": "queued"}),
-        ("queue", {"queue_depth": 2}),
+        ("queue", {"queue_depth": 2, "queue_position": 2, "eta_s": None}),  # no job finished: no rate
         ("timeout", {"status": "queued", "after_s": EVENTS_TIMEOUT_S}),
     ]
     assert EVENTS_TIMEOUT_S <= time.monotonic() - started < EVENTS_TIMEOUT_S + 2
@@ -220,3 +221,18 @@ def test_a_burst_of_event_streams_cannot_overshoot_the_cap():
         return opened
 
     assert sum(asyncio.run(burst())) == MAX_EVENT_STREAMS
+
+
+def test_delete_cancels_a_queued_job_and_says_409_once_it_is_final(http):
+    job_id = submit(http)
+    path = f"/v1/jobs/{job_id}"
+    first = http.delete(path, headers=KEY)
+    assert first.status_code == 202 and first.json()["status"] == "cancelled"
+    assert first.json()["error"]["code"] == "cancelled"
+    again = http.delete(path, headers=KEY)
+    assert again.status_code == 409 and again.json()["status"] == "cancelled"  # the final record
+    assert http.delete(f"/v1/jobs/{new_job_id()}", headers=KEY).status_code == 404
+    assert http.delete(path).status_code == 401
+    events = read_events(http, f"{path}/events", headers=KEY)
+    assert [e.name for e in events][-1] == "done" and events[-1].data["status"] == "cancelled"
+    assert 'qwen_allinone_jobs_total{status="cancelled"}' in http.get("/metrics").text

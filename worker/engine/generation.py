@@ -38,10 +38,12 @@ class DecodeRow:
     ended: bool = False
     #: The deadline stopped the reply before a stop token or ``max_new_tokens``.
     truncated: bool = False
+    #: Its job was cancelled: it leaves the batch at the next step.
+    cancelled: bool = False
 
     @property
     def done(self) -> bool:
-        return self.ended or self.truncated or len(self.tokens) >= self.max_new_tokens
+        return self.ended or self.truncated or self.cancelled or len(self.tokens) >= self.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,8 @@ def decode(
     Row ``i`` is sequence ``i`` of ``sequences``, already prefilled;
     ``first_logits`` (rows x vocabulary) are the prefill's last-position logits.
     A finished row is left out of the next pass: it costs no more steps.
-    ``on_step`` is called after every step, for partial replies.
+    ``on_step`` is called after every step, for partial replies; a row it marks
+    ``cancelled`` leaves the batch before the next step.
     """
     active = list(range(len(rows)))  # rows still generating, in order
     logits = first_logits             # (active, vocabulary)
@@ -161,7 +164,8 @@ def decode(
             if not row.done:
                 kept.append((i, token))
         if on_step is not None:
-            on_step()
+            on_step()  # may cancel rows
+            kept = [(i, token) for i, token in kept if not rows[i].cancelled]
         if not kept:
             return
         active = [i for i, _ in kept]

@@ -21,7 +21,7 @@ can name these types.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
@@ -45,11 +45,16 @@ class Engine(Protocol):
         """(text, label set) pairs -> each one's sentiment, or a ValueError for a set it cannot answer."""
 
     def reply_batch(self, requests: Sequence[ReplyRequest], *, history_max_tokens: int,
-                    on_step: Callable[[list[list[int]]], None] | None = None) -> list[ReplyResult]:
-        """Replies generated together; ``on_step`` gets every row's token ids so far after each step."""
+                    on_step: Callable[[list[list[int]]], Collection[int] | None] | None = None,
+                    ) -> list[ReplyResult]:
+        """Replies generated together; ``on_step`` gets every row's token ids so far after each step,
+        and may return the indices of rows to stop there (stop reason ``cancelled``)."""
 
     def text_of(self, tokens: list[int]) -> str:
         """Reply text of generated token ids."""
+
+    def classifier_id(self, label_set: str) -> str:
+        """What decides the sentiment for ``label_set``: ``prompt:<variant>`` or an adapter's id."""
 
     def info(self) -> EngineInfo: ...
 

@@ -17,7 +17,7 @@ task converts them to protocol records.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -206,17 +206,21 @@ class QwenEngine:
         request = ReplyRequest(text=text, history=history, **limits)
         return self.reply_batch([request], history_max_tokens=history_max_tokens)[0]
 
+    def classifier_id(self, label_set: str) -> str:
+        return self.classifiers[label_set]
+
     def reply_batch(
         self,
         requests: Sequence[ReplyRequest],
         *,
         history_max_tokens: int,
-        on_step: Callable[[list[list[int]]], None] | None = None,
+        on_step: Callable[[list[list[int]]], Collection[int] | None] | None = None,
     ) -> list[ReplyResult]:
         """Generate the replies together; each stops at EOS, its max_new_tokens or its deadline.
 
         ``on_step`` gets every request's generated token ids so far after each
-        decoding step (``text_of`` turns them into text), for partial replies.
+        decoding step (``text_of`` turns them into text), for partial replies; it
+        may return the indices of requests to stop there (cancelled).
         """
         kept = [self.chat.fit_history(r.history, history_max_tokens) for r in requests]
         prompts = [self._reply_prompt(r.text, history) for r, history in zip(requests, kept)]
@@ -227,10 +231,12 @@ class QwenEngine:
         for row in rows:
             row.truncated = row.deadline <= now  # out of time before it began: an empty reply
         live = [i for i, row in enumerate(rows) if not row.done]
-        report = None if on_step is None else (lambda: on_step([row.tokens for row in rows]))
+        report = None if on_step is None else (lambda: _cancel(rows, on_step([row.tokens for row in rows])))
         skip = len(self.reply_prefix.ids)
         for wave in self._waves([len(prompts[i]) - skip + rows[i].max_new_tokens for i in live]):
-            self._generate([rows[live[i]] for i in wave], [prompts[live[i]] for i in wave], report)
+            wave = [i for i in wave if not rows[live[i]].done]  # cancelled while an earlier wave ran
+            if wave:
+                self._generate([rows[live[i]] for i in wave], [prompts[live[i]] for i in wave], report)
         return [
             ReplyResult(
                 text=self.text_of(row.tokens),
@@ -239,7 +245,7 @@ class QwenEngine:
                 truncated=row.truncated,
                 history_turns_used=len(history),
                 stop_reason=(StopReason.EOS if row.ended else StopReason.DEADLINE if row.truncated
-                             else StopReason.LENGTH),
+                             else StopReason.CANCELLED if row.cancelled else StopReason.LENGTH),
             )
             for row, ids, history in zip(rows, prompts, kept)
         ]
@@ -324,6 +330,12 @@ class QwenEngine:
     @property
     def tokenizer(self):
         return self.chat.tokenizer
+
+
+def _cancel(rows: list[DecodeRow], indices: Collection[int] | None) -> None:
+    for i in indices or ():
+        if not rows[i].done:  # a row that already ended keeps its own stop reason
+            rows[i].cancelled = True
 
 
 @contextmanager

@@ -15,6 +15,8 @@ class StopReason(str, Enum):
     LENGTH = "length"
     #: Its deadline came first (the reply is ``truncated``).
     DEADLINE = "deadline"
+    #: Its job was cancelled (``on_step`` said so); the reply is what was generated until then.
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)

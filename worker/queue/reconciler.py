@@ -5,7 +5,7 @@ running is in the open-job index (``OPEN_JOBS_KEY``), added in the same step
 as its ``queued`` record (``worker.queue.submission``) and removed in the same
 step as its final record (``JobStore.put``). Each worker's parent sweeps every
 ``RECONCILE_INTERVAL_S``; a Redis lock lets one sweep run at a time across all
-workers. A sweep does two things:
+workers. A sweep does three things:
 
 1. **Messages of dead processes go back to the queue.** An unacknowledged
    message that no live process holds (its holder's heartbeat lapsed,
@@ -18,13 +18,17 @@ workers. A sweep does two things:
    same id, or finished as ``expired`` if its start deadline passed, or as
    ``failed`` once it has been re-sent ``MAX_ATTEMPTS`` times.
 
-Both act only on what two sweeps at least ``grace_s`` apart found in the same
+3. **Bulk jobs are not starved.** A job in a lower priority lane that has waited
+   ``bulk_max_wait_s`` moves to the back of the interactive lane.
+
+The first two act only on what two sweeps at least ``grace_s`` apart found in the same
 state (``SUSPECTS_KEY``), so a message in transit between the queue and a
 worker, or a process whose heartbeat a Redis restart wiped, is left alone.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
@@ -96,6 +100,15 @@ local absent = {}
 for i = 1, #ARGV do if wanted[ARGV[i]] then table.insert(absent, ARGV[i]) end end
 return absent
 """
+#: Move a message to the back of the top lane, unless it left its lane meanwhile.
+#: KEYS: its lane, the top lane. ARGV: the message as read, the message to push.
+_PROMOTE_SCRIPT = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+return 1
+"""
+#: A sweep looks at most this many of a lower lane's oldest messages for promotion.
+PROMOTE_SCAN = 100
 #: Release the lock only if it is still ours.
 _UNLOCK_SCRIPT = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 #: The lock outlives a sweep (milliseconds) by far, and a worker killed in the middle of one
@@ -108,12 +121,15 @@ class SweepReport:
     restored: list[str] = field(default_factory=list)  # job ids whose message went back to the queue
     resent: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # expired or failed without a message
+    promoted: list[str] = field(default_factory=list)  # bulk jobs moved to the interactive lane
 
 
 class Reconciler:
-    def __init__(self, app: Celery, store: JobStore, *, grace_s: float, interval_s: float, max_attempts: int):
+    def __init__(self, app: Celery, store: JobStore, *, grace_s: float, interval_s: float, max_attempts: int,
+                 bulk_max_wait_s: float = float("inf")):
         self.app = app
         self.store = store
+        self.bulk_max_wait_s = bulk_max_wait_s
         self.grace_s = grace_s
         self.interval_s = interval_s
         self.max_attempts = max_attempts
@@ -170,6 +186,7 @@ class Reconciler:
             with _each("settle lost job", job_id):
                 self._settle_lost(client, job_id, now, report)
         self._forget(client, dead, open_ids)
+        report.promoted = self._promote_overdue(client, channel, now)
         if report.restored or report.resent or report.finished:
             log.warning("reconciler: handed back %s; re-sent %s; finished %s",
                         report.restored or "-", report.resent or "-", report.finished or "-")
@@ -236,6 +253,21 @@ class Reconciler:
             client.hincrby(RESENDS_KEY, job_id, 1)
             report.resent.append(job_id)
 
+    def _promote_overdue(self, client: redis.Redis, channel, now: float) -> list[str]:
+        """Move the lower lanes' jobs that waited ``bulk_max_wait_s`` to the end of the top lane."""
+        top, *lower = queue_lanes(channel, QUEUE_NAME)
+        promoted = []
+        for lane in lower:
+            for raw in reversed(client.lrange(lane, -PROMOTE_SCAN, -1)):  # oldest first
+                with _each("promote overdue bulk job", lane):
+                    payload = json.loads(raw)
+                    if now - _submitted_at(payload) < self.bulk_max_wait_s:
+                        break  # the rest of this lane waited less
+                    payload["properties"]["priority"] = 0  # stays interactive if handed back later
+                    if client.eval(_PROMOTE_SCRIPT, 2, lane, top, raw, json.dumps(payload)):
+                        promoted.append(payload["headers"]["id"])
+        return promoted
+
     def _forget(self, client: redis.Redis, dead: list[str], open_ids: list[str]) -> None:
         """Drop dead processes whose messages are all back, and re-send counts of finished jobs."""
         unacked_tags = {tag.decode() for tag in client.hkeys(self._channel().unacked_key)}
@@ -270,6 +302,11 @@ def _each(action: str, item: str):
         yield
     except Exception as err:
         log.warning("reconciler: could not %s %s: %s: %s", action, item, type(err).__name__, err)
+
+
+def _submitted_at(payload: dict) -> float:
+    """The job's submission time, from a Celery envelope (its body: base64 JSON [args, kwargs, embed])."""
+    return float(json.loads(base64.b64decode(payload["body"]))[1]["message"]["submitted_at"])
 
 
 def _redis_time(client: redis.Redis) -> float:

@@ -21,17 +21,32 @@ from dataclasses import dataclass
 from celery import Celery
 
 from producer.errors import QueueFull
-from producer.protocol import OPEN_JOBS_KEY, TASK_NAME, JobMessage, JobRecord, job_key, open_job_score, pending_turns_key
+from producer.protocol import (
+    LANE_PRIORITY,
+    OPEN_JOBS_KEY,
+    TASK_NAME,
+    JobMessage,
+    JobRecord,
+    job_key,
+    open_job_score,
+    pending_turns_key,
+)
 
 #: KEYS: the lane to push to, the job's record, the open jobs, the pending turns (or ""), then
 #: every lane of the queue (for the depth). ARGV: MAX_QUEUE, record JSON, record TTL, open-job
-#: score, job id, envelope. Returns {1, depth after} when queued (depth -1: it already was),
-#: {0, depth} when the queue is full.
+#: score, job id, envelope, the target lane's own limit (0: none). Returns {1, depth after} when
+#: queued (depth -1: it already was), {0, depth} when the queue is full, {0, -lane depth} when
+#: its lane is.
 _ADMIT_SCRIPT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {1, -1} end
 local depth = 0
 for i = 5, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
 if depth >= tonumber(ARGV[1]) then return {0, depth} end
+local lane_limit = tonumber(ARGV[7])
+if lane_limit > 0 then
+  local lane_depth = redis.call('LLEN', KEYS[1])
+  if lane_depth >= lane_limit then return {0, -lane_depth} end
+end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 if KEYS[4] ~= '' then
@@ -50,6 +65,8 @@ class AdmissionPlan:
     record: JobRecord
     max_queue: int
     ttl_s: int
+    #: The limit of the job's own lane (MAX_QUEUE_BULK for a bulk job), 0 for none.
+    lane_limit: int = 0
 
     def run(self, client, target_lane: str, lanes: list[str], envelope: str) -> None:
         """Run the admission script; raises QueueFull when ``max_queue`` messages wait."""
@@ -57,8 +74,10 @@ class AdmissionPlan:
         keys = [target_lane, job_key(self.record.job_id), OPEN_JOBS_KEY,
                 pending_turns_key(conversation) if conversation else "", *lanes]
         args = [self.max_queue, self.record.to_json(), self.ttl_s, open_job_score(self.record),
-                self.record.job_id, envelope]
+                self.record.job_id, envelope, self.lane_limit]
         queued, depth = client.eval(_ADMIT_SCRIPT, len(keys), *keys, *args)
+        if not queued and depth < 0:
+            raise QueueFull(-int(depth), self.lane_limit, lane=self.record.request.priority)
         if not queued:
             raise QueueFull(int(depth), self.max_queue)
 
@@ -79,9 +98,11 @@ def admitting(plan: AdmissionPlan) -> Iterator[None]:
         _current.reset(token)
 
 
-def submit_job(celery: Celery, record: JobRecord, message: JobMessage, *, max_queue: int, ttl_s: int) -> None:
-    """Queue one job atomically with its record; raises QueueFull, or kombu's errors when Redis fails."""
-    with admitting(AdmissionPlan(record, max_queue, ttl_s)):
+def submit_job(celery: Celery, record: JobRecord, message: JobMessage, *, max_queue: int, ttl_s: int,
+               lane_limit: int = 0) -> None:
+    """Queue one job atomically with its record, in its priority's lane; raises QueueFull (the
+    queue holds ``max_queue``, or its lane ``lane_limit``), or kombu's errors when Redis fails."""
+    with admitting(AdmissionPlan(record, max_queue, ttl_s, lane_limit)):
         _send(celery, record.job_id, message)
 
 
@@ -92,4 +113,5 @@ def resend_job(celery: Celery, record: JobRecord) -> None:
 
 
 def _send(celery: Celery, job_id: str, message: JobMessage) -> None:
-    celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": message.model_dump(mode="json")})
+    celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": message.model_dump(mode="json")},
+                     priority=LANE_PRIORITY[message.request.priority])

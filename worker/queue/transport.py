@@ -39,6 +39,12 @@ from worker.queue.liveness import consumer_id
 log = logging.getLogger("qwen_allinone.worker")
 
 
+def lane_keys(queue: str) -> list[str]:
+    """The queue's Redis lists, highest priority first, without a connection: named as kombu's
+    Redis channel names them (``Channel._q_for_pri`` with its default priority steps)."""
+    return [queue if step == 0 else f"{queue}{kombu_redis.Channel.sep}{step}" for step in kombu_redis.PRIORITY_STEPS]
+
+
 def queue_lanes(channel, queue: str) -> list[str]:
     """The Redis lists of ``queue``, one per priority step, highest priority first."""
     return list(dict.fromkeys(channel._q_for_pri(queue, step) for step in channel.priority_steps))
