@@ -196,7 +196,7 @@ class Client:
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job and return its record as it is after the request.
 
-        A queued job ends ``cancelled`` at once and never runs. A running job
+        A queued job ends ``cancelled`` at once, leaves the queue, and never runs. A running job
         stops at its worker's next decoding step (a quarter second or so) and ends
         ``cancelled`` with its partial reply; the record returned still says
         ``running`` (``wait`` for the end). Raises JobNotFound for an unknown id,
@@ -205,7 +205,7 @@ class Client:
         if not is_job_id(job_id):
             raise JobNotFound(job_id)
         with self._broker_errors():
-            record, accepted = self.store.cancel(job_id)
+            record, accepted = self.store.cancel(job_id, lane_keys(QUEUE_NAME))
         if record is None:
             raise JobNotFound(job_id)
         if not accepted:

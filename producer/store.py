@@ -127,6 +127,18 @@ return found
 """
 
 
+#: Remove a job's message from the queue's lanes (its headers' first "id", as _POSITIONS_SCRIPT).
+#: KEYS: lanes. ARGV: job id. Returns how many were removed.
+_DROP_MESSAGE_SCRIPT = """
+for k = 1, #KEYS do
+  for _, item in ipairs(redis.call('LRANGE', KEYS[k], 0, -1)) do
+    if string.match(item, '"id": "([^"]*)"') == ARGV[1] then return redis.call('LREM', KEYS[k], 1, item) end
+  end
+end
+return 0
+"""
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int):
         self.redis = client
@@ -204,13 +216,14 @@ class JobStore:
         return bool(self.redis.eval(_FINAL_SCRIPT, len(keys), *keys, *args))
     # --- cancel ---
 
-    def cancel(self, job_id: str) -> tuple[JobRecord | None, bool]:
+    def cancel(self, job_id: str, lanes: list[str]) -> tuple[JobRecord | None, bool]:
         """Cancel a job: its record as it is after the request (None: no such job), and whether
         the request was taken (False for a job already final).
 
         A queued job is finished ``cancelled`` at once, with the same bookkeeping as any
-        final record; its message stays in the queue and is skipped when delivered, so it
-        never runs, not even after a redelivery. A running job gets a cancel flag that its
+        final record, and its message leaves the queue's ``lanes`` in the same transaction
+        (room under MAX_QUEUE, and the jobs behind it move up). A copy elsewhere (on its way
+        to a worker, or redelivered later) is skipped when delivered: it never runs. A running job gets a cancel flag that its
         worker reads between decoding steps; the record returned still says ``running``.
         A final record is returned as it is. The record is watched from the read to the
         write, so a job a worker starts meanwhile is flagged instead.
@@ -228,6 +241,7 @@ class JobStore:
                         record.finish(JobStatus.CANCELLED, JobError(
                             code=ErrorCode.CANCELLED, message="cancelled by its client before it started"))
                         self._put_final_once(record, pipe)
+                        pipe.eval(_DROP_MESSAGE_SCRIPT, len(lanes), *lanes, job_id)
                     else:
                         pipe.set(cancel_key(job_id), 1, ex=self.ttl_s)
                     pipe.execute()

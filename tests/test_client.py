@@ -259,3 +259,14 @@ def test_jobs_that_never_ran_do_not_count_towards_the_service_rate(make_client, 
     client.cancel(client.submit("不要了"))  # final, but it never ran
     assert queue_keys.zcard(FINISHED_RECENTLY_KEY) == 0
     assert client.store.service_rate(time.time()) is None
+
+
+def test_a_cancelled_queued_job_leaves_the_queue_and_frees_its_place(make_client, queue_keys):
+    client = make_client(max_queue=2)
+    first, second = client.submit("一"), client.submit("二")
+    with pytest.raises(QueueFull):
+        client.submit("三")
+    assert client.cancel(first).status is JobStatus.CANCELLED
+    assert client.queue_depth() == 1 and client.get(second).queue_position == 1  # it moved up
+    client.submit("三")  # the cancelled job's place is free
+    assert client.queue_depth() == 2
