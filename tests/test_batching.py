@@ -192,7 +192,7 @@ def test_a_cancelled_row_leaves_the_batch_with_its_partial_reply_and_the_others_
     victim = jobs[1].record.job_id
     def text_of(tokens):  # one character a token (the tiny model's greedy tokens decode to nothing)
         if len(tokens) == 3:  # the client cancels once the victim has three tokens
-            runtime.store.cancel(victim)
+            runtime.store.cancel(victim, lanes=[])
         return STORY[: len(tokens)]
 
     monkeypatch.setattr(runtime.engine, "text_of", text_of)
