@@ -215,14 +215,19 @@ class Client:
     # --- read ---
 
     def get(self, job_id: str) -> JobRecord | None:
-        """The job's record, or None if the id is unknown or its record expired."""
-        if not is_job_id(job_id):
-            return None
-        with self._broker_errors():
-            record = self.store.get(job_id)
+        """The job's record, or None if the id is unknown or its record expired; a queued one
+        with its place in line and ETA (``place_in_line``)."""
+        record = self._read(job_id)
         if record is not None:
             self.place_in_line([record])
         return record
+
+    def _read(self, job_id: str) -> JobRecord | None:
+        """The record as stored: what ``wait`` and ``watch`` poll, without a scan of the queue."""
+        if not is_job_id(job_id):
+            return None
+        with self._broker_errors():
+            return self.store.get(job_id)
 
     def place_in_line(self, records: list[JobRecord]) -> None:
         """Fill in each queued record's ``queue_position`` (1 = next) and ``eta_s``, in place.
@@ -271,7 +276,7 @@ class Client:
         deadline = time.monotonic() + timeout
         last: JobRecord | None = None
         while True:
-            record = self.get(job_id)
+            record = self._read(job_id)
             if record is None:
                 raise JobNotFound(job_id)
             if record != last:
@@ -293,7 +298,7 @@ class Client:
         """
         deadline = time.monotonic() + timeout
         while True:
-            record = self.get(job_id)
+            record = self._read(job_id)
             if record is None:
                 raise JobNotFound(job_id)
             if record.status.is_final:

@@ -65,8 +65,9 @@ def celery_config(settings: WorkerSettings) -> dict:
 
 
 def quiet_library_notices() -> None:
-    """Keep torch's and transformers' deprecation notices out of the user's terminal and the worker
-    log: they are addressed to those libraries' callers (us), who pin the versions tested."""
+    """Keep deprecation notices (torch's and transformers', in practice: our own code raises none)
+    out of the user's terminal and the worker log: they are addressed to those libraries' callers,
+    us, who pin the versions tested."""
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -181,7 +181,7 @@ def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | 
         record.flagged = Flagged(input=record.flagged.input if record.flagged else [], reply=terms)
         record.reply = runtime.settings.safety_message
     record.reply_cached = cached
-    record.truncated = getattr(reply, "truncated", False)
+    record.truncated = reply.truncated
     record.tokens.reply_prompt_tokens = reply.prompt_tokens
     record.tokens.generated_tokens = reply.generated_tokens
     if cancelled:  # the partial reply stays; no turn is stored
@@ -244,8 +244,6 @@ class StepUpdates:
         self._next_cancel_check = now + CANCEL_POLL_S
         running = {job.record.job_id: i for i, job in enumerate(self.jobs) if i not in self._stopped}
         cancelled = {running[job_id] for job_id in self.store.cancel_requested(list(running))}
-        for i in cancelled:  # what the row generated so far is its reply
-            self.jobs[i].record.reply = self.engine.text_of(tokens[i])
         self._stopped |= cancelled
         return cancelled
 

@@ -26,9 +26,12 @@ def digest(*parts: object) -> str:
 
 @dataclass
 class CachedReply:
+    """A reply as ReplyResult has it, for the fields a record takes (only whole replies are cached)."""
+
     text: str
     prompt_tokens: int
     generated_tokens: int
+    truncated: bool = False
 
 
 def _decoded(raw: bytes | None, decode):
@@ -62,7 +65,9 @@ class ResultCache:
         self._store("sentiment", {d: s.model_dump_json(exclude={"cached"}) for d, s in entries.items()})
 
     def store_replies(self, entries: dict[str, CachedReply]) -> None:
-        self._store("reply", {d: json.dumps(r.__dict__, ensure_ascii=False) for d, r in entries.items()})
+        self._store("reply", {d: json.dumps({"text": r.text, "prompt_tokens": r.prompt_tokens,
+                                             "generated_tokens": r.generated_tokens}, ensure_ascii=False)
+                              for d, r in entries.items()})
 
     def _lookup(self, kind: str, digests: list[str]) -> list[bytes | None]:
         if not self.enabled or not digests:

@@ -12,9 +12,10 @@ The rest of the code uses this small interface:
 - ``check_versions``: kombu and Celery are the versions this code was tested on.
 
 kombu's Redis internals used here: ``Channel._put``, ``_brpop_read``,
-``_q_for_pri``, ``priority_steps``, ``unacked_key`` and ``unacked_index_key``,
-``QoS.append`` and ``QoS._remove_from_indices``, and the unacked entry's
-format ``[payload, exchange, routing_key]``.
+``_q_for_pri``, ``sep``, ``PRIORITY_STEPS``, ``unacked_key`` and
+``unacked_index_key``; ``QoS.append``, ``ack``, ``reject``, ``restore_by_tag``,
+``restore_unacked``, ``_flush``, ``_delivered`` and ``_remove_from_indices``;
+and the unacked entry's format ``[payload, exchange, routing_key]``.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from kombu.transport.virtual import QoS as VirtualQoS
 
 from producer.protocol import QUEUE_NAME, TASK_NAME, held_key
 from worker.queue.liveness import consumer_id
-from worker.queue.transport import UNREADABLE_MESSAGE_ERRORS, queue_lanes
+from worker.queue.transport import UNREADABLE_MESSAGE_ERRORS, lane_keys
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -161,7 +161,7 @@ class Intake:
         killed between them loses the message. Taking happens right after a job
         starts, so the fault suite's kills landed there often enough to lose a job.
         """
-        queues = queue_lanes(channel, QUEUE_NAME)
+        queues = lane_keys(QUEUE_NAME)
         with channel.conn_or_acquire() as client:
             popped = client.eval(_TAKE_SCRIPT, 3 + len(queues), channel.unacked_key,
                                  channel.unacked_index_key, held_key(consumer_id()), *queues, time.time())

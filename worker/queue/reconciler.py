@@ -56,7 +56,7 @@ from producer.protocol import (
 from producer.store import JobStore
 from worker.outcome import finish, save_final
 from worker.queue.submission import resend_job
-from worker.queue.transport import queue_lanes
+from worker.queue.transport import lane_keys
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -174,7 +174,7 @@ class Reconciler:
         present = {_job_id_of_entry(raw) for raw in unacked.values()}
         lost_ids = [job_id for job_id in open_ids if job_id not in present]
         if lost_ids:  # only then is the queue worth reading
-            keys = [channel.unacked_key, *queue_lanes(channel, QUEUE_NAME)]
+            keys = [channel.unacked_key, *lane_keys(QUEUE_NAME)]
             lost_ids = [raw.decode() for raw in client.eval(_ABSENT_SCRIPT, len(keys), *keys, *lost_ids)]
         confirmed = self._confirm(client, [f"tag:{t}" for t in orphaned_tags] + [f"job:{j}" for j in lost_ids], now)
         report = SweepReport()
@@ -255,7 +255,7 @@ class Reconciler:
 
     def _promote_overdue(self, client: redis.Redis, channel, now: float) -> list[str]:
         """Move the lower lanes' jobs that waited ``bulk_max_wait_s`` to the end of the top lane."""
-        top, *lower = queue_lanes(channel, QUEUE_NAME)
+        top, *lower = lane_keys(QUEUE_NAME)
         promoted = []
         for lane in lower:
             for raw in reversed(client.lrange(lane, -PROMOTE_SCAN, -1)):  # oldest first

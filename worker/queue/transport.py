@@ -45,11 +45,6 @@ def lane_keys(queue: str) -> list[str]:
     return [queue if step == 0 else f"{queue}{kombu_redis.Channel.sep}{step}" for step in kombu_redis.PRIORITY_STEPS]
 
 
-def queue_lanes(channel, queue: str) -> list[str]:
-    """The Redis lists of ``queue``, one per priority step, highest priority first."""
-    return list(dict.fromkeys(channel._q_for_pri(queue, step) for step in channel.priority_steps))
-
-
 #: What decoding a message that is not a (Celery) envelope raises, in kombu or in Celery's strategy.
 UNREADABLE_MESSAGE_ERRORS = (ValueError, KeyError, TypeError)
 
@@ -158,7 +153,7 @@ class Channel(kombu_redis.Channel):
         plan = submission.current_plan()
         if plan is None:
             return super()._put(queue, message, **kwargs)
-        lanes = queue_lanes(self, queue)
+        lanes = lane_keys(queue)
         target = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
         with self.conn_or_acquire() as client:
             plan.run(client, target, lanes, dumps(message))
