@@ -83,12 +83,18 @@ def test_a_worker_killed_mid_batch_loses_nothing(worker_env, tmp_path, make_clie
     assert set(final_lines.values()) == {1}, final_lines  # one final record per job
 
 
-def test_a_batch_killed_by_the_hard_time_limit_times_out_every_job_at_once(fault_worker, make_client, figures):
-    # fault_worker: JOB_TIMEOUT_S 5 + TIME_LIMIT_GRACE_S 1. A forward pass of 7 s in the
-    # batch (its slowest job sets the pace) cannot be stopped by the deadlines.
+def test_a_batch_killed_by_the_hard_time_limit_times_out_every_job_at_once(worker_env, tmp_path, make_client, figures):
+    # JOB_TIMEOUT_S 5 + TIME_LIMIT_GRACE_S 1. A forward pass of 7 s in the batch (its slowest
+    # job sets the pace) cannot be stopped by the deadlines. Its own worker, stopped at the end:
+    # a worker left running would take the next test's jobs under this hard limit.
+    env = {**worker_env, "JOB_TIMEOUT_S": "5", "TIME_LIMIT_GRACE_S": "1"}
+    worker = start_worker(FAULT_APP, tmp_path / "hard.log", env, name="hardlimit")
     client = make_client()
-    _, jobs = _submit_behind_a_busy_worker(client, ["[[slow=7]] 很慢", "好吃", "一般"], max_new_tokens=4)
-    records = [client.wait(job_id, timeout=60) for job_id in jobs]
+    try:
+        _, jobs = _submit_behind_a_busy_worker(client, ["[[slow=7]] 很慢", "好吃", "一般"], max_new_tokens=4)
+        records = [client.wait(job_id, timeout=60) for job_id in jobs]
+    finally:
+        worker.stop()
     figures.update(jobs=len(jobs), timed_out=sum(r.status is JobStatus.TIMED_OUT for r in records),
                    batch=records[1].batch_size)
     # All three, promptly: not the delivered job alone, with the rest left running until
