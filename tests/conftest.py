@@ -231,8 +231,9 @@ def worker_env(redis_url, tiny_model_dir) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fault_worker(worker_env, tmp_path_factory):
-    """One worker running the production app plus the test fault hooks; hard time limit 6 s."""
-    env = {**worker_env, "JOB_TIMEOUT_S": "5", "TIME_LIMIT_GRACE_S": "1"}
+    """One worker running the production app plus the test fault hooks; hard time limit 6 s
+    (no join window: its batches are the jobs that start together)."""
+    env = {**worker_env, "JOB_TIMEOUT_S": "5", "TIME_LIMIT_GRACE_S": "1", "JOIN_WINDOW_S": "0"}
     worker = start_worker(
         "tests.support.fault_app", tmp_path_factory.mktemp("logs") / "fault-worker.log", env, name="fault"
     )

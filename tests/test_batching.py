@@ -31,8 +31,7 @@ def greedy(text: str, max_new_tokens: int = 12, **limits) -> ReplyRequest:
 
 def test_a_row_past_its_deadline_stops_while_the_others_go_on(engine, monkeypatch):
     clock = [time.time()]
-    monkeypatch.setattr("worker.engine.generation.time.time", lambda: clock[0])
-    monkeypatch.setattr("worker.engine.qwen.time.time", lambda: clock[0])
+    monkeypatch.setattr("worker.engine.session.time.time", lambda: clock[0])
     steps = []
 
     def tick(tokens):
@@ -43,9 +42,10 @@ def test_a_row_past_its_deadline_stops_while_the_others_go_on(engine, monkeypatc
                 ReplyRequest("很快", max_new_tokens=30, min_new_tokens=30, deadline=clock[0] + 4.5)]
     long, cut = engine.reply_batch(requests, history_max_tokens=256, on_step=tick)
     assert long.generated_tokens == 30 and not long.truncated
-    # Steps 1-5 end before the deadline (4.5 "seconds"); the token of step 6 is kept, then it stops.
-    assert cut.truncated and cut.generated_tokens == 6
-    assert steps[-1] == [30, 6]  # the cut row stopped growing; the other went on
+    # Step 1 reads the prompts; tokens 1-4 come before the deadline (4.5 "seconds"), the 5th
+    # after it: kept, then the row stops.
+    assert cut.truncated and cut.generated_tokens == 5
+    assert steps[-1] == [30, 5]  # the cut row stopped growing; the other went on
 
 
 def test_long_texts_are_split_into_passes_within_the_token_budget(engine, monkeypatch):
@@ -168,7 +168,7 @@ def test_redis_going_away_mid_batch_hands_the_jobs_back_instead_of_failing_them(
     def outage(*args, **kwargs):
         raise redis.ConnectionError("Redis went away")
 
-    monkeypatch.setattr(runtime.engine, "reply_batch", outage)
+    monkeypatch.setattr(runtime.engine, "open_replies", outage)
     jobs = _admit_all(runtime, ["好吃", "送餐太慢了"])
     with pytest.raises(redis.RedisError):
         run_jobs(runtime, jobs)
@@ -216,24 +216,24 @@ def test_a_cancelled_row_leaves_the_batch_with_its_partial_reply_and_the_others_
 def test_a_cache_hit_costs_no_model_pass(runtime, monkeypatch):
     runtime.settings.cache_ttl_s = 60
     runtime._cache = None
-    passes = {"classify": 0, "reply": 0}
+    passes = {"classify_batch": 0, "open_replies": 0}
     for name in passes:
-        real = getattr(runtime.engine, f"{name}_batch")
+        real = getattr(runtime.engine, name)
 
         def counted(*args, _real=real, _name=name, **kwargs):
             passes[_name] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(runtime.engine, f"{name}_batch", counted)
+        monkeypatch.setattr(runtime.engine, name, counted)
     first = run_jobs(runtime, _admit_all(runtime, ["好吃", "太慢了"]))
-    assert passes == {"classify": 1, "reply": 1}
+    assert passes == {"classify_batch": 1, "open_replies": 1}
     again = run_jobs(runtime, _admit_all(runtime, ["好吃", "太慢了"]))
-    assert passes == {"classify": 1, "reply": 1}  # no model pass at all
+    assert passes == {"classify_batch": 1, "open_replies": 1}  # no model pass at all
     assert all(r.sentiment.cached and r.reply_cached for r in again)
     assert [(r.sentiment.label, r.sentiment.confidence, r.reply) for r in again] == \
         [(r.sentiment.label, r.sentiment.confidence, r.reply) for r in first]
     sampled = run_jobs(runtime, _admit_all(runtime, ["好吃"], options={"temperature": 0.7}))
-    assert passes == {"classify": 1, "reply": 2}  # a sampled reply is never cached; its sentiment is
+    assert passes == {"classify_batch": 1, "open_replies": 2}  # a sampled reply is never cached; its sentiment is
     assert sampled[0].sentiment.cached and not sampled[0].reply_cached
     lookups = runtime.store.read_metrics().cache_lookups
     assert lookups == {"sentiment_hits": 3, "sentiment_misses": 2, "reply_hits": 2, "reply_misses": 2}
@@ -263,7 +263,7 @@ def test_a_text_with_a_flagged_term_gets_no_generated_reply(runtime, monkeypatch
     from worker.safety import SafetyFilter
 
     runtime.safety = SafetyFilter(["坏词"])
-    monkeypatch.setattr(runtime.engine, "reply_batch", lambda *a, **k: pytest.fail("no reply should run"))
+    monkeypatch.setattr(runtime.engine, "open_replies", lambda *a, **k: pytest.fail("no reply should run"))
     [record] = run_jobs(runtime, _admit_all(runtime, ["这里有个坏词"]))
     assert record.status is JobStatus.SUCCEEDED and record.sentiment is not None
     assert record.reply == runtime.settings.safety_message and record.flagged.input == ["坏词"]
@@ -282,12 +282,28 @@ def test_a_cache_entry_that_does_not_decode_is_a_miss(runtime):
     assert (again.sentiment.label, again.reply) == (first.sentiment.label, first.reply)
 
 
-def test_a_cancel_that_comes_after_a_row_ended_keeps_its_stop_reason():
-    from worker.engine.generation import DecodeRow
-    from worker.engine.qwen import _cancel
+class _FakeMessage:
+    acked = requeued = False
 
-    ended = DecodeRow(max_new_tokens=4, min_new_tokens=0, temperature=0.0, deadline=float("inf"), prompt_ids=[],
-                      ended=True)
-    running = DecodeRow(max_new_tokens=4, min_new_tokens=0, temperature=0.0, deadline=float("inf"), prompt_ids=[])
-    _cancel([ended, running], {0, 1})
-    assert (ended.cancelled, running.cancelled) == (False, True)
+    def ack(self):
+        self.acked = True
+
+    def reject(self, requeue):
+        self.requeued = requeue
+
+
+def test_a_second_copy_of_a_job_the_batch_runs_is_dropped_not_run_beside_it(runtime):
+    from worker.joining import admit_taken
+    from worker.queue.intake import TakenJob
+
+    job_id, raw = new_job_id(), message("好吃")
+    assert isinstance(admit(runtime, job_id, raw, set(), hostname="w1"), RunningJob)
+    copy = TakenJob(job_id, raw, set(), _FakeMessage())
+    other = TakenJob(new_job_id(), message("还行"), set(), _FakeMessage())
+    in_batch = {job_id}
+    jobs, finished = admit_taken(runtime, [copy, other], "w1", in_batch)
+    # The copy is acknowledged (the batch's own message still guards the job); the other job runs.
+    assert [job.record.job_id for job in jobs] == [other.job_id] and finished == []
+    assert copy.message.acked and not other.message.acked
+    assert in_batch == {job_id, other.job_id}
+    assert runtime.store.get(job_id).attempts == 1  # not admitted a second time

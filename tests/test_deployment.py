@@ -29,7 +29,7 @@ def test_worker_scales_and_outlives_its_job_on_stop():
     assert worker["environment"]["REDIS_URL"].startswith("redis://redis:")
     assert any(volume.endswith(":/hf-cache") for volume in worker["volumes"])
     grace = int(re.fullmatch(r"(\d+)s", worker["stop_grace_period"]).group(1))
-    assert grace > WorkerSettings().hard_time_limit_s
+    assert grace > WorkerSettings().shutdown_drain_s
 
 
 def test_image_uses_cpu_torch_and_the_documented_worker_command():

@@ -47,10 +47,11 @@ def test_visibility_timeout_must_outlast_the_hard_time_limit():
 
 
 def test_records_must_outlive_the_longest_open_job():
-    # 600 s queued + 40 s to the hard limit + 3,600 s until a dead worker's job comes back.
-    with pytest.raises(ValidationError, match=r"RESULT_TTL_S \(4000\) must be longer .*VISIBILITY_TIMEOUT_S \(4240 s\)"):
+    # 600 s queued + 70 s to the hard limit (30 + 10 + a 30 s join window) + 3,600 s until a
+    # dead worker's job comes back.
+    with pytest.raises(ValidationError, match=r"RESULT_TTL_S \(4000\) must be longer .*VISIBILITY_TIMEOUT_S \(4270 s\)"):
         WorkerSettings(result_ttl_s=4000, queue_timeout_s=600, job_timeout_s=30, time_limit_grace_s=10)
-    assert WorkerSettings(result_ttl_s=4241, queue_timeout_s=600, job_timeout_s=30, time_limit_grace_s=10)
+    assert WorkerSettings(result_ttl_s=4271, queue_timeout_s=600, job_timeout_s=30, time_limit_grace_s=10)
 
 
 def test_celery_config_keeps_delivery_guarantees():
@@ -59,7 +60,7 @@ def test_celery_config_keeps_delivery_guarantees():
     assert conf["worker_prefetch_multiplier"] == 1
     assert conf["task_acks_late"] is True
     assert conf["task_reject_on_worker_lost"] is True
-    assert conf["task_time_limit"] == 40
+    assert conf["task_time_limit"] == 70  # 30 + 10 + the 30 s join window
     assert conf["broker_transport_options"]["visibility_timeout"] == 300 > conf["task_time_limit"]
     assert conf["accept_content"] == ["json"]
 

@@ -15,7 +15,7 @@ import sys
 import warnings
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 from pydantic import ValidationError
 
 from producer.protocol import CELERY_WIRE_CONFIG
@@ -107,6 +107,11 @@ def _connect_upkeep(app: Celery, runtime: WorkerRuntime) -> None:
     @worker_process_init.connect(weak=False)
     def start_pool_heartbeat(**_):
         running.append(heartbeat())
+
+    @worker_shutting_down.connect(weak=False)
+    def stop_joining(**_):
+        # A warm shutdown waits for the running batch: it must not keep taking new jobs.
+        runtime.stop_joining.value = 1
 
     @worker_shutdown.connect(weak=False)
     def stop_upkeep(**_):

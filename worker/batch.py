@@ -1,14 +1,19 @@
 """The batch steps: admitted jobs through the model together, each record written as it goes.
 
-The sentiment of every text (``Engine.classify_batch``), then one batched generation for the jobs
-that still stand, with partial replies written while it runs. Each job's
-final record is written, and its taken message acknowledged, on its own.
+The sentiment of every text (``Engine.classify_batch``), then one decoding
+session (``Engine.open_replies``) for the jobs that still stand, with partial
+replies written while it runs. Jobs that join the batch while it decodes
+(``worker.joining``) get their sentiment pass, then a free row of the session.
+Each job's final record is written, and its taken message acknowledged, on
+its own.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -22,6 +27,10 @@ from worker.runtime import WorkerRuntime
 from worker.safety import SafetyFilter
 from worker.settings import WorkerSettings
 
+if TYPE_CHECKING:
+    from worker.engine.session import ReplySession
+    from worker.joining import Joiners
+
 log = logging.getLogger("qwen_allinone.worker")
 
 #: A running job's cancel flag is read at most this often (seconds): one MGET for the batch.
@@ -29,15 +38,16 @@ CANCEL_POLL_S = 0.25
 _CANCELLED_WHILE_RUNNING = JobError(code=ErrorCode.CANCELLED, message="cancelled by its client while it ran")
 
 
-def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[JobRecord]:
+def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob], joiners: Joiners | None = None) -> list[JobRecord]:
     """Run admitted jobs as one batch and finish each; return their final records.
 
-    If the batch as a whole fails, its unfinished jobs run again one by one, so
-    one job that breaks the model fails alone.
+    ``joiners`` takes waiting jobs into the batch's free rows while it decodes;
+    they are appended to ``jobs``. If the batch as a whole fails, its unfinished
+    jobs run again one by one, so one job that breaks the model fails alone.
     """
     store = runtime.store
     try:
-        _run_steps(runtime, jobs)
+        _run_steps(runtime, jobs, joiners)
     except redis.RedisError:
         # Redis stayed away through the client's retries: the jobs go back to the queue
         # (the task rejects its message, run_batch hands back the taken ones) rather
@@ -59,15 +69,22 @@ def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[JobRecord]:
     return [job.record for job in jobs]
 
 
-def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob]) -> None:
+def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob], joiners: Joiners | None) -> None:
     engine = runtime.load_engine()
     for job in jobs:
-        job.record.model_id = engine.model_id
         job.record.batch_size = len(jobs)
+    replying = _prepare_replies(runtime, engine, jobs)
+    if replying:
+        _decode(runtime, engine, replying, jobs, joiners)
+
+
+def _prepare_replies(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob]) -> list[PendingReply]:
+    """Sentiment, then everything short of generating: the jobs whose reply the model must write."""
+    for job in jobs:
+        job.record.model_id = engine.model_id
     replying = _drop_cancelled(runtime.store, _sentiment_step(runtime, engine, jobs))
     replying = _refuse_flagged_input(runtime, replying)
-    if replying:
-        _reply_step(runtime, engine, replying)
+    return _replies_not_cached(runtime, engine, replying) if replying else []
 
 
 def _refuse_flagged_input(runtime: WorkerRuntime, jobs: list[RunningJob]) -> list[RunningJob]:
@@ -132,36 +149,110 @@ def _sentiments(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob]) 
     return found
 
 
-def _reply_step(runtime: WorkerRuntime, engine: Engine, replying: list[RunningJob]) -> None:
-    store, settings = runtime.store, runtime.settings
-    step = time.perf_counter()
-    histories = [_history(store, job, settings.history_max_turns) for job in replying]
-    elapsed = to_ms(time.perf_counter() - step)
-    for job in replying:
-        job.record.timings.history_ms = elapsed
+@dataclass
+class PendingReply:
+    """A job whose reply the model writes: the request, and its cache key (None: not cached)."""
 
-    requests = [_reply_request(job, history, settings) for job, history in zip(replying, histories)]
-    digests = [_reply_digest(engine, request) for request in requests]
-    cached = runtime.cache.replies([d for d in digests if d is not None])
-    hits = dict(zip([d for d in digests if d is not None], cached))
-    for job, d in zip(replying, digests):  # a cache hit costs no model pass
-        if hits.get(d) is not None:
-            _finish_reply(runtime, job, hits[d], reply_ms=0.0, cached=True)
-    todo = [i for i, d in enumerate(digests) if hits.get(d) is None]
-    if not todo:
-        return
+    job: RunningJob
+    request: ReplyRequest
+    digest: str | None
+
+
+def _replies_not_cached(runtime: WorkerRuntime, engine: Engine, replying: list[RunningJob]) -> list[PendingReply]:
+    """Finish the jobs whose reply is in the cache; the requests of the rest."""
+    settings = runtime.settings
     step = time.perf_counter()
-    steps = StepUpdates(store, engine, [replying[i] for i in todo], settings.partial_reply_interval_ms / 1000,
-                        runtime.safety)
-    replies = engine.reply_batch([requests[i] for i in todo], history_max_tokens=settings.history_max_tokens,
-                                 on_step=steps.update)
+    histories = [_history(runtime.store, job, settings.history_max_turns) for job in replying]
     elapsed = to_ms(time.perf_counter() - step)
-    fresh = {}
-    for i, reply in zip(todo, replies):
-        _finish_reply(runtime, replying[i], reply, reply_ms=elapsed, cancelled=reply.stop_reason is StopReason.CANCELLED)
-        if digests[i] is not None and reply.stop_reason in (StopReason.EOS, StopReason.LENGTH):
-            fresh[digests[i]] = CachedReply(reply.text, reply.prompt_tokens, reply.generated_tokens)
-    runtime.cache.store_replies(fresh)
+    pending = []
+    for job, history in zip(replying, histories):
+        job.record.timings.history_ms = elapsed
+        request = _reply_request(job, history, settings)
+        pending.append(PendingReply(job, request, _reply_digest(engine, request)))
+    digests = [p.digest for p in pending if p.digest is not None]
+    hits = dict(zip(digests, runtime.cache.replies(digests)))
+    for p in pending:  # a cache hit costs no model pass
+        if hits.get(p.digest) is not None:
+            _finish_reply(runtime, p.job, hits[p.digest], reply_ms=0.0, cached=True)
+    return [p for p in pending if hits.get(p.digest) is None]
+
+
+def _decode(runtime: WorkerRuntime, engine: Engine, pending: list[PendingReply], jobs: list[RunningJob],
+            joiners: Joiners | None) -> None:
+    """Generate the replies in one session; while it runs, jobs that join get its free rows."""
+    settings = runtime.settings
+    joiners = joiners if engine.joins_running_batches else None
+    with engine.open_replies(settings.batch_max, history_max_tokens=settings.history_max_tokens) as session:
+        rows = DecodingRows(runtime, engine, session)
+        waiting = rows.start(pending)
+        while waiting or len(session):
+            rows.step()
+            waiting = rows.start(waiting)
+            if joiners is not None and not waiting and session.free_rows and joiners.due():
+                joined = joiners.take(session.free_rows)
+                for job in joined:
+                    job.record.batch_size = len(session) + len(joined)
+                jobs.extend(joined)
+                waiting = rows.start(_prepare_joiners(runtime, engine, joined))
+
+
+def _prepare_joiners(runtime: WorkerRuntime, engine: Engine, joined: list[RunningJob]) -> list[PendingReply]:
+    """``_prepare_replies`` for jobs joining a running batch: one that breaks the model fails alone,
+    and the batch's running rows go on (they never run again for a joiner's fault)."""
+    try:
+        return _prepare_replies(runtime, engine, joined)
+    except redis.RedisError:
+        raise
+    except Exception as err:
+        if len(joined) > 1:
+            log.warning("the sentiment pass of %d joining jobs failed (%s: %s); preparing them one by one",
+                        len(joined), type(err).__name__, err)
+            return [reply for job in joined for reply in _prepare_joiners(runtime, engine, [job])]
+        job = joined[0]
+        log.exception("job=%s failed", job.record.job_id)
+        if not job.record.status.is_final:
+            error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(err).__name__}: {err}"[:500])
+            _settle(runtime.store, job, finish(job.record, JobStatus.FAILED, error))
+        return []
+
+
+class DecodingRows:
+    """The jobs whose replies a session generates: started as rows free up, finished as rows end."""
+
+    def __init__(self, runtime: WorkerRuntime, engine: Engine, session: ReplySession):
+        self.runtime, self.engine, self.session = runtime, engine, session
+        self.running: dict[int, tuple[PendingReply, float]] = {}  # key -> (reply, perf_counter at start)
+        self.updates = StepUpdates(runtime.store, engine, runtime.settings.partial_reply_interval_ms / 1000,
+                                   runtime.safety)
+
+    def start(self, pending: list[PendingReply]) -> list[PendingReply]:
+        """Start what fits now, in order; the rest waits for a free row (or cache)."""
+        for index, reply in enumerate(pending):
+            try:
+                key = self.session.add(reply.request)
+            except ValueError as err:  # more cache than the whole worker holds: it fails alone
+                error = JobError(code=ErrorCode.MODEL_ERROR, message=str(err)[:500])
+                _settle(self.runtime.store, reply.job, finish(reply.job.record, JobStatus.FAILED, error))
+                continue
+            if key is None:
+                return pending[index:]
+            self.running[key] = (reply, time.perf_counter())
+        return []
+
+    def step(self) -> None:
+        """One decoding step: finish the replies that ended, then write partials and read cancels."""
+        fresh = {}
+        for key, result in self.session.step():
+            reply, started = self.running.pop(key)
+            _finish_reply(self.runtime, reply.job, result, reply_ms=to_ms(time.perf_counter() - started),
+                          cancelled=result.stop_reason is StopReason.CANCELLED)
+            if reply.digest is not None and result.stop_reason in (StopReason.EOS, StopReason.LENGTH):
+                fresh[reply.digest] = CachedReply(result.text, result.prompt_tokens, result.generated_tokens)
+        if fresh:
+            self.runtime.cache.store_replies(fresh)
+        jobs = {key: reply.job for key, (reply, _) in self.running.items()}
+        for key in self.updates.update(jobs, self.session):
+            self.session.cancel(key)
 
 
 def _reply_digest(engine: Engine, request: ReplyRequest) -> str | None:
@@ -218,41 +309,38 @@ def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: Wo
 
 
 class StepUpdates:
-    """Called after every decoding step: writes partial replies, and stops rows whose job was cancelled.
+    """After every decoding step: writes partial replies, and finds the rows whose job was cancelled.
 
     Each job's reply-so-far goes into its record at most every ``partial_interval_s``
     (0: never); the cancel flags are read at most every ``CANCEL_POLL_S``, in one MGET.
     """
 
-    def __init__(self, store: JobStore, engine: Engine, jobs: list[RunningJob], partial_interval_s: float,
+    def __init__(self, store: JobStore, engine: Engine, partial_interval_s: float,
                  safety: SafetyFilter | None = None):
-        self.store, self.engine, self.jobs, self.safety = store, engine, jobs, safety
+        self.store, self.engine, self.safety = store, engine, safety
         self.partial_interval_s = partial_interval_s
         now = time.monotonic()
         self._next_write = now + partial_interval_s
         self._next_cancel_check = now + CANCEL_POLL_S
-        self._stopped: set[int] = set()
 
-    def update(self, tokens: list[list[int]]) -> set[int]:
-        """Rows to stop now (their jobs were cancelled)."""
+    def update(self, jobs: dict[int, RunningJob], session: ReplySession) -> set[int]:
+        """The keys of ``jobs`` (the session's running rows) to stop now: their jobs were cancelled."""
         now = time.monotonic()
         if self.partial_interval_s > 0 and now >= self._next_write:
-            self._write_partials(tokens)
+            self._write_partials(jobs, session)
             self._next_write = now + self.partial_interval_s
-        if now < self._next_cancel_check:
+        if now < self._next_cancel_check or not jobs:
             return set()
         self._next_cancel_check = now + CANCEL_POLL_S
-        running = {job.record.job_id: i for i, job in enumerate(self.jobs) if i not in self._stopped}
-        cancelled = {running[job_id] for job_id in self.store.cancel_requested(list(running))}
-        self._stopped |= cancelled
-        return cancelled
+        key_of = {job.record.job_id: key for key, job in jobs.items()}
+        return {key_of[job_id] for job_id in self.store.cancel_requested(list(key_of))}
 
-    def _write_partials(self, tokens: list[list[int]]) -> None:
-        for i, (job, generated) in enumerate(zip(self.jobs, tokens)):
-            text = self.engine.text_of(generated)
+    def _write_partials(self, jobs: dict[int, RunningJob], session: ReplySession) -> None:
+        for key, job in jobs.items():
+            text = self.engine.text_of(session.tokens(key))
             if self.safety is not None:  # never a listed term, nor the start of one
                 text = self.safety.safe_prefix(text)
-            if i not in self._stopped and text and text != job.record.reply:
+            if text and text != job.record.reply:
                 job.record.reply = text
                 self.store.put(job.record)
 

@@ -41,6 +41,10 @@ class WorkerRuntime:
     #: made in the parent before it forks: the parent's hard-time-limit handler reads it.
     waiting_for_redis: ctypes.c_int = field(
         default_factory=lambda: multiprocessing.RawValue("i", 0), repr=False)
+    #: Set (1) by the parent when a warm shutdown begins: running batches take no more joiners,
+    #: so the worker exits once their rows end. Shared memory, made before the fork.
+    stop_joining: ctypes.c_int = field(
+        default_factory=lambda: multiprocessing.RawValue("i", 0), repr=False)
     _store: JobStore | None = field(default=None, repr=False)
     _parent_store: JobStore | None = field(default=None, repr=False)
     _cache: ResultCache | None = field(default=None, repr=False)

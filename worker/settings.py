@@ -62,9 +62,14 @@ class WorkerSettings(ProducerSettings):
     #: Under load (the previous batch had more than one job), wait at most this long for
     #: more jobs to arrive; after a batch of one, a fifth of it.
     batch_wait_ms: float = Field(50.0, ge=0, le=1000)
+    #: A decoding batch takes waiting jobs into its free rows for this long after it starts
+    #: (continuous batching); 0 = a batch is only the jobs that start together. The hard time
+    #: limit grows by it: the last joiner may run a whole JOB_TIMEOUT_S after the window.
+    join_window_s: float = Field(30.0, ge=0)
     #: A running job's record gets its reply-so-far at most this often; 0 = only the final reply.
     partial_reply_interval_ms: float = Field(250.0, ge=0)
-    #: Celery's hard time limit is job_timeout_s plus this; a job killed by it is ``timed_out``.
+    #: Celery's hard time limit is job_timeout_s plus this (plus join_window_s); a job killed by it
+    #: is ``timed_out``.
     time_limit_grace_s: float = Field(10.0, gt=0)
     #: A process that holds queue messages refreshes its heartbeat four times in this
     #: period; once it lapses (the process died), its messages go back to the queue.
@@ -91,7 +96,7 @@ class WorkerSettings(ProducerSettings):
         if self.visibility_timeout_s <= self.hard_time_limit_s:
             raise ValueError(
                 f"VISIBILITY_TIMEOUT_S ({self.visibility_timeout_s}) must be longer than the hard "
-                f"time limit JOB_TIMEOUT_S + TIME_LIMIT_GRACE_S ({self.hard_time_limit_s:g})"
+                f"time limit JOB_TIMEOUT_S + TIME_LIMIT_GRACE_S + JOIN_WINDOW_S ({self.hard_time_limit_s:g})"
             )
         return self
 
@@ -102,7 +107,7 @@ class WorkerSettings(ProducerSettings):
         if self.result_ttl_s <= self.longest_open_s:
             raise ValueError(
                 f"RESULT_TTL_S ({self.result_ttl_s}) must be longer than the longest time a job can stay "
-                f"open: QUEUE_TIMEOUT_S + JOB_TIMEOUT_S + TIME_LIMIT_GRACE_S + VISIBILITY_TIMEOUT_S "
+                f"open: QUEUE_TIMEOUT_S + JOB_TIMEOUT_S + TIME_LIMIT_GRACE_S + JOIN_WINDOW_S + VISIBILITY_TIMEOUT_S "
                 f"({self.longest_open_s:g} s)"
             )
         return self
@@ -114,6 +119,13 @@ class WorkerSettings(ProducerSettings):
 
     @property
     def hard_time_limit_s(self) -> float:
+        """Celery's limit for a whole batch: its last joiner joins at most join_window_s in."""
+        return self.job_timeout_s + self.time_limit_grace_s + self.join_window_s
+
+    @property
+    def shutdown_drain_s(self) -> float:
+        """A warm shutdown ends the running batch within this: it takes no more joiners, and every
+        row's deadline is at most JOB_TIMEOUT_S away (the grace covers a pass in flight)."""
         return self.job_timeout_s + self.time_limit_grace_s
 
     @property

@@ -3,9 +3,10 @@
 ``run_job`` turns a Celery message into a sequence of record writes:
 ``running`` → sentiment known → partial replies → ``succeeded`` (or
 ``failed`` / ``expired``). When more jobs wait in the queue, the task takes up
-to ``BATCH_MAX - 1`` of them (``worker.queue.intake``), admits each
-(``worker.admission``) and runs them all as one batch (``worker.batch``): one
-sentiment pass, one batched generation, each job's record written and its
+to ``BATCH_MAX - 1`` of them, and more as rows free up while it decodes
+(``worker.joining``), admits each (``worker.admission``) and runs them as one
+batch (``worker.batch``): a sentiment pass for those that start together, one
+decoding session that the others join, each job's record written and its
 message acknowledged on its own.
 The engine is loaded once per pool process (``WorkerRuntime.load_engine``),
 never in the parent before it forks; the parent only writes ``timed_out``
@@ -25,8 +26,9 @@ from celery import Celery, Task
 from celery.exceptions import Reject
 
 from producer.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStatus
-from worker.admission import RunningJob, NotReadyYet, admit
+from worker.admission import NotReadyYet, admit
 from worker.batch import run_jobs
+from worker.joining import Joiners, admit_taken, take_company
 from worker.queue.intake import Intake, TakenJob
 from worker.queue.liveness import release_runs
 from worker.outcome import finish, save_final
@@ -43,8 +45,6 @@ REDIS_BACKOFF_MAX_S = 30.0
 #: A job killed by the hard time limit started at most this long before the limit's start
 #: (the admission's own time): an older start belongs to an earlier attempt.
 STARTED_SLACK_S = 1.0
-#: After a batch of one, a job waits BATCH_WAIT_MS divided by this for others to arrive.
-IDLE_WAIT_DIVISOR = 5
 
 
 class JobTask(Task):
@@ -182,7 +182,8 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
 
 def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str],
               hostname: str) -> list[JobRecord]:
-    """Run the delivered job together with up to BATCH_MAX - 1 jobs already waiting in the queue.
+    """Run the delivered job together with up to BATCH_MAX - 1 jobs already waiting in the queue,
+    and with those that join while it decodes (``worker.joining``).
 
     Each taken message is acknowledged once its job's final record is written;
     whatever is left unsettled when this returns or raises goes back to the queue.
@@ -196,34 +197,19 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
         first = admit(runtime, job_id, raw_message, unexpected, hostname)
         if isinstance(first, JobRecord):
             return [first]
-        taken = _take_company(runtime)
+        taken.extend(take_company(runtime))
         if taken:
             log.info("job=%s batch: took %s", job_id, " ".join(item.job_id for item in taken))
-        jobs, finished = _admit_taken(runtime, first, taken, hostname)
-        if len(jobs) > 1:
-            runtime.store.set_batch(job_id, os.getpid(), [job.record.job_id for job in jobs[1:]],
+        in_batch = {job_id}
+        company, finished = admit_taken(runtime, taken, hostname, in_batch)
+        if company:
+            runtime.store.set_batch(job_id, os.getpid(), [job.record.job_id for job in company],
                                     settings.visibility_timeout_s)
-        return finished + run_jobs(runtime, jobs)
+        joiners = Joiners(runtime, job_id, taken, hostname, in_batch)
+        records = run_jobs(runtime, [first, *company], joiners)
+        return finished + records + joiners.finished
     finally:
         _settle_batch(runtime, job_id, taken)
-
-
-def _take_company(runtime: WorkerRuntime) -> list[TakenJob]:
-    """Up to BATCH_MAX - 1 waiting jobs to run beside the delivered one."""
-    settings = runtime.settings
-    taken = []
-    if settings.batch_max > 1:
-        # Under load (the last batch had company) clients served together come back
-        # together: wait for them. After an idle spell, wait only a fifth of that, long
-        # enough for a burst of clients arriving at once, short for a lone client.
-        wait_s = settings.batch_wait_ms / 1000 / (1 if runtime.last_batch_size > 1 else IDLE_WAIT_DIVISOR)
-        try:
-            taken = runtime.intake.take(settings.batch_max - 1, wait_s)
-        except Exception as err:  # batching is an optimization: the delivered job runs regardless
-            # What was taken before the error stays with the intake, which hands it back next time.
-            log.warning("could not take more jobs for a batch: %s: %s", type(err).__name__, err)
-    runtime.last_batch_size = 1 + len(taken)
-    return taken
 
 
 def _settle_batch(runtime: WorkerRuntime, job_id: str, taken: list[TakenJob]) -> None:
@@ -239,22 +225,3 @@ def _settle_batch(runtime: WorkerRuntime, job_id: str, taken: list[TakenJob]) ->
         runtime.store.forget_batch(job_id)
     except redis.RedisError as err:  # both expire (hard time limit, VISIBILITY_TIMEOUT_S)
         log.error("job=%s: could not release its batch: %s", job_id, err)
-
-
-def _admit_taken(runtime: WorkerRuntime, first: RunningJob, taken: list[TakenJob],
-                 hostname: str) -> tuple[list[RunningJob], list[JobRecord]]:
-    """Admit the taken jobs: those to run (the delivered one first), and those finished at admission."""
-    jobs, finished = [first], []
-    for item in taken:
-        try:
-            admitted = admit(runtime, item.job_id, item.raw_message, item.unexpected, hostname)
-        except NotReadyYet:
-            item.requeue()  # its earlier turn may be in this very batch: after it, not beside it
-            continue
-        if isinstance(admitted, JobRecord):
-            finished.append(admitted)
-            item.ack()
-        else:
-            admitted.taken = item
-            jobs.append(admitted)
-    return jobs, finished

@@ -24,7 +24,9 @@ def _submit_behind_a_busy_worker(client, texts: list[str], **options) -> tuple[s
 
 
 def test_waiting_jobs_run_together_up_to_batch_max(worker_env, tmp_path, make_client, figures):
-    worker = start_worker(FAULT_APP, tmp_path / "batch.log", {**worker_env, "BATCH_MAX": "4"}, name="batch")
+    # Static batches (no join window): the six waiting jobs start in batches of their own.
+    env = {**worker_env, "BATCH_MAX": "4", "JOIN_WINDOW_S": "0"}
+    worker = start_worker(FAULT_APP, tmp_path / "batch.log", env, name="batch")
     client = make_client()
     try:
         blocker, jobs = _submit_behind_a_busy_worker(client, [f"第{i}单 还行" for i in range(6)], max_new_tokens=8)
@@ -40,7 +42,8 @@ def test_waiting_jobs_run_together_up_to_batch_max(worker_env, tmp_path, make_cl
 
 
 def test_a_failing_job_in_a_batch_fails_alone(worker_env, tmp_path, make_client, figures):
-    worker = start_worker(FAULT_APP, tmp_path / "fail.log", worker_env, name="batchfail")
+    # Static batches: the three start together (joiners: see the continuous batching tests).
+    worker = start_worker(FAULT_APP, tmp_path / "fail.log", {**worker_env, "JOIN_WINDOW_S": "0"}, name="batchfail")
     client = make_client()
     try:
         _, jobs = _submit_behind_a_busy_worker(client, ["好吃", "[[fail]] 坏了", "送餐太慢了"], max_new_tokens=8)
@@ -55,39 +58,54 @@ def test_a_failing_job_in_a_batch_fails_alone(worker_env, tmp_path, make_client,
     assert [r.batch_size for r in records] == [1, 1, 1]
 
 
-def test_a_worker_killed_mid_batch_loses_nothing(worker_env, tmp_path, make_client, figures):
-    # Default VISIBILITY_TIMEOUT_S (an hour): liveness brings the dead worker's jobs back.
-    env = {**worker_env, "JOB_TIMEOUT_S": "3", "TIME_LIMIT_GRACE_S": "1"}
-    worker = start_worker(FAULT_APP, tmp_path / "kill-0.log", env, name="batchkill")
+def _kill_mid_batch_and_recover(tmp_path, make_client, env, name, submit, running_enough):
+    """Start a worker, ``submit(client)`` -> job ids, kill -9 the whole worker once ``running_enough``
+    (client, ids) gives the jobs in flight, start a fresh one: (final records, final log lines, in flight)."""
+    worker = start_worker(FAULT_APP, tmp_path / f"{name}-0.log", env, name=name)
     client = make_client()
     try:
-        _, jobs = _submit_behind_a_busy_worker(
-            client, [f"[[slow=0.03]] 第{i}单 太慢了" for i in range(5)], max_new_tokens=40)
-
-        def batch_running():
-            running = [r for r in map(client.get, jobs) if r.status is JobStatus.RUNNING and r.sentiment]
-            return running if len(running) >= 2 and running[0].batch_size >= 2 else None
-
-        in_flight = wait_for(batch_running, timeout=60, interval=0.01)
+        jobs = submit(client)
+        in_flight = wait_for(lambda: running_enough(client, jobs, worker), timeout=60, interval=0.01)
         worker.kill_all()
-        worker = start_worker(FAULT_APP, tmp_path / "kill-1.log", env, name="batchkill")
+        worker = start_worker(FAULT_APP, tmp_path / f"{name}-1.log", env, name=name)
         records = {job_id: client.wait(job_id, timeout=120) for job_id in jobs}
     finally:
         worker.stop()
-    logs = "".join(path.read_text() for path in tmp_path.glob("kill-*.log"))
+    logs = "".join(path.read_text() for path in tmp_path.glob(f"{name}-*.log"))
     final_lines = {job_id: len(re.findall(rf"job={job_id} status=", logs)) for job_id in jobs}
-    figures.update(jobs=len(jobs), killed_mid_batch=len(in_flight),
-                   lost=sum(r.status is not JobStatus.SUCCEEDED for r in records.values()))
-    assert all(r.status is JobStatus.SUCCEEDED for r in records.values()), records
+    return records, final_lines, in_flight
+
+
+def _assert_nothing_lost(records, final_lines, in_flight) -> None:
+    assert all(r.status is JobStatus.SUCCEEDED for r in records.values()), [(r.status, r.error) for r in records.values()]
     assert all(records[r.job_id].attempts >= 2 for r in in_flight)
     assert set(final_lines.values()) == {1}, final_lines  # one final record per job
 
 
+def test_a_worker_killed_mid_batch_loses_nothing(worker_env, tmp_path, make_client, figures):
+    # Default VISIBILITY_TIMEOUT_S (an hour): liveness brings the dead worker's jobs back.
+    env = {**worker_env, "JOB_TIMEOUT_S": "3", "TIME_LIMIT_GRACE_S": "1"}
+
+    def submit(client):
+        return _submit_behind_a_busy_worker(client, [f"[[slow=0.03]] 第{i}单 太慢了" for i in range(5)],
+                                            max_new_tokens=40)[1]
+
+    def batch_running(client, jobs, _):
+        running = [r for r in map(client.get, jobs) if r.status is JobStatus.RUNNING and r.sentiment]
+        return running if len(running) >= 2 and running[0].batch_size >= 2 else None
+
+    records, final_lines, in_flight = _kill_mid_batch_and_recover(tmp_path, make_client, env, "batchkill", submit,
+                                                                  batch_running)
+    figures.update(jobs=len(records), killed_mid_batch=len(in_flight),
+                   lost=sum(r.status is not JobStatus.SUCCEEDED for r in records.values()))
+    _assert_nothing_lost(records, final_lines, in_flight)
+
+
 def test_a_batch_killed_by_the_hard_time_limit_times_out_every_job_at_once(worker_env, tmp_path, make_client, figures):
-    # JOB_TIMEOUT_S 5 + TIME_LIMIT_GRACE_S 1. A forward pass of 7 s in the batch (its slowest
+    # JOB_TIMEOUT_S 5 + TIME_LIMIT_GRACE_S 1 (+ JOIN_WINDOW_S 0). A forward pass of 7 s in the batch (its slowest
     # job sets the pace) cannot be stopped by the deadlines. Its own worker, stopped at the end:
     # a worker left running would take the next test's jobs under this hard limit.
-    env = {**worker_env, "JOB_TIMEOUT_S": "5", "TIME_LIMIT_GRACE_S": "1"}
+    env = {**worker_env, "JOB_TIMEOUT_S": "5", "TIME_LIMIT_GRACE_S": "1", "JOIN_WINDOW_S": "0"}
     worker = start_worker(FAULT_APP, tmp_path / "hard.log", env, name="hardlimit")
     client = make_client()
     try:
@@ -107,7 +125,7 @@ def test_a_batch_killed_by_the_hard_time_limit_times_out_every_job_at_once(worke
 def test_a_job_whose_deadline_passes_in_the_sentiment_pass_fails_alone(worker_env, tmp_path, make_client, figures):
     # The sentiment pass of "[[slow=3]]" takes 3 s, past its 2 s deadline, well inside the
     # hard time limit (2 + 20 s): the job ends at once with its label, and takes no reply row.
-    env = {**worker_env, "JOB_TIMEOUT_S": "2", "TIME_LIMIT_GRACE_S": "20"}
+    env = {**worker_env, "JOB_TIMEOUT_S": "2", "TIME_LIMIT_GRACE_S": "20", "JOIN_WINDOW_S": "0"}
     worker = start_worker(FAULT_APP, tmp_path / "deadline.log", env, name="deadline")
     client = make_client()
     try:
@@ -121,3 +139,75 @@ def test_a_job_whose_deadline_passes_in_the_sentiment_pass_fails_alone(worker_en
     assert late.sentiment is not None and late.reply is None
     assert late.finished_at - late.started_at < 10
     assert after.status is JobStatus.SUCCEEDED
+
+
+# --- continuous batching: jobs join a batch while it decodes ---
+
+
+def _blocker_decoding(client, **options) -> str:
+    """A job whose reply decodes slowly (every step sleeps), running once its sentiment is known."""
+    blocker = client.submit("[[slow=0.04]] 先来的", max_new_tokens=60, min_new_tokens=60, temperature=0.0, **options)
+    wait_for(lambda: client.get(blocker).sentiment is not None, timeout=30, interval=0.01)
+    return blocker
+
+
+@pytest.mark.parametrize("join_window_s", ["30", "0"], ids=["continuous", "static"])
+def test_a_job_submitted_while_a_batch_decodes_starts_before_that_batch_ends(
+        worker_env, tmp_path, make_client, figures, join_window_s):
+    env = {**worker_env, "JOIN_WINDOW_S": join_window_s}
+    worker = start_worker(FAULT_APP, tmp_path / "join.log", env, name=f"join{join_window_s}")
+    client = make_client()
+    try:
+        blocker = _blocker_decoding(client)
+        joiner = client.submit("好吃", max_new_tokens=8, temperature=0.0)
+        first, second = client.wait(blocker, timeout=60), client.wait(joiner, timeout=60)
+    finally:
+        worker.stop()
+    assert first.status is second.status is JobStatus.SUCCEEDED
+    assert first.tokens.generated_tokens == 60
+    figures.update(mode="continuous" if join_window_s != "0" else "static",
+                   joiner_started_before_batch_end=second.started_at < first.finished_at,
+                   joiner_batch=second.batch_size)
+    if join_window_s == "0":  # static batches: it waits for the whole batch (what the issue saw)
+        assert second.started_at >= first.finished_at
+        return
+    # It joined the running batch: started, and finished, while the first reply still decoded.
+    assert second.started_at < first.finished_at and second.finished_at < first.finished_at
+    assert second.batch_size == 2 and f"job={blocker} batch: joined by {joiner}" in worker.log()
+
+
+def test_a_worker_killed_with_rows_that_joined_mid_batch_loses_nothing(worker_env, tmp_path, make_client, figures):
+    env = {**worker_env, "JOB_TIMEOUT_S": "5", "TIME_LIMIT_GRACE_S": "1"}
+
+    def submit(client):
+        blocker = _blocker_decoding(client)
+        return [blocker, *(client.submit(f"[[slow=0.04]] 第{i}单 太慢了", max_new_tokens=40, temperature=0.0)
+                           for i in range(3))]
+
+    def joined(client, jobs, worker):
+        running = [r for r in map(client.get, jobs[1:]) if r.status is JobStatus.RUNNING and r.sentiment]
+        return running if running and "joined by" in worker.log() else None
+
+    records, final_lines, in_flight = _kill_mid_batch_and_recover(tmp_path, make_client, env, "joinkill", submit,
+                                                                  joined)
+    figures.update(jobs=len(records), joined_when_killed=len(in_flight),
+                   lost=sum(r.status is not JobStatus.SUCCEEDED for r in records.values()))
+    _assert_nothing_lost(records, final_lines, in_flight)
+
+
+def test_a_joiner_that_breaks_the_model_fails_alone_and_the_batch_goes_on(worker_env, tmp_path, make_client):
+    worker = start_worker(FAULT_APP, tmp_path / "joinfail.log", worker_env, name="joinfail")
+    client = make_client()
+    try:
+        blocker = _blocker_decoding(client)
+        joiners = [client.submit(text, max_new_tokens=8, temperature=0.0) for text in ["好吃", "[[fail]] 坏了", "还行"]]
+        records = [client.wait(job_id, timeout=60) for job_id in [blocker, *joiners]]
+    finally:
+        worker.stop()
+    assert [r.status for r in records] == [JobStatus.SUCCEEDED, JobStatus.SUCCEEDED, JobStatus.FAILED,
+                                           JobStatus.SUCCEEDED]
+    assert records[2].error.code is ErrorCode.MODEL_ERROR
+    # The running reply was not started again for a joiner's fault, and the others joined it.
+    assert records[0].attempts == 1 and records[0].tokens.generated_tokens == 60
+    assert all(r.started_at < records[0].finished_at for r in (records[1], records[3]))
+    assert "one by one" in worker.log()

@@ -95,3 +95,24 @@ def test_sigterm_lets_the_running_job_finish(worker_env, tmp_path, make_client, 
     figures.update(jobs=1, sigterm=1, shutdown_s=round(time.monotonic() - started, 1), final=record.status.value)
     assert exit_code == 0
     assert record.status is JobStatus.SUCCEEDED
+
+
+def test_sigterm_mid_batch_takes_no_more_joiners(worker_env, tmp_path, make_client, figures):
+    # Continuous batching is on (JOIN_WINDOW_S 30 s by default): without the stop, the running
+    # batch would take the job submitted after SIGTERM and hold up the shutdown with it.
+    worker = start_worker(FAULT_APP, tmp_path / "term-join.log", worker_env, name="termjoin")
+    client = make_client()
+    running = client.submit("[[slow=0.05]] 你好", max_new_tokens=60, min_new_tokens=60, temperature=0.0)
+    wait_for(lambda: client.get(running).sentiment is not None, timeout=30, interval=0.02)
+    worker.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # the parent has begun its warm shutdown
+    late = client.submit("好吃", max_new_tokens=4, temperature=0.0)
+    try:
+        exit_code = worker.process.wait(60)
+        figures.update(sigterm=1, running=client.get(running).status.value, late=client.get(late).status.value)
+        assert exit_code == 0
+        assert client.get(running).status is JobStatus.SUCCEEDED
+        assert client.get(late).status is JobStatus.QUEUED  # left for the next worker
+        assert "joined by" not in worker.log()
+    finally:
+        client.cancel(late)  # not left for the next test's worker

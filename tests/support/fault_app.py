@@ -54,7 +54,7 @@ def _install_hooks(**_):
     # Connected after worker.app's own receiver, so the engine is loaded by now.
     engine = app.tasks[TASK_NAME].runtime.engine
     classify_batch = engine.classify_batch
-    reply_batch = engine.reply_batch
+    open_replies = engine.open_replies
 
     def set_delay(texts: list[str]) -> None:
         # A batch runs as fast as its slowest job: the longest delay of its texts.
@@ -67,12 +67,27 @@ def _install_hooks(**_):
             raise RuntimeError("injected model failure")
         return classify_batch(items, *args, **kwargs)
 
-    def slow_reply_batch(requests, *args, **kwargs):
-        set_delay([request.text for request in requests])
-        return reply_batch(requests, *args, **kwargs)
+    def slow_open_replies(*args, **kwargs):
+        # Each decoding step runs as slow as the slowest reply in the session at that step.
+        session = open_replies(*args, **kwargs)
+        texts: dict[int, str] = {}
+        add, step = session.add, session.step
+
+        def add_tracked(request):
+            key = add(request)
+            if key is not None:
+                texts[key] = request.text
+            return key
+
+        def step_slowly():
+            set_delay([texts[key] for key in session.keys])
+            return step()
+
+        session.add, session.step = add_tracked, step_slowly
+        return session
 
     engine.classify_batch = faulty_classify_batch
-    engine.reply_batch = slow_reply_batch
+    engine.open_replies = slow_open_replies
     engine.model.decoder.register_forward_pre_hook(lambda *_: time.sleep(_delay_s) if _delay_s else None)
 
 

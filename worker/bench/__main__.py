@@ -205,34 +205,55 @@ def cmd_batching(args: argparse.Namespace) -> int:
     if not queue_is_empty(args.redis_url):
         print(f"the queue at {args.redis_url} is not empty: use a Redis database of its own", file=sys.stderr)
         return 2
-    examples = balanced_sample(read_rows(Path(args.data)), 400, seed=1)
-    texts = [e.text for e in examples if len(e.text) <= 40][:100]  # short Chinese reviews, as in `run`
+    names = [name for name in batching.MODES if name in args.modes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
-    count, threads = (int(x) for x in args.layout.split("x"))
-    out = [f"# batching on and off, {time.strftime('%Y-%m-%d %H:%M')}", f"machine: {machine_line()}",
-           f"model: {args.model}; DTYPE={args.dtype}; {count} worker(s) x {threads} threads; BATCH_MAX "
-           f"{args.batch_max} (on) or 1 (off), BATCH_WAIT_MS {args.batch_wait_ms:g}; reply fixed at "
-           f"{args.reply_tokens} tokens, temperature 0.7; each client submits, waits, submits again", ""]
-    names = [name for name in ("off", "on") if name in args.modes.split(",")]
-    if args.rounds > 1 and (names != ["off", "on"] or not {1, 8} <= set(levels)):
-        print("--rounds needs --modes off,on and concurrency levels 1 and 8", file=sys.stderr)
+    if args.rounds > 1 and (len(names) < 2 or names[0] != "off" or not {1, 8} <= set(levels)):
+        print("--rounds needs batching off and another mode, and concurrency levels 1 and 8", file=sys.stderr)
         return 2
-    # Alternate which mode runs first, so the machine's drift favours neither (--modes none: no rounds).
-    rounds = [batching.run_modes(args.model, args.dtype, (count, threads), args.redis_url, texts, levels,
-                                 args.reply_tokens, args.batch_max, args.batch_wait_ms, args.c1_jobs,
-                                 args.jobs_per_client, names if number % 2 == 0 else names[::-1])
+    if args.llama_bin and not (args.gguf and (Path(args.llama_bin) / "llama-server").is_file()):
+        print("--llama-bin needs llama-server in that folder and --gguf (the same weights as --model)", file=sys.stderr)
+        return 2
+    examples = balanced_sample(read_rows(Path(args.data)), 400, seed=1)
+    load = batching.Load(
+        texts=[e.text for e in examples if len(e.text) <= 40][:100],  # short Chinese reviews, as in `run`
+        levels=levels, reply_tokens=args.reply_tokens, c1_jobs=args.c1_jobs, jobs_per_client=args.jobs_per_client,
+        open_fractions=tuple(float(f) for f in args.open_loop.split(",") if f), open_jobs=args.open_jobs)
+    count, threads = (int(x) for x in args.layout.split("x"))
+    out = [f"# batching off, static and continuous, {time.strftime('%Y-%m-%d %H:%M')}", f"machine: {machine_line()}",
+           f"model: {args.model}; DTYPE={args.dtype}; {count} worker(s) x {threads} threads; BATCH_MAX "
+           f"{args.batch_max} (static, continuous) or 1 (off), BATCH_WAIT_MS {args.batch_wait_ms:g}; reply fixed at "
+           f"{args.reply_tokens} tokens, temperature 0.7; closed loop: each client submits, waits, submits again; "
+           f"open loop: {args.open_jobs} Poisson arrivals at each fraction of the capacity", ""]
+    capacity: list[float] = [args.capacity] if args.capacity else []
+    # Alternate which mode runs first, so the machine's drift favours none (--modes none: no rounds).
+    rounds = [batching.run_modes(args.model, args.dtype, (count, threads), args.redis_url, load, args.batch_max,
+                                 args.batch_wait_ms, names if number % 2 == 0 else names[::-1], capacity)
               for number in range(args.rounds)] if names else []
+    if capacity:
+        out.append(f"capacity for the open loops: {capacity[0]:.1f} jobs/min "
+                   f"({'given' if args.capacity else 'the first batching mode’s best closed loop'})\n")
+    peer = None
+    if args.llama_bin:
+        peer = batching.run_llama_peer(Path(args.llama_bin), Path(args.gguf), count * threads, load,
+                                       capacity[0] if capacity else None)
+        out.append(f"llama.cpp build: {peer.build}; llama-server -np 8 on {args.gguf}, {count * threads} threads, "
+                   "latency measured by the client\n")
     baseline = None
     if args.baseline:
-        baseline = batching.baseline_jobs_per_minute(args.model, count * threads, texts, args.reply_tokens,
+        baseline = batching.baseline_jobs_per_minute(args.model, count * threads, load.texts, args.reply_tokens,
                                                      args.baseline_jobs)
         out.append(f"original pipeline, sequential, in process, {count * threads} threads: "
                    f"{baseline:.1f} jobs/min ({args.baseline_jobs} jobs)\n")
+    peer_rpm = {loop.concurrency: loop.jobs_per_minute for loop in peer.loops} if peer else None
     for number, modes in enumerate(rounds, start=1):
         if len(rounds) > 1:
             out += [f"### round {number}", ""]
-        out += [batching.level_table(modes, baseline), "", *batching.targets(modes, baseline), "",
-                batching.memory_table(modes), ""]
+        out += [batching.level_table(modes, baseline), ""]
+        if peer is not None and number == 1:
+            out += [peer.table(), ""]
+        if any(mode.open_loops for mode in modes):
+            out += [batching.open_table(modes, peer.open_loops if peer and number == 1 else None), ""]
+        out += [*batching.targets(modes, baseline, peer_rpm), "", batching.memory_table(modes), ""]
     if len(rounds) > 1:
         out += ["### the latency targets, round by round", "", *batching.rounds_summary(rounds)]
     if args.worst_case:
@@ -425,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--float32-rss", action="store_true", help="also start a float32 worker to compare RSS")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("batching", help="batching on and off side by side under load, vs the original")
+    p = sub.add_parser("batching", help="batching off, static and continuous side by side under load")
     p.add_argument("--model", required=True, help="model folder or .gguf file")
     p.add_argument("--dtype", default="int8")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="a Redis database the bench may use")
@@ -434,12 +455,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,2,4,8,16")
     p.add_argument("--batch-max", type=int, default=8)
     p.add_argument("--batch-wait-ms", type=float, default=50.0)
-    p.add_argument("--modes", default="off,on", help="batching off, on, both (the targets need both), or none")
+    p.add_argument("--modes", default="off,static,continuous",
+                   help="comma-separated: off (BATCH_MAX=1), static (JOIN_WINDOW_S=0), continuous; or none")
+    p.add_argument("--open-loop", default="0.5,0.8",
+                   help="open loops at these fractions of the capacity (empty: none)")
+    p.add_argument("--open-jobs", type=int, default=60, help="jobs per open loop")
+    p.add_argument("--capacity", type=float, help="jobs/min the open-loop fractions refer to (default: measured "
+                                                  "as the first batching mode's best closed loop)")
+    p.add_argument("--llama-bin", help="also llama-server -np 8 under the same load (folder of llama-server)")
+    p.add_argument("--gguf", help="the .gguf file llama-server runs: the same weights as --model")
     p.add_argument("--reply-tokens", type=int, default=45, help="fixed reply length (the original's mean: 45)")
     p.add_argument("--c1-jobs", type=int, default=20, help="jobs at concurrency 1")
     p.add_argument("--jobs-per-client", type=int, default=3, help="jobs per client above concurrency 1")
     p.add_argument("--rounds", type=int, default=1,
-                   help="repeat off/on this many times, alternating which runs first (needs c=1 and c=8)")
+                   help="repeat the modes this many times, alternating which runs first (needs off, c=1 and c=8)")
     p.add_argument("--baseline", action="store_true", help="also time the original pipeline in process")
     p.add_argument("--baseline-jobs", type=int, default=5)
     p.add_argument("--worst-case", action="store_true", help="also one batch of the longest jobs, in process")
@@ -474,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="int8", help="the torch engine's DTYPE")
     p.add_argument("--engines", default="llama.cpp,torch", help="which of our engines to run, in this order")
     p.add_argument("--threads", type=int, default=available_cores())
-    p.add_argument("--concurrency", default="1,8")
+    p.add_argument("--concurrency", default="1,8,16")
     p.add_argument("--jobs-per-client", type=int, default=6)
     p.add_argument("--reply-tokens", type=int, default=45)
     p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV with label,review columns (the job texts)")

@@ -69,6 +69,15 @@ class KVCache:
     def rows(self) -> int:
         return len(self.lengths)
 
+    def grow(self, capacity: int) -> None:
+        """Room for ``capacity`` tokens per row, keeping what every row holds."""
+        for tensors in (self.keys, self.values):
+            for layer, old in enumerate(tensors):
+                rows, kv, length, d = old.shape
+                tensors[layer] = torch.zeros((rows, kv, capacity, d), dtype=old.dtype)  # (rows, kv, T', d)
+                tensors[layer][:, :, :length] = old
+        self.capacity = capacity
+
     def copy_row(self, source: KVCache, source_row: int, row: int) -> None:
         """Row ``row`` starts as a copy of ``source``'s row (a prompt prefix, computed once)."""
         n = source.lengths[source_row]

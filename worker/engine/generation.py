@@ -1,4 +1,4 @@
-"""Batched decoding: the replies of several jobs advance together, one token per step.
+"""Batched decoding's rows and sampling: the replies of several jobs advance together, one token per step.
 
 Decoding on a CPU is bound by reading the weights, so a step for eight
 sequences costs little more than a step for one. Each row is its own
@@ -6,20 +6,15 @@ sequence with its own cache; a step extends every live row by one token in
 one pass. Every row keeps its own budget (max/min new tokens), temperature
 and deadline; a row that is done leaves the batch at once, so it neither
 costs a step nor produces output. The sampling runs on NumPy arrays of
-logits, whichever engine produced them.
+logits, whichever engine produced them. The loop that runs the steps, and
+lets replies join between them, is ``ReplySession`` (session.py).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from worker.engine.interface import Sequences
 
 
 @dataclass
@@ -130,43 +125,3 @@ def _penalize_repeats(scores: np.ndarray, seen: list[int], penalty: float) -> No
     ids = np.unique(np.asarray(seen, dtype=np.int64))
     values = scores[ids]
     scores[ids] = np.where(values < 0, values * penalty, values / penalty)
-
-
-def decode(
-    sequences: Sequences,
-    first_logits: np.ndarray,
-    rows: list[DecodeRow],
-    sampler: Sampler,
-    on_step: Callable[[], None] | None = None,
-) -> None:
-    """Generate every row to its end, filling ``row.tokens``, ``row.ended`` and ``row.truncated``.
-
-    Row ``i`` is sequence ``i`` of ``sequences``, already prefilled;
-    ``first_logits`` (rows x vocabulary) are the prefill's last-position logits.
-    A finished row is left out of the next pass: it costs no more steps.
-    ``on_step`` is called after every step, for partial replies; a row it marks
-    ``cancelled`` leaves the batch before the next step.
-    """
-    active = list(range(len(rows)))  # rows still generating, in order
-    logits = first_logits             # (active, vocabulary)
-    while True:
-        tokens = sampler.choose(logits, [rows[i] for i in active])  # (active,)
-        now = time.time()
-        kept: list[tuple[int, int]] = []
-        for i, token in zip(active, tokens):
-            row = rows[i]
-            if token in sampler.stop_token_ids:
-                row.ended = True
-            else:
-                row.tokens.append(token)
-                if not row.done and now >= row.deadline:
-                    row.truncated = True
-            if not row.done:
-                kept.append((i, token))
-        if on_step is not None:
-            on_step()  # may cancel rows
-            kept = [(i, token) for i, token in kept if not rows[i].cancelled]
-        if not kept:
-            return
-        active = [i for i, _ in kept]
-        logits = sequences.extend([(i, [token]) for i, token in kept]).logits()

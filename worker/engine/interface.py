@@ -28,6 +28,7 @@ from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, Sentime
 
 if TYPE_CHECKING:
     from worker.engine.chat import ChatFormat
+    from worker.engine.session import ReplySession
 
 #: (cache row, token ids to append to it).
 Segment = tuple[int, list[int]]
@@ -40,6 +41,8 @@ class Engine(Protocol):
     chat: ChatFormat
     #: label set -> why this model cannot answer it.
     unavailable_label_sets: dict[str, str]
+    #: Jobs may join a running decoding session (continuous batching).
+    joins_running_batches: bool
 
     def classify_batch(self, items: Sequence[tuple[str, str]]) -> list[SentimentResult | ValueError]:
         """(text, label set) pairs -> each one's sentiment, or a ValueError for a set it cannot answer."""
@@ -49,6 +52,9 @@ class Engine(Protocol):
                     ) -> list[ReplyResult]:
         """Replies generated together; ``on_step`` gets every row's token ids so far after each step,
         and may return the indices of rows to stop there (stop reason ``cancelled``)."""
+
+    def open_replies(self, rows: int, *, history_max_tokens: int) -> ReplySession:
+        """A decoding session of up to ``rows`` replies, which join and leave it between steps."""
 
     def text_of(self, tokens: list[int]) -> str:
         """Reply text of generated token ids."""
@@ -65,15 +71,22 @@ class PassOutput(Protocol):
     def scores(self, token_ids: Sequence[int]) -> Any:
         """(segments, len(token_ids)) float32 NumPy scores of the chosen tokens only."""
 
-    def logits(self) -> Any:
-        """(segments, vocabulary) float32 NumPy logits, to pick each segment's next token."""
+    def logits(self, segments: Sequence[int] | None = None) -> Any:
+        """(segments, vocabulary) float32 NumPy logits, to pick each segment's next token; of the
+        given segment indices only, when given (a chunk of a prompt needs none)."""
 
 
 class Sequences(Protocol):
     """A batch of sequences, each with its own key/value cache of a fixed capacity."""
 
     def copy_prefix(self, prefix: Sequences, row: int) -> None:
-        """Sequence ``row`` starts as a copy of the one-sequence ``prefix``."""
+        """Sequence ``row``, empty, starts as a copy of the one-sequence ``prefix``."""
+
+    def ensure_capacity(self, tokens: int) -> None:
+        """Every sequence can hold ``tokens`` tokens (the torch cache grows, keeping what it holds)."""
+
+    def reset(self, row: int) -> None:
+        """Sequence ``row`` is empty again; its cache is free for another reply."""
 
     def extend(self, segments: Sequence[Segment]) -> PassOutput:
         """Append each segment's tokens to its sequence, in one pass."""
@@ -93,7 +106,8 @@ class SequenceModel(Protocol):
     #: prefixes (llama.cpp's context is one fixed pool), or None for no bound.
     batch_token_limit: int | None
 
-    def new_sequences(self, rows: int, capacity: int) -> Sequences: ...
+    def new_sequences(self, rows: int, capacity: int) -> Sequences:
+        """``rows`` empty sequences of ``capacity`` tokens each (``ensure_capacity`` makes room for more)."""
 
     def info(self) -> EngineInfo: ...
 

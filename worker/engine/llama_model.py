@@ -64,8 +64,9 @@ class LlamaOutput:
     def scores(self, token_ids: Sequence[int]) -> np.ndarray:
         return np.stack([row[list(token_ids)] for row in self.rows])  # (segments, k): the label columns only
 
-    def logits(self) -> np.ndarray:
-        return np.stack(self.rows)  # (segments, vocabulary)
+    def logits(self, segments: Sequence[int] | None = None) -> np.ndarray:
+        rows = self.rows if segments is None else [self.rows[i] for i in segments]
+        return np.stack(rows)  # (wanted, vocabulary)
 
 
 class LlamaSequences:
@@ -79,6 +80,13 @@ class LlamaSequences:
     def copy_prefix(self, prefix: LlamaSequences, row: int) -> None:
         llama_cpp.llama_memory_seq_cp(self.model.memory, prefix.seq_ids[0], self.seq_ids[row], -1, -1)
         self.lengths[row] = prefix.lengths[0]
+
+    def ensure_capacity(self, tokens: int) -> None:
+        pass  # one fixed pool of cells: ReplySession keeps its replies within batch_token_limit
+
+    def reset(self, row: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self.model.memory, self.seq_ids[row], -1, -1)  # its cells are free
+        self.lengths[row] = 0
 
     def extend(self, segments: Sequence[Segment]) -> LlamaOutput:
         rows: list[np.ndarray] = []

@@ -16,7 +16,6 @@ task converts them to protocol records.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,9 +26,10 @@ from producer.protocol import LABEL_SETS
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, check_fits
 from worker.engine.adapter import SETTING as ADAPTER_SETTING
 from worker.engine.chat import ChatFormat, HFTokenizer
-from worker.engine.generation import DecodeRow, Sampler, decode
+from worker.engine.generation import Sampler
 from worker.engine.interface import SequenceModel, Sequences
-from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult, StopReason
+from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
+from worker.engine.session import ReplySession, run_to_end
 from worker.model_source import ModelLoadError, ModelSource
 from worker.prompts import (
     CLASSIFIER_PROMPTS,
@@ -220,44 +220,24 @@ class QwenEngine:
 
         ``on_step`` gets every request's generated token ids so far after each
         decoding step (``text_of`` turns them into text), for partial replies; it
-        may return the indices of requests to stop there (cancelled).
+        may return the indices of requests to stop there (cancelled). Requests
+        beyond the model's rows or cache join as earlier ones end.
         """
-        kept = [self.chat.fit_history(r.history, history_max_tokens) for r in requests]
-        prompts = [self._reply_prompt(r.text, history) for r, history in zip(requests, kept)]
-        rows = [DecodeRow(max_new_tokens=r.max_new_tokens, min_new_tokens=min(r.min_new_tokens, r.max_new_tokens),
-                          temperature=r.temperature, deadline=r.deadline, prompt_ids=ids)
-                for r, ids in zip(requests, prompts)]
-        now = time.time()
-        for row in rows:
-            row.truncated = row.deadline <= now  # out of time before it began: an empty reply
-        live = [i for i, row in enumerate(rows) if not row.done]
-        report = None if on_step is None else (lambda: _cancel(rows, on_step([row.tokens for row in rows])))
-        skip = len(self.reply_prefix.ids)
-        for wave in self._waves([len(prompts[i]) - skip + rows[i].max_new_tokens for i in live]):
-            wave = [i for i in wave if not rows[live[i]].done]  # cancelled while an earlier wave ran
-            if wave:
-                self._generate([rows[live[i]] for i in wave], [prompts[live[i]] for i in wave], report)
-        return [
-            ReplyResult(
-                text=self.text_of(row.tokens),
-                prompt_tokens=len(ids),
-                generated_tokens=len(row.tokens) + int(row.ended),
-                truncated=row.truncated,
-                history_turns_used=len(history),
-                stop_reason=(StopReason.EOS if row.ended else StopReason.DEADLINE if row.truncated
-                             else StopReason.CANCELLED if row.cancelled else StopReason.LENGTH),
-            )
-            for row, ids, history in zip(rows, prompts, kept)
-        ]
+        results: list[ReplyResult | None] = [None] * len(requests)
+        with self.open_replies(max(len(requests), 1), history_max_tokens=history_max_tokens) as session:
+            for index, result in run_to_end(session, list(requests), on_step):
+                results[index] = result
+        return results  # type: ignore[return-value]  # every request ended
 
-    def _generate(self, rows: list[DecodeRow], prompts: list[list[int]], report) -> None:
-        """Prefill every row in one pass (split by the token budget), then decode them together."""
-        skip = len(self.reply_prefix.ids)
-        rests = [ids[skip:] for ids in prompts]
-        budget = max(len(rest) + row.max_new_tokens for rest, row in zip(rests, rows))
-        with self._fork(self.reply_prefix, len(rows), budget) as sequences:
-            logits = sequences.extend(list(enumerate(rests))).logits()  # (rows, vocabulary)
-            decode(sequences, logits, rows, self.sampler, report)
+    @property
+    def joins_running_batches(self) -> bool:
+        """Whether jobs may join a running session: their sentiment pass then runs beside its rows,
+        which llama.cpp's one fixed context has no room for (its batches stay static)."""
+        return self.model.batch_token_limit is None
+
+    def open_replies(self, rows: int, *, history_max_tokens: int) -> ReplySession:
+        """A session of up to ``rows`` replies that join and leave between decoding steps (session.py)."""
+        return ReplySession(self, rows, history_max_tokens=history_max_tokens)
 
     def _reply_prompt(self, text: str, history: list[tuple[str, str]]) -> list[int]:
         input_ids = self.chat.encode_chat(self.chat.reply_messages(text, history))
@@ -330,12 +310,6 @@ class QwenEngine:
     @property
     def tokenizer(self):
         return self.chat.tokenizer
-
-
-def _cancel(rows: list[DecodeRow], indices: Collection[int] | None) -> None:
-    for i in indices or ():
-        if not rows[i].done:  # a row that already ended keeps its own stop reason
-            rows[i].cancelled = True
 
 
 @contextmanager

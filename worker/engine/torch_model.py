@@ -49,8 +49,9 @@ class TorchOutput:
         return (self.hidden[:, None, :] * rows[None, :, :]).sum(dim=-1).numpy()   # (segments, k)
 
     @torch.inference_mode()
-    def logits(self):
-        return self.model.decoder.logits(self.hidden).float().numpy()  # (segments, vocabulary)
+    def logits(self, segments: Sequence[int] | None = None):
+        hidden = self.hidden if segments is None else self.hidden[list(segments)]  # (wanted, hidden)
+        return self.model.decoder.logits(hidden).float().numpy()                   # (wanted, vocabulary)
 
 
 class TorchSequences:
@@ -67,6 +68,13 @@ class TorchSequences:
     def copy_prefix(self, prefix: TorchSequences, row: int) -> None:
         self.cache.copy_row(prefix.cache, 0, row)
         self.lora = prefix.lora  # forks of an adapted prefix run adapted
+
+    def ensure_capacity(self, tokens: int) -> None:
+        if tokens > self.cache.capacity:  # a reply joined that needs more than the rows so far
+            self.cache.grow(tokens)
+
+    def reset(self, row: int) -> None:
+        self.cache.lengths[row] = 0  # what it held is overwritten before it is read again
 
     def release(self) -> None:
         self.cache = None  # the cache is this object's own: the allocator takes it back
