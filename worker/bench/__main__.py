@@ -259,6 +259,8 @@ def cmd_batching(args: argparse.Namespace) -> int:
     if args.worst_case:
         out += ["", *batching.worst_case_memory(args.model, args.dtype, threads, args.batch_max,
                                                 args.worst_case_chars, args.worst_case_tokens)]
+    if args.stall:
+        out += ["", *batching.join_stall(args.model, args.dtype, threads, args.batch_max - 1, args.worst_case_chars)]
     print("\n".join(out))
     return 0
 
@@ -472,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", action="store_true", help="also time the original pipeline in process")
     p.add_argument("--baseline-jobs", type=int, default=5)
     p.add_argument("--worst-case", action="store_true", help="also one batch of the longest jobs, in process")
+    p.add_argument("--stall", action="store_true",
+                   help="also what a --worst-case-chars job joining costs the decoding rows, in process")
     p.add_argument("--worst-case-chars", type=int, default=2000, help="input length (MAX_INPUT_CHARS)")
     p.add_argument("--worst-case-tokens", type=int, default=128, help="generated tokens (MAX_NEW_TOKENS)")
     p.set_defaults(func=cmd_batching)

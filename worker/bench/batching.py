@@ -68,7 +68,8 @@ class Load:
 def run_modes(model: str, dtype: str, layout: tuple[int, int], redis_url: str, load: Load, batch_max: int,
               batch_wait_ms: float, names: list[str], capacity: list[float]) -> list[Mode]:
     """Each mode in the order given; ``capacity`` (jobs/min, one item) is set by the first batching
-    mode's best closed loop when empty, so every mode's open loops arrive at the same rates."""
+    mode's best closed loop when empty, so every mode's open loops arrive at the same rates. Batching
+    off gets no open loops: arrivals at a batching worker's capacity would only grow its queue."""
     modes = []
     count, threads = layout
     for name in names:  # in the order given: rounds alternate it, so drift favours neither mode
@@ -84,7 +85,7 @@ def run_modes(model: str, dtype: str, layout: tuple[int, int], redis_url: str, l
                     capacity.append(max(level.jobs_per_minute for level in results))
                 opens = [open_loop_service(redis_url, load, fraction * capacity[0] / 60, fraction,
                                            f"batching {name} open {fraction:.0%}")
-                         for fraction in load.open_fractions] if capacity else []
+                         for fraction in load.open_fractions] if capacity and name != "off" else []
         finally:
             workers.stop()
         modes.append(Mode(name, int(env["BATCH_MAX"]), results, workers.start_s, loaded, sampler.peak, opens))
@@ -350,3 +351,47 @@ def run_llama_peer(bin_dir, gguf, threads: int, load: Load, capacity_rpm: float 
     finally:
         server.stop()
     return Peer(loops, opens, llama_build_line(bin_dir))
+
+
+def join_stall(model: str, dtype: str, threads: int, rows: int, input_chars: int,
+               chunks: tuple[int | None, ...] = (256, None)) -> list[str]:
+    """What a long job joining costs the rows already decoding, in process: their step times while
+    its prompt is read, with the prompt in chunks and in one pass, and its sentiment pass."""
+    from worker.engine import ReplyRequest
+    from worker.engine.qwen import QwenEngine
+    from worker.engine.session import ReplySession
+    from worker.model_source import resolve_model_source
+
+    engine = QwenEngine.load(resolve_model_source(model), dtype, threads)
+    text = ("送餐太慢了，等了两个小时，菜都凉了。" * (input_chars // 18 + 1))[:input_chars]
+    lines = [f"a {input_chars}-character job joins {rows} decoding rows, in process ({dtype}, {threads} threads):", "",
+             "| prefill per step | prompt tokens | steps to read it | running rows' step ms before | "
+             "longest step while it joins | time added to every running row |", "|---|---|---|---|---|---|"]
+    for chunk in chunks:
+        with ReplySession(engine, rows + 1, history_max_tokens=0, prefill_chunk=chunk or 10**9) as session:
+            for i in range(rows):
+                session.add(ReplyRequest(f"第{i}单 还行", max_new_tokens=400, min_new_tokens=400, temperature=0.7,
+                                         deadline=time.time() + 3600))
+            before = statistics.median(_timed_steps(session, 12)[2:])  # the first steps read the prompts
+            key = session.add(ReplyRequest(text, max_new_tokens=4, deadline=time.time() + 3600))
+            prompt = len(session._replies[key].pending)
+            during = []
+            while not session.tokens(key):
+                during += _timed_steps(session, 1)
+        added = sum(ms - before for ms in during) - before  # the joiner's first token costs a step anyway
+        lines.append(f"| {chunk or 'all at once'} | {prompt} | {len(during)} | {before:.0f} | {max(during):.0f} | "
+                     f"{added:.0f} ms |")
+    started = time.perf_counter()
+    engine.classify_batch([(text, "zh")])
+    lines += ["", f"its sentiment pass (one pass, before it joins; the running rows wait for it): "
+                  f"{1000 * (time.perf_counter() - started):.0f} ms"]
+    return lines
+
+
+def _timed_steps(session, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        session.step()
+        times.append(1000 * (time.perf_counter() - started))
+    return times

@@ -68,8 +68,9 @@ class Sampler:
             repetition_penalty=penalty if penalty not in (None, 1.0) else None,
         )
 
-    def choose(self, logits: np.ndarray, rows: list[DecodeRow]) -> list[int]:
-        """One token per row of (rows, vocabulary) logits: greedy where the temperature is 0, sampled otherwise."""
+    def choose(self, logits: np.ndarray | list[np.ndarray], rows: list[DecodeRow]) -> list[int]:
+        """One token per row of (rows, vocabulary) logits (or a list of (vocabulary,) rows): greedy where
+        the temperature is 0, sampled otherwise."""
         stops = list(self.stop_token_ids)
         chosen = []
         for j, row in enumerate(rows):

@@ -144,8 +144,8 @@ class ReplySession:
         ready = [reply for reply in self._replies.values() if reply.logits is not None and not reply.decode.done]
         if not ready:
             return
-        logits = np.stack([reply.logits for reply in ready])                     # (ready, vocabulary)
-        chosen = self.engine.sampler.choose(logits, [reply.decode for reply in ready])
+        # Rows of the last pass's logits, as views: choose reads them row by row, so no copy is made.
+        chosen = self.engine.sampler.choose([reply.logits for reply in ready], [reply.decode for reply in ready])
         now = time.time()
         for reply, token in zip(ready, chosen):
             reply.logits = None
