@@ -13,7 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_cancel_while_queued_while_running_mid_batch_and_after_the_end(worker_env, tmp_path, make_client, figures):
-    env = {**worker_env, "BATCH_MAX": "4", "PARTIAL_REPLY_INTERVAL_MS": "100"}
+    # Static batches: the three jobs queued behind the busy worker start together as one batch.
+    env = {**worker_env, "BATCH_MAX": "4", "PARTIAL_REPLY_INTERVAL_MS": "100", "JOIN_WINDOW_S": "0"}
     worker = start_worker(FAULT_APP, tmp_path / "cancel.log", env, name="cancel")
     client = make_client()
     try:
