@@ -307,3 +307,28 @@ def test_a_second_copy_of_a_job_the_batch_runs_is_dropped_not_run_beside_it(runt
     assert copy.message.acked and not other.message.acked
     assert in_batch == {job_id, other.job_id}
     assert runtime.store.get(job_id).attempts == 1  # not admitted a second time
+
+
+def test_a_long_joiner_s_sentiment_is_read_between_the_running_rows_steps(runtime, monkeypatch):
+    from worker.batch import DecodingRows, _prepare_joiners, _prepare_replies
+
+    import math
+
+    from worker.engine.session import PREFILL_CHUNK_TOKENS
+
+    engine, long_text = runtime.engine, "送餐太慢了，等了两个小时，菜都凉了，打电话也没人接。" * 70
+    [running] = _admit_all(runtime, ["好吃"], options={"max_new_tokens": 8, "min_new_tokens": 8})
+    with engine.open_replies(4, history_max_tokens=0) as session:
+        rows = DecodingRows(runtime, engine, session)
+        rows.start(_prepare_replies(runtime, engine, [running]))
+        steps, real_step = [], rows.step
+        monkeypatch.setattr(rows, "step", lambda: steps.append(len(session.tokens(0))) or real_step())
+        [joiner] = _admit_all(runtime, [long_text])
+        [pending] = _prepare_joiners(runtime, engine, [joiner], rows)
+    # Its prompt was read 256 tokens at a time, and the running row took a step between chunks.
+    chunks = math.ceil((joiner.record.tokens.sentiment_prompt_tokens - len(engine.classifier_prefixes["zh"].ids))
+                       / PREFILL_CHUNK_TOKENS)
+    assert chunks >= 3 and len(steps) == chunks - 1
+    assert steps == sorted(steps) and steps[-1] > steps[0]  # the running row's reply grew meanwhile
+    assert pending.job is joiner and joiner.record.sentiment.label == engine.classify(long_text).label
+    assert joiner.record.sentiment.confidence == pytest.approx(engine.classify(long_text).confidence, abs=1e-4)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from worker.engine import StopReason
 from worker.engine.session import ReplySession, run_to_end
 from tests.test_engine_contract import engine, greedy  # noqa: F401  (the engine fixture, per engine)
@@ -72,3 +74,28 @@ def test_a_cancelled_row_leaves_and_the_others_go_on(engine):  # noqa: F811
     # It keeps what it had when it was cancelled, and no more.
     assert results[0].stop_reason is StopReason.CANCELLED and results[0].generated_tokens == steps[4][0] > 0
     assert results[1] == _alone(engine, requests[1])
+
+
+def test_a_chunked_sentiment_is_the_sentiment_of_one_pass(engine):  # noqa: F811
+    items = [(LONG, "zh"), ("好吃", "en"), ("一般般吧", "zh")]
+    one_pass = engine.classify_batch(items)
+    with engine.classify_in_chunks(items, 16) as chunked:
+        advances = 1
+        while not chunked.advance():
+            advances += 1
+    assert advances >= 4  # LONG alone is more than four chunks of 16
+    for ours, theirs in zip(chunked.results, one_pass):
+        assert ours.label == theirs.label and ours.prompt_tokens == theirs.prompt_tokens
+        for word, probability in theirs.probabilities.items():
+            assert ours.probabilities[word] == pytest.approx(probability, abs=1e-4)
+
+
+def test_a_label_set_the_model_cannot_answer_is_an_error_in_its_place(engine):  # noqa: F811
+    engine.unavailable_label_sets["en3"] = "labels='en3' is not available (test)"
+    try:
+        with engine.classify_in_chunks([("好吃", "en3"), ("好吃", "zh")], 256) as chunked:
+            while not chunked.advance():
+                pass
+    finally:
+        del engine.unavailable_label_sets["en3"]
+    assert isinstance(chunked.results[0], ValueError) and chunked.results[1].label in ("正面", "负面")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,8 @@ from producer.protocol import ErrorCode, Flagged, JobError, JobRecord, JobStatus
 from producer.store import JobStore
 from worker.admission import RunningJob
 from worker.cache import CachedReply, digest
-from worker.engine import Engine, ReplyRequest, ReplyResult, StopReason
+from worker.engine import Engine, ReplyRequest, ReplyResult, SentimentResult, StopReason
+from worker.engine.session import PREFILL_CHUNK_TOKENS
 from worker.outcome import finish, save_final, to_ms
 from worker.runtime import WorkerRuntime
 from worker.safety import SafetyFilter
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
     from worker.joining import Joiners
 
 log = logging.getLogger("qwen_allinone.worker")
+
+#: (text, label set) pairs -> each one's sentiment, or the error of a set the model cannot answer.
+Classify = Callable[[list[tuple[str, str]]], list[SentimentResult | ValueError]]
 
 #: A running job's cancel flag is read at most this often (seconds): one MGET for the batch.
 CANCEL_POLL_S = 0.25
@@ -78,11 +83,15 @@ def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob], joiners: Joiners 
         _decode(runtime, engine, replying, jobs, joiners)
 
 
-def _prepare_replies(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob]) -> list[PendingReply]:
-    """Sentiment, then everything short of generating: the jobs whose reply the model must write."""
+def _prepare_replies(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob],
+                     classify: Classify | None = None) -> list[PendingReply]:
+    """Sentiment, then everything short of generating: the jobs whose reply the model must write.
+
+    ``classify`` runs the model's sentiment pass (default: ``engine.classify_batch``)."""
     for job in jobs:
         job.record.model_id = engine.model_id
-    replying = _drop_cancelled(runtime.store, _sentiment_step(runtime, engine, jobs))
+    labelled = _sentiment_step(runtime, engine, jobs, classify or engine.classify_batch)
+    replying = _drop_cancelled(runtime.store, labelled)
     replying = _refuse_flagged_input(runtime, replying)
     return _replies_not_cached(runtime, engine, replying) if replying else []
 
@@ -102,11 +111,12 @@ def _refuse_flagged_input(runtime: WorkerRuntime, jobs: list[RunningJob]) -> lis
     return rest
 
 
-def _sentiment_step(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob]) -> list[RunningJob]:
+def _sentiment_step(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob],
+                    classify: Classify) -> list[RunningJob]:
     """Every job's sentiment (from the cache, or one pass for the rest); returns the jobs to reply to."""
     store = runtime.store
     step = time.perf_counter()
-    sentiments = _sentiments(runtime, engine, jobs)
+    sentiments = _sentiments(runtime, engine, jobs, classify)
     elapsed = to_ms(time.perf_counter() - step)
     replying = []
     for job, sentiment in zip(jobs, sentiments):
@@ -129,14 +139,15 @@ def _sentiment_step(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJo
     return replying
 
 
-def _sentiments(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob]) -> list[Sentiment | Exception]:
+def _sentiments(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob],
+                classify: Classify) -> list[Sentiment | Exception]:
     """Cached sentiments, and one model pass for the jobs the cache does not know (none: no pass)."""
     items = [(job.message.request.text, job.message.request.options.labels) for job in jobs]
     digests = [digest("sentiment", text, labels, engine.classifier_id(labels), engine.model_id, engine.dtype_name,
                       runtime.settings.positive_threshold) for text, labels in items]
     found: list[Sentiment | Exception | None] = list(runtime.cache.sentiments(digests))
     missing = [i for i, sentiment in enumerate(found) if sentiment is None]
-    results = engine.classify_batch([items[i] for i in missing]) if missing else []
+    results = classify([items[i] for i in missing]) if missing else []
     fresh = {}
     for i, result in zip(missing, results):
         if isinstance(result, Exception):
@@ -193,21 +204,31 @@ def _decode(runtime: WorkerRuntime, engine: Engine, pending: list[PendingReply],
                 for job in joined:
                     job.record.batch_size = len(session) + len(joined)
                 jobs.extend(joined)
-                waiting = rows.start(_prepare_joiners(runtime, engine, joined))
+                waiting = rows.start(_prepare_joiners(runtime, engine, joined, rows))
 
 
-def _prepare_joiners(runtime: WorkerRuntime, engine: Engine, joined: list[RunningJob]) -> list[PendingReply]:
-    """``_prepare_replies`` for jobs joining a running batch: one that breaks the model fails alone,
-    and the batch's running rows go on (they never run again for a joiner's fault)."""
+def _prepare_joiners(runtime: WorkerRuntime, engine: Engine, joined: list[RunningJob],
+                     rows: DecodingRows) -> list[PendingReply]:
+    """``_prepare_replies`` for jobs joining a running batch. Their sentiment is read in chunks with a
+    decoding step of the running rows between them, so a long text does not stall those rows for
+    its whole prompt. One that breaks the model fails alone, and the running rows go on (they never
+    run again for a joiner's fault)."""
+
+    def classify_between_steps(items):
+        with engine.classify_in_chunks(items, PREFILL_CHUNK_TOKENS) as sentiment:
+            while not sentiment.advance():
+                rows.step()
+        return sentiment.results
+
     try:
-        return _prepare_replies(runtime, engine, joined)
+        return _prepare_replies(runtime, engine, joined, classify_between_steps)
     except redis.RedisError:
         raise
     except Exception as err:
         if len(joined) > 1:
             log.warning("the sentiment pass of %d joining jobs failed (%s: %s); preparing them one by one",
                         len(joined), type(err).__name__, err)
-            return [reply for job in joined for reply in _prepare_joiners(runtime, engine, [job])]
+            return [reply for job in joined for reply in _prepare_joiners(runtime, engine, [job], rows)]
         job = joined[0]
         log.exception("job=%s failed", job.record.job_id)
         if not job.record.status.is_final:

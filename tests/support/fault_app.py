@@ -5,7 +5,8 @@ markers a test can put in the job's text:
 
 - ``[[slow=S]]``: every model forward pass of this job sleeps S seconds first
   (to observe intermediate states, hit deadlines and kill a job mid-run);
-- ``[[fail]]``: the sentiment step raises, as a broken model would.
+- ``[[fail]]``: the sentiment step raises, as a broken model would (for jobs that
+  start a batch and for jobs that join one).
 
 and one per worker: with ``FAULT_DIE_BEFORE_UNACKED=<path>`` the worker's parent
 exits (as ``kill -9`` would end it) right after kombu popped a message and
@@ -54,6 +55,7 @@ def _install_hooks(**_):
     # Connected after worker.app's own receiver, so the engine is loaded by now.
     engine = app.tasks[TASK_NAME].runtime.engine
     classify_batch = engine.classify_batch
+    classify_in_chunks = engine.classify_in_chunks
     open_replies = engine.open_replies
 
     def set_delay(texts: list[str]) -> None:
@@ -66,6 +68,20 @@ def _install_hooks(**_):
         if any("[[fail]]" in text for text, _ in items):
             raise RuntimeError("injected model failure")
         return classify_batch(items, *args, **kwargs)
+
+    def faulty_classify_in_chunks(items, *args, **kwargs):  # a joiner's sentiment
+        sentiment = classify_in_chunks(items, *args, **kwargs)
+        if any("[[fail]]" in text for text, _ in items):
+            sentiment.close()
+            raise RuntimeError("injected model failure")
+        advance = sentiment.advance
+
+        def advance_slowly():
+            set_delay([text for text, _ in items])
+            return advance()
+
+        sentiment.advance = advance_slowly
+        return sentiment
 
     def slow_open_replies(*args, **kwargs):
         # Each decoding step runs as slow as the slowest reply in the session at that step.
@@ -87,6 +103,7 @@ def _install_hooks(**_):
         return session
 
     engine.classify_batch = faulty_classify_batch
+    engine.classify_in_chunks = faulty_classify_in_chunks
     engine.open_replies = slow_open_replies
     engine.model.decoder.register_forward_pre_hook(lambda *_: time.sleep(_delay_s) if _delay_s else None)
 

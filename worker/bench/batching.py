@@ -356,7 +356,7 @@ def run_llama_peer(bin_dir, gguf, threads: int, load: Load, capacity_rpm: float 
 def join_stall(model: str, dtype: str, threads: int, rows: int, input_chars: int,
                chunks: tuple[int | None, ...] = (256, None)) -> list[str]:
     """What a long job joining costs the rows already decoding, in process: their step times while
-    its prompt is read, with the prompt in chunks and in one pass, and its sentiment pass."""
+    its prompt is read, in chunks and in one pass, and its sentiment's passes, likewise."""
     from worker.engine import ReplyRequest
     from worker.engine.qwen import QwenEngine
     from worker.engine.session import ReplySession
@@ -381,10 +381,17 @@ def join_stall(model: str, dtype: str, threads: int, rows: int, input_chars: int
         added = sum(ms - before for ms in during) - before  # the joiner's first token costs a step anyway
         lines.append(f"| {chunk or 'all at once'} | {prompt} | {len(during)} | {before:.0f} | {max(during):.0f} | "
                      f"{added:.0f} ms |")
-    started = time.perf_counter()
-    engine.classify_batch([(text, "zh")])
-    lines += ["", f"its sentiment pass (one pass, before it joins; the running rows wait for it): "
-                  f"{1000 * (time.perf_counter() - started):.0f} ms"]
+    lines += ["", "its sentiment, before it joins (the running rows get a decoding step between passes):", "",
+              "| sentiment read per pass | passes | longest pass ms | all passes ms |", "|---|---|---|---|"]
+    for chunk in chunks:
+        passes = []
+        with engine.classify_in_chunks([(text, "zh")], chunk or 10**9) as sentiment:
+            done = False
+            while not done:
+                started = time.perf_counter()
+                done = sentiment.advance()
+                passes.append(1000 * (time.perf_counter() - started))
+        lines.append(f"| {chunk or 'all at once'} | {len(passes)} | {max(passes):.0f} | {sum(passes):.0f} |")
     return lines
 
 

@@ -28,6 +28,7 @@ from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, Sentime
 
 if TYPE_CHECKING:
     from worker.engine.chat import ChatFormat
+    from worker.engine.chunked_sentiment import ChunkedSentiment
     from worker.engine.session import ReplySession
 
 #: (cache row, token ids to append to it).
@@ -46,6 +47,9 @@ class Engine(Protocol):
 
     def classify_batch(self, items: Sequence[tuple[str, str]]) -> list[SentimentResult | ValueError]:
         """(text, label set) pairs -> each one's sentiment, or a ValueError for a set it cannot answer."""
+
+    def classify_in_chunks(self, items: Sequence[tuple[str, str]], chunk_tokens: int) -> ChunkedSentiment:
+        """The same answers as ``classify_batch``, computed ``chunk_tokens`` prompt tokens per ``advance()``."""
 
     def reply_batch(self, requests: Sequence[ReplyRequest], *, history_max_tokens: int,
                     on_step: Callable[[list[list[int]]], Collection[int] | None] | None = None,

@@ -29,6 +29,7 @@ from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.generation import Sampler
 from worker.engine.interface import SequenceModel, Sequences
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
+from worker.engine.chunked_sentiment import ChunkedSentiment
 from worker.engine.session import ReplySession, run_to_end
 from worker.model_source import ModelLoadError, ModelSource
 from worker.prompts import (
@@ -165,6 +166,11 @@ class QwenEngine:
                     index, ids = members[i]
                     results[index] = self._decide(row_scores, label_set, len(ids))
         return results
+
+    def classify_in_chunks(self, items: Sequence[tuple[str, str]], chunk_tokens: int) -> ChunkedSentiment:
+        """``classify_batch``'s answers, read ``chunk_tokens`` of the prompts per ``advance``
+        (chunked_sentiment.py): for jobs joining a running batch, between its decoding steps."""
+        return ChunkedSentiment(self, items, chunk_tokens)
 
     def _classify_uncached(self, text: str, label_set: str) -> SentimentResult | ValueError:
         """The same decision without the prefix cache: the reference the cache is tested against."""
