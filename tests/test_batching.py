@@ -154,7 +154,7 @@ def test_the_kv_cache_formula_matches_a_batch_of_sequences(engine):
 
 def test_the_delivered_job_runs_even_when_taking_more_fails(runtime):
     class BrokenIntake:
-        def take(self, limit, wait_s):
+        def take(self, limit, wait_s, hand_back=True):
             raise ConnectionError("broker went away")
 
     runtime.intake = BrokenIntake()
@@ -332,3 +332,24 @@ def test_a_long_joiner_s_sentiment_is_read_between_the_running_rows_steps(runtim
     assert steps == sorted(steps) and steps[-1] > steps[0]  # the running row's reply grew meanwhile
     assert pending.job is joiner and joiner.record.sentiment.label == engine.classify(long_text).label
     assert joiner.record.sentiment.confidence == pytest.approx(engine.classify(long_text).confidence, abs=1e-4)
+
+
+def test_a_running_row_that_breaks_while_a_joiner_is_read_fails_the_batch_not_the_joiner(runtime, monkeypatch):
+    from worker.batch import DecodingRows, _prepare_joiners, _prepare_replies, _RunningRowsFailed
+
+    engine = runtime.engine
+    [running] = _admit_all(runtime, ["好吃"], options={"max_new_tokens": 8, "min_new_tokens": 8})
+    with engine.open_replies(4, history_max_tokens=0) as session:
+        rows = DecodingRows(runtime, engine, session)
+        rows.start(_prepare_replies(runtime, engine, [running]))
+
+        def broken_step():
+            raise RuntimeError("the running rows' pass broke")
+
+        monkeypatch.setattr(rows, "step", broken_step)
+        [joiner] = _admit_all(runtime, ["送餐太慢了，等了两个小时，菜都凉了，打电话也没人接。" * 40])
+        with pytest.raises(_RunningRowsFailed) as raised:
+            _prepare_joiners(runtime, engine, [joiner], rows)
+    # Not blamed on the joiner: the batch as a whole fails and run_jobs reruns its jobs one by one.
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert not joiner.record.status.is_final

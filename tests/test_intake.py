@@ -89,3 +89,19 @@ def test_a_job_handed_back_and_taken_by_another_consumer_is_not_handed_back_twic
         assert taker.take(5, wait_s=0) == []  # hands back its own unsettled messages only
         assert redis_client.llen(QUEUE_NAME) == 0 and redis_client.hlen(UNACKED) == 1
         delivered.ack()
+
+
+def test_a_take_for_joiners_leaves_the_batch_s_own_messages_held(intake, redis_client):
+    # A running batch holds its jobs' messages unsettled; taking joiners must not hand them back
+    # (they went to the head of the queue, and the next take returned copies of running jobs).
+    app, taker = intake
+    running = [new_job_id() for _ in range(2)]
+    for job_id in running:
+        app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "好吃"}}}, task_id=job_id)
+    held = taker.take(5, wait_s=0)
+    waiting = new_job_id()
+    app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "还行"}}}, task_id=waiting)
+    joined = taker.take(5, wait_s=0, hand_back=False)
+    assert [job.job_id for job in held] == running and [job.job_id for job in joined] == [waiting]
+    assert redis_client.llen(QUEUE_NAME) == 0 and redis_client.hlen(UNACKED) == 3
+    assert redis_client.scard(held_key(consumer_id())) == 3

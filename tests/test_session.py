@@ -70,7 +70,6 @@ def test_a_cancelled_row_leaves_and_the_others_go_on(engine):  # noqa: F811
 
     with ReplySession(engine, 2, history_max_tokens=256) as session:
         results = dict(run_to_end(session, requests, cancel_the_first_at_step_five))
-        session.cancel(0)  # a reply that has ended (here: left the session) keeps its stop reason
     # It keeps what it had when it was cancelled, and no more.
     assert results[0].stop_reason is StopReason.CANCELLED and results[0].generated_tokens == steps[4][0] > 0
     assert results[1] == _alone(engine, requests[1])
@@ -99,3 +98,11 @@ def test_a_label_set_the_model_cannot_answer_is_an_error_in_its_place(engine):  
     finally:
         del engine.unavailable_label_sets["en3"]
     assert isinstance(chunked.results[0], ValueError) and chunked.results[1].label in ("正面", "负面")
+
+
+def test_a_reply_cancelled_while_it_waits_for_a_row_never_runs(engine):  # noqa: F811
+    requests = [greedy("好吃", max_new_tokens=6, min_new_tokens=6), greedy("还行", max_new_tokens=6)]
+    with ReplySession(engine, 1, history_max_tokens=256) as session:  # one row: the second waits
+        results = dict(run_to_end(session, requests, lambda tokens: [1]))
+    assert results[1].stop_reason is StopReason.CANCELLED and results[1].generated_tokens == 0
+    assert results[0] == _alone(engine, requests[0])

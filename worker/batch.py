@@ -204,7 +204,10 @@ def _decode(runtime: WorkerRuntime, engine: Engine, pending: list[PendingReply],
                 for job in joined:
                     job.record.batch_size = len(session) + len(joined)
                 jobs.extend(joined)
-                waiting = rows.start(_prepare_joiners(runtime, engine, joined, rows))
+                try:
+                    waiting = rows.start(_prepare_joiners(runtime, engine, joined, rows))
+                except _RunningRowsFailed as failed:
+                    raise failed.__cause__ from None  # the batch fails as a whole: run_jobs reruns it
 
 
 def _prepare_joiners(runtime: WorkerRuntime, engine: Engine, joined: list[RunningJob],
@@ -217,24 +220,33 @@ def _prepare_joiners(runtime: WorkerRuntime, engine: Engine, joined: list[Runnin
     def classify_between_steps(items):
         with engine.classify_in_chunks(items, PREFILL_CHUNK_TOKENS) as sentiment:
             while not sentiment.advance():
-                rows.step()
+                try:
+                    rows.step()
+                except Exception as err:  # the running rows' fault, not the joiners'
+                    raise _RunningRowsFailed() from err
         return sentiment.results
 
     try:
         return _prepare_replies(runtime, engine, joined, classify_between_steps)
-    except redis.RedisError:
+    except (redis.RedisError, _RunningRowsFailed):
         raise
     except Exception as err:
-        if len(joined) > 1:
+        unfinished = [job for job in joined if not job.record.status.is_final]
+        if len(unfinished) > 1:
             log.warning("the sentiment pass of %d joining jobs failed (%s: %s); preparing them one by one",
-                        len(joined), type(err).__name__, err)
-            return [reply for job in joined for reply in _prepare_joiners(runtime, engine, [job], rows)]
-        job = joined[0]
+                        len(unfinished), type(err).__name__, err)
+            return [reply for job in unfinished for reply in _prepare_joiners(runtime, engine, [job], rows)]
+        if not unfinished:
+            return []
+        job = unfinished[0]
         log.exception("job=%s failed", job.record.job_id)
-        if not job.record.status.is_final:
-            error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(err).__name__}: {err}"[:500])
-            _settle(runtime.store, job, finish(job.record, JobStatus.FAILED, error))
+        error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(err).__name__}: {err}"[:500])
+        _settle(runtime.store, job, finish(job.record, JobStatus.FAILED, error))
         return []
+
+
+class _RunningRowsFailed(Exception):
+    """A decoding step of the running rows failed while a joiner's sentiment was read."""
 
 
 class DecodingRows:

@@ -82,7 +82,8 @@ class Joiners:
     """Waiting jobs taken into a batch while it decodes (``JOIN_WINDOW_S`` after it started)."""
 
     def __init__(self, runtime: WorkerRuntime, delivered_id: str, taken: list[TakenJob], hostname: str,
-                 in_batch: set[str]):
+                 in_batch: set[str], started: float):
+        """``started``: time.monotonic() when the task began, which the hard time limit counts from."""
         self.runtime = runtime
         self.delivered_id = delivered_id
         #: Ids of the jobs the batch runs (a second copy of one is not run beside it).
@@ -90,7 +91,7 @@ class Joiners:
         #: Every message the batch took: the task hands back what is left unsettled when it ends.
         self.taken = taken
         self.hostname = hostname
-        self.closes_at = time.monotonic() + runtime.settings.join_window_s
+        self.closes_at = started + runtime.settings.join_window_s
         self._next_check = time.monotonic() + JOIN_CHECK_S
         #: Final records of joiners finished at admission (expired, invalid, already final).
         self.finished: list[JobRecord] = []
@@ -111,7 +112,7 @@ class Joiners:
 
     def take(self, room: int) -> list[RunningJob]:
         """Up to ``room`` waiting jobs, admitted and recorded as this batch's (for the hard time limit)."""
-        taken = _take(self.runtime, room, 0.0)
+        taken = _take(self.runtime, room, 0.0, hand_back=False)  # the batch's own messages stay held
         if not taken:
             return []
         self.taken.extend(taken)
@@ -126,9 +127,9 @@ class Joiners:
         return jobs
 
 
-def _take(runtime: WorkerRuntime, limit: int, wait_s: float) -> list[TakenJob]:
+def _take(runtime: WorkerRuntime, limit: int, wait_s: float, hand_back: bool = True) -> list[TakenJob]:
     try:
-        return runtime.intake.take(limit, wait_s)
+        return runtime.intake.take(limit, wait_s, hand_back=hand_back)
     except Exception as err:  # batching is an optimization: the batch runs on regardless
         # What was taken before the error stays with the intake, which hands it back next time.
         log.warning("could not take more jobs for a batch: %s: %s", type(err).__name__, err)

@@ -189,6 +189,7 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
     whatever is left unsettled when this returns or raises goes back to the queue.
     """
     settings = runtime.settings
+    started = time.monotonic()  # the hard time limit counts from about here
     # For the parent, should the hard time limit end this batch: which pool process runs it
     # (alive then, or already dead of something else) and which jobs it took.
     runtime.store.set_batch(job_id, os.getpid(), [], settings.visibility_timeout_s)
@@ -205,10 +206,11 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
         if company:
             runtime.store.set_batch(job_id, os.getpid(), [job.record.job_id for job in company],
                                     settings.visibility_timeout_s)
-        joiners = Joiners(runtime, job_id, taken, hostname, in_batch)
+        joiners = Joiners(runtime, job_id, taken, hostname, in_batch, started)
         records = run_jobs(runtime, [first, *company], joiners)
         return finished + records + joiners.finished
     finally:
+        runtime.last_batch_size = 1 + len(taken)  # joiners included: under load, wait for company
         _settle_batch(runtime, job_id, taken)
 
 

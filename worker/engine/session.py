@@ -91,11 +91,12 @@ class ReplySession:
         row = DecodeRow(max_new_tokens=max_new, min_new_tokens=min(request.min_new_tokens, max_new),
                         temperature=request.temperature, deadline=request.deadline, prompt_ids=prompt)
         row.truncated = request.deadline <= time.time()  # out of time before it began: an empty reply
-        cache_row = self._free.pop(0)
+        cache_row = self._free[0]
         if not row.done:
             # Room for the longest reply so far, no more: the cache holds at most rows x that.
             self._sequences.ensure_capacity(self._prefix.cache_tokens + need)
             self._sequences.copy_prefix(self._prefix.sequences, cache_row)
+        self._free.pop(0)  # taken only once it is set up: a failed grow leaves the row free
         key, self._next_key = self._next_key, self._next_key + 1
         self._replies[key] = _Reply(cache_row, row, len(prompt), len(history), need, list(rest))
         return key
@@ -230,10 +231,13 @@ def run_to_end(session: ReplySession, requests: list[ReplyRequest],
     waiting = list(range(len(requests)))
     key_of: dict[int, int] = {}                      # request index -> key, while it runs
     tokens: list[list[int]] = [[] for _ in requests]  # the rows' own lists: they grow as they decode
+    cancelled: set[int] = set()                      # requests cancelled while they waited for a row
     while waiting or len(session):
         while waiting and (key := session.add(requests[waiting[0]])) is not None:
             index = waiting.pop(0)
             key_of[index], tokens[index] = key, session.tokens(key)
+            if index in cancelled:
+                session.cancel(key)  # it leaves at the next step, before any pass of its own
         ended = session.step()
         index_of = {key: index for index, key in key_of.items()}
         for key, result in ended:
@@ -243,3 +247,5 @@ def run_to_end(session: ReplySession, requests: list[ReplyRequest],
             for index in on_step(tokens) or ():
                 if index in key_of:
                     session.cancel(key_of[index])
+                elif index in waiting:
+                    cancelled.add(index)

@@ -110,12 +110,17 @@ class Intake:
         self.app = app
         self._connection: Connection | None = None
 
-    def take(self, limit: int, wait_s: float) -> list[TakenJob]:
-        """Up to ``limit`` waiting jobs; waits at most ``wait_s`` for more when the queue runs dry."""
+    def take(self, limit: int, wait_s: float, *, hand_back: bool = True) -> list[TakenJob]:
+        """Up to ``limit`` waiting jobs; waits at most ``wait_s`` for more when the queue runs dry.
+
+        First hands back what an earlier batch left unsettled, unless ``hand_back`` is False:
+        a batch taking joiners holds unsettled messages of its own, its running jobs'.
+        """
         taken: list[TakenJob] = []
         deadline = time.monotonic() + wait_s
         channel = self._channel()
-        self.hand_back_unsettled()
+        if hand_back:
+            self.hand_back_unsettled()
         pops = 0
         # Every pop counts, so a message handed straight back (see _as_job) cannot keep this looping.
         while pops < limit:
