@@ -52,11 +52,17 @@ def test_entries_that_are_not_envelopes_are_dropped_without_a_trace(intake, redi
     assert redis_client.scard(held_key(consumer_id())) == 0
 
 
-def test_unsettled_jobs_are_handed_back_on_request(intake, redis_client):
-    app, taker = intake
-    job_ids = [new_job_id() for _ in range(2)]
+def _send(app, count: int) -> list[str]:
+    """Queue ``count`` jobs through Celery; their ids."""
+    job_ids = [new_job_id() for _ in range(count)]
     for job_id in job_ids:
         app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "好吃"}}}, task_id=job_id)
+    return job_ids
+
+
+def test_unsettled_jobs_are_handed_back_on_request(intake, redis_client):
+    app, taker = intake
+    job_ids = _send(app, 2)
     taken = taker.take(5, wait_s=0)
     assert [item.job_id for item in taken] == job_ids and redis_client.llen(QUEUE_NAME) == 0
     taker.hand_back_unsettled()  # what the worker does once a refusing Redis takes writes again
@@ -79,8 +85,7 @@ def test_a_job_handed_back_and_taken_by_another_consumer_is_not_handed_back_twic
     """A turn that must wait goes back to the queue; Celery's consumer takes it; the next take of
     the batch intake must not push that (settled) message into the queue once more."""
     app, taker = intake
-    job_id = new_job_id()
-    app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "好吃"}}}, task_id=job_id)
+    _send(app, 1)
     [taken] = taker.take(5, wait_s=0)
     taken.requeue()
     with app.connection_for_read() as other:  # Celery's consumer in the worker's parent
@@ -95,12 +100,9 @@ def test_a_take_for_joiners_leaves_the_batch_s_own_messages_held(intake, redis_c
     # A running batch holds its jobs' messages unsettled; taking joiners must not hand them back
     # (they went to the head of the queue, and the next take returned copies of running jobs).
     app, taker = intake
-    running = [new_job_id() for _ in range(2)]
-    for job_id in running:
-        app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "好吃"}}}, task_id=job_id)
+    running = _send(app, 2)
     held = taker.take(5, wait_s=0)
-    waiting = new_job_id()
-    app.send_task(TASK_NAME, kwargs={"message": {"request": {"text": "还行"}}}, task_id=waiting)
+    [waiting] = _send(app, 1)
     joined = taker.take(5, wait_s=0, hand_back=False)
     assert [job.job_id for job in held] == running and [job.job_id for job in joined] == [waiting]
     assert redis_client.llen(QUEUE_NAME) == 0 and redis_client.hlen(UNACKED) == 3

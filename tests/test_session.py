@@ -39,7 +39,7 @@ def test_a_long_prompt_is_read_in_chunks_while_the_running_rows_keep_decoding(en
         for _ in range(3):
             session.step()
         b = session.add(greedy(LONG, max_new_tokens=4))
-        prompt_rest = len(session._replies[b].pending)
+        prompt_rest = session.prompt_left(b)
         steps, before = 0, len(session.tokens(a))
         while not session.tokens(b):
             session.step()

@@ -160,10 +160,9 @@ def rounds_summary(rounds: list[list[Mode]]) -> list[str]:
     gaps, spreads = [], []
     for number, modes in enumerate(rounds, start=1):
         off, on = modes[0], modes[-1]
-        p50 = {mode.name: percentile([r.timings.total_ms for r in _level(mode, 1).succeeded], 50)
-               for mode in (off, on)}
-        gap = p50[on.name] / p50["off"]
-        spread = percentile([r.timings.total_ms for r in _level(on, 8).succeeded], 95) / p50[on.name]
+        on_p50 = _latency_ms(on, 1, 50)
+        gap = on_p50 / _latency_ms(off, 1, 50)
+        spread = _latency_ms(on, 8, 95) / on_p50
         gaps.append(gap)
         spreads.append(spread)
         order = "off first" if number % 2 else "off last"
@@ -171,10 +170,6 @@ def rounds_summary(rounds: list[list[Mode]]) -> list[str]:
     lines.append(f"| median | | **{statistics.median(gaps):.3f}** (target ≤ 1.03) | "
                  f"**{statistics.median(spreads):.2f}** (target ≤ 2) |")
     return lines
-
-
-def _level(mode: Mode, concurrency: int):
-    return next(level for level in mode.levels if level.concurrency == concurrency)
 
 
 def baseline_jobs_per_minute(model: str, threads: int, texts: list[str], reply_tokens: int, jobs: int) -> float:
@@ -236,16 +231,15 @@ def targets(modes: list[Mode], baseline_rpm: float | None, peer_levels: dict[int
     if best is None:
         return ["- (the targets compare batching modes: run static or continuous)"]
     lines = []
-    p50 = _p50_ms(best, 1)
-    if p50 and _p95_ms(best, 8):
-        lines.append(f"- p95 at concurrency 8 / p50 of a lone job, {best.name}: **{_p95_ms(best, 8) / p50:.2f}** "
-                     "(target ≤ 2)")
+    p50, p95_8 = _latency_ms(best, 1, 50), _latency_ms(best, 8, 95)
+    if p50 and p95_8:
+        lines.append(f"- p95 at concurrency 8 / p50 of a lone job, {best.name}: **{p95_8 / p50:.2f}** (target ≤ 2)")
     rpm = {level.concurrency: level.jobs_per_minute for level in best.levels}
     if 8 in rpm and 16 in rpm:
         lines.append(f"- throughput at concurrency 16 / 8, {best.name}: **{rpm[16] / rpm[8]:.2f}** (target ≥ 1)")
-    if "off" in by_name and p50 and _p50_ms(by_name["off"], 1):
-        lines.append(f"- p50 of a lone job, {best.name} / batching off: **{p50 / _p50_ms(by_name['off'], 1):.3f}** "
-                     "(target ≤ 1.03)")
+    off_p50 = _latency_ms(by_name["off"], 1, 50) if "off" in by_name else None
+    if p50 and off_p50:
+        lines.append(f"- p50 of a lone job, {best.name} / batching off: **{p50 / off_p50:.3f}** (target ≤ 1.03)")
     if "static" in by_name and best.name == "continuous":
         for ours, theirs in zip(best.open_loops, by_name["static"].open_loops):
             ratio = percentile(ours.latencies_ms, 95) / percentile(theirs.latencies_ms, 95)
@@ -262,14 +256,10 @@ def targets(modes: list[Mode], baseline_rpm: float | None, peer_levels: dict[int
     return lines
 
 
-def _p50_ms(mode: Mode, concurrency: int) -> float | None:
+def _latency_ms(mode: Mode, concurrency: int, q: float) -> float | None:
+    """The q-th percentile of the mode's job latency at ``concurrency`` (None: not run, or nothing succeeded)."""
     level = next((level for level in mode.levels if level.concurrency == concurrency), None)
-    return percentile([r.timings.total_ms for r in level.succeeded], 50) if level and level.succeeded else None
-
-
-def _p95_ms(mode: Mode, concurrency: int) -> float | None:
-    level = next((level for level in mode.levels if level.concurrency == concurrency), None)
-    return percentile([r.timings.total_ms for r in level.succeeded], 95) if level and level.succeeded else None
+    return percentile([r.timings.total_ms for r in level.succeeded], q) if level and level.succeeded else None
 
 
 def memory_table(modes: list[Mode]) -> str:
@@ -374,7 +364,7 @@ def join_stall(model: str, dtype: str, threads: int, rows: int, input_chars: int
                                          deadline=time.time() + 3600))
             before = statistics.median(_timed_steps(session, 12)[2:])  # the first steps read the prompts
             key = session.add(ReplyRequest(text, max_new_tokens=4, deadline=time.time() + 3600))
-            prompt = len(session._replies[key].pending)
+            prompt = session.prompt_left(key)
             during = []
             while not session.tokens(key):
                 during += _timed_steps(session, 1)

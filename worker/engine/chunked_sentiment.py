@@ -38,15 +38,9 @@ class ChunkedSentiment:
 
     def __init__(self, engine: QwenEngine, items: Sequence[tuple[str, str]], chunk: int):
         self.engine, self.chunk = engine, chunk
-        self.results: list[SentimentResult | ValueError | None] = [None] * len(items)
+        self.results: list[SentimentResult | ValueError | None]
+        self.results, prompts = engine.classifier_prompts(items)
         self._groups: list[_LabelSetGroup] = []
-        prompts: dict[str, list[tuple[int, list[int]]]] = {}
-        for index, (text, label_set) in enumerate(items):
-            if label_set in engine.unavailable_label_sets:
-                self.results[index] = ValueError(engine.unavailable_label_sets[label_set])
-                continue
-            ids = engine.chat.encode_chat(engine.chat.classifier_messages(text, label_set, engine.prompt_variant))
-            prompts.setdefault(label_set, []).append((index, ids))
         try:
             for label_set, members in prompts.items():
                 prefix = engine.classifier_prefixes[label_set]
@@ -86,7 +80,7 @@ class ChunkedSentiment:
             scores = output.scores(self.engine.chat.label_token_ids[group.label_set])  # (segments, labels)
             for j in finishing:
                 index, prompt_tokens = group.members[segments[j][0]]
-                self.results[index] = self.engine._decide(scores[j], group.label_set, prompt_tokens)
+                self.results[index] = self.engine.decide(scores[j], group.label_set, prompt_tokens)
         return self.done
 
     def close(self) -> None:

@@ -147,14 +147,7 @@ class QwenEngine:
         whose label set this model cannot answer gets a ValueError in its
         place; the others are unaffected.
         """
-        results: list[SentimentResult | ValueError | None] = [None] * len(items)
-        groups: dict[str, list[tuple[int, list[int]]]] = {}
-        for index, (text, label_set) in enumerate(items):
-            if label_set in self.unavailable_label_sets:
-                results[index] = ValueError(self.unavailable_label_sets[label_set])
-                continue
-            ids = self.chat.encode_chat(self.chat.classifier_messages(text, label_set, self.prompt_variant))
-            groups.setdefault(label_set, []).append((index, ids))
+        results, groups = self.classifier_prompts(items)
         for label_set, members in groups.items():
             prefix = self.classifier_prefixes[label_set]
             rests = [ids[len(prefix.ids):] for _, ids in members]
@@ -164,8 +157,22 @@ class QwenEngine:
                     scores = output.scores(self.chat.label_token_ids[label_set])  # (wave, labels)
                 for i, row_scores in zip(wave, scores):
                     index, ids = members[i]
-                    results[index] = self._decide(row_scores, label_set, len(ids))
+                    results[index] = self.decide(row_scores, label_set, len(ids))
         return results
+
+    def classifier_prompts(self, items: Sequence[tuple[str, str]]) -> tuple[
+            list[SentimentResult | ValueError | None], dict[str, list[tuple[int, list[int]]]]]:
+        """(a result per item: a ValueError for a label set this model cannot answer, else None to fill;
+        label set -> (item index, classifier prompt ids) of the items to run)."""
+        results: list[SentimentResult | ValueError | None] = [None] * len(items)
+        groups: dict[str, list[tuple[int, list[int]]]] = {}
+        for index, (text, label_set) in enumerate(items):
+            if label_set in self.unavailable_label_sets:
+                results[index] = ValueError(self.unavailable_label_sets[label_set])
+                continue
+            ids = self.chat.encode_chat(self.chat.classifier_messages(text, label_set, self.prompt_variant))
+            groups.setdefault(label_set, []).append((index, ids))
+        return results, groups
 
     def classify_in_chunks(self, items: Sequence[tuple[str, str]], chunk_tokens: int) -> ChunkedSentiment:
         """``classify_batch``'s answers, read ``chunk_tokens`` of the prompts per ``advance``
@@ -183,9 +190,9 @@ class QwenEngine:
             if adapter is not None:
                 sequences.attach(adapter)
             scores = sequences.extend([(0, ids)]).scores(self.chat.label_token_ids[label_set])  # (1, labels)
-        return self._decide(scores[0], label_set, len(ids))
+        return self.decide(scores[0], label_set, len(ids))
 
-    def _decide(self, label_logits, label_set: str, prompt_tokens: int) -> SentimentResult:
+    def decide(self, label_logits, label_set: str, prompt_tokens: int) -> SentimentResult:
         scores = np.asarray(label_logits, dtype=np.float32)            # (labels,)
         exp = np.exp(scores - scores.max())
         probabilities = (exp / exp.sum()).tolist()
@@ -245,7 +252,7 @@ class QwenEngine:
         """A session of up to ``rows`` replies that join and leave between decoding steps (session.py)."""
         return ReplySession(self, rows, history_max_tokens=history_max_tokens)
 
-    def _reply_prompt(self, text: str, history: list[tuple[str, str]]) -> list[int]:
+    def reply_prompt(self, text: str, history: list[tuple[str, str]]) -> list[int]:
         input_ids = self.chat.encode_chat(self.chat.reply_messages(text, history))
         assert tuple(input_ids[: len(self.reply_prefix.ids)]) == self.reply_prefix.ids
         return input_ids

@@ -79,7 +79,7 @@ class ReplySession:
         ValueError if it could never fit, even in an empty session.
         """
         history = self.engine.chat.fit_history(request.history, self.history_max_tokens)
-        prompt = self.engine._reply_prompt(request.text, history)
+        prompt = self.engine.reply_prompt(request.text, history)
         rest = prompt[len(self._prefix.ids):]
         max_new = request.max_new_tokens
         need = len(rest) + max_new
@@ -106,6 +106,10 @@ class ReplySession:
         reply = self._replies.get(key)
         if reply is not None and not reply.decode.done:  # one that already ended keeps its reason
             reply.decode.cancelled = True
+
+    def prompt_left(self, key: int) -> int:
+        """Prompt tokens of the reply not yet read into its cache row."""
+        return len(self._replies[key].pending)
 
     def tokens(self, key: int) -> list[int]:
         """The reply's generated token ids so far."""
