@@ -22,7 +22,6 @@ from producer.errors import (
 )
 from producer.protocol import (
     CELERY_WIRE_CONFIG,
-    QUEUE_NAME,
     describe_validation_error,
     JobMessage,
     JobRecord,
@@ -35,9 +34,7 @@ from producer.protocol import (
 from producer.settings import ProducerSettings
 from producer.metrics_store import JobMetrics
 from producer.store import JobStore, connect_redis
-from worker.queue import QUEUE_TRANSPORT
-from worker.queue.submission import submit_job
-from worker.queue.transport import lane_keys
+from worker.queue.brokers import broker_for, celery_broker_config
 
 
 class Client:
@@ -62,12 +59,13 @@ class Client:
         self.settings = settings
         self._redis = redis_client or connect_redis(settings.redis_url, retries=2, socket_timeout=5)
         self.store = JobStore(self._redis, settings.result_ttl_s)
-        self._celery = Celery("qwen-allinone-producer", broker=settings.redis_url, set_as_current=False)
+        self.broker = broker_for(settings, self._redis, heartbeat_s=0)
+        self._celery = Celery("qwen-allinone-producer", set_as_current=False)
         self._celery.conf.update(
             CELERY_WIRE_CONFIG,
-            # Publishes a job with its record in one step (worker.queue.submission).
-            broker_transport=QUEUE_TRANSPORT,
-            # Fail fast with BrokerUnavailable rather than hang when Redis is down.
+            # The broker's own settings; on Redis, a job is published with its record in one step.
+            **celery_broker_config(settings, heartbeat_s=0),
+            # Fail fast with BrokerUnavailable rather than hang when the broker is down.
             task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         )
 
@@ -138,9 +136,8 @@ class Client:
         )
         try:
             with self._broker_errors():
-                submit_job(self._celery, record, message, max_queue=self.settings.max_queue,
-                           ttl_s=self.settings.result_ttl_s,
-                           lane_limit=self.settings.max_queue_bulk if priority == "bulk" else 0)
+                self.broker.submit(self._celery, record, message, ttl_s=self.settings.result_ttl_s,
+                                   lane_limit=self.settings.max_queue_bulk if priority == "bulk" else 0)
         except BrokerUnavailable:
             # The connection may have dropped after the script ran: then the job is queued
             # and its record says so. Nothing is ever deleted here (it might run).
@@ -174,7 +171,8 @@ class Client:
             answer = err.__cause__ or err.__context__
             if isinstance(answer, redis.ResponseError) and not isinstance(answer, redis.ConnectionError):
                 self._raise_for_answer(answer)
-            raise BrokerUnavailable(f"broker unreachable at {self._safe_url()}: {err}") from err
+            where = self._safe_url(redis_side=not isinstance(err, OperationalError))
+            raise BrokerUnavailable(f"broker unreachable at {where}: {err}") from err
         except redis.ResponseError as err:
             self._raise_for_answer(err)
 
@@ -186,8 +184,11 @@ class Client:
         # written, and retrying later can succeed, as with an outage.
         raise BrokerUnavailable(f"broker at {self._safe_url()} refuses writes: {refusal}") from err
 
-    def _safe_url(self) -> str:
-        # Never print a password that may be part of REDIS_URL.
+    def _safe_url(self, redis_side: bool = True) -> str:
+        # Never print a password that may be part of REDIS_URL or BROKER_URL.
+        if not redis_side and self.broker.kind == "amqp":
+            url = urllib.parse.urlsplit(self.settings.broker)
+            return f"{url.hostname or '?'}:{url.port or 5672}"
         pool_kwargs = self._redis.connection_pool.connection_kwargs
         return f"{pool_kwargs.get('host', '?')}:{pool_kwargs.get('port', '?')}"
 
@@ -205,7 +206,7 @@ class Client:
         if not is_job_id(job_id):
             raise JobNotFound(job_id)
         with self._broker_errors():
-            record, accepted = self.store.cancel(job_id, lane_keys(QUEUE_NAME))
+            record, accepted = self.store.cancel(job_id, self.broker.cancel_lanes())
         if record is None:
             raise JobNotFound(job_id)
         if not accepted:
@@ -238,7 +239,7 @@ class Client:
         if not queued:
             return
         with self._broker_errors():
-            positions = self.store.queue_positions([r.job_id for r in queued], lane_keys(QUEUE_NAME))
+            positions = self.broker.positions(self._celery, [r.job_id for r in queued])
             rate = self.store.service_rate(time.time()) if positions else None
         for record in queued:
             record.queue_position = positions.get(record.job_id)
@@ -251,7 +252,7 @@ class Client:
 
     def queue_depth(self) -> int:
         with self._broker_errors():
-            return self.store.queue_depth(lane_keys(QUEUE_NAME))
+            return self.broker.depth(self._celery)
 
     def read_metrics(self) -> JobMetrics:
         """Jobs by final status and stage latency histograms, as workers counted them."""

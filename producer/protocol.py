@@ -9,7 +9,8 @@ Redis key scheme (all keys share ``KEY_PREFIX``):
 ==========================================  ======  ==========================================
 key                                         type    holds
 ==========================================  ======  ==========================================
-``qwen-allinone`` (``QUEUE_NAME``)          list    Celery messages waiting for a worker
+``qwen-allinone`` (``QUEUE_NAME``)          list    Celery messages waiting for a worker (a queue in RabbitMQ
+                                                    instead when BROKER_URL is ``amqp://``)
 ``qwen-allinone:job:<job_id>``              string  the job record (``JobRecord`` as JSON)
 ``qwen-allinone:conv:<scope>``              list    earlier turns (``Turn`` as JSON), newest last; the scope is
                                                     ``<tenant>/<conversation_id>``, or the conversation id alone
@@ -39,6 +40,9 @@ key                                         type    holds
 ``qwen-allinone:suspects``                  hash    what the last sweep found unheld (``job:<id>`` or
                                                     ``tag:<tag>``) → when it was first seen so
 ``qwen-allinone:resends``                   hash    job id → times the reconciler re-sent it
+``qwen-allinone:unsent``                    zset    with the queue in RabbitMQ: open jobs whose publish is not
+                                                    confirmed yet, or whose message a worker dropped unfinished,
+                                                    by when they were marked (the reconciler re-sends them)
 ``qwen-allinone:probe``                     string  written by a worker to learn whether Redis takes writes again
 ==========================================  ======  ==========================================
 
@@ -131,6 +135,8 @@ CONSUMERS_KEY = f"{KEY_PREFIX}:consumers"
 RECONCILER_LOCK_KEY = f"{KEY_PREFIX}:reconciler"
 SUSPECTS_KEY = f"{KEY_PREFIX}:suspects"
 RESENDS_KEY = f"{KEY_PREFIX}:resends"
+#: With the queue in RabbitMQ: open jobs whose message may not be in the queue, by when marked.
+UNSENT_JOBS_KEY = f"{KEY_PREFIX}:unsent"
 WRITE_PROBE_KEY = f"{KEY_PREFIX}:probe"
 
 

@@ -26,6 +26,7 @@ from producer.protocol import (
     SERVICE_RATE_WINDOW_S,
     METRICS_JOBS_KEY,
     OPEN_JOBS_KEY,
+    UNSENT_JOBS_KEY,
     WRITE_PROBE_KEY,
     ErrorCode,
     JobError,
@@ -55,7 +56,7 @@ log = logging.getLogger("qwen_allinone.store")
 #: The job's cancel flag goes too, it joins the recently finished jobs (the service rate), and a
 #: job with a callback_url joins the callbacks due.
 #: KEYS: job, done, open index, pending turns (or ""), counted mark, jobs by status, cancel flag,
-#: recently finished, callbacks due, stage hashes.
+#: recently finished, callbacks due, unsent jobs, stage hashes.
 #: ARGV: record JSON, record TTL, done TTL, job id, status, finish time, rate window, has a
 #: callback ('1' or '0'), ran ('1' or '0': only jobs that ran count towards the service rate),
 #: then (bucket field, seconds) per stage.
@@ -71,6 +72,7 @@ redis.call('EXPIRE', KEYS[2], ARGV[3])
 redis.call('ZREM', KEYS[3], ARGV[4])
 if KEYS[4] ~= '' then redis.call('LREM', KEYS[4], 0, ARGV[4]) end
 redis.call('DEL', KEYS[7])
+redis.call('ZREM', KEYS[10], ARGV[4])
 if redis.call('SET', KEYS[5], 1, 'NX', 'EX', ARGV[2]) then
   redis.call('HINCRBY', KEYS[6], ARGV[5], 1)
   if ARGV[9] == '1' then
@@ -78,8 +80,8 @@ if redis.call('SET', KEYS[5], 1, 'NX', 'EX', ARGV[2]) then
     redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', ARGV[6] - ARGV[7])
   end
   if ARGV[8] == '1' then redis.call('ZADD', KEYS[9], ARGV[6], ARGV[4]) end
-  for i = 10, #KEYS do
-    local j = 10 + (i - 10) * 2
+  for i = 11, #KEYS do
+    local j = 10 + (i - 11) * 2
     redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
     redis.call('HINCRBY', KEYS[i], 'count', 1)
     redis.call('HINCRBYFLOAT', KEYS[i], 'sum', ARGV[j + 1])
@@ -203,7 +205,7 @@ class JobStore:
         keys = [job_key(record.job_id), done_key(record.job_id), OPEN_JOBS_KEY,
                 pending_turns_key(conversation_id) if conversation_id else "",
                 metrics_counted_key(record.job_id), METRICS_JOBS_KEY, cancel_key(record.job_id),
-                FINISHED_RECENTLY_KEY, CALLBACKS_KEY, *(metrics_stage_key(stage) for stage in stages)]
+                FINISHED_RECENTLY_KEY, CALLBACKS_KEY, UNSENT_JOBS_KEY, *(metrics_stage_key(stage) for stage in stages)]
         finished_at = record.finished_at if record.finished_at is not None else time.time()
         args = [record.to_json(), self.ttl_s, DONE_SIGNAL_TTL_S, record.job_id, record.status.value,
                 repr(finished_at), repr(SERVICE_RATE_WINDOW_S),
@@ -241,7 +243,8 @@ class JobStore:
                         record.finish(JobStatus.CANCELLED, JobError(
                             code=ErrorCode.CANCELLED, message="cancelled by its client before it started"))
                         self._put_final_once(record, pipe)
-                        pipe.eval(_DROP_MESSAGE_SCRIPT, len(lanes), *lanes, job_id)
+                        if lanes:  # none when the queue is not in Redis
+                            pipe.eval(_DROP_MESSAGE_SCRIPT, len(lanes), *lanes, job_id)
                     else:
                         pipe.set(cancel_key(job_id), 1, ex=self.ttl_s)
                     pipe.execute()

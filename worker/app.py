@@ -22,7 +22,8 @@ from producer.protocol import CELERY_WIRE_CONFIG
 from producer.store import JobStore, connect_redis
 from worker.admission import MAX_ATTEMPTS
 from worker.model_source import ModelLoadError
-from worker.queue import QUEUE_TRANSPORT, check_versions, transport_options
+from worker.queue import check_versions, transport_options
+from worker.queue.brokers import broker_for, celery_broker_config
 from worker.queue.liveness import Heartbeat
 from worker.queue.reconciler import Reconciler
 from worker.runtime import WorkerRuntime
@@ -41,7 +42,9 @@ WORKER_LOST_WAIT_S = 1.0
 def celery_config(settings: WorkerSettings) -> dict:
     return {
         **CELERY_WIRE_CONFIG,
-        "broker_url": settings.redis_url,
+        # BROKER_URL (REDIS_URL when unset); on RabbitMQ, heartbeats every LIVENESS_TTL_S, so a
+        # dead or cut-off worker's messages go back to the queue that soon.
+        **celery_broker_config(settings, heartbeat_s=settings.liveness_ttl_s),
         # One job at a time per worker process; the excess waits in Redis, not in memory.
         "worker_concurrency": 1,
         "worker_prefetch_multiplier": 1,
@@ -56,12 +59,16 @@ def celery_config(settings: WorkerSettings) -> dict:
         "worker_lost_wait": WORKER_LOST_WAIT_S,
         "task_time_limit": settings.hard_time_limit_s,
         "worker_proc_alive_timeout": POOL_PROCESS_START_TIMEOUT_S,
-        # Kombu's Redis transport, hardened against undecodable messages, with liveness
-        # bookkeeping (worker.queue.transport).
-        "broker_transport": QUEUE_TRANSPORT,
-        "broker_transport_options": transport_options(settings.visibility_timeout_s),
         "broker_connection_retry_on_startup": True,
-    }
+    } | _redis_queue_config(settings)
+
+
+def _redis_queue_config(settings: WorkerSettings) -> dict:
+    """With the queue in Redis: kombu's Redis transport, hardened against undecodable messages,
+    with liveness bookkeeping (worker.queue.transport) and the visibility timeout as last resort."""
+    if settings.broker_kind != "redis":
+        return {}
+    return {"broker_transport_options": transport_options(settings.visibility_timeout_s)}
 
 
 def quiet_library_notices() -> None:
@@ -100,7 +107,9 @@ def _connect_upkeep(app: Celery, runtime: WorkerRuntime) -> None:
     def start_parent_upkeep(**_):
         running.append(heartbeat())
         store = JobStore(connect_redis(settings.redis_url, retries=3, socket_timeout=10), settings.result_ttl_s)
-        running.append(Reconciler(app, store, grace_s=settings.reconcile_interval_s,
+        broker = broker_for(settings, store.redis, heartbeat_s=settings.liveness_ttl_s)
+        running.append(Reconciler(app, store, amqp=broker if broker.kind == "amqp" else None,
+                                  grace_s=settings.reconcile_interval_s,
                                   interval_s=settings.reconcile_interval_s, max_attempts=MAX_ATTEMPTS,
                                   bulk_max_wait_s=settings.bulk_max_wait_s).start())
 

@@ -12,6 +12,7 @@ from producer.store import JobStore, connect_redis
 from worker.cache import ResultCache
 from worker.safety import SafetyFilter
 from worker.engine import Engine
+from worker.queue.amqp import AmqpIntake
 from worker.queue.intake import Intake
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, load_adapter
 from worker.model_source import ModelLoadError, ModelSource, choose_engine, resolve_model_source
@@ -32,7 +33,7 @@ class WorkerRuntime:
     #: SAFETY_WORDS_FILE's terms, read in the parent and inherited by the pool processes.
     safety: SafetyFilter | None = None
     #: Takes more waiting jobs for a batch; set by register().
-    intake: Intake | None = None
+    intake: Intake | AmqpIntake | None = None
     #: Jobs in this process's previous batch, taken messages included.
     last_batch_size: int = 1
     #: Jobs handed back in a row because Redis failed (sets the back-off before the next).

@@ -15,6 +15,7 @@ records when the hard time limit kills a child.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -29,7 +30,9 @@ from producer.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStat
 from worker.admission import NotReadyYet, admit
 from worker.batch import run_jobs
 from worker.joining import Joiners, admit_taken, take_company
-from worker.queue.intake import Intake, TakenJob
+from worker.queue.amqp import mark_unsent
+from worker.queue.brokers import intake_for
+from worker.queue.intake import TakenJob
 from worker.queue.liveness import release_runs
 from worker.outcome import finish, save_final
 from worker.runtime import WorkerRuntime
@@ -61,6 +64,13 @@ class JobTask(Task):
             return
         store = self.runtime.parent_store
         limit = self.runtime.settings.hard_time_limit_s
+        if self.runtime.settings.broker_kind == "amqp":
+            # Celery acknowledges the delivered message after this, whatever is recorded here;
+            # RabbitMQ cannot be read for lost jobs, so it is marked for the reconciler, and its
+            # final record (below, or a later run's) clears the mark. The taken jobs need none:
+            # the killed process's connection closed, and RabbitMQ handed them back.
+            with contextlib.suppress(Exception):
+                mark_unsent(store.redis, [task_id])
         message = f"killed by the hard time limit ({limit:g}s); the worker moved on to the next job"
         if waiting_pid := self.runtime.waiting_for_redis.value:
             # Killed while it waited out a Redis that refused writes: the job did not time out.
@@ -114,7 +124,8 @@ def _ran_into_the_limit(record: JobRecord, limit_s: float) -> bool:
 
 
 def register(app: Celery, runtime: WorkerRuntime) -> Task:
-    runtime.intake = Intake(app)
+    settings = runtime.settings
+    runtime.intake = intake_for(app, settings, heartbeat_s=settings.liveness_ttl_s)
 
     # max_retries=None: a later turn retries until its earlier turn finishes or it
     # expires (QUEUE_TIMEOUT_S), never into a MaxRetriesExceededError.

@@ -122,7 +122,7 @@ class Intake:
         if hand_back:
             self.hand_back_unsettled()
         pops = 0
-        # Every pop counts, so a message handed straight back (see _as_job) cannot keep this looping.
+        # Every pop counts, so a message handed straight back (see as_job) cannot keep this looping.
         while pops < limit:
             popped, message = self._get(channel)
             if not popped:
@@ -131,7 +131,7 @@ class Intake:
                 time.sleep(POLL_INTERVAL_S)
                 continue
             pops += 1
-            job = _as_job(message) if message is not None else None
+            job = as_job(message) if message is not None else None
             if job is not None:
                 taken.append(job)
         return taken
@@ -194,7 +194,7 @@ class Intake:
         return True, message
 
 
-def _as_job(message: Message) -> TakenJob | None:
+def as_job(message: Message) -> TakenJob | None:
     """The job in a Celery (protocol 2) message, or None for a message that is not one of ours.
 
     A message of another task, or with an ETA still ahead (a conversation turn

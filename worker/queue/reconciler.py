@@ -21,6 +21,12 @@ workers. A sweep does three things:
 3. **Bulk jobs are not starved.** A job in a lower priority lane that has waited
    ``bulk_max_wait_s`` moves to the back of the interactive lane.
 
+With the queue in RabbitMQ, the broker does the first itself (a dead
+consumer's connection closes and its messages go back), the third cannot be
+done (a queue cannot be reordered), and the second covers the jobs marked
+*unsent* (``worker.queue.amqp``): a publish never confirmed, or a delivered
+job acknowledged by Celery without a final record.
+
 The first two act only on what two sweeps at least ``grace_s`` apart found in the same
 state (``SUSPECTS_KEY``), so a message in transit between the queue and a
 worker, or a process whose heartbeat a Redis restart wiped, is left alone.
@@ -47,6 +53,7 @@ from producer.protocol import (
     RECONCILER_LOCK_KEY,
     RESENDS_KEY,
     SUSPECTS_KEY,
+    UNSENT_JOBS_KEY,
     ErrorCode,
     JobError,
     JobStatus,
@@ -55,6 +62,7 @@ from producer.protocol import (
 )
 from producer.store import JobStore
 from worker.outcome import finish, save_final
+from worker.queue.amqp import AmqpBroker, unsent_jobs
 from worker.queue.submission import resend_job
 from worker.queue.transport import lane_keys
 
@@ -126,9 +134,12 @@ class SweepReport:
 
 class Reconciler:
     def __init__(self, app: Celery, store: JobStore, *, grace_s: float, interval_s: float, max_attempts: int,
-                 bulk_max_wait_s: float = float("inf")):
+                 bulk_max_wait_s: float = float("inf"), amqp: AmqpBroker | None = None):
         self.app = app
         self.store = store
+        #: The queue in RabbitMQ (None: in Redis). RabbitMQ hands back a dead consumer's messages
+        #: itself, and cannot be read; a sweep then only settles the jobs marked unsent.
+        self.amqp = amqp
         self.bulk_max_wait_s = bulk_max_wait_s
         self.grace_s = grace_s
         self.interval_s = interval_s
@@ -166,6 +177,8 @@ class Reconciler:
             client.eval(_UNLOCK_SCRIPT, 1, RECONCILER_LOCK_KEY, token)
 
     def _sweep(self, client: redis.Redis, now: float) -> SweepReport:
+        if self.amqp is not None:
+            return self._sweep_unsent(client, now)
         channel = self._channel()
         unacked = {tag.decode(): raw for tag, raw in client.hgetall(channel.unacked_key).items()}
         held, dead = self._held_by_live_consumers(client)
@@ -190,6 +203,16 @@ class Reconciler:
         if report.restored or report.resent or report.finished:
             log.warning("reconciler: handed back %s; re-sent %s; finished %s",
                         report.restored or "-", report.resent or "-", report.finished or "-")
+        return report
+
+    def _sweep_unsent(self, client: redis.Redis, now: float) -> SweepReport:
+        """RabbitMQ: re-send (or finish) the open jobs marked unsent at least ``grace_s`` ago."""
+        report = SweepReport()
+        for job_id in unsent_jobs(client, now - self.grace_s):
+            with _each("settle unsent job", job_id):
+                self._settle_lost(client, job_id, now, report)
+        if report.resent or report.finished:
+            log.warning("reconciler: re-sent %s; finished %s", report.resent or "-", report.finished or "-")
         return report
 
     def _held_by_live_consumers(self, client: redis.Redis) -> tuple[set[str], list[str]]:
@@ -234,7 +257,8 @@ class Reconciler:
         except UnreadableRecord:
             record = None
         if record is None or record.status.is_final:
-            client.zrem(OPEN_JOBS_KEY, job_id)  # expired, or finished meanwhile
+            with client.pipeline(transaction=True) as pipe:  # expired, or finished meanwhile
+                pipe.zrem(OPEN_JOBS_KEY, job_id).zrem(UNSENT_JOBS_KEY, job_id).execute()
             return
         resends = int(client.hget(RESENDS_KEY, job_id) or 0)
         if record.status is JobStatus.QUEUED and record.start_by is not None and now > record.start_by:
@@ -248,7 +272,10 @@ class Reconciler:
             save_final(self.store, finish(record, JobStatus.FAILED, error))
             report.finished.append(job_id)
         else:
-            resend_job(self.app, record)
+            if self.amqp is not None:
+                self.amqp.resend(self.app, record)
+            else:
+                resend_job(self.app, record)
             # Counted after the send: a send that failed is not a re-send.
             client.hincrby(RESENDS_KEY, job_id, 1)
             report.resent.append(job_id)

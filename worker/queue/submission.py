@@ -113,5 +113,10 @@ def resend_job(celery: Celery, record: JobRecord) -> None:
 
 
 def _send(celery: Celery, job_id: str, message: JobMessage) -> None:
+    send_job(celery, job_id, message, LANE_PRIORITY)
+
+
+def send_job(celery: Celery, job_id: str, message: JobMessage, lane_priority: dict[str, int]) -> None:
+    """Publish a job's Celery message, with its lane's priority as this broker counts them."""
     celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": message.model_dump(mode="json")},
-                     priority=LANE_PRIORITY[message.request.priority])
+                     priority=lane_priority[message.request.priority])

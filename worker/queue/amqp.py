@@ -1,0 +1,307 @@
+"""RabbitMQ as the queue (``BROKER_URL=amqp://...``); records, conversations and metrics stay in Redis.
+
+What RabbitMQ gives natively replaces our Redis machinery:
+
+- A message held by a consumer whose connection dies (a killed worker, a host
+  cut off for longer than the AMQP heartbeat) goes back to the queue at once:
+  no liveness sets, no visibility timeout, no reconciler hand-back.
+- ``MAX_QUEUE`` is the queue's ``x-max-length`` with ``reject-publish``
+  overflow: with publisher confirms, a publish to a full queue is refused
+  (nacked) and the job's record, written first, is taken back.
+- Priority lanes are the queue's message priorities (classic queues);
+  ``BROKER_QUORUM=1`` declares a quorum queue instead, replicated across a
+  cluster, which on RabbitMQ 3.x has no priorities.
+
+Admission cannot be one step across two servers. The job's record goes to
+Redis first, marked *unsent* (``UNSENT_JOBS_KEY``); the publish follows, and
+its confirm clears the mark. A producer that dies in between leaves a marked
+record, which the reconciler re-sends once the mark is ``grace_s`` old
+(``Reconciler``): at least once, never lost. A second copy of a job is
+harmless: a job runs under one claim and its first final record wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+
+import redis
+from amqp.exceptions import MessageNacked
+from celery import Celery
+from kombu import Connection, Exchange, Queue
+
+from producer.errors import QueueFull
+from producer.protocol import (
+    OPEN_JOBS_KEY,
+    QUEUE_NAME,
+    UNSENT_JOBS_KEY,
+    JobMessage,
+    JobRecord,
+    job_key,
+    open_job_score,
+    pending_turns_key,
+)
+from worker.queue.intake import POLL_INTERVAL_S, TakenJob, as_job
+from worker.queue.submission import send_job
+
+log = logging.getLogger("qwen_allinone.worker")
+
+#: AMQP delivers higher priorities first (Redis's lanes count the other way).
+LANE_PRIORITY = {"interactive": 9, "bulk": 0}
+#: The classic queue's ``x-max-priority``: one level per lane value above.
+MAX_PRIORITY = 9
+#: An idle taker polls RabbitMQ at most this often (each look is a round trip).
+AMQP_POLL_INTERVAL_S = max(POLL_INTERVAL_S, 0.01)
+
+#: The record, its open-job entry, its pending turn and the unsent mark, unless the record exists.
+#: KEYS: record, open jobs, pending turns (or ""), unsent jobs. ARGV: record JSON, TTL, open score,
+#: job id. Returns 1 when written, 0 when the record already was. Marks are timed by Redis's clock,
+#: which the reconciler reads too, whatever the hosts' clocks say.
+_RECORD_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local now = redis.call('TIME')
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+if KEYS[3] ~= '' then
+  redis.call('RPUSH', KEYS[3], ARGV[4])
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+end
+redis.call('ZADD', KEYS[4], now[1] + now[2] / 1e6, ARGV[4])
+return 1
+"""
+#: Take back what _RECORD_SCRIPT wrote, when RabbitMQ refused the message (the queue is full).
+#: The record goes only if it is still the one written (nothing ran it). Same KEYS; ARGV: record
+#: JSON, job id.
+_UNDO_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[2], ARGV[2])
+if KEYS[3] ~= '' then redis.call('LREM', KEYS[3], 0, ARGV[2]) end
+redis.call('ZREM', KEYS[4], ARGV[2])
+return 1
+"""
+
+
+def job_queue(max_queue: int, quorum: bool) -> Queue:
+    """The job queue as every producer and worker declares it (the arguments must agree)."""
+    arguments: dict[str, object] = {"x-max-length": max_queue, "x-overflow": "reject-publish"}
+    if quorum:
+        arguments["x-queue-type"] = "quorum"
+    else:
+        arguments["x-max-priority"] = MAX_PRIORITY
+    return Queue(QUEUE_NAME, Exchange(QUEUE_NAME, type="direct"), routing_key=QUEUE_NAME,
+                 durable=True, queue_arguments=arguments)
+
+
+def celery_config(broker_url: str, max_queue: int, quorum: bool, heartbeat_s: float) -> dict:
+    """Celery's broker settings for RabbitMQ, the same for producers and workers."""
+    return {
+        "broker_url": broker_url,
+        "task_queues": [job_queue(max_queue, quorum)],
+        # A refused publish (the queue is full) raises instead of vanishing.
+        "broker_transport_options": {"confirm_publish": True},
+        # RabbitMQ hands a dead worker's messages back once this many seconds pass without a frame.
+        "broker_heartbeat": heartbeat_s,
+    }
+
+
+class AmqpBroker:
+    """The job queue in RabbitMQ."""
+
+    kind = "amqp"
+    lane_priority = LANE_PRIORITY
+
+    def __init__(self, redis_client: redis.Redis, *, max_queue: int, quorum: bool, heartbeat_s: float):
+        self.redis = redis_client
+        self.max_queue = max_queue
+        self.quorum = quorum
+        self.heartbeat_s = heartbeat_s
+
+    def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
+               lane_limit: int = 0) -> None:
+        """Record the job in Redis, then publish it; raises QueueFull (and takes the record back)
+        when RabbitMQ refuses it, kombu's errors when either server fails."""
+        keys = _record_keys(record)
+        written = self.redis.eval(_RECORD_SCRIPT, len(keys), *keys, record.to_json(), ttl_s,
+                                  open_job_score(record), record.job_id)
+        if not written:
+            return  # a retried submit: queued already, or it is the reconciler's
+        try:
+            send_job(celery, record.job_id, message, LANE_PRIORITY)
+        except Exception as err:
+            if not _nacked(err):
+                raise  # marked unsent: the reconciler sends it if this process cannot
+            self.redis.eval(_UNDO_SCRIPT, len(keys), *keys, record.to_json(), record.job_id)
+            raise QueueFull(self.max_queue, self.max_queue) from None
+        self.redis.zrem(UNSENT_JOBS_KEY, record.job_id)
+
+    def resend(self, celery: Celery, record: JobRecord) -> None:
+        """Publish an open job's message again (its first was never confirmed, or it was dropped)."""
+        send_job(celery, record.job_id, JobMessage(request=record.request, submitted_at=record.submitted_at,
+                                                   start_by=record.start_by, timeout_s=record.timeout_s),
+                 LANE_PRIORITY)
+        self.redis.zrem(UNSENT_JOBS_KEY, record.job_id)
+
+    def depth(self, celery: Celery) -> int:
+        """Messages ready in the queue (0 before any worker or producer declared it)."""
+        with celery.pool.acquire(block=True) as connection:
+            channel = connection.channel()
+            try:
+                _, count, _ = channel.queue_declare(QUEUE_NAME, passive=True)
+                return int(count)
+            except connection.channel_errors:  # NOT_FOUND: no queue yet, so nothing waits
+                return 0
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+
+    def positions(self, celery: Celery, job_ids: list[str]) -> dict[str, int]:
+        """RabbitMQ cannot be read without taking: no places in line (clients see the depth)."""
+        return {}
+
+    def cancel_lanes(self) -> list[str]:
+        # The message stays in RabbitMQ; delivered later, its final record makes it skipped.
+        return []
+
+
+def unsent_jobs(client: redis.Redis, older_than: float) -> list[str]:
+    """Open jobs whose publish was not confirmed by ``older_than`` (a Unix time)."""
+    return [raw.decode() for raw in client.zrangebyscore(UNSENT_JOBS_KEY, "-inf", older_than)]
+
+
+#: KEYS: unsent jobs. ARGV: job ids. Marks each (by Redis's clock) unless it already is.
+_MARK_SCRIPT = """
+local now = redis.call('TIME')
+for i = 1, #ARGV do redis.call('ZADD', KEYS[1], 'NX', now[1] + now[2] / 1e6, ARGV[i]) end
+return 0
+"""
+
+
+def mark_unsent(client: redis.Redis, job_ids: list[str]) -> None:
+    """These open jobs may have no message any more (acknowledged without a final record): the
+    reconciler re-sends them (Redis finds such jobs by reading its queue; RabbitMQ cannot be read).
+    Their final record clears the mark."""
+    if job_ids:
+        client.eval(_MARK_SCRIPT, 1, UNSENT_JOBS_KEY, *job_ids)
+
+
+def _record_keys(record: JobRecord) -> list[str]:
+    conversation = record.request.conversation_scope if record.request else None
+    return [job_key(record.job_id), OPEN_JOBS_KEY, pending_turns_key(conversation) if conversation else "",
+            UNSENT_JOBS_KEY]
+
+
+def _nacked(err: BaseException) -> bool:
+    """Whether RabbitMQ refused the publish (kombu wraps the nack in OperationalError)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, MessageNacked):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class _Locked:
+    """A taken message whose acknowledgement shares the connection's lock with the heartbeat thread."""
+
+    def __init__(self, message, lock: threading.Lock):
+        self._message = message
+        self._lock = lock
+
+    def __getattr__(self, name):
+        return getattr(self._message, name)
+
+    def ack(self) -> None:
+        with self._lock:
+            self._message.ack()
+
+    def reject(self, requeue: bool = False) -> None:
+        with self._lock:
+            self._message.reject(requeue=requeue)
+
+
+class AmqpIntake:
+    """Takes waiting job messages with ``basic.get`` and manual acknowledgements, on a connection of
+    this pool process's own: if the process dies, RabbitMQ hands them back when the connection does.
+
+    A batch runs for many seconds without touching the connection, so a thread sends its heartbeats
+    (RabbitMQ would otherwise close it, and hand a running batch's jobs to another worker).
+    py-amqp connections are not thread-safe: every use holds ``_lock``.
+    """
+
+    def __init__(self, app: Celery, queue: Queue, heartbeat_s: float):
+        self.app = app
+        self.queue = queue
+        self.heartbeat_s = heartbeat_s
+        self._lock = threading.Lock()
+        self._connection: Connection | None = None
+        self._stopped = threading.Event()
+        self._beating: threading.Thread | None = None
+
+    def take(self, limit: int, wait_s: float, *, hand_back: bool = True) -> list[TakenJob]:
+        """Up to ``limit`` waiting jobs; waits at most ``wait_s`` for more when the queue runs dry."""
+        taken: list[TakenJob] = []
+        deadline = time.monotonic() + wait_s
+        if hand_back:
+            self.hand_back_unsettled()
+        pops = 0
+        while pops < limit:
+            message = self._get()
+            if message is None:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(AMQP_POLL_INTERVAL_S)
+                continue
+            pops += 1
+            if (job := as_job(message)) is not None:
+                taken.append(job)
+        return taken
+
+    def hand_back_unsettled(self) -> None:
+        """Every message this connection holds unsettled goes back to the queue (``basic.recover``)."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.default_channel.basic_recover(requeue=True)
+
+    def close(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            self._drop_connection()
+
+    def _get(self):
+        with self._lock:
+            try:
+                message = self.queue(self._channel()).get(no_ack=False, accept=["json"])
+            except Exception:
+                # The messages this connection held go back with it; the next take connects anew.
+                self._drop_connection()
+                raise
+        return None if message is None else _Locked(message, self._lock)
+
+    def _channel(self):
+        if self._connection is None:
+            self._connection = self.app.connection_for_read(heartbeat=self.heartbeat_s)
+            self._connection.ensure_connection(max_retries=1)
+            if self._beating is None:
+                self._beating = threading.Thread(target=self._beat, name="qwen-allinone-amqp-heartbeat",
+                                                 daemon=True)
+                self._beating.start()
+        return self._connection.default_channel
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.release()
+            self._connection = None
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.heartbeat_s / 4):
+            with self._lock:
+                if self._connection is None or self._connection.connection is None:
+                    continue
+                try:
+                    self._connection.connection.send_heartbeat()
+                except Exception as err:  # the connection is gone: the next take makes a new one
+                    log.warning("AMQP heartbeat of the batch intake failed: %s", err)
+                    self._drop_connection()

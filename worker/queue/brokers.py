@@ -1,0 +1,91 @@
+"""Which broker holds the queue: Redis (the default) or RabbitMQ (``BROKER_URL=amqp://...``).
+
+Producers, the gateway and workers reach the queue only through a ``Broker``:
+submit a job, re-send one, read the depth and places in line, the lanes a cancel
+clears; a worker's batches take jobs through ``intake_for``. Records, conversations and
+metrics are in Redis (``REDIS_URL``) with either broker.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import redis
+from celery import Celery
+
+from producer.protocol import LANE_PRIORITY, QUEUE_NAME, JobMessage, JobRecord
+from producer.settings import ProducerSettings
+from producer.store import JobStore
+from worker.queue import QUEUE_TRANSPORT, amqp, submission
+from worker.queue.amqp import AmqpBroker, AmqpIntake
+from worker.queue.intake import Intake
+from worker.queue.transport import lane_keys
+
+
+class Broker(Protocol):
+    kind: str
+    #: Celery's priority for each lane (Redis and AMQP count in opposite directions).
+    lane_priority: dict[str, int]
+
+    def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
+               lane_limit: int = 0) -> None: ...
+
+    def resend(self, celery: Celery, record: JobRecord) -> None: ...
+
+    def depth(self, celery: Celery) -> int: ...
+
+    def positions(self, celery: Celery, job_ids: list[str]) -> dict[str, int]: ...
+
+    def cancel_lanes(self) -> list[str]: ...
+
+
+class RedisBroker:
+    """The queue in Redis: kombu's Redis transport, hardened (``transport``), with atomic admission."""
+
+    kind = "redis"
+    lane_priority = LANE_PRIORITY
+
+    def __init__(self, redis_client: redis.Redis, *, max_queue: int):
+        self.store = JobStore(redis_client, ttl_s=1)  # reads only: the TTL is never used
+        self.max_queue = max_queue
+
+    def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
+               lane_limit: int = 0) -> None:
+        submission.submit_job(celery, record, message, max_queue=self.max_queue, ttl_s=ttl_s,
+                              lane_limit=lane_limit)
+
+    def resend(self, celery: Celery, record: JobRecord) -> None:
+        submission.resend_job(celery, record)
+
+    def depth(self, celery: Celery) -> int:
+        return self.store.queue_depth(lane_keys(QUEUE_NAME))
+
+    def positions(self, celery: Celery, job_ids: list[str]) -> dict[str, int]:
+        return self.store.queue_positions(job_ids, lane_keys(QUEUE_NAME))
+
+    def cancel_lanes(self) -> list[str]:
+        return lane_keys(QUEUE_NAME)
+
+
+def broker_for(settings: ProducerSettings, redis_client: redis.Redis, *, heartbeat_s: float) -> Broker:
+    """The broker that BROKER_URL (or, unset, REDIS_URL) names; ``heartbeat_s`` as below."""
+    if settings.broker_kind == "amqp":
+        return AmqpBroker(redis_client, max_queue=settings.max_queue, quorum=settings.broker_quorum,
+                          heartbeat_s=heartbeat_s)
+    return RedisBroker(redis_client, max_queue=settings.max_queue)
+
+
+def celery_broker_config(settings: ProducerSettings, *, heartbeat_s: float) -> dict:
+    """Celery's broker settings. ``heartbeat_s``: on RabbitMQ, how soon a silent connection is given
+    up and its messages handed back (workers use LIVENESS_TTL_S; a producer, which only publishes
+    and runs no loop to send heartbeats, 0: none)."""
+    if settings.broker_kind == "amqp":
+        return amqp.celery_config(settings.broker, settings.max_queue, settings.broker_quorum, heartbeat_s)
+    return {"broker_url": settings.broker, "broker_transport": QUEUE_TRANSPORT}
+
+
+def intake_for(app: Celery, settings: ProducerSettings, *, heartbeat_s: float) -> Intake | AmqpIntake:
+    """What a pool process takes more waiting jobs for its batch with."""
+    if settings.broker_kind == "amqp":
+        return AmqpIntake(app, amqp.job_queue(settings.max_queue, settings.broker_quorum), heartbeat_s)
+    return Intake(app)
