@@ -129,13 +129,48 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
 
 
+@pytest.fixture(scope="session")
+def rabbitmq_url():
+    """A RabbitMQ vhost of this run's own on TEST_RABBITMQ (default 127.0.0.1:5672, guest/guest),
+    made with rabbitmqctl and deleted, with everything in it, at the end."""
+    from tests.support.rabbitmq import TestVhost
+
+    vhost = TestVhost.create(os.environ.get("TEST_RABBITMQ", "127.0.0.1:5672"))
+    yield vhost.url
+    vhost.delete()
+
+
+@pytest.fixture(scope="module")
+def broker(request) -> str:
+    """Where this module's queue lives: ``redis`` unless the module parametrizes it
+    (``pytestmark = BOTH_BROKERS``)."""
+    return getattr(request, "param", "redis")
+
+
+@pytest.fixture(scope="module")
+def broker_url(broker, request) -> str | None:
+    """BROKER_URL for this module's workers and clients (None: the queue in Redis). The RabbitMQ
+    queue is deleted first: an earlier module may have declared it with another MAX_QUEUE."""
+    if broker == "redis":
+        return None
+    from tests.support.rabbitmq import delete_job_queue
+
+    url = request.getfixturevalue("rabbitmq_url")
+    delete_job_queue(url)
+    return url
+
+
+#: Runs every test of a module once per broker: ``pytestmark = [pytest.mark.slow, BOTH_BROKERS]``.
+BOTH_BROKERS = pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True, scope="module")
+
+
 @pytest.fixture
-def make_client(redis_url):
+def make_client(redis_url, broker_url):
     """Client factory; keyword arguments override ProducerSettings fields."""
     clients = []
 
     def make(**overrides) -> Client:
-        client = Client(settings=ProducerSettings(redis_url=redis_url, **overrides))
+        client = Client(settings=ProducerSettings(redis_url=redis_url, broker_url=broker_url, **overrides))
         clients.append(client)
         return client
 
@@ -223,10 +258,11 @@ def start_worker(
 
 
 @pytest.fixture(scope="module")
-def worker_env(redis_url, tiny_model_dir) -> dict[str, str]:
+def worker_env(redis_url, broker_url, tiny_model_dir) -> dict[str, str]:
     # The result cache off: jobs of other tests with the same text must not change what a test
     # sees (a cached sentiment skips the model pass); tests of the cache turn it on.
-    return {"REDIS_URL": redis_url, "MODEL": str(tiny_model_dir), "TORCH_THREADS": "1", "CACHE_TTL_S": "0"}
+    return {"REDIS_URL": redis_url, "BROKER_URL": broker_url or "", "MODEL": str(tiny_model_dir),
+            "TORCH_THREADS": "1", "CACHE_TTL_S": "0"}
 
 
 @pytest.fixture(scope="module")
