@@ -70,3 +70,11 @@ def test_every_setting_is_in_the_readme_table():
     for name in WorkerSettings.model_fields:
         assert re.search(rf"^\| `{name.upper()}` \|", table, re.M), f"{name.upper()} missing from README"
     assert set(ProducerSettings.model_fields) <= set(WorkerSettings.model_fields)
+
+
+def test_a_malformed_broker_url_names_the_setting():
+    with pytest.raises(ValidationError, match="broker_url"):
+        ProducerSettings(broker_url="kafka://127.0.0.1:9092")
+    with pytest.raises(ValidationError, match="MAX_QUEUE_BULK"):
+        ProducerSettings(broker_url="amqp://guest:guest@127.0.0.1:5672//", max_queue_bulk=5)
+    assert ProducerSettings(broker_url="").broker_kind == "redis"
