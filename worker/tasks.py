@@ -30,7 +30,7 @@ from producer.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStat
 from worker.admission import NotReadyYet, admit
 from worker.batch import run_jobs
 from worker.joining import Joiners, admit_taken, take_company
-from worker.queue.amqp import mark_unsent
+from worker.queue.amqp import mark_unsent, requeue_later
 from worker.queue.brokers import intake_for
 from worker.queue.intake import TakenJob
 from worker.queue.liveness import release_runs
@@ -142,6 +142,14 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
             # Back to the queue for a moment; the worker serves other jobs meanwhile.
             if not self.request.retries:  # once, not every 0.25 s
                 log.info("job=%s waits: %s", self.request.id, wait)
+            if self.runtime.settings.broker_kind == "amqp":
+                # RabbitMQ hands a dead worker's jobs back at once, before their claims lapse
+                # (LIVENESS_TTL_S): they wait in the queue, where a running batch can take them.
+                try:
+                    requeue_later(self.app, self.request.id, message, TURN_RETRY_S)
+                except Exception as err:
+                    raise Reject(f"not requeued: {err}", requeue=True) from err
+                return
             raise self.retry(countdown=TURN_RETRY_S) from None
         except redis.RedisError as err:
             # Redis is gone even after retries, or refuses writes (OOM, READONLY, MISCONF):

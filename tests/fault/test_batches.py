@@ -7,10 +7,10 @@ import re
 import pytest
 
 from producer.protocol import ErrorCode, JobStatus
-from tests.conftest import start_worker
+from tests.conftest import BOTH_BROKERS, start_worker
 from tests.test_worker_faults import wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, BOTH_BROKERS]
 
 FAULT_APP = "tests.support.fault_app"
 

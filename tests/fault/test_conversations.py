@@ -7,9 +7,9 @@ import json
 import pytest
 
 from producer.protocol import JobStatus, conversation_key
-from tests.conftest import start_worker
+from tests.conftest import BOTH_BROKERS, start_worker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, BOTH_BROKERS]
 
 
 def test_turns_run_in_order_and_other_conversations_in_parallel(worker_env, tmp_path, make_client, redis_client,

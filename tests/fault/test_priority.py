@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from producer import JobStatus
-from tests.conftest import start_worker
+from tests.conftest import BOTH_BROKERS, start_worker
 from tests.fault.test_batches import FAULT_APP, _submit_behind_a_busy_worker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, BOTH_BROKERS]
 
 
 def test_an_interactive_job_behind_eight_bulk_jobs_finishes_before_the_last_of_them(

@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 
+import amqp as amqp_message
 import redis
 from amqp.exceptions import MessageNacked
 from celery import Celery
@@ -36,6 +37,7 @@ from producer.errors import QueueFull
 from producer.protocol import (
     OPEN_JOBS_KEY,
     QUEUE_NAME,
+    TASK_NAME,
     UNSENT_JOBS_KEY,
     JobMessage,
     JobRecord,
@@ -165,6 +167,18 @@ class AmqpBroker:
         return []
 
 
+def requeue_later(celery: Celery, job_id: str, raw_message: dict, pause_s: float) -> None:
+    """Put a delivered job that cannot run yet (an earlier turn, a claim) back at the end of the queue,
+    after ``pause_s``. Not Celery's retry: its countdown holds the message in the worker's memory
+    until the pool is free, and a batch keeps the pool busy for its whole join window, while a
+    message in the queue can join a batch. Raises kombu's errors if the publish fails (the caller
+    then hands the delivered message back)."""
+    time.sleep(pause_s)
+    lane = (raw_message.get("request") or {}).get("priority", "interactive")
+    celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": raw_message},
+                     priority=LANE_PRIORITY.get(lane, LANE_PRIORITY["interactive"]))
+
+
 def unsent_jobs(client: redis.Redis, older_than: float) -> list[str]:
     """Open jobs whose publish was not confirmed by ``older_than`` (a Unix time)."""
     return [raw.decode() for raw in client.zrangebyscore(UNSENT_JOBS_KEY, "-inf", older_than)]
@@ -217,8 +231,17 @@ class _Locked:
             self._message.ack()
 
     def reject(self, requeue: bool = False) -> None:
+        """``requeue``: back at the end of the queue, as on Redis. RabbitMQ's own requeue puts it back
+        at the head, where the next look takes it again: a job that must wait (an earlier turn, a
+        claim) would shut out every job behind it. A copy goes to the end first, then this one is
+        acknowledged: at least once."""
         with self._lock:
-            self._message.reject(requeue=requeue)
+            if requeue:
+                message = self._message
+                info = message.delivery_info
+                message.channel.basic_publish(amqp_message.Message(message.body, **message.properties),
+                                              exchange=info["exchange"], routing_key=info["routing_key"])
+            self._message.ack()
 
 
 class AmqpIntake:
