@@ -103,9 +103,10 @@ class Client:
         A ``callback_url`` (its host in CALLBACK_ALLOWED_HOSTS) gets the final record POSTed
         by a gateway (producer.api.callbacks).
         The record, the message and the conversation's pending turn are written
-        in one atomic step (``worker.queue.submission``): all or nothing.
+        in one atomic step (``worker.queue.submission``): all or nothing. With the queue
+        in RabbitMQ, the record first and then the message (``worker.queue.amqp``).
         Raises InvalidRequest (bad input) or QueueFull (MAX_QUEUE jobs waiting)
-        with nothing written, and BrokerUnavailable when Redis cannot be reached.
+        with nothing written, and BrokerUnavailable when Redis or the broker cannot be reached.
         """
         request = self._validate(
             {
@@ -166,7 +167,7 @@ class Client:
     def _broker_errors(self) -> Iterator[None]:
         try:
             yield
-        except (redis.ConnectionError, redis.TimeoutError, OperationalError) as err:
+        except (redis.ConnectionError, redis.TimeoutError, OperationalError, OSError) as err:
             # kombu wraps what Redis answered while publishing; an answer is not an outage.
             answer = err.__cause__ or err.__context__
             if isinstance(answer, redis.ResponseError) and not isinstance(answer, redis.ConnectionError):

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,7 +171,7 @@ def make_client(redis_url, broker_url):
     clients = []
 
     def make(**overrides) -> Client:
-        client = Client(settings=ProducerSettings(redis_url=redis_url, broker_url=broker_url, **overrides))
+        client = Client(settings=ProducerSettings(**{"redis_url": redis_url, "broker_url": broker_url, **overrides}))
         clients.append(client)
         return client
 
@@ -239,12 +240,15 @@ class WorkerProcess:
 
 
 def start_worker(
-    app: str, log_path: Path, env: dict[str, str], *, wait_loaded: bool = True, name: str = "test"
+    app: str, log_path: Path, env: dict[str, str], *, wait_loaded: bool = True, name: str = "test",
+    prefix: Sequence[str] = (),
 ) -> WorkerProcess:
+    """``prefix``: a command that execs the worker (``ip netns exec <ns>``: it runs on another host),
+    so its pid and process group are the worker's."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
     log_file = open(log_path, "a")
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", app, "worker", "--concurrency", "1",
+        [*prefix, sys.executable, "-m", "celery", "-A", app, "worker", "--concurrency", "1",
          "--loglevel", "INFO", "--without-mingle", "--without-gossip", "-n", f"{name}-{os.getpid()}@%h"],
         cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, so a test can kill it whole

@@ -146,3 +146,18 @@ def test_the_job_record_is_written_before_the_message(empty_queue, make_client, 
     job_id = client.submit("好吃")
     assert json.loads(seen["record"])["status"] == "queued" and seen["unsent"] is not None
     assert redis_client.zscore(UNSENT_JOBS_KEY, job_id) is None  # the confirm cleared it
+
+
+def test_rabbitmq_down_refuses_the_job_and_writes_nothing(make_client, redis_client, redis_url):
+    from producer.errors import BrokerUnavailable
+    from producer.settings import ProducerSettings
+
+    redis_client.delete(OPEN_JOBS_KEY, UNSENT_JOBS_KEY)
+    nobody = "amqp://guest:guest@127.0.0.1:1//"  # nothing listens there
+    client = make_client(broker_url=nobody)
+    with pytest.raises(BrokerUnavailable, match="127.0.0.1:1"):
+        client.submit("好吃")
+    with pytest.raises(BrokerUnavailable):
+        client.queue_depth()
+    assert redis_client.zcard(OPEN_JOBS_KEY) == 0 and redis_client.zcard(UNSENT_JOBS_KEY) == 0
+    assert ProducerSettings(redis_url=redis_url, broker_url=nobody).broker_kind == "amqp"

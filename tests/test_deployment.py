@@ -74,3 +74,17 @@ def test_the_demo_says_how_to_get_a_redis_where_it_cannot_start_one(tmp_path):
     assert demo.stderr.strip().splitlines() == [
         "no Redis answers at redis://127.0.0.1:1/0: start one (sudo apt install redis-server, or docker run -p "
         "6379:6379 redis:7) or set REDIS_URL"]
+
+
+def test_the_rabbitmq_profile_keeps_its_ports_local_and_every_service_reads_broker_url():
+    services = compose()["services"]
+    rabbitmq = services["rabbitmq"]
+    assert rabbitmq["profiles"] == ["rabbitmq"]  # not started without --profile rabbitmq
+    assert rabbitmq["ports"] and all(port.startswith("127.0.0.1:") for port in rabbitmq["ports"])
+    assert any(port.endswith(":15672") for port in rabbitmq["ports"])  # the management UI
+    assert any(volume.endswith(":/var/lib/rabbitmq") for volume in rabbitmq["volumes"])
+    for name in ("worker", "api"):
+        assert "BROKER_URL" in services[name]["environment"], name
+    assert "--broker=${BROKER_URL:-redis://redis:6379/0}" in services["flower"]["command"]
+    for name in ("worker", "api"):
+        assert services[name]["depends_on"]["rabbitmq"]["required"] is False, name

@@ -25,7 +25,7 @@ def test_api_service_runs_the_documented_command_against_compose_redis():
 def test_flower_watches_the_same_broker_on_localhost():
     flower = compose()["services"]["flower"]
     assert flower["image"].startswith("mher/flower:")
-    assert "--broker=redis://redis:6379/0" in flower["command"] and "flower" in flower["command"]
+    assert "--broker=${BROKER_URL:-redis://redis:6379/0}" in flower["command"] and "flower" in flower["command"]
     assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
 
 

@@ -265,6 +265,36 @@ def cmd_batching(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_brokers(args: argparse.Namespace) -> int:
+    import time
+
+    from producer.evaluate import balanced_sample, read_rows
+    from worker.bench import brokers
+
+    examples = balanced_sample(read_rows(Path(args.data)), 400, seed=1)
+    texts = [e.text for e in examples if len(e.text) <= 40][:100]  # short Chinese reviews, as in `run`
+    count, threads = (int(x) for x in args.layout.split("x"))
+    order = [("redis", None), ("rabbitmq", args.broker)]
+    runs = [brokers.run_broker(name, url, model=args.model, dtype=args.dtype, layout=(count, threads),
+                               redis_url=args.redis_url, texts=texts, reply_tokens=args.reply_tokens,
+                               lone_jobs=args.lone_jobs, jobs_per_client=args.jobs_per_client)
+            for number in range(args.rounds) for name, url in (order if number % 2 == 0 else order[::-1])]
+    print("\n".join([f"# the queue in Redis and in RabbitMQ, {time.strftime('%Y-%m-%d %H:%M')}",
+                     f"machine: {machine_line()}",
+                     f"model: {args.model}; DTYPE={args.dtype}; {count} worker(s) x {threads} threads, default "
+                     f"batching; reply fixed at {args.reply_tokens} tokens; records in {args.redis_url}; RabbitMQ: "
+                     f"{_without_password(args.broker)}; {args.rounds} round(s), the order alternating", "",
+                     *brokers.table(runs)]))
+    return 0
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 5672}{parts.path}"
+
+
 def cmd_engine(args: argparse.Namespace) -> int:
     """Each DTYPE side by side, in process: load time, RSS growth, prefill, decode, sentiment."""
     import gc
@@ -447,6 +477,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-jobs", type=int, default=5)
     p.add_argument("--float32-rss", action="store_true", help="also start a float32 worker to compare RSS")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("brokers", help="the service with its queue in Redis and in RabbitMQ, side by side")
+    p.add_argument("--model", required=True, help="model folder or .gguf file")
+    p.add_argument("--broker", required=True, help="the RabbitMQ to compare: amqp://user:pw@host:5672/vhost "
+                   "(a vhost of the bench's own)")
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="a Redis database the bench may use")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--layout", default=f"1x{available_cores()}", help="workers x threads")
+    p.add_argument("--reply-tokens", type=int, default=45, help="fixed reply length (the original's mean: 45)")
+    p.add_argument("--lone-jobs", type=int, default=8, help="jobs at concurrency 1 (delivery to an idle worker)")
+    p.add_argument("--jobs-per-client", type=int, default=3, help="jobs per client at concurrency 8")
+    p.add_argument("--rounds", type=int, default=2, help="rounds, alternating which broker runs first")
+    p.set_defaults(func=cmd_brokers)
 
     p = sub.add_parser("batching", help="batching off, static and continuous side by side under load")
     p.add_argument("--model", required=True, help="model folder or .gguf file")

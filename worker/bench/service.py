@@ -61,9 +61,10 @@ class Workers:
 
 
 def start_workers(model: str, dtype: str, count: int, threads: int, redis_url: str, timeout_s: float = 600,
-                  env: dict[str, str] | None = None) -> Workers:
+                  env: dict[str, str] | None = None, broker_url: str | None = None) -> Workers:
     """Start ``count`` workers; ``env`` adds or overrides worker settings (BATCH_MAX=1, ...)."""
     env = {**os.environ, "MODEL": model, "DTYPE": dtype, "TORCH_THREADS": str(threads), "REDIS_URL": redis_url,
+           "BROKER_URL": broker_url or "",
            "JOB_TIMEOUT_S": "300", "RESULT_TTL_S": "7200", "PYTHONUNBUFFERED": "1", **(env or {})}
     logdir = Path(tempfile.mkdtemp(prefix="qwen-allinone-bench-"))
     started = time.perf_counter()
@@ -137,6 +138,8 @@ class LevelResult:
     wall_s: float
     #: Submissions or waits that raised (QueueFull, BrokerUnavailable, WaitTimeout, ...), by exception name.
     exceptions: Counter = field(default_factory=Counter)
+    #: How long each ``Client.submit`` took (ms): the broker's admission, as a producer sees it.
+    submit_ms: list[float] = field(default_factory=list)
 
     @property
     def succeeded(self) -> list[JobRecord]:
@@ -163,11 +166,12 @@ class LevelResult:
 
 
 def run_level(redis_url: str, texts: list[str], concurrency: int, jobs: int, reply_tokens: int,
-              desc: str) -> LevelResult:
+              desc: str, broker_url: str | None = None) -> LevelResult:
     """``concurrency`` producers, each submitting and waiting for one job at a time, ``jobs`` in all."""
-    settings = ProducerSettings(redis_url=redis_url, job_timeout_s=300, queue_timeout_s=3600)
+    settings = ProducerSettings(redis_url=redis_url, broker_url=broker_url, job_timeout_s=300, queue_timeout_s=3600)
     exceptions: Counter = Counter()
     records: list[JobRecord] = []
+    submit_ms: list[float] = []
     lock = threading.Lock()
     progress = tqdm(total=jobs, desc=desc, unit="job", leave=False)
     counter = iter(range(jobs))
@@ -176,8 +180,11 @@ def run_level(redis_url: str, texts: list[str], concurrency: int, jobs: int, rep
         with Client(settings=settings) as client:
             for i in counter:
                 try:
+                    submitted = time.perf_counter()
                     job_id = client.submit(texts[i % len(texts)], max_new_tokens=reply_tokens,
                                            min_new_tokens=reply_tokens, temperature=0.7)
+                    with lock:
+                        submit_ms.append(1000 * (time.perf_counter() - submitted))
                     record = client.wait(job_id, timeout=1800)
                 except Exception as err:  # counted, reported with its cause
                     with lock:
@@ -192,9 +199,9 @@ def run_level(redis_url: str, texts: list[str], concurrency: int, jobs: int, rep
         for future in [pool.submit(producer) for _ in range(concurrency)]:
             future.result()
     progress.close()
-    return LevelResult(concurrency, records, time.perf_counter() - started, exceptions)
+    return LevelResult(concurrency, records, time.perf_counter() - started, exceptions, submit_ms)
 
 
-def queue_is_empty(redis_url: str) -> bool:
-    with Client(settings=ProducerSettings(redis_url=redis_url)) as client:
+def queue_is_empty(redis_url: str, broker_url: str | None = None) -> bool:
+    with Client(settings=ProducerSettings(redis_url=redis_url, broker_url=broker_url)) as client:
         return client.queue_depth() == 0

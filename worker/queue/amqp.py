@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
 import time
 
@@ -132,11 +133,18 @@ class AmqpBroker:
         try:
             send_job(celery, record.job_id, message, LANE_PRIORITY)
         except Exception as err:
-            if not _nacked(err):
-                raise  # marked unsent: the reconciler sends it if this process cannot
-            self.redis.eval(_UNDO_SCRIPT, len(keys), *keys, record.to_json(), record.job_id)
-            raise QueueFull(self.max_queue, self.max_queue) from None
+            if _caused_by(err, MessageNacked):  # the queue is full
+                self._take_back(keys, record)
+                raise QueueFull(self.max_queue, self.max_queue) from None
+            if _caused_by(err, ConnectionRefusedError, socket.gaierror):  # never sent: RabbitMQ is down
+                self._take_back(keys, record)
+            # Otherwise it may have arrived (a confirm lost with its connection): the record stays,
+            # marked unsent, and the reconciler publishes it again should it not have.
+            raise
         self.redis.zrem(UNSENT_JOBS_KEY, record.job_id)
+
+    def _take_back(self, keys: list[str], record: JobRecord) -> None:
+        self.redis.eval(_UNDO_SCRIPT, len(keys), *keys, record.to_json(), record.job_id)
 
     def resend(self, celery: Celery, record: JobRecord) -> None:
         """Publish an open job's message again (its first was never confirmed, or it was dropped)."""
@@ -148,6 +156,7 @@ class AmqpBroker:
     def depth(self, celery: Celery) -> int:
         """Messages ready in the queue (0 before any worker or producer declared it)."""
         with celery.pool.acquire(block=True) as connection:
+            connection.ensure_connection(max_retries=1)  # a pooled connection may have dropped
             channel = connection.channel()
             try:
                 _, count, _ = channel.queue_declare(QUEUE_NAME, passive=True)
@@ -206,11 +215,12 @@ def _record_keys(record: JobRecord) -> list[str]:
             UNSENT_JOBS_KEY]
 
 
-def _nacked(err: BaseException) -> bool:
-    """Whether RabbitMQ refused the publish (kombu wraps the nack in OperationalError)."""
+def _caused_by(err: BaseException, *kinds: type[BaseException]) -> bool:
+    """Whether ``err`` or what it wraps is one of ``kinds`` (kombu wraps py-amqp's and the socket's
+    errors in OperationalError)."""
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, MessageNacked):
+        if isinstance(seen, kinds):
             return True
         seen = seen.__cause__ or seen.__context__
     return False
