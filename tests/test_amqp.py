@@ -138,7 +138,7 @@ def test_the_job_record_is_written_before_the_message(empty_queue, make_client, 
     client = make_client()
     seen = {}
 
-    def publish(celery, job_id, message, lane_priority):
+    def publish(celery, job_id, message, lane_priority, **options):
         seen["record"] = redis_client.get(job_key(job_id))
         seen["unsent"] = redis_client.zscore(UNSENT_JOBS_KEY, job_id)
 
@@ -161,3 +161,48 @@ def test_rabbitmq_down_refuses_the_job_and_writes_nothing(make_client, redis_cli
         client.queue_depth()
     assert redis_client.zcard(OPEN_JOBS_KEY) == 0 and redis_client.zcard(UNSENT_JOBS_KEY) == 0
     assert ProducerSettings(redis_url=redis_url, broker_url=nobody).broker_kind == "amqp"
+
+
+def _intake(client):
+    from worker.queue.brokers import intake_for
+
+    return intake_for(client._celery, client.settings, heartbeat_s=10)
+
+
+def test_the_intake_takes_with_manual_acks_and_requeues_at_the_end(empty_queue, make_client):
+    client = make_client()
+    first, second = client.submit("第一单"), client.submit("第二单")
+    intake = _intake(client)
+    try:
+        [taken] = intake.take(1, 1.0)
+        assert taken.job_id == first and queue_depth(empty_queue) == 1  # held, not gone
+        taken.requeue()  # a job that must wait goes behind the others, not back to the head
+        assert [job.job_id for job in intake.take(2, 1.0)] == [second, first]
+        intake.hand_back_unsettled()  # what a finished batch left unsettled goes back
+        assert queue_depth(empty_queue) == 2
+    finally:
+        intake.close()
+
+
+def test_a_settle_after_the_connection_broke_is_logged_and_the_message_comes_back(empty_queue, make_client):
+    client = make_client()
+    job_id = client.submit("好吃")
+    intake = _intake(client)
+    try:
+        [taken] = intake.take(1, 1.0)
+        intake._connection.release()  # the connection breaks under the running batch
+        taken.ack()  # the final record is written: the batch goes on, whatever the broker says
+        wait_for(lambda: queue_depth(empty_queue) == 1, timeout=10)  # RabbitMQ handed it back
+        assert [job.job_id for job in intake.take(1, 1.0)] == [job_id]  # a new connection takes it
+    finally:
+        intake.close()
+
+
+def test_a_queue_deleted_under_a_running_producer_is_declared_again_not_dropping_jobs(empty_queue, make_client):
+    client = make_client()
+    client.submit("第一单")  # Celery declares the queue once per connection...
+    delete_job_queue(empty_queue)  # ...so once an operator deletes it, plain publishes would vanish
+    second = client.submit("第二单")
+    third = client.submit("第三单")
+    assert queue_depth(empty_queue) == 2
+    assert client.get(second).status is JobStatus.QUEUED and client.get(third).status is JobStatus.QUEUED

@@ -30,7 +30,7 @@ import time
 
 import amqp as amqp_message
 import redis
-from amqp.exceptions import MessageNacked
+from amqp.exceptions import AMQPError, MessageNacked, NotFound
 from celery import Celery
 from kombu import Connection, Exchange, Queue
 
@@ -55,6 +55,8 @@ log = logging.getLogger("qwen_allinone.worker")
 LANE_PRIORITY = {"interactive": 9, "bulk": 0}
 #: The classic queue's ``x-max-priority``: one level per lane value above.
 MAX_PRIORITY = 9
+#: RabbitMQ's answer to a mandatory publish that no queue takes.
+NO_ROUTE = 312
 #: An idle taker polls RabbitMQ at most this often (each look is a round trip).
 AMQP_POLL_INTERVAL_S = max(POLL_INTERVAL_S, 0.01)
 
@@ -131,7 +133,7 @@ class AmqpBroker:
         if not written:
             return  # a retried submit: queued already, or it is the reconciler's
         try:
-            send_job(celery, record.job_id, message, LANE_PRIORITY)
+            self._publish(celery, record.job_id, message)
         except Exception as err:
             if _caused_by(err, MessageNacked):  # the queue is full
                 self._take_back(keys, record)
@@ -143,14 +145,36 @@ class AmqpBroker:
             raise
         self.redis.zrem(UNSENT_JOBS_KEY, record.job_id)
 
+    def _publish(self, celery: Celery, job_id: str, message: JobMessage) -> None:
+        """Publish as mandatory: a message no queue takes is refused, not silently dropped. Celery
+        declares the queue once per connection, so a queue deleted since (by an operator, or a
+        broker that lost it) would drop every job; it is declared again, and the job published again."""
+        try:
+            send_job(celery, job_id, message, LANE_PRIORITY, mandatory=True)
+        except Exception as err:
+            if not _caused_by(err, NotFound) and _reply_code(err) != NO_ROUTE:
+                raise
+            log.warning("the job queue was gone; declared it again")
+            self.declare(celery)
+            send_job(celery, job_id, message, LANE_PRIORITY, mandatory=True)
+
+    def declare(self, celery: Celery) -> None:
+        with celery.pool.acquire(block=True) as connection:
+            connection.ensure_connection(max_retries=1)
+            channel = connection.channel()
+            try:
+                job_queue(self.max_queue, self.quorum)(channel).declare()
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+
     def _take_back(self, keys: list[str], record: JobRecord) -> None:
         self.redis.eval(_UNDO_SCRIPT, len(keys), *keys, record.to_json(), record.job_id)
 
     def resend(self, celery: Celery, record: JobRecord) -> None:
         """Publish an open job's message again (its first was never confirmed, or it was dropped)."""
-        send_job(celery, record.job_id, JobMessage(request=record.request, submitted_at=record.submitted_at,
-                                                   start_by=record.start_by, timeout_s=record.timeout_s),
-                 LANE_PRIORITY)
+        self._publish(celery, record.job_id, JobMessage(request=record.request, submitted_at=record.submitted_at,
+                                                        start_by=record.start_by, timeout_s=record.timeout_s))
         self.redis.zrem(UNSENT_JOBS_KEY, record.job_id)
 
     def depth(self, celery: Celery) -> int:
@@ -215,6 +239,16 @@ def _record_keys(record: JobRecord) -> list[str]:
             UNSENT_JOBS_KEY]
 
 
+def _reply_code(err: BaseException) -> int | None:
+    """The AMQP reply code of ``err`` or of what it wraps (312 for NO_ROUTE)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, AMQPError) and seen.reply_code:
+            return seen.reply_code
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _caused_by(err: BaseException, *kinds: type[BaseException]) -> bool:
     """Whether ``err`` or what it wraps is one of ``kinds`` (kombu wraps py-amqp's and the socket's
     errors in OperationalError)."""
@@ -226,32 +260,42 @@ def _caused_by(err: BaseException, *kinds: type[BaseException]) -> bool:
     return False
 
 
-class _Locked:
-    """A taken message whose acknowledgement shares the connection's lock with the heartbeat thread."""
+class _Taken:
+    """A message taken by the intake. Settling it shares the connection's lock with the heartbeat
+    thread; a connection that broke meanwhile already handed the message back (RabbitMQ requeues
+    what a closed connection held), so a failed settle is logged, not raised into the batch: the
+    job's final record is written first, and a copy delivered later is skipped."""
 
-    def __init__(self, message, lock: threading.Lock):
+    def __init__(self, message, intake: AmqpIntake):
         self._message = message
-        self._lock = lock
+        self._intake = intake
 
     def __getattr__(self, name):
         return getattr(self._message, name)
 
     def ack(self) -> None:
-        with self._lock:
-            self._message.ack()
+        self._settle(requeue=False)
 
     def reject(self, requeue: bool = False) -> None:
         """``requeue``: back at the end of the queue, as on Redis. RabbitMQ's own requeue puts it back
         at the head, where the next look takes it again: a job that must wait (an earlier turn, a
         claim) would shut out every job behind it. A copy goes to the end first, then this one is
         acknowledged: at least once."""
-        with self._lock:
-            if requeue:
-                message = self._message
-                info = message.delivery_info
-                message.channel.basic_publish(amqp_message.Message(message.body, **message.properties),
-                                              exchange=info["exchange"], routing_key=info["routing_key"])
-            self._message.ack()
+        self._settle(requeue=requeue)
+
+    def _settle(self, requeue: bool) -> None:
+        message = self._message
+        with self._intake._lock:
+            try:
+                if requeue:
+                    info = message.delivery_info
+                    message.channel.basic_publish(amqp_message.Message(message.body, **message.properties),
+                                                  exchange=info["exchange"], routing_key=info["routing_key"])
+                message.ack()
+            except Exception as err:
+                log.warning("job message %s not settled (%s: %s); its connection handed it back",
+                            message.headers.get("id"), type(err).__name__, err)
+                self._intake._drop_connection()
 
 
 class AmqpIntake:
@@ -310,7 +354,7 @@ class AmqpIntake:
                 # The messages this connection held go back with it; the next take connects anew.
                 self._drop_connection()
                 raise
-        return None if message is None else _Locked(message, self._lock)
+        return None if message is None else _Taken(message, self)
 
     def _channel(self):
         if self._connection is None:

@@ -116,7 +116,8 @@ def _send(celery: Celery, job_id: str, message: JobMessage) -> None:
     send_job(celery, job_id, message, LANE_PRIORITY)
 
 
-def send_job(celery: Celery, job_id: str, message: JobMessage, lane_priority: dict[str, int]) -> None:
-    """Publish a job's Celery message, with its lane's priority as this broker counts them."""
+def send_job(celery: Celery, job_id: str, message: JobMessage, lane_priority: dict[str, int], **options) -> None:
+    """Publish a job's Celery message, with its lane's priority as this broker counts them; ``options``
+    go to the publish (``mandatory=True``, say)."""
     celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": message.model_dump(mode="json")},
-                     priority=lane_priority[message.request.priority])
+                     priority=lane_priority[message.request.priority], **options)
