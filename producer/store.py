@@ -205,7 +205,8 @@ class JobStore:
         keys = [job_key(record.job_id), done_key(record.job_id), OPEN_JOBS_KEY,
                 pending_turns_key(conversation_id) if conversation_id else "",
                 metrics_counted_key(record.job_id), METRICS_JOBS_KEY, cancel_key(record.job_id),
-                FINISHED_RECENTLY_KEY, CALLBACKS_KEY, UNSENT_JOBS_KEY, *(metrics_stage_key(stage) for stage in stages)]
+                FINISHED_RECENTLY_KEY, CALLBACKS_KEY, UNSENT_JOBS_KEY,
+                *(metrics_stage_key(stage) for stage in stages)]
         finished_at = record.finished_at if record.finished_at is not None else time.time()
         args = [record.to_json(), self.ttl_s, DONE_SIGNAL_TTL_S, record.job_id, record.status.value,
                 repr(finished_at), repr(SERVICE_RATE_WINDOW_S),

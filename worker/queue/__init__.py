@@ -10,6 +10,12 @@ The rest of the code uses this small interface:
 - ``Reconciler``: hands back the messages of dead processes and re-sends open jobs
   whose message is gone (``reconciler``).
 - ``check_versions``: kombu and Celery are the versions this code was tested on.
+- ``brokers``: which broker holds the queue (BROKER_URL): Redis, with all of the
+  above, or RabbitMQ (``amqp``), which hands a dead consumer's messages back itself
+  and needs only the unsent-job marks, its own intake and a bounded queue declaration.
+
+Everything below is about the Redis transport; ``amqp`` uses py-amqp's and kombu's
+public API only (``Queue.get``, ``basic_recover``, ``basic_publish``, publisher confirms).
 
 kombu's Redis internals used here: ``Channel._put``, ``_brpop_read``,
 ``_q_for_pri``, ``sep``, ``PRIORITY_STEPS``, ``unacked_key`` and
