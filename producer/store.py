@@ -43,6 +43,7 @@ from producer.protocol import (
     metrics_stage_key,
     open_job_score,
     pending_turns_key,
+    runner_key,
     stage_seconds,
 )
 
@@ -55,12 +56,19 @@ log = logging.getLogger("qwen_allinone.store")
 #: maxmemory at its first write, so it runs whole or not at all.
 #: The job's cancel flag goes too, it joins the recently finished jobs (the service rate), and a
 #: job with a callback_url joins the callbacks due.
+#: A writer that names its run (``runner``: its consumer id) is refused once the job's run passed
+#: to another process (its claim, ``runner:<job_id>``, names that process): a worker cut off for
+#: longer than LIVENESS_TTL_S, whose jobs another worker took over, cannot write over their run.
 #: KEYS: job, done, open index, pending turns (or ""), counted mark, jobs by status, cancel flag,
-#: recently finished, callbacks due, unsent jobs, stage hashes.
+#: recently finished, callbacks due, unsent jobs, the run's claim (or ""), stage hashes.
 #: ARGV: record JSON, record TTL, done TTL, job id, status, finish time, rate window, has a
 #: callback ('1' or '0'), ran ('1' or '0': only jobs that ran count towards the service rate),
-#: then (bucket field, seconds) per stage.
+#: the writer's runner id (or ""), then (bucket field, seconds) per stage.
 _FINAL_SCRIPT = "local FINAL = {" + ", ".join(f"['{s.value}'] = true" for s in JobStatus if s.is_final) + """}
+if KEYS[11] ~= '' then
+  local runner = redis.call('GET', KEYS[11])
+  if runner and runner ~= ARGV[10] then return 0 end
+end
 local stored = redis.call('GET', KEYS[1])
 if stored then
   local ok, old = pcall(cjson.decode, stored)
@@ -80,8 +88,8 @@ if redis.call('SET', KEYS[5], 1, 'NX', 'EX', ARGV[2]) then
     redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', ARGV[6] - ARGV[7])
   end
   if ARGV[8] == '1' then redis.call('ZADD', KEYS[9], ARGV[6], ARGV[4]) end
-  for i = 11, #KEYS do
-    local j = 10 + (i - 11) * 2
+  for i = 12, #KEYS do
+    local j = 11 + (i - 12) * 2
     redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
     redis.call('HINCRBY', KEYS[i], 'count', 1)
     redis.call('HINCRBYFLOAT', KEYS[i], 'sum', ARGV[j + 1])
@@ -158,7 +166,7 @@ class JobStore:
         raws = self.redis.mget([job_key(job_id) for job_id in job_ids])
         return [_parse_or_error(job_id, raw) for job_id, raw in zip(job_ids, raws)]
 
-    def put(self, record: JobRecord) -> bool:
+    def put(self, record: JobRecord, runner: str | None = None) -> bool:
         """Write ``record`` unless the stored one is already final; return whether it was written.
 
         Two writers can race at the end of a job (the hard time limit writes
@@ -166,29 +174,33 @@ class JobStore:
         the first final status wins. An open record is (re)indexed among the
         open jobs; a final one is written with all of its bookkeeping in one
         step (``_FINAL_SCRIPT``), so a crash never leaves half of it.
+        ``runner``: the consumer id of the process whose run this is; the write is
+        refused if the job's claim names another process (its run passed on).
         """
         # Neither a watched transaction nor a script is retried by redis-py when the connection
         # drops; both writes are idempotent, so they are retried here, with the client's backoff.
         if record.status.is_final:
-            return self._retried(lambda: self._put_final_once(record))
-        return self._retried(lambda: self._put_open_once(record))
+            return self._retried(lambda: self._put_final_once(record, runner=runner))
+        return self._retried(lambda: self._put_open_once(record, runner))
 
     def _retried(self, operation):
         """Run ``operation`` under the client's retry policy (connect_redis), if it has one."""
         retry = self.redis.get_retry()
         return operation() if retry is None else retry.call_with_retry(operation, lambda _: None)
 
-    def _put_open_once(self, record: JobRecord) -> bool:
-        key = job_key(record.job_id)
+    def _put_open_once(self, record: JobRecord, runner: str | None) -> bool:
+        key, claim = job_key(record.job_id), runner_key(record.job_id)
         with self.redis.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(key, claim)
                     try:
                         stored = _parse(record.job_id, pipe.get(key))
                     except UnreadableRecord:
                         stored = None  # garbage is replaced, never kept
-                    if stored is not None and stored.status.is_final:
+                    claimed_by = pipe.get(claim) if runner else None
+                    if (stored is not None and stored.status.is_final) or (
+                            claimed_by is not None and claimed_by.decode() != runner):
                         pipe.unwatch()
                         return False
                     pipe.multi()
@@ -199,19 +211,20 @@ class JobStore:
                 except redis.WatchError:
                     continue
 
-    def _put_final_once(self, record: JobRecord, pipe: redis.client.Pipeline | None = None) -> bool:
+    def _put_final_once(self, record: JobRecord, pipe: redis.client.Pipeline | None = None,
+                        runner: str | None = None) -> bool:
         conversation_id = record.request.conversation_scope if record.request else None
         stages = stage_seconds(record.timings)
         keys = [job_key(record.job_id), done_key(record.job_id), OPEN_JOBS_KEY,
                 pending_turns_key(conversation_id) if conversation_id else "",
                 metrics_counted_key(record.job_id), METRICS_JOBS_KEY, cancel_key(record.job_id),
-                FINISHED_RECENTLY_KEY, CALLBACKS_KEY, UNSENT_JOBS_KEY,
+                FINISHED_RECENTLY_KEY, CALLBACKS_KEY, UNSENT_JOBS_KEY, runner_key(record.job_id) if runner else "",
                 *(metrics_stage_key(stage) for stage in stages)]
         finished_at = record.finished_at if record.finished_at is not None else time.time()
         args = [record.to_json(), self.ttl_s, DONE_SIGNAL_TTL_S, record.job_id, record.status.value,
                 repr(finished_at), repr(SERVICE_RATE_WINDOW_S),
                 "1" if record.request is not None and record.request.callback_url else "0",
-                "1" if record.started_at is not None else "0",
+                "1" if record.started_at is not None else "0", runner or "",
                 *(item for seconds in stages.values() for item in (bucket_field(seconds), repr(seconds)))]
         if pipe is not None:  # part of the caller's transaction
             pipe.eval(_FINAL_SCRIPT, len(keys), *keys, *args)

@@ -24,9 +24,9 @@ class RecordingStore(JobStore):
         super().__init__(fakeredis.FakeRedis(), ttl_s=60)
         self.writes: list[JobRecord] = []
 
-    def put(self, record):
+    def put(self, record, runner=None):
         self.writes.append(record.model_copy(deep=True))
-        return super().put(record)
+        return super().put(record, runner)
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +234,23 @@ def test_a_job_killed_while_it_waited_out_redis_is_not_recorded_timed_out(runtim
     expected = JobStatus.RUNNING if waiting_for_redis else JobStatus.TIMED_OUT  # left for the reconciler
     assert store.get(job_id).status is expected
     assert runtime.waiting_for_redis.value == 0
+
+
+def test_a_run_whose_claim_passed_to_another_worker_writes_nothing():
+    # A worker cut off for longer than LIVENESS_TTL_S: another took the job over (its claim) and
+    # runs it. Back on the network, the first may not write over that run, open or final.
+    from producer.protocol import runner_key
+
+    store = JobStore(fakeredis.FakeRedis(), 60)
+    now = time.time()
+    running = JobRecord(job_id=new_job_id(), status=JobStatus.RUNNING, request=None, submitted_at=now,
+                        started_at=now)
+    assert store.put(running, runner="host-a:1:aaaa")  # no claim yet: the write goes
+    store.redis.set(runner_key(running.job_id), "host-b:2:bbbb")  # host b took the run over
+    assert store.put(running, runner="host-a:1:aaaa") is False
+    final = running.model_copy(deep=True).finish(JobStatus.SUCCEEDED)
+    assert store.put(final, runner="host-a:1:aaaa") is False
+    assert store.get(running.job_id).status is JobStatus.RUNNING
+    assert store.put(final, runner="host-b:2:bbbb")  # the run's own process writes
+    # Writers that name no run (the parent's hard-time-limit handler) keep the first-final rule only.
+    assert store.put(final.model_copy(update={"status": JobStatus.TIMED_OUT})) is False

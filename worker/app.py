@@ -42,9 +42,9 @@ WORKER_LOST_WAIT_S = 1.0
 def celery_config(settings: WorkerSettings) -> dict:
     return {
         **CELERY_WIRE_CONFIG,
-        # BROKER_URL (REDIS_URL when unset); on RabbitMQ, heartbeats every LIVENESS_TTL_S, so a
-        # dead or cut-off worker's messages go back to the queue that soon.
-        **celery_broker_config(settings, heartbeat_s=settings.liveness_ttl_s),
+        # BROKER_URL (REDIS_URL when unset); on RabbitMQ, heartbeats often enough that a dead or
+        # cut-off worker's messages go back to the queue within about LIVENESS_TTL_S.
+        **celery_broker_config(settings, heartbeat_s=settings.broker_heartbeat_s),
         # One job at a time per worker process; the excess waits in Redis, not in memory.
         "worker_concurrency": 1,
         "worker_prefetch_multiplier": 1,
@@ -107,7 +107,7 @@ def _connect_upkeep(app: Celery, runtime: WorkerRuntime) -> None:
     def start_parent_upkeep(**_):
         running.append(heartbeat())
         store = JobStore(connect_redis(settings.redis_url, retries=3, socket_timeout=10), settings.result_ttl_s)
-        broker = broker_for(settings, store.redis, heartbeat_s=settings.liveness_ttl_s)
+        broker = broker_for(settings, store.redis, heartbeat_s=settings.broker_heartbeat_s)
         running.append(Reconciler(app, store, amqp=broker if broker.kind == "amqp" else None,
                                   grace_s=settings.reconcile_interval_s,
                                   interval_s=settings.reconcile_interval_s, max_attempts=MAX_ATTEMPTS,

@@ -25,6 +25,7 @@ from worker.cache import CachedReply, digest
 from worker.engine import Engine, ReplyRequest, ReplyResult, SentimentResult, StopReason
 from worker.engine.session import PREFILL_CHUNK_TOKENS
 from worker.outcome import finish, save_final, to_ms
+from worker.queue.liveness import consumer_id
 from worker.runtime import WorkerRuntime
 from worker.safety import SafetyFilter
 from worker.settings import WorkerSettings
@@ -134,7 +135,7 @@ def _sentiment_step(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJo
                 f"its deadline ({record.timeout_s:g}s, JOB_TIMEOUT_S) passed before the reply could start"))
             _settle(store, job, finish(record, JobStatus.TIMED_OUT, error))
             continue
-        store.put(record)  # the client can show the sentiment before the reply exists
+        store.put(record, runner=consumer_id())  # the client can show the sentiment before the reply
         replying.append(job)
     return replying
 
@@ -375,7 +376,7 @@ class StepUpdates:
                 text = self.safety.safe_prefix(text)
             if text and text != job.record.reply:
                 job.record.reply = text
-                self.store.put(job.record)
+                self.store.put(job.record, runner=consumer_id())
 
 
 def _drop_cancelled(store: JobStore, jobs: list[RunningJob]) -> list[RunningJob]:
@@ -389,6 +390,6 @@ def _drop_cancelled(store: JobStore, jobs: list[RunningJob]) -> list[RunningJob]
 
 def _settle(store: JobStore, job: RunningJob, record: JobRecord) -> None:
     """Write the job's final record, then acknowledge the message this process took for it."""
-    save_final(store, record)
+    save_final(store, record, runner=consumer_id())
     if job.taken is not None:
         job.taken.ack()

@@ -18,18 +18,19 @@ def finish(record: JobRecord, status: JobStatus, error: JobError | None = None) 
     return record.finish(status, error)
 
 
-def save_final(store: JobStore, record: JobRecord) -> JobRecord:
+def save_final(store: JobStore, record: JobRecord, runner: str | None = None) -> JobRecord:
     """Write a final record, with its bookkeeping in the same step (``JobStore.put``).
 
     The conversation's next turn may go, the job leaves the open jobs, and the
     gateway's /metrics counts it. A record already final is left as it is and
-    not counted or logged again.
+    not counted or logged again. ``runner``: the run's consumer id; nothing is
+    written once the job's run passed to another process.
     """
-    if store.put(record):
+    if store.put(record, runner):
         _log_outcome(record)
-    else:  # the job ran twice (a redelivery raced its first run); the client keeps the first result
-        log.warning("job=%s ran again and ended %s; its first final record stands", record.job_id,
-                    record.status.value)
+    else:  # the job ran twice (a redelivery raced its first run); the client keeps the other result
+        log.warning("job=%s ran again and ended %s; not written: its first final record stands, or its run "
+                    "passed to another worker", record.job_id, record.status.value)
     return record
 
 

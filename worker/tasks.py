@@ -125,7 +125,7 @@ def _ran_into_the_limit(record: JobRecord, limit_s: float) -> bool:
 
 def register(app: Celery, runtime: WorkerRuntime) -> Task:
     settings = runtime.settings
-    runtime.intake = intake_for(app, settings, heartbeat_s=settings.liveness_ttl_s)
+    runtime.intake = intake_for(app, settings, heartbeat_s=settings.broker_heartbeat_s)
 
     # max_retries=None: a later turn retries until its earlier turn finishes or it
     # expires (QUEUE_TIMEOUT_S), never into a MaxRetriesExceededError.

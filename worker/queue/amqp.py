@@ -106,7 +106,7 @@ def celery_config(broker_url: str, max_queue: int, quorum: bool, heartbeat_s: fl
         "task_queues": [job_queue(max_queue, quorum)],
         # A refused publish (the queue is full) raises instead of vanishing.
         "broker_transport_options": {"confirm_publish": True},
-        # RabbitMQ hands a dead worker's messages back once this many seconds pass without a frame.
+        # RabbitMQ hands a silent connection's messages back after two to three heartbeats of silence.
         "broker_heartbeat": heartbeat_s,
     }
 

@@ -76,9 +76,9 @@ def broker_for(settings: ProducerSettings, redis_client: redis.Redis, *, heartbe
 
 
 def celery_broker_config(settings: ProducerSettings, *, heartbeat_s: float) -> dict:
-    """Celery's broker settings. ``heartbeat_s``: on RabbitMQ, how soon a silent connection is given
-    up and its messages handed back (workers use LIVENESS_TTL_S; a producer, which only publishes
-    and runs no loop to send heartbeats, 0: none)."""
+    """Celery's broker settings. ``heartbeat_s``: on RabbitMQ, the AMQP heartbeat, which sets how soon
+    a silent connection is given up and its messages handed back (workers: a third of LIVENESS_TTL_S;
+    a producer, which only publishes and runs no loop to send heartbeats: 0, none)."""
     if settings.broker_kind == "amqp":
         return amqp.celery_config(settings.broker, settings.max_queue, settings.broker_quorum, heartbeat_s)
     return {"broker_url": settings.broker, "broker_transport": QUEUE_TRANSPORT}
