@@ -206,3 +206,22 @@ def test_a_queue_deleted_under_a_running_producer_is_declared_again_not_dropping
     third = client.submit("第三单")
     assert queue_depth(empty_queue) == 2
     assert client.get(second).status is JobStatus.QUEUED and client.get(third).status is JobStatus.QUEUED
+
+
+def test_a_quorum_queue_is_declared_bounded_and_taken_from(empty_queue, make_client, redis_client):
+    from urllib.parse import urlsplit
+
+    client = make_client(broker_quorum=True, max_queue=2)
+    queued = [client.submit(f"第{i}单") for i in range(2)]
+    with pytest.raises(QueueFull):  # reject-publish holds on quorum queues too
+        client.submit("第三单")
+    vhost = urlsplit(empty_queue).path.lstrip("/")
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "type"], check=True,
+                            capture_output=True, text=True, timeout=60).stdout
+    assert re.search(rf"^{QUEUE_NAME}\s+quorum$", listed, re.M), listed
+    intake = _intake(client)
+    try:
+        assert [job.job_id for job in intake.take(2, 1.0)] == queued
+    finally:
+        intake.close()
+    assert redis_client.zcard(UNSENT_JOBS_KEY) == 0

@@ -93,6 +93,9 @@ def job_queue(max_queue: int, quorum: bool) -> Queue:
     arguments: dict[str, object] = {"x-max-length": max_queue, "x-overflow": "reject-publish"}
     if quorum:
         arguments["x-queue-type"] = "quorum"
+        # A quorum queue refuses publishes once it holds more than its limit, a classic one once it
+        # holds the limit (measured on RabbitMQ 3.10): one less keeps MAX_QUEUE exact on both.
+        arguments["x-max-length"] = max_queue - 1
     else:
         arguments["x-max-priority"] = MAX_PRIORITY
     return Queue(QUEUE_NAME, Exchange(QUEUE_NAME, type="direct"), routing_key=QUEUE_NAME,
