@@ -254,3 +254,21 @@ def test_a_run_whose_claim_passed_to_another_worker_writes_nothing():
     assert store.put(final, runner="host-b:2:bbbb")  # the run's own process writes
     # Writers that name no run (the parent's hard-time-limit handler) keep the first-final rule only.
     assert store.put(final.model_copy(update={"status": JobStatus.TIMED_OUT})) is False
+
+
+def test_a_killed_batch_whose_mark_redis_refuses_goes_back_to_the_queue(monkeypatch):
+    # RabbitMQ, the hard time limit hits a batch that waited for a Redis refusing writes: Celery
+    # acknowledges the message next, so without a mark (refused too) nothing would ever re-send it.
+    import redis
+
+    from worker import tasks
+
+    class Refusing:
+        def eval(self, *args):
+            raise redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica.")
+
+    sent = []
+    monkeypatch.setattr(tasks, "requeue_later", lambda app, job_id, raw, pause: sent.append((job_id, raw)))
+    store = JobStore(Refusing(), 60)
+    tasks._mark_or_requeue(None, store, "job-1", {"message": {"request": {"text": "好吃"}}})
+    assert sent == [("job-1", {"request": {"text": "好吃"}})]

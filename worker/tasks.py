@@ -15,7 +15,6 @@ records when the hard time limit kills a child.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -69,8 +68,7 @@ class JobTask(Task):
             # RabbitMQ cannot be read for lost jobs, so it is marked for the reconciler, and its
             # final record (below, or a later run's) clears the mark. The taken jobs need none:
             # the killed process's connection closed, and RabbitMQ handed them back.
-            with contextlib.suppress(Exception):
-                mark_unsent(store.redis, [task_id])
+            _mark_or_requeue(self.app, store, task_id, kwargs)
         message = f"killed by the hard time limit ({limit:g}s); the worker moved on to the next job"
         if waiting_pid := self.runtime.waiting_for_redis.value:
             # Killed while it waited out a Redis that refused writes: the job did not time out.
@@ -106,6 +104,19 @@ class JobTask(Task):
             store.forget_batch(task_id)
         except Exception:  # never let bookkeeping break Celery's acknowledgement
             log.exception("job=%s (or a job of its batch) could not be recorded as timed_out", task_id)
+
+
+def _mark_or_requeue(app: Celery, store, task_id: str, kwargs: dict) -> None:
+    """Mark the job for the reconciler; where Redis refuses even that (the batch was killed while
+    it waited for Redis to take writes), put its message back in the queue instead."""
+    try:
+        mark_unsent(store.redis, [task_id])
+    except Exception as err:
+        log.warning("job=%s: not marked unsent (%s); its message goes back to the queue", task_id, err)
+        try:
+            requeue_later(app, task_id, kwargs.get("message") or {}, 0.0)
+        except Exception:
+            log.exception("job=%s: neither marked nor requeued; its record stays open", task_id)
 
 
 def _alive(pid: int) -> bool:

@@ -158,6 +158,9 @@ class AmqpBroker:
             if not _caused_by(err, NotFound) and _reply_code(err) != NO_ROUTE:
                 raise
             log.warning("the job queue was gone; declared it again")
+            # py-amqp raised on the return and left that publish's confirm unread: a later publish
+            # on the same channel would read it as its own. Publish again on new connections.
+            celery.pool.force_close_all()
             self.declare(celery)
             send_job(celery, job_id, message, LANE_PRIORITY, mandatory=True)
 
@@ -212,7 +215,7 @@ def requeue_later(celery: Celery, job_id: str, raw_message: dict, pause_s: float
     time.sleep(pause_s)
     lane = (raw_message.get("request") or {}).get("priority", "interactive")
     celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": raw_message},
-                     priority=LANE_PRIORITY.get(lane, LANE_PRIORITY["interactive"]))
+                     priority=LANE_PRIORITY.get(lane, LANE_PRIORITY["interactive"]), mandatory=True)
 
 
 def unsent_jobs(client: redis.Redis, older_than: float) -> list[str]:
@@ -298,7 +301,7 @@ class _Taken:
             except Exception as err:
                 log.warning("job message %s not settled (%s: %s); its connection handed it back",
                             message.headers.get("id"), type(err).__name__, err)
-                self._intake._drop_connection()
+                self._intake._drop_connection(of_channel=message.channel)
 
 
 class AmqpIntake:
@@ -342,7 +345,11 @@ class AmqpIntake:
         """Every message this connection holds unsettled goes back to the queue (``basic.recover``)."""
         with self._lock:
             if self._connection is not None:
-                self._connection.default_channel.basic_recover(requeue=True)
+                try:
+                    self._connection.default_channel.basic_recover(requeue=True)
+                except Exception:
+                    self._drop_connection()  # its messages go back with it
+                    raise
 
     def close(self) -> None:
         self._stopped.set()
@@ -369,7 +376,12 @@ class AmqpIntake:
                 self._beating.start()
         return self._connection.default_channel
 
-    def _drop_connection(self) -> None:
+    def _drop_connection(self, of_channel=None) -> None:
+        """Close the connection; with ``of_channel``, only if that channel is on it (a message taken
+        on an earlier connection must not take the running batch's newer one down)."""
+        if of_channel is not None and self._connection is not None and \
+                getattr(of_channel, "connection", None) is not self._connection.connection:
+            return
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 self._connection.release()
@@ -378,10 +390,10 @@ class AmqpIntake:
     def _beat(self) -> None:
         while not self._stopped.wait(self.heartbeat_s / 4):
             with self._lock:
-                if self._connection is None or self._connection.connection is None:
-                    continue
                 try:
-                    self._connection.connection.send_heartbeat()
+                    # ``connected``, not ``connection``: kombu's property would reconnect here.
+                    if self._connection is not None and self._connection.connected:
+                        self._connection.connection.send_heartbeat()
                 except Exception as err:  # the connection is gone: the next take makes a new one
                     log.warning("AMQP heartbeat of the batch intake failed: %s", err)
                     self._drop_connection()
