@@ -225,3 +225,4 @@ def test_a_quorum_queue_is_declared_bounded_and_taken_from(empty_queue, make_cli
     finally:
         intake.close()
     assert redis_client.zcard(UNSENT_JOBS_KEY) == 0
+

@@ -30,11 +30,11 @@ import time
 
 import amqp as amqp_message
 import redis
-from amqp.exceptions import AMQPError, MessageNacked, NotFound
+from amqp.exceptions import AMQPError, MessageNacked, NotFound, PreconditionFailed
 from celery import Celery
 from kombu import Connection, Exchange, Queue
 
-from producer.errors import QueueFull
+from producer.errors import BrokerUnavailable, QueueFull
 from producer.protocol import (
     OPEN_JOBS_KEY,
     QUEUE_NAME,
@@ -141,7 +141,8 @@ class AmqpBroker:
             if _caused_by(err, MessageNacked):  # the queue is full
                 self._take_back(keys, record)
                 raise QueueFull(self.max_queue, self.max_queue) from None
-            if _caused_by(err, ConnectionRefusedError, socket.gaierror):  # never sent: RabbitMQ is down
+            if _caused_by(err, ConnectionRefusedError, socket.gaierror, PreconditionFailed):
+                # Never sent: RabbitMQ is down, or its queue refuses this producer's declaration.
                 self._take_back(keys, record)
             # Otherwise it may have arrived (a confirm lost with its connection): the record stays,
             # marked unsent, and the reconciler publishes it again should it not have.
@@ -155,12 +156,14 @@ class AmqpBroker:
         try:
             send_job(celery, job_id, message, LANE_PRIORITY, mandatory=True)
         except Exception as err:
+            if _caused_by(err, PreconditionFailed):
+                raise BrokerUnavailable(
+                    f"RabbitMQ's job queue was declared with other arguments than MAX_QUEUE={self.max_queue} "
+                    f"and BROKER_QUORUM={int(self.quorum)}: every producer and worker must agree, or the queue "
+                    f"be deleted while empty ({err})") from err
             if not _caused_by(err, NotFound) and _reply_code(err) != NO_ROUTE:
                 raise
             log.warning("the job queue was gone; declared it again")
-            # py-amqp raised on the return and left that publish's confirm unread: a later publish
-            # on the same channel would read it as its own. Publish again on new connections.
-            celery.pool.force_close_all()
             self.declare(celery)
             send_job(celery, job_id, message, LANE_PRIORITY, mandatory=True)
 

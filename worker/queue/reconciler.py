@@ -211,6 +211,11 @@ class Reconciler:
         for job_id in unsent_jobs(client, now - self.grace_s):
             with _each("settle unsent job", job_id):
                 self._settle_lost(client, job_id, now, report)
+        # Re-send counts of jobs no longer open, as the Redis sweep's _forget drops them.
+        open_ids = {raw.decode() for raw in client.zrange(OPEN_JOBS_KEY, 0, -1)}
+        finished = [raw.decode() for raw in client.hkeys(RESENDS_KEY) if raw.decode() not in open_ids]
+        if finished:
+            client.hdel(RESENDS_KEY, *finished)
         if report.resent or report.finished:
             log.warning("reconciler: re-sent %s; finished %s", report.resent or "-", report.finished or "-")
         return report
