@@ -59,7 +59,7 @@ class Client:
         self.settings = settings
         self._redis = redis_client or connect_redis(settings.redis_url, retries=2, socket_timeout=5)
         self.store = JobStore(self._redis, settings.result_ttl_s)
-        self.broker = broker_for(settings, self._redis, heartbeat_s=0)
+        self.broker = broker_for(settings, self.store)
         self._celery = Celery("qwen-allinone-producer", set_as_current=False)
         self._celery.conf.update(
             CELERY_WIRE_CONFIG,

@@ -107,7 +107,7 @@ def _connect_upkeep(app: Celery, runtime: WorkerRuntime) -> None:
     def start_parent_upkeep(**_):
         running.append(heartbeat())
         store = JobStore(connect_redis(settings.redis_url, retries=3, socket_timeout=10), settings.result_ttl_s)
-        broker = broker_for(settings, store.redis, heartbeat_s=settings.broker_heartbeat_s)
+        broker = broker_for(settings, store)
         running.append(Reconciler(app, store, amqp=broker if broker.kind == "amqp" else None,
                                   grace_s=settings.reconcile_interval_s,
                                   interval_s=settings.reconcile_interval_s, max_attempts=MAX_ATTEMPTS,

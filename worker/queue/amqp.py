@@ -27,6 +27,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import amqp as amqp_message
 import redis
@@ -118,13 +119,11 @@ class AmqpBroker:
     """The job queue in RabbitMQ."""
 
     kind = "amqp"
-    lane_priority = LANE_PRIORITY
 
-    def __init__(self, redis_client: redis.Redis, *, max_queue: int, quorum: bool, heartbeat_s: float):
+    def __init__(self, redis_client: redis.Redis, *, max_queue: int, quorum: bool):
         self.redis = redis_client
         self.max_queue = max_queue
         self.quorum = quorum
-        self.heartbeat_s = heartbeat_s
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
                lane_limit: int = 0) -> None:
@@ -161,21 +160,15 @@ class AmqpBroker:
                     f"RabbitMQ's job queue was declared with other arguments than MAX_QUEUE={self.max_queue} "
                     f"and BROKER_QUORUM={int(self.quorum)}: every producer and worker must agree, or the queue "
                     f"be deleted while empty ({err})") from err
-            if not _caused_by(err, NotFound) and _reply_code(err) != NO_ROUTE:
+            if _reply_code(err) != NO_ROUTE:
                 raise
             log.warning("the job queue was gone; declared it again")
             self.declare(celery)
             send_job(celery, job_id, message, LANE_PRIORITY, mandatory=True)
 
     def declare(self, celery: Celery) -> None:
-        with celery.pool.acquire(block=True) as connection:
-            connection.ensure_connection(max_retries=1)
-            channel = connection.channel()
-            try:
-                job_queue(self.max_queue, self.quorum)(channel).declare()
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
+        with _fresh_channel(celery) as channel:
+            job_queue(self.max_queue, self.quorum)(channel).declare()
 
     def _take_back(self, keys: list[str], record: JobRecord) -> None:
         self.redis.eval(_UNDO_SCRIPT, len(keys), *keys, record.to_json(), record.job_id)
@@ -188,17 +181,12 @@ class AmqpBroker:
 
     def depth(self, celery: Celery) -> int:
         """Messages ready in the queue (0 before any worker or producer declared it)."""
-        with celery.pool.acquire(block=True) as connection:
-            connection.ensure_connection(max_retries=1)  # a pooled connection may have dropped
-            channel = connection.channel()
+        with _fresh_channel(celery) as channel:
             try:
                 _, count, _ = channel.queue_declare(QUEUE_NAME, passive=True)
                 return int(count)
-            except connection.channel_errors:  # NOT_FOUND: no queue yet, so nothing waits
+            except NotFound:  # no queue yet, so nothing waits
                 return 0
-            finally:
-                with contextlib.suppress(Exception):
-                    channel.close()
 
     def positions(self, celery: Celery, job_ids: list[str]) -> dict[str, int]:
         """RabbitMQ cannot be read without taking: no places in line (clients see the depth)."""
@@ -248,25 +236,34 @@ def _record_keys(record: JobRecord) -> list[str]:
             UNSENT_JOBS_KEY]
 
 
-def _reply_code(err: BaseException) -> int | None:
-    """The AMQP reply code of ``err`` or of what it wraps (312 for NO_ROUTE)."""
+@contextlib.contextmanager
+def _fresh_channel(celery: Celery) -> Iterator:
+    """A channel of its own on a pooled connection (a channel error closes only it), closed after."""
+    with celery.pool.acquire(block=True) as connection:
+        connection.ensure_connection(max_retries=1)  # a pooled connection may have dropped
+        channel = connection.channel()
+        try:
+            yield channel
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and what it wraps: kombu wraps py-amqp's and the socket's errors in OperationalError."""
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, AMQPError) and seen.reply_code:
-            return seen.reply_code
+        yield seen
         seen = seen.__cause__ or seen.__context__
-    return None
+
+
+def _reply_code(err: BaseException) -> int | None:
+    """The AMQP reply code of ``err`` or of what it wraps (312 for NO_ROUTE)."""
+    return next((seen.reply_code for seen in _chain(err) if isinstance(seen, AMQPError) and seen.reply_code), None)
 
 
 def _caused_by(err: BaseException, *kinds: type[BaseException]) -> bool:
-    """Whether ``err`` or what it wraps is one of ``kinds`` (kombu wraps py-amqp's and the socket's
-    errors in OperationalError)."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, kinds):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return any(isinstance(seen, kinds) for seen in _chain(err))
 
 
 class _Taken:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import redis
 from celery import Celery
 
-from producer.protocol import LANE_PRIORITY, QUEUE_NAME, JobMessage, JobRecord
+from producer.protocol import QUEUE_NAME, JobMessage, JobRecord
 from producer.settings import ProducerSettings
 from producer.store import JobStore
 from worker.queue import QUEUE_TRANSPORT, amqp, submission
@@ -24,8 +23,6 @@ from worker.queue.transport import lane_keys
 
 class Broker(Protocol):
     kind: str
-    #: Celery's priority for each lane (Redis and AMQP count in opposite directions).
-    lane_priority: dict[str, int]
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
                lane_limit: int = 0) -> None: ...
@@ -43,10 +40,9 @@ class RedisBroker:
     """The queue in Redis: kombu's Redis transport, hardened (``transport``), with atomic admission."""
 
     kind = "redis"
-    lane_priority = LANE_PRIORITY
 
-    def __init__(self, redis_client: redis.Redis, *, max_queue: int):
-        self.store = JobStore(redis_client, ttl_s=1)  # reads only: the TTL is never used
+    def __init__(self, store: JobStore, *, max_queue: int):
+        self.store = store
         self.max_queue = max_queue
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
@@ -67,12 +63,11 @@ class RedisBroker:
         return lane_keys(QUEUE_NAME)
 
 
-def broker_for(settings: ProducerSettings, redis_client: redis.Redis, *, heartbeat_s: float) -> Broker:
-    """The broker that BROKER_URL (or, unset, REDIS_URL) names; ``heartbeat_s`` as below."""
+def broker_for(settings: ProducerSettings, store: JobStore) -> Broker:
+    """The broker that BROKER_URL (or, unset, REDIS_URL) names; ``store``: the records' Redis."""
     if settings.broker_kind == "amqp":
-        return AmqpBroker(redis_client, max_queue=settings.max_queue, quorum=settings.broker_quorum,
-                          heartbeat_s=heartbeat_s)
-    return RedisBroker(redis_client, max_queue=settings.max_queue)
+        return AmqpBroker(store.redis, max_queue=settings.max_queue, quorum=settings.broker_quorum)
+    return RedisBroker(store, max_queue=settings.max_queue)
 
 
 def celery_broker_config(settings: ProducerSettings, *, heartbeat_s: float) -> dict:

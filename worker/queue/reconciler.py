@@ -211,11 +211,9 @@ class Reconciler:
         for job_id in unsent_jobs(client, now - self.grace_s):
             with _each("settle unsent job", job_id):
                 self._settle_lost(client, job_id, now, report)
-        # Re-send counts of jobs no longer open, as the Redis sweep's _forget drops them.
-        open_ids = {raw.decode() for raw in client.zrange(OPEN_JOBS_KEY, 0, -1)}
-        finished = [raw.decode() for raw in client.hkeys(RESENDS_KEY) if raw.decode() not in open_ids]
-        if finished:
-            client.hdel(RESENDS_KEY, *finished)
+        with client.pipeline(transaction=False) as pipe:
+            _forget_resends(client, pipe, [raw.decode() for raw in client.zrange(OPEN_JOBS_KEY, 0, -1)])
+            pipe.execute()
         if report.resent or report.finished:
             log.warning("reconciler: re-sent %s; finished %s", report.resent or "-", report.finished or "-")
         return report
@@ -308,10 +306,7 @@ class Reconciler:
                 if not {t.decode() for t in client.smembers(held_key(consumer))} & unacked_tags:
                     pipe.delete(held_key(consumer))
                     pipe.srem(CONSUMERS_KEY, consumer)
-            still_open = set(open_ids)
-            finished = [raw.decode() for raw in client.hkeys(RESENDS_KEY) if raw.decode() not in still_open]
-            if finished:
-                pipe.hdel(RESENDS_KEY, *finished)
+            _forget_resends(client, pipe, open_ids)
             pipe.execute()
 
     def _channel(self):
@@ -325,6 +320,14 @@ class Reconciler:
             with contextlib.suppress(Exception):
                 self._connection.release()
             self._connection = None
+
+
+def _forget_resends(client: redis.Redis, pipe, open_ids: list[str]) -> None:
+    """Drop, in ``pipe``, the re-send counts of jobs no longer open."""
+    still_open = set(open_ids)
+    finished = [raw.decode() for raw in client.hkeys(RESENDS_KEY) if raw.decode() not in still_open]
+    if finished:
+        pipe.hdel(RESENDS_KEY, *finished)
 
 
 @contextlib.contextmanager
