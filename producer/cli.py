@@ -1,4 +1,4 @@
-"""Command line: ``qwen-allinone submit|get|wait|run|cancel|eval`` (also ``python -m producer``).
+"""Command line: ``qwen-allinone submit|get|wait|run|cancel|eval|eval-replies`` (also ``python -m producer``).
 
 Exit codes: 0 job succeeded (or submitted/found/cancelled), 1 job ended failed/timed_out/
 expired/cancelled (or its record is unreadable), 2 invalid input or setting, 3 job not found,
@@ -45,7 +45,7 @@ def format_record(record: JobRecord) -> str:
     if record.sentiment:
         lines.append(sentiment_line(record) + ("  [cached]" if record.sentiment.cached else ""))
     if record.reply is not None:
-        suffix = "  [truncated at the deadline]" if record.truncated else ""
+        suffix = f"  [cut short: {record.stop_reason}]" if record.truncated else ""
         suffix += "  [cached]" if record.reply_cached else ""
         lines.append(f"🤖 reply: {record.reply}{suffix}")
     if record.flagged:
@@ -127,7 +127,7 @@ def cmd_run(client: Client, args: argparse.Namespace) -> int:
         print(record.to_json())
     else:
         if record.reply is not None:
-            suffix = "  [truncated at the deadline]" if record.truncated else ""
+            suffix = f"  [cut short: {record.stop_reason}]" if record.truncated else ""
             print(f"🤖 {record.reply}{suffix}")
         if record.status is not JobStatus.SUCCEEDED:
             print(format_record(record), file=sys.stderr)
@@ -162,6 +162,24 @@ def cmd_eval(client: Client, args: argparse.Namespace) -> int:
     write_report(Path(args.report), summary, predictions)
     print(format_summary(summary))
     print(f"\nper-row predictions and confidences: {args.report}")
+    return 0
+
+
+def cmd_eval_replies(client: Client, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from producer.reply_eval import SHIPPED_PROMPTS, run_reply_eval, write_replies
+    from producer.reply_scores import format_tables, per_kind, read_prompts, summarize
+
+    items = read_prompts(Path(args.prompts) if args.prompts else SHIPPED_PROMPTS)
+    runs = run_reply_eval(client, items, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                          concurrency=args.concurrency)
+    scores = [run.score for run in runs]
+    write_replies(Path(args.out), runs)
+    failed = sum(run.status != JobStatus.SUCCEEDED.value for run in runs)
+    print(format_tables(summarize(scores), per_kind(scores)))
+    print(f"\n{len(runs)} prompts at temperature {args.temperature:g}; failed jobs {failed}; "
+          f"every reply with its scores: {args.out}")
     return 0
 
 
@@ -226,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reply-tokens", type=int, default=1, help="reply length per job (default 1: sentiment only)")
     p.add_argument("--report", default="eval-report.json", help="JSON report path (default eval-report.json)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("eval-replies", help="score the replies to a prompt set, through the queue")
+    p.add_argument("prompts", nargs="?", help="JSON lines of {id, kind, lang, text, polarity} "
+                                             "(default: the shipped set, producer/reply_prompts.jsonl)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--max-new-tokens", type=int, help="reply length cap (default: the worker's MAX_NEW_TOKENS)")
+    p.add_argument("--concurrency", type=int, default=8, help="jobs in flight at once (default 8)")
+    p.add_argument("--out", default="replies.jsonl", help="every reply with its scores (default replies.jsonl)")
+    p.set_defaults(func=cmd_eval_replies)
     return parser
 
 

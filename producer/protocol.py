@@ -396,8 +396,12 @@ class JobRecord(_Model):
     #: While ``running``: the reply generated so far (updated every PARTIAL_REPLY_INTERVAL_MS);
     #: once ``succeeded``: the whole reply.
     reply: str | None = None
-    #: True when the deadline cut the reply short.
+    #: True when the token limit or the deadline cut the reply short; it then ends at its last
+    #: sentence boundary.
     truncated: bool = False
+    #: Why the reply ended: ``eos`` (the model finished), ``length`` (max_new_tokens), ``deadline``
+    #: or ``cancelled``; None before the reply ends.
+    stop_reason: Literal["eos", "length", "deadline", "cancelled"] | None = None
     #: The reply came from the result cache: a greedy reply to the same text with no history.
     reply_cached: bool = False
     #: Set when the safety filter found listed terms; the reply is then SAFETY_MESSAGE.

@@ -10,7 +10,7 @@ from producer.protocol import ErrorCode, JobStatus, new_job_id
 from tests.test_tasks import RecordingStore, message
 from worker.admission import RunningJob, admit
 from worker.batch import run_jobs
-from worker.engine import ReplyRequest
+from worker.engine import ReplyRequest, StopReason
 from worker.engine.qwen import QwenEngine
 from worker.model_source import resolve_model_source
 from worker.runtime import WorkerRuntime
@@ -41,10 +41,10 @@ def test_a_row_past_its_deadline_stops_while_the_others_go_on(engine, monkeypatc
     requests = [greedy("送餐太慢了", max_new_tokens=30, min_new_tokens=30),
                 ReplyRequest("很快", max_new_tokens=30, min_new_tokens=30, deadline=clock[0] + 4.5)]
     long, cut = engine.reply_batch(requests, history_max_tokens=256, on_step=tick)
-    assert long.generated_tokens == 30 and not long.truncated
+    assert long.generated_tokens == 30 and long.stop_reason is StopReason.LENGTH
     # Step 1 reads the prompts; tokens 1-4 come before the deadline (4.5 "seconds"), the 5th
     # after it: kept, then the row stops.
-    assert cut.truncated and cut.generated_tokens == 5
+    assert cut.truncated and cut.generated_tokens == 5 and cut.stop_reason is StopReason.DEADLINE
     assert steps[-1] == [30, 5]  # the cut row stopped growing; the other went on
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from producer.protocol import LABEL_SETS
+from worker.engine import StopReason
 from worker.engine.qwen import QwenEngine
 from worker.model_source import ModelLoadError, resolve_model_source
 
@@ -38,7 +39,8 @@ def test_classify_always_answers_a_label_with_a_probability(engine, label_set):
 def test_reply_stops_at_max_new_tokens(engine):
     result = reply(engine, max_new_tokens=5)
     assert 1 <= result.generated_tokens <= 5
-    assert result.truncated is False  # a length stop is not a deadline cut
+    # A reply the limit cut short is truncated, and ends at its last sentence boundary.
+    assert result.truncated is (result.stop_reason is StopReason.LENGTH)
     assert isinstance(result.text, str)
 
 
@@ -130,7 +132,7 @@ def test_prefix_cache_scores_like_the_uncached_path(tiny_model_dir, dtype, toler
 
 
 def test_prefix_caches_survive_1000_jobs_unchanged(engine):
-    prefixes = [*engine.classifier_prefixes.values(), engine.reply_prefix]
+    prefixes = [*engine.classifier_prefixes.values(), *engine.reply_prefixes.values()]
     before = [_cache_snapshot(prefix) for prefix in prefixes]
     for i in range(1000):
         engine.classify(f"第{i}条评论 好吃", "zh" if i % 2 else "en")
@@ -172,7 +174,7 @@ def test_int8_holds_int8_weights_once_and_keeps_label_rows_exact(tiny_model_dir)
 
 def test_min_new_tokens_fixes_the_reply_length(engine):
     result = reply(engine, max_new_tokens=12, min_new_tokens=12)
-    assert result.generated_tokens == 12 and not result.truncated
+    assert result.generated_tokens == 12 and result.stop_reason is StopReason.LENGTH and result.truncated
 
 
 def test_label_set_whose_words_share_a_first_token_is_unavailable_not_fatal(tiny_model_dir, monkeypatch):

@@ -16,6 +16,7 @@ from producer.protocol import LABEL_SETS
 from tests.conftest import require_llama_cpp
 from worker.engine import Engine, ReplyRequest, StopReason, load_engine
 from worker.model_source import resolve_model_source
+from worker.prompts import REPLY_SYSTEM_PROMPT
 
 #: (ENGINE, DTYPE); every engine runs the tiny model through its production loading code,
 #: llama.cpp from the GGUF file of the same weights.
@@ -83,8 +84,8 @@ def test_each_row_keeps_its_own_limits_and_says_why_it_stopped(engine):
         ReplyRequest("还不错", max_new_tokens=10, deadline=time.time() + 60, temperature=1.5),
     ]
     short, fixed, late, sampled = engine.reply_batch(requests, history_max_tokens=256)
-    assert short.generated_tokens <= 3 and not short.truncated
-    assert short.stop_reason in (StopReason.EOS, StopReason.LENGTH)
+    assert short.generated_tokens <= 3 and short.stop_reason in (StopReason.EOS, StopReason.LENGTH)
+    assert short.truncated is (short.stop_reason is StopReason.LENGTH)
     assert fixed.generated_tokens == 20 and fixed.stop_reason is StopReason.LENGTH  # stop tokens ignored
     assert late.text == "" and late.generated_tokens == 0 and late.truncated
     assert late.stop_reason is StopReason.DEADLINE
@@ -143,7 +144,7 @@ def test_every_engine_builds_the_same_prompts(engine, tiny_model_dir):
     reference = load_engine(resolve_model_source(str(tiny_model_dir)), "float32", threads=1, engine="torch")
     texts = [*TEXTS, "  两个空格  and\ttabs\n换行", "café ñ 日本語 🤖🧪", "<|endoftext|>", "1234567890 3.14"]
     for text in texts:
-        messages = reference.chat.reply_messages(text, [("你好", "您好")])
+        messages = reference.chat.reply_messages(text, [("你好", "您好")], REPLY_SYSTEM_PROMPT)
         assert engine.chat.encode_chat(messages) == reference.chat.encode_chat(messages), text
         ids = reference.chat.encode_text(text)
         assert engine.text_of(ids) == reference.text_of(ids), text

@@ -42,7 +42,8 @@ def test_job_succeeds_with_a_complete_record(worker, make_client, redis_client):
     assert record.status is JobStatus.SUCCEEDED, record.error
     assert record.sentiment.label in LABEL_SETS["zh"]
     assert 0.0 <= record.sentiment.confidence <= 1.0
-    assert isinstance(record.reply, str) and record.truncated is False
+    assert isinstance(record.reply, str) and record.stop_reason in ("eos", "length")
+    assert record.truncated is (record.stop_reason == "length")
     t = record.timings
     assert all(ms is not None and ms >= 0 for ms in (t.queue_wait_ms, t.sentiment_ms, t.history_ms, t.reply_ms))
     assert t.total_ms >= t.queue_wait_ms + t.sentiment_ms + t.reply_ms - 1

@@ -7,7 +7,15 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-from worker.engine.generation import DecodeRow, Sampler, _draw, _penalize_repeats
+from worker.engine.generation import (
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_REPETITION_WINDOW,
+    DecodeRow,
+    Repetition,
+    Sampler,
+    _draw,
+    _penalize_repeats,
+)
 
 STOP = 3
 
@@ -67,3 +75,39 @@ def test_settings_come_from_a_generation_config_object_or_its_json():
     from_json = Sampler.from_generation_config({"top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}, [STOP])
     assert from_object == from_json == Sampler((STOP,), top_k=20, top_p=0.8, repetition_penalty=1.05)
     assert Sampler.from_generation_config({}, [STOP]) == Sampler((STOP,))
+
+
+def test_a_config_without_a_penalty_gets_the_default_repetition_control():
+    default = Sampler.from_generation_config({}, [STOP], Repetition())
+    assert default.repetition_penalty == DEFAULT_REPETITION_PENALTY
+    assert default.penalty_window == DEFAULT_REPETITION_WINDOW
+    # The model's own penalty is kept; a setting overrides it; 1.0 turns it off.
+    assert Sampler.from_generation_config({"repetition_penalty": 1.05}, [STOP], Repetition()).repetition_penalty == 1.05
+    assert Sampler.from_generation_config({"repetition_penalty": 1.05}, [STOP],
+                                          Repetition(penalty=1.2)).repetition_penalty == 1.2
+    assert Sampler.from_generation_config({}, [STOP], Repetition(penalty=1.0)).repetition_penalty is None
+
+
+def test_the_penalty_window_covers_the_latest_tokens_of_prompt_and_reply():
+    sampler = Sampler((STOP,), repetition_penalty=2.0, penalty_window=3)
+    r = row(prompt=(5, 6, 7, 8))
+    r.tokens = [9]
+    assert sampler._penalized(r) == [7, 8, 9]
+    r.tokens = [9, 10, 11, 12]
+    assert sampler._penalized(r) == [10, 11, 12]
+    logits = np.zeros((1, 13), dtype=np.float32)
+    logits[0, 5] = 1.0   # outside the window: not penalized, so still the largest
+    logits[0, 12] = 1.5  # inside it: 1.5 / 2 = 0.75
+    assert sampler.choose(logits, [r]) == [5]
+    assert Sampler((STOP,), repetition_penalty=2.0)._penalized(r) == [5, 6, 7, 8, 9, 10, 11, 12]
+
+
+def test_no_repeat_ngram_never_completes_an_ngram_the_reply_holds():
+    sampler = Sampler((STOP,), no_repeat_ngram=3)
+    r = row()
+    r.tokens = [1, 2, 4, 1, 2]  # "1 2 4" is there: after "1 2", 4 is banned
+    logits = np.zeros((1, 10), dtype=np.float32)
+    logits[0, 4], logits[0, 7] = 5.0, 1.0
+    assert sampler.choose(logits, [r]) == [7]
+    assert logits[0, 4] == 5.0  # the caller's logits are left as they were
+    assert Sampler((STOP,)).choose(logits, [r]) == [4]

@@ -113,6 +113,7 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
     record.status = JobStatus.RUNNING
     record.started_at = now
     record.sentiment, record.reply, record.truncated, record.error = None, None, False, None
+    record.stop_reason = None
     record.timings = Timings(queue_wait_ms=to_ms(now - message.submitted_at))
     if not store.put(record):
         # It turned final since it was read: cancelled by its client, say. It never runs.

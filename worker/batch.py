@@ -25,6 +25,7 @@ from worker.cache import CachedReply, digest
 from worker.engine import Engine, ReplyRequest, ReplyResult, SentimentResult, StopReason
 from worker.engine.session import PREFILL_CHUNK_TOKENS
 from worker.outcome import finish, save_final, to_ms
+from worker.prompts import reply_mood
 from worker.queue.liveness import consumer_id
 from worker.runtime import WorkerRuntime
 from worker.safety import SafetyFilter
@@ -281,7 +282,8 @@ class DecodingRows:
             _finish_reply(self.runtime, reply.job, result, reply_ms=to_ms(time.perf_counter() - started),
                           cancelled=result.stop_reason is StopReason.CANCELLED)
             if reply.digest is not None and result.stop_reason in (StopReason.EOS, StopReason.LENGTH):
-                fresh[reply.digest] = CachedReply(result.text, result.prompt_tokens, result.generated_tokens)
+                fresh[reply.digest] = CachedReply(result.text, result.prompt_tokens, result.generated_tokens,
+                                                  result.stop_reason.value)
         if fresh:
             self.runtime.cache.store_replies(fresh)
         jobs = {key: reply.job for key, (reply, _) in self.running.items()}
@@ -293,8 +295,8 @@ def _reply_digest(engine: Engine, request: ReplyRequest) -> str | None:
     """The cache key of a reply as determined as a sentiment: greedy, with no history; else None."""
     if request.temperature > 0 or request.history:
         return None
-    return digest("reply", request.text, request.max_new_tokens, request.min_new_tokens, engine.model_id,
-                  engine.dtype_name)
+    return digest("reply", request.text, request.max_new_tokens, request.min_new_tokens, request.mood,
+                  engine.model_id, engine.dtype_name)
 
 
 def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | CachedReply, *, reply_ms: float,
@@ -307,6 +309,7 @@ def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | 
         record.reply = runtime.settings.safety_message
     record.reply_cached = cached
     record.truncated = reply.truncated
+    record.stop_reason = reply.stop_reason if isinstance(reply, CachedReply) else reply.stop_reason.value
     record.tokens.reply_prompt_tokens = reply.prompt_tokens
     record.tokens.generated_tokens = reply.generated_tokens
     if cancelled:  # the partial reply stays; no turn is stored
@@ -330,6 +333,8 @@ def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str
 
 def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: WorkerSettings) -> ReplyRequest:
     options = job.message.request.options
+    sentiment = job.record.sentiment
+    mood = reply_mood(options.labels, sentiment.label, sentiment.confidence) if sentiment else "neutral"
     # The worker's MAX_NEW_TOKENS caps what a job asks for: one long reply must not hold
     # its whole batch past the others' deadlines.
     return ReplyRequest(
@@ -339,6 +344,7 @@ def _reply_request(job: RunningJob, history: list[tuple[str, str]], settings: Wo
         temperature=settings.temperature if options.temperature is None else options.temperature,
         deadline=job.deadline,
         min_new_tokens=options.min_new_tokens or 0,
+        mood=mood,
     )
 
 

@@ -31,7 +31,12 @@ class CachedReply:
     text: str
     prompt_tokens: int
     generated_tokens: int
-    truncated: bool = False
+    #: Why the reply ended (results.StopReason's value): a reply cut at its token limit is cached too.
+    stop_reason: str = "eos"
+
+    @property
+    def truncated(self) -> bool:
+        return self.stop_reason in ("length", "deadline")
 
 
 def _decoded(raw: bytes | None, decode):
@@ -66,7 +71,8 @@ class ResultCache:
 
     def store_replies(self, entries: dict[str, CachedReply]) -> None:
         self._store("reply", {d: json.dumps({"text": r.text, "prompt_tokens": r.prompt_tokens,
-                                             "generated_tokens": r.generated_tokens}, ensure_ascii=False)
+                                             "generated_tokens": r.generated_tokens, "stop_reason": r.stop_reason},
+                                            ensure_ascii=False)
                               for d, r in entries.items()})
 
     def _lookup(self, kind: str, digests: list[str]) -> list[bytes | None]:

@@ -58,9 +58,46 @@ CLASSIFIER_PROMPTS: dict[str, dict[str, str]] = {
     },
 }
 
-# Chosen by reading greedy replies of Qwen2.5-0.5B-Instruct to a few reviews:
-# "one or two short sentences" kept it from drifting into lists of advice.
-REPLY_SYSTEM_PROMPT = "你是一个温暖、善解人意的助手。请体会用户的感受，用一两句简短、真诚的话回应用户。"
+#: How the reply prompt reads the sentiment just decided: a label of this confidence or more sets
+#: the mood of the reply's system prompt; a less sure one (or no label) gets the neutral prompt.
+MOOD_CONFIDENCE = 0.7
+MOODS = ("neutral", "positive", "negative")
+
+# The first prompt: chosen by reading greedy replies of Qwen2.5-0.5B-Instruct to a few reviews
+# ("one or two short sentences" kept it from drifting into lists of advice). It ignores the mood.
+_ORIGINAL_REPLY = "你是一个温暖、善解人意的助手。请体会用户的感受，用一两句简短、真诚的话回应用户。"
+# One system prompt that fits the request: warm and short for feelings, complete for a task, in the
+# user's language. The mood sentences tell the model the sentiment the classifier just decided.
+_FITTING_REPLY = ("你是一个温暖、贴心的助手。用户用什么语言，你就用什么语言回答。"
+                  "如果用户请你做事（写请假条、列清单、解释、计算、翻译），就直接把事情完整做好；"
+                  "如果用户在倾诉或闲聊，用一两句真诚、具体的话回应。不要重复用户的原话。")
+_MOOD_ZH = {
+    "neutral": "",
+    "positive": "用户此刻的情绪是正面的：分享他的喜悦；如果他在称赞商品或服务，真诚地感谢他。",
+    "negative": "用户此刻的情绪是负面的：先体谅他的感受；如果他在抱怨商品或服务，先真诚道歉，再说明会怎样帮他解决。",
+}
+
+#: Reply system prompts, by REPLY_PROMPT variant and mood. EVAL.md compares the variants.
+REPLY_PROMPTS: dict[str, dict[str, str]] = {
+    "original": {mood: _ORIGINAL_REPLY for mood in MOODS},
+    "fitting": {mood: _FITTING_REPLY for mood in MOODS},
+    "mood": {mood: _FITTING_REPLY + _MOOD_ZH[mood] for mood in MOODS},
+}
+DEFAULT_REPLY_PROMPT = "mood"
+#: The default variant's prompt with no mood: what benchmarks send to peers that have no classifier.
+REPLY_SYSTEM_PROMPT = REPLY_PROMPTS[DEFAULT_REPLY_PROMPT]["neutral"]
+
+
+def reply_mood(label_set: str, label: str | None, confidence: float | None) -> str:
+    """The mood a reply is written in: the sentiment's polarity when the classifier is sure of it."""
+    words = LABEL_SETS.get(label_set, ())
+    if label not in words or confidence is None or confidence < MOOD_CONFIDENCE:
+        return "neutral"
+    return ("positive", "negative", "neutral")[words.index(label)]
+
+
+def reply_system_prompt(mood: str = "neutral", variant: str = DEFAULT_REPLY_PROMPT) -> str:
+    return REPLY_PROMPTS[variant][mood]
 
 
 def classifier_prompt(label_set: str, variant: str = DEFAULT_CLASSIFIER_PROMPT) -> str:

@@ -13,7 +13,8 @@ from pydantic import Field, model_validator
 
 from producer.protocol import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE
 from producer.settings import ProducerSettings
-from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_POSITIVE_THRESHOLD
+from worker.engine.generation import DEFAULT_REPETITION_WINDOW, Repetition
+from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_POSITIVE_THRESHOLD, DEFAULT_REPLY_PROMPT, REPLY_PROMPTS
 
 #: The model the original single-process demo used.
 DEFAULT_MODEL = "Qwen/Qwen1.5-0.5B-Chat"
@@ -48,6 +49,15 @@ class WorkerSettings(ProducerSettings):
     #: A classifier adapter file from ``python -m worker.tune``: its label set is decided with
     #: the adapter (and the adapter's own threshold); the reply never sees it. Torch engine only.
     classifier_adapter: str | None = None
+    #: Reply instructions: a variant name from worker/prompts.py (EVAL.md compares them).
+    reply_prompt: str = DEFAULT_REPLY_PROMPT
+    #: The repetition penalty of replies; unset: the model's generation config's, else 1.1 (EVAL.md).
+    #: 1.0 turns it off.
+    repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
+    #: The penalty covers this many of the latest tokens, prompt included; 0 = the whole prompt and reply.
+    repetition_window: int = Field(DEFAULT_REPETITION_WINDOW, ge=0)
+    #: A reply never repeats an n-gram of this many tokens; 0 = no such rule.
+    no_repeat_ngram: int = Field(0, ge=0, le=32)
     #: Reply length when the job does not say.
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     #: Sampling temperature when the job does not say; 0 = greedy.
@@ -89,6 +99,18 @@ class WorkerSettings(ProducerSettings):
     #: The last resort behind liveness: a message fetched but not acknowledged is
     #: redelivered after this long whatever else happened.
     visibility_timeout_s: int = Field(3600, ge=1)
+
+    @model_validator(mode="after")
+    def _known_reply_prompt(self) -> WorkerSettings:
+        if self.reply_prompt not in REPLY_PROMPTS:
+            raise ValueError(f"REPLY_PROMPT={self.reply_prompt!r} is not one of {sorted(REPLY_PROMPTS)}")
+        if self.no_repeat_ngram == 1:
+            raise ValueError("NO_REPEAT_NGRAM must be 0 (off) or at least 2: 1 would forbid every token used once")
+        return self
+
+    @property
+    def repetition(self) -> Repetition:
+        return Repetition(self.repetition_penalty, self.repetition_window, self.no_repeat_ngram)
 
     @model_validator(mode="after")
     def _visibility_outlasts_time_limit(self) -> WorkerSettings:

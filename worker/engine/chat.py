@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from typing import Protocol
 
 from producer.protocol import LABEL_SETS
 from worker.model_source import ModelLoadError
-from worker.prompts import REPLY_SYSTEM_PROMPT, classifier_prompt
+from worker.prompts import classifier_prompt
+
+# A sentence ends at one of these marks (a "." only before a space or the end and not after a digit:
+# not in 3.14, nor a list's "2. "),
+# with any closing quotes or brackets after it.
+_SENTENCE_END = re.compile(r"(?:[。！？!?…；\n]|(?<!\d)\.(?=\s|$))[”’\"'」』）)\]]*")
 
 # Tokens a ChatML message adds around its content: <|im_start|>, role, "\n", <|im_end|>, "\n".
 _MESSAGE_OVERHEAD_TOKENS = 5
@@ -112,8 +118,8 @@ class ChatFormat:
         return [{"role": "system", "content": classifier_prompt(label_set, variant)},
                 {"role": "user", "content": text}]
 
-    def reply_messages(self, text: str, history: list[tuple[str, str]]) -> list[dict[str, str]]:
-        messages = [{"role": "system", "content": REPLY_SYSTEM_PROMPT}]
+    def reply_messages(self, text: str, history: list[tuple[str, str]], system: str) -> list[dict[str, str]]:
+        messages = [{"role": "system", "content": system}]
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": text})
@@ -151,6 +157,17 @@ class ChatFormat:
     def text_of(self, tokens: list[int]) -> str:
         """Reply text of generated token ids; a character still cut in half is left out."""
         return self.tokenizer.decode(tokens).rstrip("\ufffd").strip()
+
+    @staticmethod
+    def end_at_sentence(text: str) -> str:
+        """A reply cut by its limit, ended at its last sentence boundary (or, with none, its last whole
+        word), so it does not stop mid-sentence; unchanged when it has neither."""
+        ends = list(_SENTENCE_END.finditer(text))
+        if ends:
+            return text[: ends[-1].end()].rstrip()
+        if " " in text.strip() and not text[-1].isspace():
+            return text.rsplit(None, 1)[0].rstrip(" ,;:-")  # Latin text: drop the cut word
+        return text
 
     def fit_history(self, history: list[tuple[str, str]], max_tokens: int) -> list[tuple[str, str]]:
         """The newest turns whose tokens fit ``max_tokens``; older turns are dropped first."""

@@ -41,6 +41,25 @@ class DecodeRow:
         return self.ended or self.truncated or self.cancelled or len(self.tokens) >= self.max_new_tokens
 
 
+#: The repetition control when neither the model's generation config nor the settings give one:
+#: Ollama's default (a penalty of 1.1 over the last 64 tokens); Qwen's own configs use 1.05-1.1.
+DEFAULT_REPETITION_PENALTY = 1.1
+DEFAULT_REPETITION_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class Repetition:
+    """What keeps a reply from looping or parroting its input (REPETITION_* settings; EVAL.md measures them)."""
+
+    #: None: the model's generation config's penalty, else DEFAULT_REPETITION_PENALTY; 1.0 turns it off.
+    penalty: float | None = None
+    #: The penalty covers this many of the latest tokens, prompt included (0: the whole prompt and reply,
+    #: as transformers does).
+    window: int = DEFAULT_REPETITION_WINDOW
+    #: A token that would repeat an n-gram the reply already holds is never chosen (0: no such rule).
+    no_repeat_ngram: int = 0
+
+
 @dataclass(frozen=True)
 class Sampler:
     """How the next token is picked, from the model's generation config, the same for every row.
@@ -54,18 +73,29 @@ class Sampler:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    #: The penalty looks this many tokens back (None: the whole prompt and reply).
+    penalty_window: int | None = None
+    no_repeat_ngram: int = 0
     rng: np.random.Generator = field(default_factory=np.random.default_rng, compare=False, repr=False)
 
     @classmethod
-    def from_generation_config(cls, config, stop_token_ids: list[int]) -> Sampler:
-        """From a GenerationConfig, or the dict of a generation_config.json."""
+    def from_generation_config(cls, config, stop_token_ids: list[int], repetition: Repetition | None = None
+                               ) -> Sampler:
+        """From a GenerationConfig, or the dict of a generation_config.json; ``repetition`` (default: none
+        given) fills in a penalty the config lacks."""
         get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
-        top_k, top_p, penalty = get("top_k"), get("top_p"), get("repetition_penalty")
+        top_k, top_p = get("top_k"), get("top_p")
+        penalty, window, ngram = get("repetition_penalty"), None, 0
+        if repetition is not None:
+            penalty = repetition.penalty or penalty or DEFAULT_REPETITION_PENALTY
+            window, ngram = repetition.window or None, repetition.no_repeat_ngram
         return cls(
             tuple(stop_token_ids),
             top_k=top_k if top_k and top_k > 0 else None,
             top_p=top_p if top_p is not None and top_p < 1.0 else None,
             repetition_penalty=penalty if penalty not in (None, 1.0) else None,
+            penalty_window=window,
+            no_repeat_ngram=ngram,
         )
 
     def choose(self, logits: np.ndarray | list[np.ndarray], rows: list[DecodeRow]) -> list[int]:
@@ -75,14 +105,26 @@ class Sampler:
         chosen = []
         for j, row in enumerate(rows):
             scores = np.asarray(logits[j], dtype=np.float32)          # (vocabulary,)
-            if len(row.tokens) < row.min_new_tokens or self.repetition_penalty is not None:
+            banned = _ngram_repeats(row.tokens, self.no_repeat_ngram) if self.no_repeat_ngram else ()
+            if len(row.tokens) < row.min_new_tokens or self.repetition_penalty is not None or banned:
                 scores = scores.copy()  # the caller's logits stay as they were
             if len(row.tokens) < row.min_new_tokens:
                 scores[stops] = -np.inf
             if self.repetition_penalty is not None:
-                _penalize_repeats(scores, row.prompt_ids + row.tokens, self.repetition_penalty)
+                _penalize_repeats(scores, self._penalized(row), self.repetition_penalty)
+            if banned:
+                scores[list(banned)] = -np.inf
             chosen.append(int(scores.argmax()) if row.temperature <= 0 else self._sample(scores / row.temperature))
         return chosen
+
+    def _penalized(self, row: DecodeRow) -> list[int]:
+        """The tokens the repetition penalty covers: the latest ``penalty_window`` of prompt and reply."""
+        window = self.penalty_window
+        if window is None:
+            return row.prompt_ids + row.tokens
+        if len(row.tokens) >= window:
+            return row.tokens[-window:]
+        return row.prompt_ids[len(row.tokens) - window:] + row.tokens
 
     def _sample(self, scores: np.ndarray) -> int:
         """One draw from softmax(``scores``) after top-k and top-p."""
@@ -126,3 +168,11 @@ def _penalize_repeats(scores: np.ndarray, seen: list[int], penalty: float) -> No
     ids = np.unique(np.asarray(seen, dtype=np.int64))
     values = scores[ids]
     scores[ids] = np.where(values < 0, values * penalty, values / penalty)
+
+
+def _ngram_repeats(tokens: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram ``tokens`` already holds (transformers' no_repeat_ngram_size)."""
+    if len(tokens) < n:
+        return set()
+    tail = tuple(tokens[len(tokens) - n + 1:])
+    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == tail}

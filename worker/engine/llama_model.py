@@ -29,12 +29,12 @@ import numpy as np
 
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH
 from worker.engine.chat import ChatFormat
-from worker.engine.generation import Sampler
+from worker.engine.generation import Repetition, Sampler
 from worker.engine.interface import Segment, split_passes
 from worker.engine.llama_vocab import LlamaVocab
 from worker.engine.results import EngineInfo
 from worker.model_source import ModelLoadError, ModelSource
-from worker.prompts import DEFAULT_CLASSIFIER_PROMPT
+from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_REPLY_PROMPT
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -217,10 +217,12 @@ def load_llama_engine(engine_class, source: ModelSource, threads: int | None, kv
     vocab = LlamaVocab(model)
     generation = _generation_config(source)
     chat = ChatFormat(vocab, source.model_id, generation.get("eos_token_id") or ())
-    sampler = Sampler.from_generation_config(generation, chat.stop_token_ids)
+    sampler = Sampler.from_generation_config(generation, chat.stop_token_ids, options.pop("repetition", Repetition()))
     # The cache holds the fixed prefixes (computed once at load) and the batches' own tokens.
-    variant = options.get("prompt_variant", DEFAULT_CLASSIFIER_PROMPT)
-    prefix_tokens = sum(len(chat.prefix_ids(system)) for system in engine_class.prefix_systems(chat, variant))
+    classifier, replies = engine_class.prefix_systems(chat, options.get("prompt_variant", DEFAULT_CLASSIFIER_PROMPT),
+                                                      options.get("reply_variant", DEFAULT_REPLY_PROMPT))
+    prefix_tokens = (sum(len(chat.prefix_ids(system)) for system in classifier)
+                     + sum(len(chat.prefix_ids([{"role": "system", "content": text}])) for text in replies))
     context = _new_context(model, source, threads, prefix_tokens + kv_cache_tokens, max_rows)
     sequence_model = LlamaSequenceModel(model, context, threads, max_rows)
     return engine_class(sequence_model, chat, source.model_id, f"gguf:{weights_name(model)}", sampler, **options)

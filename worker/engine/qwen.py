@@ -26,7 +26,7 @@ from producer.protocol import LABEL_SETS
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, check_fits
 from worker.engine.adapter import SETTING as ADAPTER_SETTING
 from worker.engine.chat import ChatFormat, HFTokenizer
-from worker.engine.generation import Sampler
+from worker.engine.generation import Repetition, Sampler
 from worker.engine.interface import SequenceModel, Sequences
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
 from worker.engine.chunked_sentiment import ChunkedSentiment
@@ -36,7 +36,10 @@ from worker.prompts import (
     CLASSIFIER_PROMPTS,
     DEFAULT_CLASSIFIER_PROMPT,
     DEFAULT_POSITIVE_THRESHOLD,
-    REPLY_SYSTEM_PROMPT,
+    DEFAULT_REPLY_PROMPT,
+    MOODS,
+    REPLY_PROMPTS,
+    reply_system_prompt,
 )
 
 
@@ -57,20 +60,24 @@ class PromptPrefix:
 class QwenEngine:
     def __init__(self, model: SequenceModel, chat: ChatFormat, model_id: str, dtype_name: str, sampler: Sampler, *,
                  prompt_variant: str = DEFAULT_CLASSIFIER_PROMPT,
+                 reply_variant: str = DEFAULT_REPLY_PROMPT,
                  positive_threshold: float = DEFAULT_POSITIVE_THRESHOLD,
                  adapter: ClassifierAdapter | None = None):
         if prompt_variant not in CLASSIFIER_PROMPTS:
             raise ModelLoadError(f"CLASSIFIER_PROMPT={prompt_variant!r} is not one of {sorted(CLASSIFIER_PROMPTS)}")
+        if reply_variant not in REPLY_PROMPTS:
+            raise ModelLoadError(f"REPLY_PROMPT={reply_variant!r} is not one of {sorted(REPLY_PROMPTS)}")
         self.model = model
         self.chat = chat
         self.model_id = model_id
         self.dtype_name = dtype_name
         self.sampler = sampler
         self.prompt_variant = prompt_variant
+        self.reply_variant = reply_variant
         #: Two-class sets answer positive when its probability is at least this.
         self.positive_threshold = positive_threshold
         self.unavailable_label_sets = chat.unavailable_label_sets
-        *classifier, reply = self.prefix_systems(chat, prompt_variant)
+        classifier, replies = self.prefix_systems(chat, prompt_variant, reply_variant)
         systems = dict(zip(LABEL_SETS, classifier))
         #: The classifier adapter (CLASSIFIER_ADAPTER) of one label set, checked against this model.
         self.adapter = adapter
@@ -82,19 +89,24 @@ class QwenEngine:
             self.classifiers[adapter.labels] = adapter.classifier
         self.classifier_prefixes = {name: self._prefix(system, self._adapter_for(name))
                                     for name, system in systems.items()}
-        self.reply_prefix = self._prefix(reply)
+        #: mood -> the reply prompt's cached prefix (moods whose prompts are the same share one).
+        by_text = {text: self._prefix([{"role": "system", "content": text}]) for text in replies}
+        self.reply_prefixes = {mood: by_text[reply_system_prompt(mood, reply_variant)] for mood in MOODS}
 
     @staticmethod
-    def prefix_systems(chat: ChatFormat, prompt_variant: str) -> list[list[dict[str, str]]]:
-        """The system messages of the fixed prefixes: one per label set (in LABEL_SETS order), then the reply's."""
-        return [*(chat.classifier_messages("x", name, prompt_variant)[:1] for name in LABEL_SETS),
-                [{"role": "system", "content": REPLY_SYSTEM_PROMPT}]]
+    def prefix_systems(chat: ChatFormat, prompt_variant: str,
+                       reply_variant: str = DEFAULT_REPLY_PROMPT) -> tuple[list[list[dict[str, str]]], list[str]]:
+        """The fixed prefixes: the classifier's system messages, one per label set (in LABEL_SETS order),
+        and the distinct reply system prompts (one per mood, or fewer when moods share one)."""
+        classifier = [chat.classifier_messages("x", name, prompt_variant)[:1] for name in LABEL_SETS]
+        replies = list(dict.fromkeys(reply_system_prompt(mood, reply_variant) for mood in MOODS))
+        return classifier, replies
 
     @classmethod
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None, *,
              engine: str = "torch", kv_cache_tokens: int = 8192, max_rows: int = 8, **options) -> QwenEngine:
-        """Load MODEL on ``engine`` ("torch" or "llama.cpp"); ``options`` (prompt_variant,
-        positive_threshold, adapter) go to the constructor. llama.cpp's one context holds ``kv_cache_tokens``
+        """Load MODEL on ``engine`` ("torch" or "llama.cpp"); ``options`` (prompt_variant, reply_variant,
+        positive_threshold, adapter) go to the constructor, ``repetition`` to the sampler. llama.cpp's one context holds ``kv_cache_tokens``
         for up to ``max_rows`` rows at once; the torch engine sizes a cache per batch instead."""
         if engine == "llama.cpp":
             from worker.engine.llama_model import load_llama_engine
@@ -122,7 +134,7 @@ class QwenEngine:
 
         config = hf_model.generation_config
         chat = ChatFormat(HFTokenizer(tokenizer), model_id, config.eos_token_id)
-        sampler = Sampler.from_generation_config(config, chat.stop_token_ids)
+        sampler = Sampler.from_generation_config(config, chat.stop_token_ids, options.pop("repetition", Repetition()))
         model = build_sequence_model(hf_model, dtype, chat.all_label_token_ids(), threads or 0, weights_folder)
         return cls(model, chat, model_id, dtype, sampler, **options)
 
@@ -252,9 +264,11 @@ class QwenEngine:
         """A session of up to ``rows`` replies that join and leave between decoding steps (session.py)."""
         return ReplySession(self, rows, history_max_tokens=history_max_tokens)
 
-    def reply_prompt(self, text: str, history: list[tuple[str, str]]) -> list[int]:
-        input_ids = self.chat.encode_chat(self.chat.reply_messages(text, history))
-        assert tuple(input_ids[: len(self.reply_prefix.ids)]) == self.reply_prefix.ids
+    def reply_prompt(self, text: str, history: list[tuple[str, str]], mood: str = "neutral") -> list[int]:
+        system = reply_system_prompt(mood, self.reply_variant)
+        input_ids = self.chat.encode_chat(self.chat.reply_messages(text, history, system))
+        prefix = self.reply_prefixes[mood]
+        assert tuple(input_ids[: len(prefix.ids)]) == prefix.ids
         return input_ids
 
     def text_of(self, tokens: list[int]) -> str:

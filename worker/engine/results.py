@@ -36,7 +36,8 @@ class ReplyResult:
     text: str
     prompt_tokens: int
     generated_tokens: int
-    #: The deadline stopped generation before EOS or max_new_tokens.
+    #: The token limit or the deadline cut the reply short (``stop_reason`` says which); such a
+    #: reply ends at its last sentence boundary.
     truncated: bool
     #: Earlier turns that fit the history budget and were used.
     history_turns_used: int
@@ -55,6 +56,8 @@ class ReplyRequest:
     temperature: float = 0.0
     #: Stop tokens are ignored until this many tokens (benchmarks use it for a fixed length).
     min_new_tokens: int = 0
+    #: The mood of the reply prompt (prompts.MOODS): the sentiment just decided, when it is sure.
+    mood: str = "neutral"
 
 
 @dataclass(frozen=True)

@@ -62,11 +62,10 @@ class ReplySession:
         self.rows = rows if model.batch_row_limit is None else min(rows, model.batch_row_limit)
         self.history_max_tokens = history_max_tokens
         self.prefill_chunk = prefill_chunk
-        prefix = engine.reply_prefix
-        self._prefix = prefix
         #: Cache tokens the replies may hold together beyond the prefix (None: no bound).
         self.token_limit = model.batch_token_limit
-        self._sequences = model.new_sequences(self.rows, prefix.cache_tokens)
+        prefix_tokens = max(prefix.cache_tokens for prefix in engine.reply_prefixes.values())
+        self._sequences = model.new_sequences(self.rows, prefix_tokens)
         self._free = list(range(self.rows))
         self._replies: dict[int, _Reply] = {}  # key -> reply
         self._next_key = 0
@@ -79,8 +78,9 @@ class ReplySession:
         ValueError if it could never fit, even in an empty session.
         """
         history = self.engine.chat.fit_history(request.history, self.history_max_tokens)
-        prompt = self.engine.reply_prompt(request.text, history)
-        rest = prompt[len(self._prefix.ids):]
+        prefix = self.engine.reply_prefixes[request.mood]
+        prompt = self.engine.reply_prompt(request.text, history, request.mood)
+        rest = prompt[len(prefix.ids):]
         max_new = request.max_new_tokens
         need = len(rest) + max_new
         if self.token_limit is not None and need > self.token_limit:
@@ -94,8 +94,8 @@ class ReplySession:
         cache_row = self._free[0]
         if not row.done:
             # Room for the longest reply so far, no more: the cache holds at most rows x that.
-            self._sequences.ensure_capacity(self._prefix.cache_tokens + need)
-            self._sequences.copy_prefix(self._prefix.sequences, cache_row)
+            self._sequences.ensure_capacity(prefix.cache_tokens + need)
+            self._sequences.copy_prefix(prefix.sequences, cache_row)
         self._free.pop(0)  # taken only once it is set up: a failed grow leaves the row free
         key, self._next_key = self._next_key, self._next_key + 1
         self._replies[key] = _Reply(cache_row, row, len(prompt), len(history), need, list(rest))
@@ -204,14 +204,17 @@ class ReplySession:
 
     def _result(self, reply: _Reply) -> ReplyResult:
         row = reply.decode
+        stop = (StopReason.EOS if row.ended else StopReason.DEADLINE if row.truncated
+                else StopReason.CANCELLED if row.cancelled else StopReason.LENGTH)
+        text = self.engine.text_of(row.tokens)
+        cut = stop in (StopReason.LENGTH, StopReason.DEADLINE)
         return ReplyResult(
-            text=self.engine.text_of(row.tokens),
+            text=self.engine.chat.end_at_sentence(text) if cut else text,
             prompt_tokens=reply.prompt_tokens,
             generated_tokens=len(row.tokens) + int(row.ended),
-            truncated=row.truncated,
+            truncated=cut,
             history_turns_used=reply.history_turns,
-            stop_reason=(StopReason.EOS if row.ended else StopReason.DEADLINE if row.truncated
-                         else StopReason.CANCELLED if row.cancelled else StopReason.LENGTH),
+            stop_reason=stop,
         )
 
     def close(self) -> None:
