@@ -154,7 +154,12 @@ def cmd_eval(client: Client, args: argparse.Namespace) -> int:
 
     from producer.evaluate import balanced_sample, format_summary, read_rows, run_eval, summarize, write_report
 
-    rows = read_rows(Path(args.file), args.text_column, args.label_column)
+    rows = read_rows(Path(args.file), args.text_column, args.label_column, args.domain_column)
+    if args.domain:
+        rows = [row for row in rows if row.domain == args.domain]
+        if not rows:
+            raise InvalidRequest(f"--domain {args.domain!r}: no row of {args.file} has it in column "
+                                 f"{args.domain_column!r}")
     if args.limit:
         rows = balanced_sample(rows, args.limit, args.seed)
     predictions = run_eval(client, rows, args.labels, args.concurrency, args.reply_tokens)
@@ -237,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="CSV with a text column and a label column (1/0/2 or label words)")
     p.add_argument("--text-column", default="review")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--domain", help="only the rows of this domain (a value of --domain-column)")
+    p.add_argument("--domain-column", default="cat", help="the column naming each row's domain (default cat)")
     p.add_argument("--limit", type=int, help="a balanced sample of this many rows")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     p.add_argument("--labels", choices=list(LABEL_SETS), default="zh")

@@ -37,6 +37,8 @@ class Row:
     text: str
     #: Index in the label set: 0 positive, 1 negative, 2 neutral.
     gold: int
+    #: What kind of text it is (a product category, a service): the domain column, or the file's name.
+    domain: str = ""
 
 
 @dataclass
@@ -55,10 +57,14 @@ class Prediction:
     classifier: str | None = None
 
 
-def read_rows(path: Path, text_column: str = "review", label_column: str = "label") -> list[Row]:
+def read_rows(path: Path, text_column: str = "review", label_column: str = "label",
+              domain_column: str = "cat") -> list[Row]:
+    """The labelled rows of a CSV; each row's domain is its ``domain_column`` where the file has one,
+    else the file's name (``waimai_10k.csv`` -> ``waimai_10k``)."""
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
+        has_domain = domain_column in (reader.fieldnames or [])
         missing = {text_column, label_column} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: no column {sorted(missing)}; columns are {reader.fieldnames}")
@@ -68,7 +74,8 @@ def read_rows(path: Path, text_column: str = "review", label_column: str = "labe
             if gold is None:
                 raise ValueError(f"{path}:{line}: label {record[label_column]!r} is not 1/0/2 or a label word")
             if record[text_column].strip():
-                rows.append(Row(record[text_column].strip(), gold))
+                domain = record[domain_column].strip() if has_domain else Path(path).stem
+                rows.append(Row(record[text_column].strip(), gold, domain))
     return rows
 
 

@@ -39,6 +39,10 @@ NOT_ACKNOWLEDGING = ("您的理解", "你的理解", "your understanding", "for 
 NOT_JOYFUL = ("不开心", "不高兴", "不满意", "不喜欢", "不太开心", "不太高兴", "不太满意", "不太喜欢",
               "unhappy", "not happy", "not glad", "not pleased")
 
+#: A refusal is never a fitting answer to a review, whatever apology it carries.
+REFUSALS = ("无法协助", "无法帮助", "不能协助", "无法完成这个请求", "can't assist", "cannot assist",
+            "can't help with that", "cannot help with that", "unable to assist")
+
 SENTENCE_ENDS = "。！？!?.…"
 CLOSERS = "」』”’\"')）]】》"
 COPY_LIMIT = 0.5
@@ -113,12 +117,19 @@ def _has_marker(reply: str, lang: str, markers: dict[str, tuple[str, ...]], igno
     return any(marker in text for words in lists for marker in words)
 
 
+def is_refusal(reply: str) -> bool:
+    text = reply.lower().replace("’", "'")
+    return any(phrase in text for phrase in REFUSALS)
+
+
 def fits_review(reply: str, polarity: str | None, lang: str) -> bool | None:
     """Whether the tone fits: a negative one needs acknowledgement (thanks alone won't do), a positive one
     thanks or joy. ``lang`` picks the marker list (any other value checks them all).
     """
     if polarity is None:
         return None
+    if is_refusal(reply):
+        return False
     if polarity == "negative":
         return _has_marker(reply, lang, ACKNOWLEDGING, NOT_ACKNOWLEDGING)
     if polarity == "positive":
@@ -143,8 +154,10 @@ class ReplyScore:
     chars: int
     #: Tone check for every prompt with a polarity (reviews and venting); summaries count reviews only.
     fits_review: bool | None
-    #: Not empty, in the prompt's language, mostly its own words and not looping.
+    #: Not empty, in the expected language, mostly its own words and not looping.
     usable: bool
+    #: The language the reply should be in: the prompt's, or its ``reply_lang`` (a translation request).
+    expected_lang: str
     echo: bool
     loop: bool
 
@@ -156,6 +169,7 @@ def score_reply(item: dict[str, Any], reply: str, stop_reason: str | None) -> Re
     repeated = repeat_share(reply)
     empty = reply.strip() == ""
     polarity = item.get("polarity")
+    expected = item.get("reply_lang") or item["lang"]
     return ReplyScore(
         id=item["id"], kind=item["kind"], lang=item["lang"], polarity=polarity, text=item["text"],
         reply=reply, stop_reason=stop_reason, reply_lang=reply_lang,
@@ -163,8 +177,9 @@ def score_reply(item: dict[str, Any], reply: str, stop_reason: str | None) -> Re
         cut=cut_mid_sentence(reply, stop_reason), chars=len(reply.strip()),
         # The reply's own language picks the markers: a wrong language is counted apart, by lang.
         fits_review=fits_review(reply, polarity, reply_lang),
-        usable=(not empty and reply_lang == item["lang"] and copied <= COPY_LIMIT
+        usable=(not empty and reply_lang == expected and copied <= COPY_LIMIT
                 and repeated <= REPEAT_LIMIT),
+        expected_lang=expected,
         echo=copied > ECHO_LIMIT,
         loop=stop_reason in ("length",) and repeated > REPEAT_LIMIT,
     )
@@ -184,7 +199,7 @@ def summarize(scores: list[ReplyScore]) -> dict[str, Any]:
     return {
         "n": len(scores),
         "usable": _share([s.usable for s in scores]),
-        "lang_match": _share([s.reply_lang == s.lang for s in scores]),
+        "lang_match": _share([s.reply_lang == s.expected_lang for s in scores]),
         "echo": sum(s.echo for s in scores),
         "loop": sum(s.loop for s in scores),
         "empty": sum(s.empty for s in scores),

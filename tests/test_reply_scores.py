@@ -218,3 +218,17 @@ def test_the_shipped_prompt_set():
     for lang in ("zh", "en"):
         reviews = [item["polarity"] for item in items if item["kind"] == "review" and item["lang"] == lang]
         assert reviews.count("positive") == reviews.count("negative")
+
+
+def test_a_refusal_never_fits_a_review_whatever_apology_it_carries():
+    assert fits_review("抱歉，我无法协助完成这个请求。", "negative", "zh") is False
+    assert fits_review("I'm sorry, but I can't assist with that.", "negative", "en") is False
+    assert fits_review("I’m sorry, but I can’t assist with that.", "negative", "en") is False
+    assert fits_review("非常抱歉让您久等了。", "negative", "zh") is True
+
+
+def test_a_translation_request_expects_the_other_language():
+    item = {"id": "t", "kind": "request", "lang": "zh", "text": "把这句话翻译成英文：我们下周二开会。",
+            "polarity": None, "reply_lang": "en"}
+    assert score_reply(item, "We have a meeting next Tuesday.", "eos").usable
+    assert not score_reply(item, "我们下周二开会。", "eos").usable

@@ -167,12 +167,13 @@ def test_the_tune_command_writes_an_adapter_that_records_its_training(tiny_model
                                                          for t, g in zip(TOY_TEXTS, TOY_GOLD)])
     out = tmp_path / "cmd.safetensors"
     code = tune_main(["--model", str(tiny_model_dir), "--data", str(data), "--out", str(out), "--limit", "24",
-                      "--heldout", "8", "--dev-size", "10", "--threads", "1", "--batch-size", "8"])
+                      "--heldout", "8", "--dev-size", "10", "--threads", "1", "--batch-size", "8",
+                      "--technique", "lora"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "24 training rows, 8 held out" in printed and "held-out accuracy" in printed
     manifest = load_adapter(out).manifest
-    assert manifest["data"]["train_rows"] == 24 and manifest["data"]["sha256"] and manifest["name"] == "cmd"
+    assert manifest["data"]["train_rows"] == 24 and manifest["data"]["files"][0]["sha256"] and manifest["name"] == "cmd"
     assert manifest["recipe"]["technique"] == "lora" and manifest["recipe"]["seed"] == 0
 
 

@@ -77,12 +77,30 @@ _MOOD_ZH = {
     "negative": "用户此刻的情绪是负面的：先体谅他的感受；如果他在抱怨商品或服务，先真诚道歉，再说明会怎样帮他解决。",
 }
 
+# Example turns, written for this prompt (no data set): a small model imitates what it is shown far
+# better than what it is told, and these show it answering a review instead of repeating it.
+_EXAMPLES = (
+    ("买的台灯用了两天就不亮了，联系客服也没人回。",
+     "真抱歉，台灯这么快就坏了，客服又联系不上，确实让人着急。建议您在订单页直接申请退换货，如果还有问题，我也可以帮您想办法。"),
+    ("The pizza came quickly and was still hot. Loved it!",
+     "Thank you so much! We're glad your pizza arrived hot and that you loved it. Enjoy, and see you next time!"),
+    ("帮我写一句给同事的生日祝福。",
+     "祝你生日快乐！愿新的一岁工作顺心、身体健康，每天都有好心情！"),
+    ("I failed my driving test again today.",
+     "I'm sorry, that's really disappointing. Lots of people need a few tries: note what tripped you up, "
+     "practise that, and you'll be ready next time."),
+)
+
 #: Reply system prompts, by REPLY_PROMPT variant and mood. EVAL.md compares the variants.
 REPLY_PROMPTS: dict[str, dict[str, str]] = {
     "original": {mood: _ORIGINAL_REPLY for mood in MOODS},
     "fitting": {mood: _FITTING_REPLY for mood in MOODS},
     "mood": {mood: _FITTING_REPLY + _MOOD_ZH[mood] for mood in MOODS},
+    "examples": {mood: _FITTING_REPLY for mood in MOODS},
+    "mood-examples": {mood: _FITTING_REPLY + _MOOD_ZH[mood] for mood in MOODS},
 }
+#: Variants whose prefix also holds the example turns.
+_WITH_EXAMPLES = {"examples", "mood-examples"}
 DEFAULT_REPLY_PROMPT = "mood"
 #: The default variant's prompt with no mood: what benchmarks send to peers that have no classifier.
 REPLY_SYSTEM_PROMPT = REPLY_PROMPTS[DEFAULT_REPLY_PROMPT]["neutral"]
@@ -98,6 +116,16 @@ def reply_mood(label_set: str, label: str | None, confidence: float | None) -> s
 
 def reply_system_prompt(mood: str = "neutral", variant: str = DEFAULT_REPLY_PROMPT) -> str:
     return REPLY_PROMPTS[variant][mood]
+
+
+def reply_prefix_messages(mood: str = "neutral", variant: str = DEFAULT_REPLY_PROMPT) -> list[dict[str, str]]:
+    """The fixed start of every reply prompt: the system message, and the example turns if the variant
+    has them (cached once per mood, so they cost a job no prefill)."""
+    messages = [{"role": "system", "content": reply_system_prompt(mood, variant)}]
+    if variant in _WITH_EXAMPLES:
+        for user, assistant in _EXAMPLES:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages
 
 
 def classifier_prompt(label_set: str, variant: str = DEFAULT_CLASSIFIER_PROMPT) -> str:

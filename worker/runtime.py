@@ -89,9 +89,9 @@ class WorkerRuntime:
             source = resolve_model_source(self.settings.model)
             engine = choose_engine(self.settings.engine, source)
             if self.settings.classifier_adapter:
-                if engine != "torch":
-                    raise ModelLoadError(ADAPTER_NEEDS_TORCH)
                 self.adapter = load_adapter(self.settings.classifier_adapter)
+                if engine != "torch" and self.adapter.changes_the_pass:
+                    raise ModelLoadError(ADAPTER_NEEDS_TORCH)
             self.source = source
         return self.source
 

@@ -1,7 +1,12 @@
 """Classifier adapters: a small file, trained by ``python -m worker.tune``, that changes the sentiment pass only.
 
-Two techniques (EVAL.md compares them):
+Three techniques (EVAL.md compares them):
 
+- ``readout`` (the default): a linear read-out of the final hidden state of the
+  classifier prompt's last token, which the sentiment pass computes anyway. It
+  replaces the label words' rows of the output layer, so it costs one small
+  product per job, and it runs on both engines (llama.cpp hands the state out
+  as an embedding). It is trained in seconds on states computed once;
 - ``lora``: a low-rank update of every projection of every layer, added to the
   frozen (and possibly int8) weights only while the classifier's sequences
   run: the classifier prompt's cached prefix, and every job's sentiment pass;
@@ -38,15 +43,16 @@ from worker.model_source import ModelLoadError
 #: The metadata key holding the manifest, and the manifest format this code reads and writes.
 MANIFEST_KEY = "qwen_allinone_adapter"
 FORMAT_VERSION = 1
-LORA, DEEP_PREFIX = "lora", "deep-prefix"
-TECHNIQUES = (LORA, DEEP_PREFIX)
+LORA, DEEP_PREFIX, READOUT = "lora", "deep-prefix", "readout"
+TECHNIQUES = (READOUT, LORA, DEEP_PREFIX)
 #: The projections of a decoder layer a LoRA adapter may change (the lean decoder's fused names).
 LORA_TARGETS = ("qkv", "o", "gate_up", "down")
 SETTING = "CLASSIFIER_ADAPTER"
 #: llama.cpp applies a LoRA to a whole context and loads no key/value prefix: it cannot keep
 #: an adapter out of the reply.
-ADAPTER_NEEDS_TORCH = (f"{SETTING} needs ENGINE=torch: llama.cpp cannot apply an adapter to the sentiment "
-                       "pass alone (serve the model folder with ENGINE=torch, or unset CLASSIFIER_ADAPTER)")
+ADAPTER_NEEDS_TORCH = (f"{SETTING} needs ENGINE=torch: llama.cpp cannot apply a lora or deep-prefix adapter to "
+                       "the sentiment pass alone (serve the model folder with ENGINE=torch, or train a readout "
+                       "adapter, which both engines serve)")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,15 @@ class ClassifierAdapter:
     def classifier(self) -> str:
         """What records name as their classifier: ``adapter:<name>@<first 8 of sha256>``."""
         return f"adapter:{self.name}@{self.sha256[:8]}"
+
+    @property
+    def changes_the_pass(self) -> bool:
+        """Whether it changes the model's computation (lora, deep-prefix: torch only); a readout only reads it."""
+        return self.technique != READOUT
+
+    def readout(self) -> tuple[np.ndarray, np.ndarray]:
+        """A readout adapter's (weight (labels, hidden), bias (labels,))."""
+        return self.tensors["readout.weight"], self.tensors["readout.bias"]
 
     @property
     def positive_threshold(self) -> float:
@@ -142,6 +157,10 @@ def _check_tensors(adapter: ClassifierAdapter) -> None:
     if adapter.technique == DEEP_PREFIX:
         keys, values = adapter.tensors.get("prefix.keys"), adapter.tensors.get("prefix.values")
         ok = keys is not None and values is not None and keys.ndim == 4 and keys.shape == values.shape
+    elif adapter.technique == READOUT:
+        weight, bias = adapter.tensors.get("readout.weight"), adapter.tensors.get("readout.bias")
+        ok = (weight is not None and bias is not None and weight.ndim == 2 and bias.shape == weight.shape[:1]
+              and bool(np.isfinite(weight).all() and np.isfinite(bias).all()))
     else:
         pairs = adapter.lora_pairs()
         ok = bool(pairs) and all(target in LORA_TARGETS and a.ndim == b.ndim == 2 and a.shape[0] == b.shape[1]
@@ -174,6 +193,8 @@ def _check_shapes(adapter: ClassifierAdapter, model: dict[str, Any]) -> None:
     if adapter.technique == DEEP_PREFIX:
         layers, kv_heads, _, head_dim = adapter.tensors["prefix.keys"].shape
         fits = (layers, kv_heads, head_dim) == (model.get("layers"), model.get("kv_heads"), model.get("head_dim"))
+    elif adapter.technique == READOUT:
+        fits = adapter.tensors["readout.weight"].shape[1] == model.get("hidden")
     else:
         fits = all(0 <= layer < model.get("layers", 0) for layer, _ in adapter.lora_pairs())
     if not fits:

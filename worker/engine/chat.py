@@ -27,6 +27,10 @@ from worker.prompts import classifier_prompt
 # with any closing quotes or brackets after it.
 _SENTENCE_END = re.compile(r"(?:[。！？!?…；\n]|(?<!\d)\.(?=\s|$))[”’\"'」』）)\]]*")
 
+# Texts whose token ids identify a tokenizer: Chinese, English, digits, spaces, emoji, control-looking text.
+_FINGERPRINT_TEXTS = ("送餐太慢了，菜都凉了！", "The staff were patient and fixed it fast.", "  3.14 x 2,000 ",
+                      "好吃😋 Great!", "<|im_end|>", "正面", "负面", "中性", "positive", "negative", "neutral")
+
 # Tokens a ChatML message adds around its content: <|im_start|>, role, "\n", <|im_end|>, "\n".
 _MESSAGE_OVERHEAD_TOKENS = 5
 
@@ -108,6 +112,13 @@ class ChatFormat:
         if "zh" not in self.label_token_ids:
             raise ModelLoadError(self.unavailable_label_sets["zh"])
 
+    def tokenizer_fingerprint(self) -> str:
+        """A hash of how the tokenizer splits a fixed set of texts and lays out a chat: the same for a
+        model folder's tokenizer and its GGUF file's vocabulary (whose padded entries differ)."""
+        split = [self.encode_text(text) for text in _FINGERPRINT_TEXTS]
+        chat = self.encode_chat([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+        return hashlib.sha256(json.dumps([split, chat]).encode()).hexdigest()[:16]
+
     def first_token_ids(self, words) -> list[int]:
         return [self.encode_text(word)[0] for word in words]
 
@@ -118,17 +129,19 @@ class ChatFormat:
         return [{"role": "system", "content": classifier_prompt(label_set, variant)},
                 {"role": "user", "content": text}]
 
-    def reply_messages(self, text: str, history: list[tuple[str, str]], system: str) -> list[dict[str, str]]:
-        messages = [{"role": "system", "content": system}]
+    def reply_messages(self, text: str, history: list[tuple[str, str]],
+                       prefix: list[dict[str, str]]) -> list[dict[str, str]]:
+        """``prefix`` (the system message, and any example turns), the history, then the text."""
+        messages = list(prefix)
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": text})
         return messages
 
-    def prefix_ids(self, system: list[dict[str, str]]) -> list[int]:
-        """Everything before the first user message's content: the same for every job."""
-        ids, starts = self._encode_chat([*system, {"role": "user", "content": "x"}], add_generation_prompt=True)
-        return ids[: starts[1]]
+    def prefix_ids(self, prefix: list[dict[str, str]]) -> list[int]:
+        """Everything before the content of the user message that follows ``prefix``: the same for every job."""
+        ids, starts = self._encode_chat([*prefix, {"role": "user", "content": "x"}], add_generation_prompt=True)
+        return ids[: starts[len(prefix)]]
 
     def encode_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of ``messages`` under the chat template, contents encoded as plain text."""

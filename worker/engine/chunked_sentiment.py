@@ -77,7 +77,7 @@ class ChunkedSentiment:
             if not segments:
                 continue
             output = group.sequences.extend(segments)
-            scores = output.scores(self.engine.chat.label_token_ids[group.label_set])  # (segments, labels)
+            scores = self.engine.label_scores(output, group.label_set)  # (segments, labels)
             for j in finishing:
                 index, prompt_tokens = group.members[segments[j][0]]
                 self.results[index] = self.engine.decide(scores[j], group.label_set, prompt_tokens)

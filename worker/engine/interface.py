@@ -75,6 +75,10 @@ class PassOutput(Protocol):
     def scores(self, token_ids: Sequence[int]) -> Any:
         """(segments, len(token_ids)) float32 NumPy scores of the chosen tokens only."""
 
+    def states(self) -> Any:
+        """(segments, hidden) float32 NumPy final hidden states (after the last norm): what a readout
+        classifier adapter reads. llama.cpp gives them only when its model was loaded for a readout."""
+
     def logits(self, segments: Sequence[int] | None = None) -> Any:
         """(segments, vocabulary) float32 NumPy logits, to pick each segment's next token; of the
         given segment indices only, when given (a chunk of a prompt needs none)."""

@@ -20,9 +20,11 @@ Nothing here imports torch or transformers: a llama.cpp worker loads in seconds.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import llama_cpp
 import numpy as np
@@ -52,14 +54,20 @@ KV_BYTES_PER_ELEMENT = {llama_cpp.GGML_TYPE_Q8_0: 34 / 32, llama_cpp.GGML_TYPE_F
 
 
 class LlamaOutput:
-    """The last-token logits of each segment of a pass.
+    """The last-token logits (and, for a readout, final hidden states) of each segment of a pass.
 
     Rows of the final llama_decode are views of llama.cpp's own output buffer,
     valid until the next pass; both accessors copy out of them at once.
     """
 
-    def __init__(self, rows: list[np.ndarray]):
+    def __init__(self, rows: list[np.ndarray], states: list[np.ndarray]):
         self.rows = rows  # each (vocabulary,) float32
+        self._states = states  # each (hidden,) float32, copied; empty unless the context hands them out
+
+    def states(self) -> np.ndarray:
+        if len(self._states) != len(self.rows):
+            raise RuntimeError("this llama.cpp context was not made to hand out hidden states (no readout adapter)")
+        return np.stack(self._states)  # (segments, hidden)
 
     def scores(self, token_ids: Sequence[int]) -> np.ndarray:
         return np.stack([row[list(token_ids)] for row in self.rows])  # (segments, k): the label columns only
@@ -90,11 +98,14 @@ class LlamaSequences:
 
     def extend(self, segments: Sequence[Segment]) -> LlamaOutput:
         rows: list[np.ndarray] = []
+        states: list[np.ndarray] = []
         for group in split_passes(segments, N_BATCH):
             rows = [row.copy() for row in rows]  # views of the previous pass: the next one overwrites them
             wanted = self.model.decode(self, group)  # batch positions of the segments' last tokens
             rows.extend(self.model.output_row(i) for i in wanted)
-        return LlamaOutput(rows)
+            if self.model.hands_out_states:
+                states.extend(self.model.state_row(i) for i in wanted)
+        return LlamaOutput(rows, states)
 
     def release(self) -> None:
         self.model.release(self)
@@ -104,9 +115,13 @@ class LlamaSequences:
 
 
 class LlamaSequenceModel:
-    def __init__(self, model, context, threads: int, max_rows: int):
+    def __init__(self, model, context, threads: int, max_rows: int, gguf_path: Path, hands_out_states: bool = False):
         self.model = model        # llama_model *
         self.context = context    # llama_context *
+        self.gguf_path = gguf_path
+        #: The context was made with embeddings on: each output's final hidden state is copied out too.
+        self.hands_out_states = hands_out_states
+        self.hidden = llama_cpp.llama_model_n_embd(model)
         self.memory = llama_cpp.llama_get_memory(context)
         self.threads = threads
         self.n_ctx = llama_cpp.llama_n_ctx(context)
@@ -166,6 +181,14 @@ class LlamaSequenceModel:
         pointer = llama_cpp.llama_get_logits_ith(self.context, position)
         return np.ctypeslib.as_array(pointer, shape=(self.vocabulary,))  # a view of llama.cpp's buffer
 
+    def state_row(self, position: int) -> np.ndarray:
+        pointer = llama_cpp.llama_get_embeddings_ith(self.context, position)
+        return np.ctypeslib.as_array(pointer, shape=(self.hidden,)).copy()  # (hidden,) float32
+
+    def identity(self) -> dict:
+        """The same identity the torch engine gives for the same model, whatever its weight format."""
+        return gguf_identity(self.gguf_path)
+
     def info(self) -> EngineInfo:
         n_layer = llama_cpp.llama_model_n_layer(self.model)
         head_dim = _head_dim(self.model)
@@ -222,9 +245,12 @@ def load_llama_engine(engine_class, source: ModelSource, threads: int | None, kv
     classifier, replies = engine_class.prefix_systems(chat, options.get("prompt_variant", DEFAULT_CLASSIFIER_PROMPT),
                                                       options.get("reply_variant", DEFAULT_REPLY_PROMPT))
     prefix_tokens = (sum(len(chat.prefix_ids(system)) for system in classifier)
-                     + sum(len(chat.prefix_ids([{"role": "system", "content": text}])) for text in replies))
-    context = _new_context(model, source, threads, prefix_tokens + kv_cache_tokens, max_rows)
-    sequence_model = LlamaSequenceModel(model, context, threads, max_rows)
+                     + sum(len(chat.prefix_ids(messages)) for messages in replies))
+    adapter = options.get("adapter")
+    # A readout reads the final hidden states; so does the tuner that trains one.
+    states = options.pop("hands_out_states", False) or (adapter is not None and not adapter.changes_the_pass)
+    context = _new_context(model, source, threads, prefix_tokens + kv_cache_tokens, max_rows, states)
+    sequence_model = LlamaSequenceModel(model, context, threads, max_rows, source.folder / source.gguf_file, states)
     return engine_class(sequence_model, chat, source.model_id, f"gguf:{weights_name(model)}", sampler, **options)
 
 
@@ -237,8 +263,11 @@ def _load_model(source: ModelSource):
     return model
 
 
-def _new_context(model, source: ModelSource, threads: int, n_ctx: int, max_rows: int):
+def _new_context(model, source: ModelSource, threads: int, n_ctx: int, max_rows: int, states: bool):
     params = llama_cpp.llama_context_default_params()
+    if states:  # every output also copies its final hidden state (n_embd floats): a readout's input
+        params.embeddings = True
+        params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE
     params.n_ctx = n_ctx
     params.n_batch = N_BATCH
     params.n_ubatch = N_UBATCH
@@ -262,3 +291,35 @@ def _generation_config(source: ModelSource) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
         return {}
+
+
+def gguf_identity(path: Path) -> dict:
+    """Architecture, sizes and the norms' fingerprint of a GGUF file, as ``torch_model.model_identity``
+    gives them for the same model (norms stay float32 in every weight format, so the fingerprint is
+    the same for a Q4_K_M file and the folder converted from it)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    arch = _field(reader, "general.architecture")
+    layers = int(_field(reader, f"{arch}.block_count"))
+    hidden, vocabulary = (int(n) for n in tensors["token_embd.weight"].shape[:2])  # GGUF lists ne0 first
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    kv_heads = int(_field(reader, f"{arch}.attention.head_count_kv", heads))
+    digest = hashlib.sha256(np.asarray(tensors["output_norm.weight"].data, dtype=np.float32).tobytes())
+    for layer in range(layers):
+        digest.update(np.asarray(tensors[f"blk.{layer}.attn_norm.weight"].data, dtype=np.float32).tobytes())
+    return {"architecture": arch, "layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
+            "head_dim": int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+            "intermediate": int(_field(reader, f"{arch}.feed_forward_length")), "vocabulary": vocabulary,
+            "fingerprint": digest.hexdigest()[:16]}
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise ModelLoadError(f"the GGUF file has no {key!r}")
+        return default
+    value = field.parts[field.data[0]]
+    return bytes(value).decode("utf-8") if field.types and field.types[0].name == "STRING" else value[0]

@@ -16,6 +16,7 @@ task converts them to protocol records.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, check_
 from worker.engine.adapter import SETTING as ADAPTER_SETTING
 from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.generation import Repetition, Sampler
-from worker.engine.interface import SequenceModel, Sequences
+from worker.engine.interface import PassOutput, SequenceModel, Sequences
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
 from worker.engine.chunked_sentiment import ChunkedSentiment
 from worker.engine.session import ReplySession, run_to_end
@@ -39,7 +40,7 @@ from worker.prompts import (
     DEFAULT_REPLY_PROMPT,
     MOODS,
     REPLY_PROMPTS,
-    reply_system_prompt,
+    reply_prefix_messages,
 )
 
 
@@ -90,17 +91,20 @@ class QwenEngine:
         self.classifier_prefixes = {name: self._prefix(system, self._adapter_for(name))
                                     for name, system in systems.items()}
         #: mood -> the reply prompt's cached prefix (moods whose prompts are the same share one).
-        by_text = {text: self._prefix([{"role": "system", "content": text}]) for text in replies}
-        self.reply_prefixes = {mood: by_text[reply_system_prompt(mood, reply_variant)] for mood in MOODS}
+        by_text = {json.dumps(messages): self._prefix(messages) for messages in replies}
+        self.reply_prefixes = {mood: by_text[json.dumps(reply_prefix_messages(mood, reply_variant))]
+                               for mood in MOODS}
 
     @staticmethod
     def prefix_systems(chat: ChatFormat, prompt_variant: str,
-                       reply_variant: str = DEFAULT_REPLY_PROMPT) -> tuple[list[list[dict[str, str]]], list[str]]:
-        """The fixed prefixes: the classifier's system messages, one per label set (in LABEL_SETS order),
-        and the distinct reply system prompts (one per mood, or fewer when moods share one)."""
+                       reply_variant: str = DEFAULT_REPLY_PROMPT
+                       ) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
+        """The fixed prefixes' messages: the classifier's, one per label set (in LABEL_SETS order), and the
+        distinct reply prefixes (one per mood, or fewer when moods share one)."""
         classifier = [chat.classifier_messages("x", name, prompt_variant)[:1] for name in LABEL_SETS]
-        replies = list(dict.fromkeys(reply_system_prompt(mood, reply_variant) for mood in MOODS))
-        return classifier, replies
+        replies = {json.dumps(messages): messages
+                   for messages in (reply_prefix_messages(mood, reply_variant) for mood in MOODS)}
+        return classifier, list(replies.values())
 
     @classmethod
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None, *,
@@ -108,13 +112,15 @@ class QwenEngine:
         """Load MODEL on ``engine`` ("torch" or "llama.cpp"); ``options`` (prompt_variant, reply_variant,
         positive_threshold, adapter) go to the constructor, ``repetition`` to the sampler. llama.cpp's one context holds ``kv_cache_tokens``
         for up to ``max_rows`` rows at once; the torch engine sizes a cache per batch instead."""
+        hands_out_states = options.pop("hands_out_states", False)  # the torch engine always can
         if engine == "llama.cpp":
             from worker.engine.llama_model import load_llama_engine
 
-            if options.get("adapter") is not None:
+            if options.get("adapter") is not None and options["adapter"].changes_the_pass:
                 raise ModelLoadError(ADAPTER_NEEDS_TORCH)
 
-            return load_llama_engine(cls, source, threads, kv_cache_tokens, max_rows, **options)
+            return load_llama_engine(cls, source, threads, kv_cache_tokens, max_rows,
+                                     hands_out_states=hands_out_states, **options)
         from worker.engine.torch_model import load_model, release_freed_memory
 
         hf_model, tokenizer = load_model(source, dtype, threads)
@@ -166,7 +172,7 @@ class QwenEngine:
             for wave in self._waves([len(rest) for rest in rests]):
                 with self._fork(prefix, len(wave), max(len(rests[i]) for i in wave)) as sequences:
                     output = sequences.extend([(row, rests[i]) for row, i in enumerate(wave)])
-                    scores = output.scores(self.chat.label_token_ids[label_set])  # (wave, labels)
+                    scores = self.label_scores(output, label_set)  # (wave, labels)
                 for i, row_scores in zip(wave, scores):
                     index, ids = members[i]
                     results[index] = self.decide(row_scores, label_set, len(ids))
@@ -199,10 +205,37 @@ class QwenEngine:
         adapter = self._adapter_for(label_set)
         virtual = 0 if adapter is None else adapter.prefix_tokens
         with _released(self.model.new_sequences(1, virtual + len(ids))) as sequences:
-            if adapter is not None:
+            if adapter is not None and adapter.changes_the_pass:
                 sequences.attach(adapter)
-            scores = sequences.extend([(0, ids)]).scores(self.chat.label_token_ids[label_set])  # (1, labels)
+            scores = self.label_scores(sequences.extend([(0, ids)]), label_set)  # (1, labels)
         return self.decide(scores[0], label_set, len(ids))
+
+    def label_scores(self, output: PassOutput, label_set: str) -> np.ndarray:
+        """(segments, labels) scores of a sentiment pass: the label words' logits, or a readout adapter's
+        product with the final hidden states."""
+        adapter = self._adapter_for(label_set)
+        if adapter is not None and not adapter.changes_the_pass:
+            weight, bias = adapter.readout()                          # (labels, hidden), (labels,)
+            return output.states() @ weight.T + bias                  # (segments, labels)
+        return np.asarray(output.scores(self.chat.label_token_ids[label_set]))
+
+    def classifier_states(self, texts: Sequence[str], label_set: str, rows: int = 16
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        """((texts, hidden) final hidden states, (texts, labels) label-word scores) of the sentiment pass,
+        as a job's pass computes them: what a readout adapter is trained on, and the prompt alone's
+        scores beside it (worker/tune.py)."""
+        prefix = self.classifier_prefixes[label_set]
+        label_ids = self.chat.label_token_ids[label_set]
+        states, scores = [], []
+        for start in range(0, len(texts), rows):
+            _, groups = self.classifier_prompts([(text, label_set) for text in texts[start:start + rows]])
+            rests = [ids[len(prefix.ids):] for _, ids in groups[label_set]]
+            for wave in self._waves([len(rest) for rest in rests]):
+                with self._fork(prefix, len(wave), max(len(rests[i]) for i in wave)) as sequences:
+                    output = sequences.extend([(row, rests[i]) for row, i in enumerate(wave)])
+                    states.append(output.states())                     # (wave, hidden)
+                    scores.append(np.asarray(output.scores(label_ids)))  # (wave, labels)
+        return np.concatenate(states), np.concatenate(scores)
 
     def decide(self, label_logits, label_set: str, prompt_tokens: int) -> SentimentResult:
         scores = np.asarray(label_logits, dtype=np.float32)            # (labels,)
@@ -265,8 +298,8 @@ class QwenEngine:
         return ReplySession(self, rows, history_max_tokens=history_max_tokens)
 
     def reply_prompt(self, text: str, history: list[tuple[str, str]], mood: str = "neutral") -> list[int]:
-        system = reply_system_prompt(mood, self.reply_variant)
-        input_ids = self.chat.encode_chat(self.chat.reply_messages(text, history, system))
+        messages = self.chat.reply_messages(text, history, reply_prefix_messages(mood, self.reply_variant))
+        input_ids = self.chat.encode_chat(messages)
         prefix = self.reply_prefixes[mood]
         assert tuple(input_ids[: len(prefix.ids)]) == prefix.ids
         return input_ids
@@ -280,7 +313,7 @@ class QwenEngine:
         ids = self.chat.prefix_ids(system)
         virtual = 0 if adapter is None else adapter.prefix_tokens
         sequences = self.model.new_sequences(1, virtual + len(ids))
-        if adapter is not None:
+        if adapter is not None and adapter.changes_the_pass:
             sequences.attach(adapter)  # a deep prefix fills cache slots 0..virtual-1
         sequences.extend([(0, ids)])
         return PromptPrefix(tuple(ids), sequences, virtual)
@@ -293,13 +326,20 @@ class QwenEngine:
         if adapter.labels not in systems:
             raise ModelLoadError(f"{ADAPTER_SETTING}={str(adapter.path)!r}: labels {adapter.labels!r} "
                                  f"is not one of {sorted(systems)}")
+        # A readout serves either engine, so the tokenizer is identified by how it splits text; the
+        # adapters that change the pass are torch-only and keep the vocabulary's hash.
+        tokenizer = ({"tokenizer_fingerprint": self.chat.tokenizer_fingerprint()} if not adapter.changes_the_pass
+                     else {"tokenizer_sha256": self.chat.tokenizer.vocabulary_sha256()})
         check_fits(adapter, {
             "model": self.model.identity(),
-            "tokenizer_sha256": self.chat.tokenizer.vocabulary_sha256(),
+            **tokenizer,
             "label_words": list(LABEL_SETS[adapter.labels]),
             "label_token_ids": self.chat.label_token_ids.get(adapter.labels),
             "classifier_prompt": systems[adapter.labels][0]["content"],
         })
+        if not adapter.changes_the_pass and adapter.readout()[0].shape[0] != len(LABEL_SETS[adapter.labels]):
+            raise ModelLoadError(f"{ADAPTER_SETTING}={str(adapter.path)!r} does not fit: its readout has "
+                                 f"{adapter.readout()[0].shape[0]} rows for {len(LABEL_SETS[adapter.labels])} labels")
 
     @contextmanager
     def _fork(self, prefix: PromptPrefix, rows: int, extra_tokens: int) -> Iterator[Sequences]:

@@ -48,6 +48,9 @@ class TorchOutput:
         # may depend on how many rows it has, and a job's label must not.
         return (self.hidden[:, None, :] * rows[None, :, :]).sum(dim=-1).numpy()   # (segments, k)
 
+    def states(self):
+        return self.hidden.float().numpy()  # (segments, hidden)
+
     @torch.inference_mode()
     def logits(self, segments: Sequence[int] | None = None):
         hidden = self.hidden if segments is None else self.hidden[list(segments)]  # (wanted, hidden)
@@ -144,7 +147,9 @@ def model_identity(decoder: Qwen2Decoder) -> dict:
     digest = hashlib.sha256(decoder.final_norm.numpy().tobytes())
     for layer in decoder.layers:
         digest.update(layer.attn_norm.numpy().tobytes())
-    return {"architecture": "qwen2", **dataclasses.asdict(decoder.shape), "fingerprint": digest.hexdigest()[:16]}
+    shape = dataclasses.asdict(decoder.shape)
+    del shape["rms_eps"]  # a GGUF file holds it as float32: not a way to tell models apart
+    return {"architecture": "qwen2", **shape, "fingerprint": digest.hexdigest()[:16]}
 
 
 def check_format(fmt: str) -> None:
