@@ -142,7 +142,9 @@ def test_partial_replies_grow_while_the_job_runs(runtime):
     assert len(partial) >= 2, partial
     assert all(len(a) <= len(b) for a, b in zip(partial, partial[1:]))
     assert record.status is JobStatus.SUCCEEDED
-    assert all(record.reply.startswith(text) for text in partial)
+    # A reply cut by its limit ends at its last sentence boundary, which later partials may have passed.
+    assert all(record.reply.startswith(text) or (record.truncated and text.startswith(record.reply))
+               for text in partial)
 
 
 def test_the_kv_cache_formula_matches_a_batch_of_sequences(engine):

@@ -144,7 +144,7 @@ def test_every_engine_builds_the_same_prompts(engine, tiny_model_dir):
     reference = load_engine(resolve_model_source(str(tiny_model_dir)), "float32", threads=1, engine="torch")
     texts = [*TEXTS, "  两个空格  and\ttabs\n换行", "café ñ 日本語 🤖🧪", "<|endoftext|>", "1234567890 3.14"]
     for text in texts:
-        messages = reference.chat.reply_messages(text, [("你好", "您好")], reply_prefix_messages("negative"))
+        messages = reference.chat.reply_messages(text, [("你好", "您好")], reply_prefix_messages("negative", "zh"))
         assert engine.chat.encode_chat(messages) == reference.chat.encode_chat(messages), text
         ids = reference.chat.encode_text(text)
         assert engine.text_of(ids) == reference.text_of(ids), text

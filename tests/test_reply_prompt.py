@@ -9,7 +9,14 @@ from worker.engine import ReplyRequest
 from worker.engine.chat import ChatFormat
 from worker.engine.qwen import QwenEngine
 from worker.model_source import resolve_model_source
-from worker.prompts import MOOD_CONFIDENCE, MOODS, REPLY_PROMPTS, reply_mood, reply_system_prompt
+from worker.prompts import (
+    MOOD_CONFIDENCE,
+    MOODS,
+    REPLY_LANGUAGES,
+    reply_language,
+    reply_mood,
+    reply_prefix_messages,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +44,32 @@ def test_the_mood_is_the_sentiment_only_when_the_classifier_is_sure():
     assert reply_mood("zh", None, None) == "neutral"
 
 
-def test_each_mood_has_a_cached_prefix_and_its_own_instructions(engine):
-    texts = {mood: reply_system_prompt(mood) for mood in MOODS}
-    assert len(set(texts.values())) == len(MOODS)  # the default variant tells the model the mood
-    for mood in MOODS:
-        prompt = engine.reply_prompt("送餐太慢了", [], mood)
-        assert tuple(prompt[: len(engine.reply_prefixes[mood].ids)]) == engine.reply_prefixes[mood].ids
-        assert texts[mood] in engine.text_of(prompt)
-    assert engine.reply_prompt("x", [], "negative") != engine.reply_prompt("x", [], "positive")
+def test_each_mood_and_language_has_a_cached_prefix_and_its_own_instructions(engine):
+    for lang, text in (("zh", "送餐太慢了"), ("en", "The delivery was slow")):
+        assert reply_language(text) == lang
+        for mood in MOODS:
+            prompt = engine.reply_prompt(text, [], mood)
+            prefix = engine.reply_prefix_for(text, mood)
+            assert prefix is engine.reply_prefixes[mood, lang]
+            assert tuple(prompt[: len(prefix.ids)]) == prefix.ids
+            system = reply_prefix_messages(mood, lang)[0]["content"]
+            assert system in engine.text_of(prompt)
+    # The default variant tells the model the mood, in the text's language, and shows it examples.
+    assert len({id(prefix) for prefix in engine.reply_prefixes.values()}) == len(MOODS) * len(REPLY_LANGUAGES)
+    assert len(reply_prefix_messages("negative", "en")) > 1
 
 
 def test_a_variant_whose_moods_share_a_prompt_shares_one_prefix(tiny_model_dir):
     original = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1,
                                reply_variant="original")
     assert len({id(prefix) for prefix in original.reply_prefixes.values()}) == 1
-    assert set(REPLY_PROMPTS["original"].values()) == {reply_system_prompt("neutral", "original")}
+    assert all(len(reply_prefix_messages(m, lang, "original")) == 1 for m in MOODS for lang in REPLY_LANGUAGES)
+
+
+@pytest.mark.parametrize("text, lang", [("送餐太慢了", "zh"), ("Great!", "en"), ("iPhone 电池不耐用", "zh"),
+                                        ("", "en"), ("OK, fine 好", "en")])
+def test_the_reply_language_follows_the_text(text, lang):
+    assert reply_language(text) == lang
 
 
 def test_a_reply_in_a_mood_is_what_that_prompt_gives_alone(engine):

@@ -6,6 +6,8 @@ history) and names the exact label words whose next-token scores decide.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from producer.protocol import LABEL_SETS
 
 _GUIDE_ZH = "抱怨、失望、批评、不满属于“{negative}”；满意、称赞、感谢、推荐属于“{positive}”。"
@@ -62,48 +64,84 @@ CLASSIFIER_PROMPTS: dict[str, dict[str, str]] = {
 #: the mood of the reply's system prompt; a less sure one (or no label) gets the neutral prompt.
 MOOD_CONFIDENCE = 0.7
 MOODS = ("neutral", "positive", "negative")
+#: Languages a reply prompt is written in; a text is "zh" when ideographs are 30% of its letters.
+REPLY_LANGUAGES = ("zh", "en")
 
 # The first prompt: chosen by reading greedy replies of Qwen2.5-0.5B-Instruct to a few reviews
 # ("one or two short sentences" kept it from drifting into lists of advice). It ignores the mood.
-_ORIGINAL_REPLY = "你是一个温暖、善解人意的助手。请体会用户的感受，用一两句简短、真诚的话回应用户。"
+_ORIGINAL = "你是一个温暖、善解人意的助手。请体会用户的感受，用一两句简短、真诚的话回应用户。"
 # One system prompt that fits the request: warm and short for feelings, complete for a task, in the
 # user's language. The mood sentences tell the model the sentiment the classifier just decided.
-_FITTING_REPLY = ("你是一个温暖、贴心的助手。用户用什么语言，你就用什么语言回答。"
-                  "如果用户请你做事（写请假条、列清单、解释、计算、翻译），就直接把事情完整做好；"
-                  "如果用户在倾诉或闲聊，用一两句真诚、具体的话回应。不要重复用户的原话。")
-_MOOD_ZH = {
-    "neutral": "",
-    "positive": "用户此刻的情绪是正面的：分享他的喜悦；如果他在称赞商品或服务，真诚地感谢他。",
-    "negative": "用户此刻的情绪是负面的：先体谅他的感受；如果他在抱怨商品或服务，先真诚道歉，再说明会怎样帮他解决。",
+_FITTING = {
+    "zh": ("你是一个温暖、贴心的助手。用户用什么语言，你就用什么语言回答。"
+           "如果用户请你做事（写请假条、列清单、解释、计算、翻译），就直接把事情完整做好；"
+           "如果用户在倾诉或闲聊，用一两句真诚、具体的话回应。不要重复用户的原话。"),
+    "en": ("You are a warm, caring assistant. Answer in the language the user writes in. If the user asks you "
+           "to do something (write a note, make a list, explain, calculate, translate), do it completely. If the "
+           "user shares feelings or chats, reply with one or two sincere, specific sentences. Never repeat the "
+           "user's words back."),
+}
+_MOOD = {
+    "zh": {"neutral": "",
+           "positive": "用户此刻的情绪是正面的：分享他的喜悦；如果他在称赞商品或服务，真诚地感谢他。",
+           "negative": "用户此刻的情绪是负面的：先体谅他的感受；如果他在抱怨商品或服务，先真诚道歉，再说明会怎样帮他解决。"},
+    "en": {"neutral": "",
+           "positive": " The user's mood is positive: share their joy, and if they praise a product or service, "
+                       "thank them warmly.",
+           "negative": " The user's mood is negative: first acknowledge how they feel; if they complain about a "
+                       "product or service, apologise sincerely, then say how you will help put it right."},
+}
+# Example turns, written for this prompt (no data set, and on no topic of the evaluation's prompt set):
+# a small model imitates what it is shown far better than what it is told, and these show it answering
+# a review instead of repeating it. One set per language: shown English, it answers Chinese in English.
+_EXAMPLES = {
+    "zh": (
+        ("买的台灯用了两天就不亮了，联系客服也没人回。",
+         "真抱歉，台灯这么快就坏了，客服又联系不上，确实让人着急。建议您在订单页直接申请退换货，如果还有问题，我也可以帮您想办法。"),
+        ("披萨送得很快，到手还是热的，太好吃了！",
+         "谢谢您的夸奖！很高兴披萨热乎乎地送到，您吃得开心就好，期待下次再为您服务！"),
+        ("帮我写一句提醒大家周五前交周报的通知。",
+         "温馨提醒：请大家在本周五下班前提交周报，谢谢配合！"),
+        ("我养的多肉全被晒死了，好心疼。",
+         "辛辛苦苦养大的多肉没了，真的会心疼。下次夏天可以把它们挪到散射光的地方，再试一次吧！"),
+    ),
+    "en": (
+        ("The lamp I bought stopped working after two days, and support never answered.",
+         "I'm so sorry your lamp failed so quickly and that support didn't get back to you. You can request a "
+         "replacement or refund from your order page, and I'm happy to help if anything gets stuck."),
+        ("The pizza came quickly and was still hot. Loved it!",
+         "Thank you so much! We're glad your pizza arrived hot and that you loved it. See you next time!"),
+        ("Write a one-line reminder that weekly reports are due Friday.",
+         "Friendly reminder: please send in your weekly report by the end of Friday. Thanks!"),
+        ("All my houseplants died while I was away.",
+         "Oh no, that's sad after all the care you gave them. A friend or a self-watering pot can keep the next "
+         "ones going while you travel."),
+    ),
 }
 
-# Example turns, written for this prompt (no data set): a small model imitates what it is shown far
-# better than what it is told, and these show it answering a review instead of repeating it.
-_EXAMPLES = (
-    ("买的台灯用了两天就不亮了，联系客服也没人回。",
-     "真抱歉，台灯这么快就坏了，客服又联系不上，确实让人着急。建议您在订单页直接申请退换货，如果还有问题，我也可以帮您想办法。"),
-    ("The pizza came quickly and was still hot. Loved it!",
-     "Thank you so much! We're glad your pizza arrived hot and that you loved it. Enjoy, and see you next time!"),
-    ("帮我写一句给同事的生日祝福。",
-     "祝你生日快乐！愿新的一岁工作顺心、身体健康，每天都有好心情！"),
-    ("I failed my driving test again today.",
-     "I'm sorry, that's really disappointing. Lots of people need a few tries: note what tripped you up, "
-     "practise that, and you'll be ready next time."),
-)
 
-#: Reply system prompts, by REPLY_PROMPT variant and mood. EVAL.md compares the variants.
-REPLY_PROMPTS: dict[str, dict[str, str]] = {
-    "original": {mood: _ORIGINAL_REPLY for mood in MOODS},
-    "fitting": {mood: _FITTING_REPLY for mood in MOODS},
-    "mood": {mood: _FITTING_REPLY + _MOOD_ZH[mood] for mood in MOODS},
-    "examples": {mood: _FITTING_REPLY for mood in MOODS},
-    "mood-examples": {mood: _FITTING_REPLY + _MOOD_ZH[mood] for mood in MOODS},
+@dataclass(frozen=True)
+class ReplyVariant:
+    """One way of instructing the reply: a system prompt per language, maybe a mood sentence per
+    language, maybe example turns per language."""
+
+    system: dict[str, str]
+    moods: dict[str, dict[str, str]] | None = None
+    examples: dict[str, tuple[tuple[str, str], ...]] | None = None
+
+
+_ZH_ONLY = {lang: _FITTING["zh"] for lang in REPLY_LANGUAGES}
+#: Reply instructions by REPLY_PROMPT variant. EVAL.md compares them.
+REPLY_PROMPTS: dict[str, ReplyVariant] = {
+    "original": ReplyVariant({lang: _ORIGINAL for lang in REPLY_LANGUAGES}),
+    "fitting": ReplyVariant(_ZH_ONLY),
+    "mood": ReplyVariant(_ZH_ONLY, {lang: _MOOD["zh"] for lang in REPLY_LANGUAGES}),
+    "examples": ReplyVariant(_FITTING, None, _EXAMPLES),
+    "mood-examples": ReplyVariant(_FITTING, _MOOD, _EXAMPLES),
 }
-#: Variants whose prefix also holds the example turns.
-_WITH_EXAMPLES = {"examples", "mood-examples"}
-DEFAULT_REPLY_PROMPT = "mood"
-#: The default variant's prompt with no mood: what benchmarks send to peers that have no classifier.
-REPLY_SYSTEM_PROMPT = REPLY_PROMPTS[DEFAULT_REPLY_PROMPT]["neutral"]
+DEFAULT_REPLY_PROMPT = "mood-examples"
+#: The default variant's system prompt with no mood: what benchmarks send to peers that have no classifier.
+REPLY_SYSTEM_PROMPT = _FITTING["zh"]
 
 
 def reply_mood(label_set: str, label: str | None, confidence: float | None) -> str:
@@ -114,17 +152,23 @@ def reply_mood(label_set: str, label: str | None, confidence: float | None) -> s
     return ("positive", "negative", "neutral")[words.index(label)]
 
 
-def reply_system_prompt(mood: str = "neutral", variant: str = DEFAULT_REPLY_PROMPT) -> str:
-    return REPLY_PROMPTS[variant][mood]
+def reply_language(text: str) -> str:
+    """The language a reply prompt is written in for ``text``: "zh" when ideographs are at least 30%
+    of its letters, else "en"."""
+    ideographs = sum("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
+    letters = sum(ch.isalpha() for ch in text)
+    return "zh" if letters and ideographs >= 0.3 * letters else "en"
 
 
-def reply_prefix_messages(mood: str = "neutral", variant: str = DEFAULT_REPLY_PROMPT) -> list[dict[str, str]]:
+def reply_prefix_messages(mood: str = "neutral", lang: str = "zh",
+                          variant: str = DEFAULT_REPLY_PROMPT) -> list[dict[str, str]]:
     """The fixed start of every reply prompt: the system message, and the example turns if the variant
-    has them (cached once per mood, so they cost a job no prefill)."""
-    messages = [{"role": "system", "content": reply_system_prompt(mood, variant)}]
-    if variant in _WITH_EXAMPLES:
-        for user, assistant in _EXAMPLES:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    has them (cached once per mood and language, so they cost a job no prefill)."""
+    chosen = REPLY_PROMPTS[variant]
+    system = chosen.system[lang] + (chosen.moods[lang][mood] if chosen.moods else "")
+    messages = [{"role": "system", "content": system}]
+    for user, assistant in chosen.examples[lang] if chosen.examples else ():
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     return messages
 
 

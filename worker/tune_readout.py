@@ -100,6 +100,7 @@ def train_readout(args: argparse.Namespace, files: dict[Path, list[Row]], source
     from worker.engine import load_engine
     from worker.engine.adapter import READOUT, save_adapter
     from worker.readout import accuracy, choose_c, fit
+    from worker.settings import available_cores
 
     started = time.perf_counter()
     train, kept = sample_domains(files, per_domain=args.per_domain, heldout=args.heldout, dev_size=args.dev_size,
@@ -107,7 +108,8 @@ def train_readout(args: argparse.Namespace, files: dict[Path, list[Row]], source
     if not train:
         print("qwen-allinone-tune: no training rows (every domain left out?)", file=sys.stderr)
         return 2
-    engine = load_engine(source, args.dtype, args.threads or None, engine=args.engine, prompt_variant=args.prompt,
+    engine = load_engine(source, args.dtype, args.threads or available_cores(), engine=args.engine,
+                         prompt_variant=args.prompt,
                          hands_out_states=True, kv_cache_tokens=16 * 1024, max_rows=CHUNK)
     rows = train + kept
     manifest = _manifest_base(engine, args)

@@ -1,7 +1,8 @@
 """python -m worker.bench: measure the service on this machine.
 
     python -m worker.bench accuracy --model DIR [--dtypes float32,bfloat16,int8] [--n 400]
-    python -m worker.bench adapters --model DIR --adapters FILE[,FILE] [--dtype int8]
+    python -m worker.bench adapters --model DIR|FILE.gguf --adapters FILE[,FILE] [--engine auto]
+    python -m worker.bench replies --model DIR|FILE.gguf [--configs original:1.0,mood-examples]
     python -m worker.bench prompts --model DIR [--layouts system:fewshot,example-turns]
     python -m worker.bench run --model DIR|FILE.gguf [--baseline] ...
     python -m worker.bench run --shape qwen2.5-0.5b [--baseline] ...
@@ -388,8 +389,8 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     from worker.bench.adapters import format_costs, measure
 
     examples = balanced_sample(read_rows(Path(args.data)), args.n, args.seed)
-    costs = measure(args.model, args.adapters.split(","), args.dtype, args.threads, examples)
-    print(f"\nclassifier adapters at serving time, DTYPE={args.dtype}, {args.n} reviews of {Path(args.data).name} "
+    costs = measure(args.model, args.adapters.split(","), args.dtype, args.threads, examples, args.engine)
+    print(f"\nclassifier adapters at serving time, ENGINE={args.engine}, DTYPE={args.dtype}, {args.n} reviews of {Path(args.data).name} "
           f"(seed {args.seed}); {machine_line()}, {args.threads} threads\n")
     print(format_costs(costs))
     return 0
@@ -400,7 +401,8 @@ def cmd_adapter_one(args: argparse.Namespace) -> int:
 
     from worker.bench.adapters import cost_json, measure_one
 
-    print(cost_json(measure_one(args.model, args.adapter, args.dtype, args.threads, json.loads(args.texts))))
+    print(cost_json(measure_one(args.model, args.adapter, args.dtype, args.threads, json.loads(args.texts),
+                                engine=args.engine)))
     return 0
 
 
@@ -430,8 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--original", action="store_true", help="also the original pipeline's generate-and-search decision")
     p.set_defaults(func=cmd_accuracy)
 
+    from worker.bench import replies
+
+    replies.add_parser(sub, machine_line, available_cores())
+
     p = sub.add_parser("adapters", help="what classifier adapters cost at serving time: RSS, sentiment, reply")
-    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--model", required=True, help="model folder or .gguf file")
+    p.add_argument("--engine", choices=("auto", "torch", "llama.cpp"), default="auto")
     p.add_argument("--adapters", required=True, help="comma-separated adapter files (worker.tune)")
     p.add_argument("--dtype", default="int8")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV with label,review columns")
@@ -444,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("adapter-one")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter")
+    p.add_argument("--engine", default="auto")
     p.add_argument("--dtype", default="int8")
     p.add_argument("--threads", type=int, default=available_cores())
     p.add_argument("--texts", required=True, help="a JSON list of texts")

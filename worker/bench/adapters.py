@@ -38,7 +38,7 @@ class AdapterCost:
 
 
 def measure_one(model: str, adapter: str | None, dtype: str, threads: int, texts: list[str],
-                rounds: int = 3) -> AdapterCost:
+                rounds: int = 3, engine: str = "auto") -> AdapterCost:
     """In this process: load the engine (with ``adapter``), then time its sentiment and a batch of replies."""
     import psutil
 
@@ -47,8 +47,9 @@ def measure_one(model: str, adapter: str | None, dtype: str, threads: int, texts
     from worker.model_source import resolve_model_source
 
     started = time.perf_counter()
-    engine = load_engine(resolve_model_source(model), dtype, threads, engine="torch",
-                         adapter=load_adapter(adapter) if adapter else None)
+    engine = load_engine(resolve_model_source(model), dtype, threads, engine=engine,
+                         adapter=load_adapter(adapter) if adapter else None,
+                         kv_cache_tokens=REPLY_ROWS * 1024, max_rows=REPLY_ROWS)
     load_s = time.perf_counter() - started
     rss = psutil.Process().memory_info().rss
     engine.classify_batch([(texts[0], "zh")])  # warm-up
@@ -72,13 +73,14 @@ def measure_one(model: str, adapter: str | None, dtype: str, threads: int, texts
                        statistics.median(replies), digest)
 
 
-def measure(model: str, adapters: list[str], dtype: str, threads: int, examples: list[Row]) -> list[AdapterCost]:
+def measure(model: str, adapters: list[str], dtype: str, threads: int, examples: list[Row],
+            engine: str = "auto") -> list[AdapterCost]:
     """The plain engine, then each adapter, each in a fresh process."""
     texts = json.dumps([row.text for row in examples])
     results = []
     for adapter in [None, *adapters]:
         command = [sys.executable, "-m", "worker.bench", "adapter-one", "--model", model, "--dtype", dtype,
-                   "--threads", str(threads), "--texts", texts]
+                   "--threads", str(threads), "--texts", texts, "--engine", engine]
         if adapter:
             command += ["--adapter", adapter]
         done = subprocess.run(command, capture_output=True, text=True, check=True)

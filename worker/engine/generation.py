@@ -41,9 +41,10 @@ class DecodeRow:
         return self.ended or self.truncated or self.cancelled or len(self.tokens) >= self.max_new_tokens
 
 
-#: The repetition control when neither the model's generation config nor the settings give one:
-#: Ollama's default (a penalty of 1.1 over the last 64 tokens); Qwen's own configs use 1.05-1.1.
-DEFAULT_REPETITION_PENALTY = 1.1
+#: The repetition control when neither the model's generation config nor the settings give one: a
+#: penalty over the last 64 tokens, as Ollama's default (1.1). 1.2 was chosen by `eval-replies` on the
+#: 0.5B model (EVAL.md): at 1.1 it still echoed reviews and reasoning questions back.
+DEFAULT_REPETITION_PENALTY = 1.2
 DEFAULT_REPETITION_WINDOW = 64
 
 

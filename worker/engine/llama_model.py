@@ -43,8 +43,8 @@ log = logging.getLogger("qwen_allinone.worker")
 #: Tokens per llama_decode call (llama.cpp splits it into micro-batches of N_UBATCH).
 N_BATCH = 2048
 N_UBATCH = 512
-#: Sequence ids kept for the fixed prompt prefixes (one per label set, one for the reply).
-PREFIX_SEQUENCES = 8
+#: Sequence ids kept for the fixed prompt prefixes (one per label set, one per reply mood and language).
+PREFIX_SEQUENCES = 12
 #: Key/value cache entries in llama.cpp's q8_0 (blocks of 32 int8 values and a float16 scale):
 #: half of float16's memory (48 MB less RSS for the 0.5B model's 8,192 tokens), at the same decode
 #: speed, and 0.826 against 0.830 sentiment accuracy on 1,000 dev reviews (BENCHMARKS.md). A quantized

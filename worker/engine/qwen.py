@@ -39,7 +39,9 @@ from worker.prompts import (
     DEFAULT_POSITIVE_THRESHOLD,
     DEFAULT_REPLY_PROMPT,
     MOODS,
+    REPLY_LANGUAGES,
     REPLY_PROMPTS,
+    reply_language,
     reply_prefix_messages,
 )
 
@@ -90,20 +92,21 @@ class QwenEngine:
             self.classifiers[adapter.labels] = adapter.classifier
         self.classifier_prefixes = {name: self._prefix(system, self._adapter_for(name))
                                     for name, system in systems.items()}
-        #: mood -> the reply prompt's cached prefix (moods whose prompts are the same share one).
+        #: (mood, language) -> the reply prompt's cached prefix (keys whose prompts are the same share one).
         by_text = {json.dumps(messages): self._prefix(messages) for messages in replies}
-        self.reply_prefixes = {mood: by_text[json.dumps(reply_prefix_messages(mood, reply_variant))]
-                               for mood in MOODS}
+        self.reply_prefixes = {(mood, lang): by_text[json.dumps(reply_prefix_messages(mood, lang, reply_variant))]
+                               for mood in MOODS for lang in REPLY_LANGUAGES}
 
     @staticmethod
     def prefix_systems(chat: ChatFormat, prompt_variant: str,
                        reply_variant: str = DEFAULT_REPLY_PROMPT
                        ) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
         """The fixed prefixes' messages: the classifier's, one per label set (in LABEL_SETS order), and the
-        distinct reply prefixes (one per mood, or fewer when moods share one)."""
+        distinct reply prefixes (one per mood and language, or fewer where they share one)."""
         classifier = [chat.classifier_messages("x", name, prompt_variant)[:1] for name in LABEL_SETS]
         replies = {json.dumps(messages): messages
-                   for messages in (reply_prefix_messages(mood, reply_variant) for mood in MOODS)}
+                   for messages in (reply_prefix_messages(mood, lang, reply_variant)
+                                    for mood in MOODS for lang in REPLY_LANGUAGES)}
         return classifier, list(replies.values())
 
     @classmethod
@@ -297,10 +300,15 @@ class QwenEngine:
         """A session of up to ``rows`` replies that join and leave between decoding steps (session.py)."""
         return ReplySession(self, rows, history_max_tokens=history_max_tokens)
 
+    def reply_prefix_for(self, text: str, mood: str) -> PromptPrefix:
+        """The cached prefix a reply to ``text`` in ``mood`` starts with."""
+        return self.reply_prefixes[mood, reply_language(text)]
+
     def reply_prompt(self, text: str, history: list[tuple[str, str]], mood: str = "neutral") -> list[int]:
-        messages = self.chat.reply_messages(text, history, reply_prefix_messages(mood, self.reply_variant))
+        lang = reply_language(text)
+        messages = self.chat.reply_messages(text, history, reply_prefix_messages(mood, lang, self.reply_variant))
         input_ids = self.chat.encode_chat(messages)
-        prefix = self.reply_prefixes[mood]
+        prefix = self.reply_prefix_for(text, mood)
         assert tuple(input_ids[: len(prefix.ids)]) == prefix.ids
         return input_ids
 

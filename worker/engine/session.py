@@ -78,7 +78,7 @@ class ReplySession:
         ValueError if it could never fit, even in an empty session.
         """
         history = self.engine.chat.fit_history(request.history, self.history_max_tokens)
-        prefix = self.engine.reply_prefixes[request.mood]
+        prefix = self.engine.reply_prefix_for(request.text, request.mood)
         prompt = self.engine.reply_prompt(request.text, history, request.mood)
         rest = prompt[len(prefix.ids):]
         max_new = request.max_new_tokens

@@ -1,0 +1,88 @@
+"""What the reply's instructions and repetition control cost: reply time per configuration, in one run.
+
+    python -m worker.bench replies --model FILE.gguf|DIR --configs original:1.0,mood-examples
+
+A configuration is ``REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM]]`` (an empty or missing
+penalty: the default). One engine is loaded; each configuration's prompts are built over it in turn,
+and the rounds alternate between configurations so that drift on a shared machine hits them alike.
+Every reply has a fixed length (stop tokens ignored), so the figures compare the cost of a token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+from producer.reply_eval import SHIPPED_PROMPTS
+from producer.reply_scores import read_prompts
+
+ROWS = 8
+TOKENS = 45
+
+
+def _engine_for(base, config: str):
+    """A QwenEngine over ``base``'s model with ``config``'s prompts and sampler; ``base``'s prefixes are
+    handed back first (llama.cpp has a fixed number of sequence ids)."""
+    from worker.engine.qwen import QwenEngine
+
+    variant, penalty, ngram = (config.split(":") + ["", ""])[:3]
+    for prefix in {id(p): p for p in [*base.reply_prefixes.values(), *base.classifier_prefixes.values()]}.values():
+        prefix.sequences.release()
+    sampler = base.sampler
+    if penalty:
+        sampler = dataclasses.replace(sampler, repetition_penalty=None if float(penalty) == 1.0 else float(penalty))
+    sampler = dataclasses.replace(sampler, no_repeat_ngram=int(ngram or 0))
+    return QwenEngine(base.model, base.chat, base.model_id, base.dtype_name, sampler,
+                      prompt_variant=base.prompt_variant, reply_variant=variant or "original")
+
+
+def measure(model: str, engine_name: str, configs: list[str], dtype: str, threads: int, rounds: int
+            ) -> dict[str, list[float]]:
+    """Config -> reply ms of each round (ROWS replies of TOKENS tokens together)."""
+    from worker.engine import ReplyRequest, load_engine
+    from worker.model_source import resolve_model_source
+    from worker.prompts import reply_mood
+
+    engine = load_engine(resolve_model_source(model), dtype, threads, engine=engine_name,
+                         kv_cache_tokens=ROWS * 1024, max_rows=ROWS)
+    texts = [item["text"] for item in read_prompts(SHIPPED_PROMPTS) if item["kind"] == "review"][:ROWS]
+    moods = [reply_mood("zh", s.label, s.confidence) for s in engine.classify_batch([(t, "zh") for t in texts])]
+    times: dict[str, list[float]] = {config: [] for config in configs}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for config in configs:
+            engine = _engine_for(engine, config)
+            requests = [ReplyRequest(t, max_new_tokens=TOKENS, min_new_tokens=TOKENS, mood=m)
+                        for t, m in zip(texts, moods)]
+            started = time.perf_counter()
+            engine.reply_batch(requests, history_max_tokens=0)
+            times[config].append(1000 * (time.perf_counter() - started))
+    return {config: ms[1:] for config, ms in times.items()}
+
+
+def format_times(times: dict[str, list[float]]) -> str:
+    first = statistics.median(next(iter(times.values())))
+    lines = [f"| configuration | reply ms ({ROWS} x {TOKENS} tokens), median | vs first |", "|---|---|---|"]
+    for config, ms in times.items():
+        lines.append(f"| {config} | {statistics.median(ms):.0f} | {statistics.median(ms) / first:.3f} |")
+    return "\n".join(lines)
+
+
+def add_parser(sub, machine_line, default_threads: int) -> None:
+    def run(args: argparse.Namespace) -> int:
+        times = measure(args.model, args.engine, args.configs.split(","), args.dtype, args.threads, args.rounds)
+        print(f"\nreply time per configuration, ENGINE={args.engine}, {args.rounds} rounds alternating; "
+              f"{machine_line()}, {args.threads} threads\n")
+        print(format_times(times))
+        return 0
+
+    p = sub.add_parser("replies", help="reply time per REPLY_PROMPT and repetition control, side by side")
+    p.add_argument("--model", required=True, help="model folder or .gguf file")
+    p.add_argument("--engine", choices=("auto", "torch", "llama.cpp"), default="auto")
+    p.add_argument("--configs", default="original:1.0,mood-examples",
+                   help="comma-separated REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM]]")
+    p.add_argument("--dtype", default="int8")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=default_threads)
+    p.set_defaults(func=run)
