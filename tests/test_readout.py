@@ -177,3 +177,15 @@ def test_an_adapter_made_for_something_else_stops_both_engines_with_one_line(
 
             require_llama_cpp()
             load_engine(resolve_model_source(str(model)), "float32", 1, engine=engine, adapter=load_adapter(path))
+
+
+def test_llama_cpp_reads_the_final_hidden_states_back_from_the_logits(tiny_model_dir, tiny_gguf):
+    """No embeddings mode (it would make every prompt token an output): h = (W^T W)^-1 W^T logits."""
+    from worker.engine import load_engine
+
+    require_llama_cpp()
+    texts = ["送餐太慢了", "很好吃，推荐！", "The staff were rude."]
+    states = [load_engine(resolve_model_source(str(model)), "float32", 1, engine=engine).classifier_states(texts, "zh")[0]
+              for model, engine in ((tiny_model_dir, "torch"), (tiny_gguf, "llama.cpp"))]
+    assert states[0].shape == states[1].shape == (3, 64)
+    assert np.abs(states[0] - states[1]).max() < 0.02 * np.abs(states[0]).max()

@@ -110,7 +110,7 @@ def train_readout(args: argparse.Namespace, files: dict[Path, list[Row]], source
         return 2
     engine = load_engine(source, args.dtype, args.threads or available_cores(), engine=args.engine,
                          prompt_variant=args.prompt,
-                         hands_out_states=True, kv_cache_tokens=16 * 1024, max_rows=CHUNK)
+                         kv_cache_tokens=16 * 1024, max_rows=CHUNK)
     rows = train + kept
     manifest = _manifest_base(engine, args)
     key = hashlib.sha256(json.dumps([[r.text for r in rows], manifest, engine.info().name,

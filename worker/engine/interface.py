@@ -77,7 +77,7 @@ class PassOutput(Protocol):
 
     def states(self) -> Any:
         """(segments, hidden) float32 NumPy final hidden states (after the last norm): what a readout
-        classifier adapter reads. llama.cpp gives them only when its model was loaded for a readout."""
+        classifier adapter is trained on."""
 
     def logits(self, segments: Sequence[int] | None = None) -> Any:
         """(segments, vocabulary) float32 NumPy logits, to pick each segment's next token; of the
@@ -118,6 +118,10 @@ class SequenceModel(Protocol):
         """``rows`` empty sequences of ``capacity`` tokens each (``ensure_capacity`` makes room for more)."""
 
     def info(self) -> EngineInfo: ...
+
+    def prepare_readout(self, weight: Any) -> Callable[[PassOutput], Any]:
+        """A function of a pass's output giving (segments, labels) = final hidden states @ ``weight``.T,
+        for a readout adapter's (labels, hidden) weight, computed however this model does it cheapest."""
 
     def identity(self) -> dict[str, Any]:
         """Architecture, sizes and a fingerprint of the weights: what an adapter must have been trained on."""

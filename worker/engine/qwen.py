@@ -86,6 +86,9 @@ class QwenEngine:
         self.adapter = adapter
         if adapter is not None:
             self._check_adapter(adapter, systems)
+        #: A readout adapter's product with a pass's final hidden states, as this model computes it.
+        self._readout = (model.prepare_readout(adapter.readout()[0])
+                         if adapter is not None and not adapter.changes_the_pass else None)
         #: label set -> what decides it: ``prompt:<variant>``, or the adapter trained for that set.
         self.classifiers = {name: f"prompt:{prompt_variant}" for name in LABEL_SETS}
         if adapter is not None:
@@ -115,15 +118,13 @@ class QwenEngine:
         """Load MODEL on ``engine`` ("torch" or "llama.cpp"); ``options`` (prompt_variant, reply_variant,
         positive_threshold, adapter) go to the constructor, ``repetition`` to the sampler. llama.cpp's one context holds ``kv_cache_tokens``
         for up to ``max_rows`` rows at once; the torch engine sizes a cache per batch instead."""
-        hands_out_states = options.pop("hands_out_states", False)  # the torch engine always can
         if engine == "llama.cpp":
             from worker.engine.llama_model import load_llama_engine
 
             if options.get("adapter") is not None and options["adapter"].changes_the_pass:
                 raise ModelLoadError(ADAPTER_NEEDS_TORCH)
 
-            return load_llama_engine(cls, source, threads, kv_cache_tokens, max_rows,
-                                     hands_out_states=hands_out_states, **options)
+            return load_llama_engine(cls, source, threads, kv_cache_tokens, max_rows, **options)
         from worker.engine.torch_model import load_model, release_freed_memory
 
         hf_model, tokenizer = load_model(source, dtype, threads)
@@ -216,10 +217,8 @@ class QwenEngine:
     def label_scores(self, output: PassOutput, label_set: str) -> np.ndarray:
         """(segments, labels) scores of a sentiment pass: the label words' logits, or a readout adapter's
         product with the final hidden states."""
-        adapter = self._adapter_for(label_set)
-        if adapter is not None and not adapter.changes_the_pass:
-            weight, bias = adapter.readout()                          # (labels, hidden), (labels,)
-            return output.states() @ weight.T + bias                  # (segments, labels)
+        if self._readout is not None and self.adapter.labels == label_set:
+            return self._readout(output) + self.adapter.readout()[1]  # (segments, labels)
         return np.asarray(output.scores(self.chat.label_token_ids[label_set]))
 
     def classifier_states(self, texts: Sequence[str], label_set: str, rows: int = 16

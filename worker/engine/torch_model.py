@@ -19,6 +19,7 @@ from pathlib import Path
 # would otherwise land in the worker log, one warning line per update.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
@@ -121,6 +122,10 @@ class TorchSequenceModel:
 
     def identity(self) -> dict:
         return model_identity(self.decoder)
+
+    def prepare_readout(self, weight: np.ndarray):
+        """``SequenceModel.prepare_readout``: on the final hidden states a pass computes anyway."""
+        return lambda output: output.states() @ weight.T                          # (segments, labels)
 
     def lora_deltas(self, adapter: ClassifierAdapter) -> LoraDeltas:
         """A LoRA adapter's (a, b) per layer and projection as float32 tensors, checked against the weights."""
