@@ -238,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_cancel)
 
+    _add_eval_parsers(sub)
+    return parser
+
+
+def _add_eval_parsers(sub) -> None:
+    """``eval`` (labels) and ``eval-replies`` (replies): measurements through the queue."""
     p = sub.add_parser("eval", help="sentiment accuracy on a labelled CSV, through the queue")
     p.add_argument("file", help="CSV with a text column and a label column (1/0/2 or label words)")
     p.add_argument("--text-column", default="review")
@@ -260,7 +266,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="jobs in flight at once (default 8)")
     p.add_argument("--out", default="replies.jsonl", help="every reply with its scores (default replies.jsonl)")
     p.set_defaults(func=cmd_eval_replies)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,6 +140,23 @@ def test_eval_command_runs_every_row_through_the_queue(worker, cli, tmp_path):
     worker.wait_for_log(f"job={body['rows'][0]['job_id']} status=succeeded", timeout=10)
 
 
+def test_eval_replies_scores_every_prompt_through_the_queue(worker, cli, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    items = [{"id": "r1", "kind": "review", "lang": "zh", "text": "送餐太慢了，菜都凉了", "polarity": "negative"},
+             {"id": "q1", "kind": "request", "lang": "en", "text": "Write a short note to my manager.",
+              "polarity": None}]
+    prompts.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
+    out = tmp_path / "replies.jsonl"
+    result = cli("eval-replies", str(prompts), "--max-new-tokens", "6", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "2 prompts at temperature 0; failed jobs 0" in result.stdout
+    assert result.stdout.splitlines()[0].split()[:3] == ["kind", "n", "usable"]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["id"] for row in rows] == ["r1", "q1"]
+    assert all(row["status"] == "succeeded" and row["job_id"] and row["stop_reason"] in ("eos", "length")
+               and row["label"] in LABEL_SETS[row["lang"]] for row in rows)
+
+
 def test_the_cli_submits_in_a_lane_and_cancels(worker, make_client, cli):
     submitted = cli("submit", "一般般吧", "--priority", "bulk", "--max-new-tokens", "4")
     job_id = submitted.stdout.strip()

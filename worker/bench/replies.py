@@ -1,6 +1,11 @@
-"""What the reply's instructions and repetition control cost: reply time per configuration, in one run.
+"""What the reply's instructions and repetition control cost and give, per configuration, in one run.
 
     python -m worker.bench replies --model FILE.gguf|DIR --configs original:1.0,mood-examples
+    python -m worker.bench replies --model FILE.gguf|DIR --configs ... --score [--temperature 0]
+
+Without ``--score``: reply time. With it: the shipped prompt set through the engine (no queue), scored as
+``qwen-allinone eval-replies`` scores it: the quick way to compare variants before measuring the chosen
+one through the queue.
 
 A configuration is ``REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM]]`` (an empty or missing
 penalty: the default). One engine is loaded; each configuration's prompts are built over it in turn,
@@ -22,15 +27,16 @@ ROWS = 8
 TOKENS = 45
 
 
-def _engine_for(base, config: str):
-    """A QwenEngine over ``base``'s model with ``config``'s prompts and sampler; ``base``'s prefixes are
-    handed back first (llama.cpp has a fixed number of sequence ids)."""
+def _engine_for(base, config: str, default_sampler):
+    """A QwenEngine over ``base``'s model with ``config``'s prompts and sampler (``default_sampler``, the
+    loaded engine's, with the config's penalty); ``base``'s prefixes are handed back first (llama.cpp has
+    a fixed number of sequence ids)."""
     from worker.engine.qwen import QwenEngine
 
     variant, penalty, ngram = (config.split(":") + ["", ""])[:3]
     for prefix in {id(p): p for p in [*base.reply_prefixes.values(), *base.classifier_prefixes.values()]}.values():
         prefix.sequences.release()
-    sampler = base.sampler
+    sampler = default_sampler
     if penalty:
         sampler = dataclasses.replace(sampler, repetition_penalty=None if float(penalty) == 1.0 else float(penalty))
     sampler = dataclasses.replace(sampler, no_repeat_ngram=int(ngram or 0))
@@ -50,15 +56,41 @@ def measure(model: str, engine_name: str, configs: list[str], dtype: str, thread
     texts = [item["text"] for item in read_prompts(SHIPPED_PROMPTS) if item["kind"] == "review"][:ROWS]
     moods = [reply_mood("zh", s.label, s.confidence) for s in engine.classify_batch([(t, "zh") for t in texts])]
     times: dict[str, list[float]] = {config: [] for config in configs}
+    default_sampler = engine.sampler
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for config in configs:
-            engine = _engine_for(engine, config)
+            engine = _engine_for(engine, config, default_sampler)
             requests = [ReplyRequest(t, max_new_tokens=TOKENS, min_new_tokens=TOKENS, mood=m)
                         for t, m in zip(texts, moods)]
             started = time.perf_counter()
             engine.reply_batch(requests, history_max_tokens=0)
             times[config].append(1000 * (time.perf_counter() - started))
     return {config: ms[1:] for config, ms in times.items()}
+
+
+def score(model: str, engine_name: str, configs: list[str], dtype: str, threads: int, temperature: float
+          ) -> dict[str, str]:
+    """Config -> the eval-replies tables of the shipped prompt set, replies of up to 128 tokens."""
+    from producer.reply_scores import format_tables, per_kind, score_reply, summarize
+    from worker.engine import ReplyRequest, load_engine
+    from worker.model_source import resolve_model_source
+    from worker.prompts import reply_mood
+
+    engine = load_engine(resolve_model_source(model), dtype, threads, engine=engine_name,
+                         kv_cache_tokens=ROWS * 1024, max_rows=ROWS)
+    items = read_prompts(SHIPPED_PROMPTS)
+    labels = engine.classify_batch([(item["text"], item["lang"]) for item in items])
+    tables = {}
+    default_sampler = engine.sampler
+    for config in configs:
+        engine = _engine_for(engine, config, default_sampler)
+        requests = [ReplyRequest(item["text"], max_new_tokens=128, temperature=temperature,
+                                 mood=reply_mood(item["lang"], label.label, label.confidence))
+                    for item, label in zip(items, labels)]
+        results = engine.reply_batch(requests, history_max_tokens=0)
+        scores = [score_reply(item, r.text, r.stop_reason.value) for item, r in zip(items, results)]
+        tables[config] = format_tables(summarize(scores), per_kind(scores))
+    return tables
 
 
 def format_times(times: dict[str, list[float]]) -> str:
@@ -71,7 +103,15 @@ def format_times(times: dict[str, list[float]]) -> str:
 
 def add_parser(sub, machine_line, default_threads: int) -> None:
     def run(args: argparse.Namespace) -> int:
-        times = measure(args.model, args.engine, args.configs.split(","), args.dtype, args.threads, args.rounds)
+        configs = args.configs.split(",")
+        if args.score:
+            print(f"\nreplies to the shipped prompt set per configuration, ENGINE={args.engine}, temperature "
+                  f"{args.temperature:g}; {machine_line()}, {args.threads} threads")
+            for config, table in score(args.model, args.engine, configs, args.dtype, args.threads,
+                                       args.temperature).items():
+                print(f"\n{config}\n{table}")
+            return 0
+        times = measure(args.model, args.engine, configs, args.dtype, args.threads, args.rounds)
         print(f"\nreply time per configuration, ENGINE={args.engine}, {args.rounds} rounds alternating; "
               f"{machine_line()}, {args.threads} threads\n")
         print(format_times(times))
@@ -84,5 +124,7 @@ def add_parser(sub, machine_line, default_threads: int) -> None:
                    help="comma-separated REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM]]")
     p.add_argument("--dtype", default="int8")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--score", action="store_true", help="score replies to the shipped prompt set instead of timing")
+    p.add_argument("--temperature", type=float, default=0.0, help="with --score (default 0: greedy)")
     p.add_argument("--threads", type=int, default=default_threads)
     p.set_defaults(func=run)
