@@ -94,17 +94,30 @@ def balanced_sample(rows: list[Row], n: int, seed: int = 0) -> list[Row]:
     return sample
 
 
+def in_threads(items: list, work, concurrency: int, desc: str, unit: str) -> list:
+    """``work(item)`` for every item on ``concurrency`` threads, with a progress bar; results in order."""
+    progress = tqdm(total=len(items), desc=desc, unit=unit)
+    lock = threading.Lock()
+
+    def one(item):
+        result = work(item)
+        with lock:
+            progress.update()
+        return result
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(one, items))
+    progress.close()
+    return results
+
+
 def run_eval(client: Client, rows: list[Row], labels: str, concurrency: int = 1, reply_tokens: int = 1,
              timeout: float = 600) -> list[Prediction]:
     words = LABEL_SETS[labels]
     if max(row.gold for row in rows) >= len(words):
         raise ValueError(f"the data has neutral rows but labels={labels!r} has no neutral label")
-    results: list[Prediction | None] = [None] * len(rows)
-    progress = tqdm(total=len(rows), desc="eval", unit="row")
-    lock = threading.Lock()
 
-    def one(index: int) -> None:
-        row = rows[index]
+    def one(row: Row) -> Prediction:
         job_id = None
         try:
             # Bulk: an evaluation run never holds up interactive users.
@@ -112,31 +125,22 @@ def run_eval(client: Client, rows: list[Row], labels: str, concurrency: int = 1,
                                    priority="bulk")
             record = client.wait(job_id, timeout=timeout)
         except ProducerError as err:  # QueueFull, WaitTimeout, ...: this row fails, the eval goes on
-            results[index] = Prediction(text=row.text, gold=words[row.gold], predicted=None, confidence=None,
-                                        p_positive=None, status=type(err).__name__, sentiment_ms=None,
-                                        total_ms=None, job_id=job_id)
-            with lock:
-                progress.update()
-            return
+            return Prediction(text=row.text, gold=words[row.gold], predicted=None, confidence=None,
+                              p_positive=None, status=type(err).__name__, sentiment_ms=None,
+                              total_ms=None, job_id=job_id)
         sentiment = record.sentiment
         p_positive = None
         if sentiment and len(words) == 2:
             p_positive = sentiment.confidence if sentiment.label == words[0] else 1 - sentiment.confidence
-        results[index] = Prediction(
+        return Prediction(
             text=row.text, gold=words[row.gold], predicted=sentiment.label if sentiment else None,
             confidence=sentiment.confidence if sentiment else None, p_positive=p_positive,
             status=record.status.value, sentiment_ms=record.timings.sentiment_ms,
             total_ms=record.timings.total_ms, job_id=job_id,
             classifier=sentiment.classifier if sentiment else None,
         )
-        with lock:
-            progress.update()
 
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(one, i) for i in range(len(rows))]:
-            future.result()
-    progress.close()
-    return [r for r in results if r is not None]
+    return in_threads(rows, one, concurrency, "eval", "row")
 
 
 def summarize(predictions: list[Prediction], labels: str) -> dict:

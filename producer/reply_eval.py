@@ -10,16 +10,13 @@ with its scores, to a JSON-lines file for reading by hand. The shipped set is
 from __future__ import annotations
 
 import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from producer.client import Client
 from producer.errors import ProducerError
+from producer.evaluate import in_threads
 from producer.reply_scores import ReplyScore, score_reply
 
 #: The prompt set shipped with the package.
@@ -44,20 +41,8 @@ class ReplyRun:
 def run_reply_eval(client: Client, items: list[dict[str, Any]], *, temperature: float, max_new_tokens: int | None,
                    concurrency: int = 2, timeout: float = 600) -> list[ReplyRun]:
     """Every prompt through the queue (bulk lane), in the order given; a failed job scores as an empty reply."""
-    results: list[ReplyRun | None] = [None] * len(items)
-    progress = tqdm(total=len(items), desc="eval-replies", unit="prompt")
-    lock = threading.Lock()
-
-    def one(index: int) -> None:
-        results[index] = _run_one(client, items[index], temperature, max_new_tokens, timeout)
-        with lock:
-            progress.update()
-
-    with ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(one, i) for i in range(len(items))]:
-            future.result()
-    progress.close()
-    return [r for r in results if r is not None]
+    return in_threads(items, lambda item: _run_one(client, item, temperature, max_new_tokens, timeout),
+                      concurrency, "eval-replies", "prompt")
 
 
 def _run_one(client: Client, item: dict[str, Any], temperature: float, max_new_tokens: int | None,
