@@ -175,14 +175,15 @@ class LlamaSequenceModel:
         return np.ctypeslib.as_array(pointer, shape=(self.vocabulary,))  # a view of llama.cpp's buffer
 
     def output_layer(self) -> OutputLayer:
-        """The GGUF file's output layer, read once (for a readout adapter)."""
+        """The GGUF file's output layer, read once and kept: for reading states pass after pass (the tuner)."""
         if self._output_layer is None:
             self._output_layer = OutputLayer(self.gguf_path)
         return self._output_layer
 
     def prepare_readout(self, weight: np.ndarray):
-        """``SequenceModel.prepare_readout``: on the logits, which every pass hands out anyway."""
-        on_logits = self.output_layer().readout_on_logits(weight)                 # (labels, vocabulary)
+        """``SequenceModel.prepare_readout``: on the logits, which every pass hands out anyway. The output
+        layer is read for this and let go (its pages mapped a second time cost 200 MB of RSS if kept)."""
+        on_logits = OutputLayer(self.gguf_path).readout_on_logits(weight)         # (labels, vocabulary)
         return lambda output: output.logits() @ on_logits.T                      # (segments, labels)
 
     def identity(self) -> dict:
