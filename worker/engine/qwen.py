@@ -171,16 +171,22 @@ class QwenEngine:
         """
         results, groups = self.classifier_prompts(items)
         for label_set, members in groups.items():
-            prefix = self.classifier_prefixes[label_set]
-            rests = [ids[len(prefix.ids):] for _, ids in members]
-            for wave in self._waves([len(rest) for rest in rests]):
-                with self._fork(prefix, len(wave), max(len(rests[i]) for i in wave)) as sequences:
-                    output = sequences.extend([(row, rests[i]) for row, i in enumerate(wave)])
-                    scores = self.label_scores(output, label_set)  # (wave, labels)
+            for wave, output in self._sentiment_passes(label_set, members):
+                scores = self.label_scores(output, label_set)  # (wave, labels)
                 for i, row_scores in zip(wave, scores):
                     index, ids = members[i]
                     results[index] = self.decide(row_scores, label_set, len(ids))
         return results
+
+    def _sentiment_passes(self, label_set: str, members: list[tuple[int, list[int]]]
+                          ) -> Iterator[tuple[list[int], PassOutput]]:
+        """(indexes into ``members``, the pass's output) for each pass over ``members``' classifier prompts:
+        forks of the label set's cached prefix, in waves that fit the model. Read each output before the next."""
+        prefix = self.classifier_prefixes[label_set]
+        rests = [ids[len(prefix.ids):] for _, ids in members]
+        for wave in self._waves([len(rest) for rest in rests]):
+            with self._fork(prefix, len(wave), max(len(rests[i]) for i in wave)) as sequences:
+                yield wave, sequences.extend([(row, rests[i]) for row, i in enumerate(wave)])
 
     def classifier_prompts(self, items: Sequence[tuple[str, str]]) -> tuple[
             list[SentimentResult | ValueError | None], dict[str, list[tuple[int, list[int]]]]]:
@@ -226,17 +232,13 @@ class QwenEngine:
         """((texts, hidden) final hidden states, (texts, labels) label-word scores) of the sentiment pass,
         as a job's pass computes them: what a readout adapter is trained on, and the prompt alone's
         scores beside it (worker/tune.py)."""
-        prefix = self.classifier_prefixes[label_set]
         label_ids = self.chat.label_token_ids[label_set]
         states, scores = [], []
         for start in range(0, len(texts), rows):
             _, groups = self.classifier_prompts([(text, label_set) for text in texts[start:start + rows]])
-            rests = [ids[len(prefix.ids):] for _, ids in groups[label_set]]
-            for wave in self._waves([len(rest) for rest in rests]):
-                with self._fork(prefix, len(wave), max(len(rests[i]) for i in wave)) as sequences:
-                    output = sequences.extend([(row, rests[i]) for row, i in enumerate(wave)])
-                    states.append(output.states())                     # (wave, hidden)
-                    scores.append(np.asarray(output.scores(label_ids)))  # (wave, labels)
+            for _, output in self._sentiment_passes(label_set, groups[label_set]):
+                states.append(output.states())                     # (wave, hidden)
+                scores.append(np.asarray(output.scores(label_ids)))  # (wave, labels)
         return np.concatenate(states), np.concatenate(scores)
 
     def decide(self, label_logits, label_set: str, prompt_tokens: int) -> SentimentResult:
