@@ -10,7 +10,8 @@ from producer.protocol import ErrorCode, JobStatus, new_job_id
 from tests.test_tasks import RecordingStore, message
 from worker.admission import RunningJob, admit
 from worker.batch import run_jobs
-from worker.engine import ReplyRequest, StopReason
+from tests.conftest import require_llama_cpp
+from worker.engine import ReplyRequest, StopReason, load_engine
 from worker.engine.qwen import QwenEngine
 from worker.model_source import resolve_model_source
 from worker.runtime import WorkerRuntime
@@ -72,6 +73,16 @@ def runtime(tiny_model_dir):
                                            partial_reply_interval_ms=0))
     runtime.engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1)
     runtime._store = RecordingStore()
+    return runtime
+
+
+@pytest.fixture(params=["torch", "llama.cpp"])
+def runtime_on(request, runtime, tiny_gguf):
+    """``runtime`` on each engine (llama.cpp runs the tiny model's GGUF file in 4 rows of 1,024 tokens)."""
+    if request.param == "llama.cpp":
+        require_llama_cpp()
+        runtime.engine = load_engine(resolve_model_source(str(tiny_gguf)), threads=1, engine="llama.cpp",
+                                     max_rows=4, kv_cache_tokens=4096)
     return runtime
 
 
@@ -311,13 +322,14 @@ def test_a_second_copy_of_a_job_the_batch_runs_is_dropped_not_run_beside_it(runt
     assert runtime.store.get(job_id).attempts == 1  # not admitted a second time
 
 
-def test_a_long_joiner_s_sentiment_is_read_between_the_running_rows_steps(runtime, monkeypatch):
+def test_a_long_joiner_s_sentiment_is_read_between_the_running_rows_steps(runtime_on, monkeypatch):
     from worker.batch import DecodingRows, _prepare_joiners, _prepare_replies
 
     import math
 
     from worker.engine.session import PREFILL_CHUNK_TOKENS
 
+    runtime = runtime_on
     engine, long_text = runtime.engine, "送餐太慢了，等了两个小时，菜都凉了，打电话也没人接。" * 70
     [running] = _admit_all(runtime, ["好吃"], options={"max_new_tokens": 8, "min_new_tokens": 8})
     with engine.open_replies(4, history_max_tokens=0) as session:
@@ -336,9 +348,10 @@ def test_a_long_joiner_s_sentiment_is_read_between_the_running_rows_steps(runtim
     assert joiner.record.sentiment.confidence == pytest.approx(engine.classify(long_text).confidence, abs=1e-4)
 
 
-def test_a_running_row_that_breaks_while_a_joiner_is_read_fails_the_batch_not_the_joiner(runtime, monkeypatch):
+def test_a_running_row_that_breaks_while_a_joiner_is_read_fails_the_batch_not_the_joiner(runtime_on, monkeypatch):
     from worker.batch import DecodingRows, _prepare_joiners, _prepare_replies, _RunningRowsFailed
 
+    runtime = runtime_on
     engine = runtime.engine
     [running] = _admit_all(runtime, ["好吃"], options={"max_new_tokens": 8, "min_new_tokens": 8})
     with engine.open_replies(4, history_max_tokens=0) as session:
@@ -355,3 +368,29 @@ def test_a_running_row_that_breaks_while_a_joiner_is_read_fails_the_batch_not_th
     # Not blamed on the joiner: the batch as a whole fails and run_jobs reruns its jobs one by one.
     assert isinstance(raised.value.__cause__, RuntimeError)
     assert not joiner.record.status.is_final
+
+
+def test_a_joiner_s_sentiment_waits_for_cache_the_running_rows_hold_and_then_is_read(tiny_gguf, runtime):
+    """llama.cpp's cache is one fixed pool: a joiner's prompt is read only into cells no running
+    reply has reserved, so it waits for rows to leave instead of failing the pass."""
+    from worker.batch import DecodingRows, _prepare_joiners, _prepare_replies
+
+    require_llama_cpp()
+    runtime.engine = engine = load_engine(resolve_model_source(str(tiny_gguf)), threads=1, engine="llama.cpp",
+                                          max_rows=4, kv_cache_tokens=512)
+    runtime.settings = runtime.settings.model_copy(update={"max_new_tokens": 300})
+    [running] = _admit_all(runtime, ["好吃"], options={"max_new_tokens": 300, "min_new_tokens": 300})
+    text = "送餐太慢了，等了两个小时，菜都凉了，打电话也没人接。" * 12  # more cells than the running row leaves free
+    with engine.open_replies(4, history_max_tokens=0) as session:
+        rows = DecodingRows(runtime, engine, session)
+        rows.start(_prepare_replies(runtime, engine, [running]))
+        held = session.reserved
+        [joiner] = _admit_all(runtime, [text])
+        prompt = engine.chat.encode_chat(engine.chat.classifier_messages(text, "zh", engine.prompt_variant))
+        need = len(prompt) - len(engine.classifier_prefixes["zh"].ids)
+        assert held + need > session.token_limit >= need  # it cannot be read beside the running row
+        [pending] = _prepare_joiners(runtime, engine, [joiner], rows)
+        assert len(session) == 0  # it was read once the running row had left
+    assert running.record.status is JobStatus.SUCCEEDED and running.record.tokens.generated_tokens == 300
+    assert joiner.record.tokens.sentiment_prompt_tokens == len(prompt)
+    assert joiner.record.sentiment.label == engine.classify(text).label and pending.job is joiner

@@ -194,7 +194,6 @@ def _decode(runtime: WorkerRuntime, engine: Engine, pending: list[PendingReply],
             joiners: Joiners | None) -> None:
     """Generate the replies in one session; while it runs, jobs that join get its free rows."""
     settings = runtime.settings
-    joiners = joiners if engine.joins_running_batches else None
     with engine.open_replies(settings.batch_max, history_max_tokens=settings.history_max_tokens) as session:
         rows = DecodingRows(runtime, engine, session)
         waiting = rows.start(pending)
@@ -220,7 +219,7 @@ def _prepare_joiners(runtime: WorkerRuntime, engine: Engine, joined: list[Runnin
     run again for a joiner's fault)."""
 
     def classify_between_steps(items):
-        with engine.classify_in_chunks(items, PREFILL_CHUNK_TOKENS) as sentiment:
+        with engine.classify_in_chunks(items, PREFILL_CHUNK_TOKENS, beside=rows.session) as sentiment:
             while not sentiment.advance():
                 try:
                     rows.step()

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from producer.protocol import ErrorCode, JobStatus
-from tests.conftest import BOTH_BROKERS, start_worker
+from tests.conftest import BOTH_BROKERS, require_llama_cpp, start_worker
 from tests.test_worker_faults import wait_for
 
 pytestmark = [pytest.mark.slow, BOTH_BROKERS]
@@ -141,7 +141,16 @@ def test_a_job_whose_deadline_passes_in_the_sentiment_pass_fails_alone(worker_en
     assert after.status is JobStatus.SUCCEEDED
 
 
-# --- continuous batching: jobs join a batch while it decodes ---
+# --- continuous batching: jobs join a batch while it decodes, on either engine ---
+
+
+@pytest.fixture(params=["torch", "llama.cpp"])
+def engine_env(request, worker_env, tiny_gguf) -> dict[str, str]:
+    """The worker's environment for the tiny model on each engine (llama.cpp runs its GGUF file)."""
+    if request.param == "torch":
+        return worker_env
+    require_llama_cpp()
+    return {**worker_env, "MODEL": str(tiny_gguf)}
 
 
 def _blocker_decoding(client, **options) -> str:
@@ -153,8 +162,8 @@ def _blocker_decoding(client, **options) -> str:
 
 @pytest.mark.parametrize("join_window_s", ["30", "0"], ids=["continuous", "static"])
 def test_a_job_submitted_while_a_batch_decodes_starts_before_that_batch_ends(
-        worker_env, tmp_path, make_client, figures, join_window_s):
-    env = {**worker_env, "JOIN_WINDOW_S": join_window_s}
+        engine_env, tmp_path, make_client, figures, join_window_s):
+    env = {**engine_env, "JOIN_WINDOW_S": join_window_s}
     worker = start_worker(FAULT_APP, tmp_path / "join.log", env, name=f"join{join_window_s}")
     client = make_client()
     try:
@@ -176,8 +185,8 @@ def test_a_job_submitted_while_a_batch_decodes_starts_before_that_batch_ends(
     assert second.batch_size == 2 and f"job={blocker} batch: joined by {joiner}" in worker.log()
 
 
-def test_a_worker_killed_with_rows_that_joined_mid_batch_loses_nothing(worker_env, tmp_path, make_client, figures):
-    env = {**worker_env, "JOB_TIMEOUT_S": "5", "TIME_LIMIT_GRACE_S": "1"}
+def test_a_worker_killed_with_rows_that_joined_mid_batch_loses_nothing(engine_env, tmp_path, make_client, figures):
+    env = {**engine_env, "JOB_TIMEOUT_S": "5", "TIME_LIMIT_GRACE_S": "1"}
 
     def submit(client):
         blocker = _blocker_decoding(client)
@@ -195,8 +204,8 @@ def test_a_worker_killed_with_rows_that_joined_mid_batch_loses_nothing(worker_en
     _assert_nothing_lost(records, final_lines, in_flight)
 
 
-def test_a_joiner_that_breaks_the_model_fails_alone_and_the_batch_goes_on(worker_env, tmp_path, make_client):
-    worker = start_worker(FAULT_APP, tmp_path / "joinfail.log", worker_env, name="joinfail")
+def test_a_joiner_that_breaks_the_model_fails_alone_and_the_batch_goes_on(engine_env, tmp_path, make_client):
+    worker = start_worker(FAULT_APP, tmp_path / "joinfail.log", engine_env, name="joinfail")
     client = make_client()
     try:
         blocker = _blocker_decoding(client)

@@ -105,7 +105,22 @@ def _install_hooks(**_):
     engine.classify_batch = faulty_classify_batch
     engine.classify_in_chunks = faulty_classify_in_chunks
     engine.open_replies = slow_open_replies
-    engine.model.decoder.register_forward_pre_hook(lambda *_: time.sleep(_delay_s) if _delay_s else None)
+    _slow_down_every_pass(engine.model)
+
+
+def _slow_down_every_pass(model) -> None:
+    """Every forward pass of the model sleeps ``_delay_s`` first, on either engine."""
+    if hasattr(model, "decoder"):  # torch
+        model.decoder.register_forward_pre_hook(lambda *_: time.sleep(_delay_s) if _delay_s else None)
+        return
+    decode = model.decode  # llama.cpp: one llama_decode per pass
+
+    def slow_decode(*args, **kwargs):
+        if _delay_s:
+            time.sleep(_delay_s)
+        return decode(*args, **kwargs)
+
+    model.decode = slow_decode
 
 
 __all__ = ["app"]

@@ -328,10 +328,10 @@ class Peer:
 def run_llama_peer(bin_dir, gguf, threads: int, load: Load, capacity_rpm: float | None) -> Peer:
     """llama-server with 8 slots: a one-token sentiment request, then the reply, per job (peers.py)."""
     from worker.bench.peers import LlamaServer, closed_loop, llama_build_line
-    from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, REPLY_SYSTEM_PROMPT, classifier_prompt
+    from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, classifier_prompt
 
     server = LlamaServer(bin_dir, gguf, threads, slots=8)
-    job = server.job(classifier_prompt("zh", DEFAULT_CLASSIFIER_PROMPT), REPLY_SYSTEM_PROMPT, load.reply_tokens)
+    job = server.job(classifier_prompt("zh", DEFAULT_CLASSIFIER_PROMPT), load.reply_tokens)
     try:
         job(load.texts[0])  # warm-up
         loops = [closed_loop(job, load.texts, c, load.c1_jobs if c == 1 else load.jobs_per_client * c)

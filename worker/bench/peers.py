@@ -8,7 +8,9 @@ on the client side (submit to final answer):
   with the torch engine on the GGUF's Hugging Face folder;
 - llama-server (``-np 8``): per job, a one-token completion of the classifier
   prompt with its token probabilities, then the chat reply with ``ignore_eos``
-  and a fixed length, the two requests a user's script would make.
+  and a fixed length, the two requests a user's script would make. The reply's
+  messages are this service's own (system, example turns, in the mood the
+  sentiment gave), so both do the same work.
 
 Engine figures (decode ms/token at batch 1 and 8, prefill) come from the
 engine in process for ours and from ``llama-batched-bench`` for llama.cpp.
@@ -135,8 +137,10 @@ class LlamaServer:
             time.sleep(0.1)
         raise RuntimeError(f"llama-server did not become healthy; see {self.log.name}")
 
-    def job(self, classifier_prompt: str, reply_system: str, reply_tokens: int) -> Callable[[str], None]:
-        """One job as a user's script runs it: a one-token sentiment with probabilities, then the reply."""
+    def job(self, classifier_prompt: str, reply_tokens: int) -> Callable[[str], None]:
+        """One job as a user's script runs it: a one-token sentiment with probabilities, then the reply
+        with the same prompt this service writes (its mood from that sentiment, its language from the text)."""
+        from worker.prompts import reply_language, reply_prefix_messages
 
         def run(text: str) -> None:
             prompt = (f"<|im_start|>system\n{classifier_prompt}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n"
@@ -145,8 +149,9 @@ class LlamaServer:
                                                       "temperature": 0, "cache_prompt": True})
             if not answer.get("completion_probabilities"):
                 raise RuntimeError("no token probabilities in the sentiment answer")
+            messages = reply_prefix_messages(_mood_of(answer), reply_language(text))
             reply = _post(f"{self.url}/v1/chat/completions", {
-                "messages": [{"role": "system", "content": reply_system}, {"role": "user", "content": text}],
+                "messages": [*messages, {"role": "user", "content": text}],
                 "max_tokens": reply_tokens, "ignore_eos": True, "temperature": 0.7})
             if reply["usage"]["completion_tokens"] != reply_tokens:
                 raise RuntimeError(f"reply of {reply['usage']['completion_tokens']} tokens, not {reply_tokens}")
@@ -160,6 +165,27 @@ class LlamaServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+def _mood_of(answer: dict) -> str:
+    """The reply's mood from llama-server's one-token sentiment answer, as this service decides it
+    (``reply_mood``): the label word's first token with its probability."""
+    import math
+
+    from producer.protocol import LABEL_SETS
+    from worker.prompts import MOOD_CONFIDENCE
+
+    try:
+        first = answer["completion_probabilities"][0]
+        top = (first.get("top_logprobs") or first.get("top_probs"))[0]
+        token = top["token"]
+        probability = top["prob"] if "prob" in top else math.exp(top["logprob"])
+    except (KeyError, IndexError, TypeError):
+        return "neutral"
+    for mood, word in zip(("positive", "negative"), LABEL_SETS["zh"]):
+        if token and word.startswith(token) and probability >= MOOD_CONFIDENCE:
+            return mood
+    return "neutral"
 
 
 def batched_bench(bin_dir: Path, gguf: Path, threads: int, prompt_tokens: int, new_tokens: int,
@@ -287,12 +313,12 @@ def measure_engine_in_process(config: PeersConfig, engine: OurEngine, subject: S
 
 
 def measure_llama_server(config: PeersConfig, texts: list[str]) -> tuple[Subject, str]:
-    from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, REPLY_SYSTEM_PROMPT, classifier_prompt
+    from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, classifier_prompt
 
     subject = Subject("llama-server -np 8")
     server = LlamaServer(config.llama_bin, config.gguf, config.threads)
     subject.start_s = server.start_s
-    job = server.job(classifier_prompt("zh", DEFAULT_CLASSIFIER_PROMPT), REPLY_SYSTEM_PROMPT, config.reply_tokens)
+    job = server.job(classifier_prompt("zh", DEFAULT_CLASSIFIER_PROMPT), config.reply_tokens)
     try:
         job(texts[0])  # warm-up
         with PeakRss(lambda: [server.process.pid]) as rss:

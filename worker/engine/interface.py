@@ -42,14 +42,14 @@ class Engine(Protocol):
     chat: ChatFormat
     #: label set -> why this model cannot answer it.
     unavailable_label_sets: dict[str, str]
-    #: Jobs may join a running decoding session (continuous batching).
-    joins_running_batches: bool
 
     def classify_batch(self, items: Sequence[tuple[str, str]]) -> list[SentimentResult | ValueError]:
         """(text, label set) pairs -> each one's sentiment, or a ValueError for a set it cannot answer."""
 
-    def classify_in_chunks(self, items: Sequence[tuple[str, str]], chunk_tokens: int) -> ChunkedSentiment:
-        """The same answers as ``classify_batch``, computed ``chunk_tokens`` prompt tokens per ``advance()``."""
+    def classify_in_chunks(self, items: Sequence[tuple[str, str]], chunk_tokens: int,
+                           beside: ReplySession | None = None) -> ChunkedSentiment:
+        """The same answers as ``classify_batch``, computed ``chunk_tokens`` prompt tokens per ``advance()``,
+        sharing the cache with ``beside`` (a running session whose steps run between the chunks)."""
 
     def reply_batch(self, requests: Sequence[ReplyRequest], *, history_max_tokens: int,
                     on_step: Callable[[list[list[int]]], Collection[int] | None] | None = None,

@@ -120,7 +120,7 @@ class LlamaSequenceModel:
         self.n_ctx = llama_cpp.llama_n_ctx(context)
         self.vocabulary = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
-        self._free_ids = list(range(max_rows + PREFIX_SEQUENCES))
+        self._free_ids = list(range(_sequence_ids(max_rows)))
         self._live: dict[int, LlamaSequences] = {}
         #: Rows one batch of forked sequences may have (the prefixes keep ids of their own).
         self.batch_row_limit = max_rows
@@ -200,6 +200,12 @@ class LlamaSequenceModel:
                           threads=self.threads, batch_invariant=False)
 
 
+def _sequence_ids(max_rows: int) -> int:
+    """Sequence ids of a context: a session's rows, as many for the sentiment of jobs joining it
+    (read beside its rows), and the prefixes'."""
+    return 2 * max_rows + PREFIX_SEQUENCES
+
+
 def _head_dim(model) -> int:
     return llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
 
@@ -270,7 +276,7 @@ def _new_context(model, source: ModelSource, threads: int, n_ctx: int, max_rows:
     params.kv_unified = True
     params.type_k = params.type_v = kv_cache_type(model)
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-    params.n_seq_max = max_rows + PREFIX_SEQUENCES
+    params.n_seq_max = _sequence_ids(max_rows)
     params.n_threads = params.n_threads_batch = threads
     context = llama_cpp.llama_init_from_model(model, params)
     if not context:

@@ -202,10 +202,11 @@ class QwenEngine:
             groups.setdefault(label_set, []).append((index, ids))
         return results, groups
 
-    def classify_in_chunks(self, items: Sequence[tuple[str, str]], chunk_tokens: int) -> ChunkedSentiment:
+    def classify_in_chunks(self, items: Sequence[tuple[str, str]], chunk_tokens: int,
+                           beside: ReplySession | None = None) -> ChunkedSentiment:
         """``classify_batch``'s answers, read ``chunk_tokens`` of the prompts per ``advance``
-        (chunked_sentiment.py): for jobs joining a running batch, between its decoding steps."""
-        return ChunkedSentiment(self, items, chunk_tokens)
+        (chunked_sentiment.py): for jobs joining ``beside``, a running session, between its decoding steps."""
+        return ChunkedSentiment(self, items, chunk_tokens, beside)
 
     def _classify_uncached(self, text: str, label_set: str) -> SentimentResult | ValueError:
         """The same decision without the prefix cache: the reference the cache is tested against."""
@@ -290,12 +291,6 @@ class QwenEngine:
             for index, result in run_to_end(session, list(requests), on_step):
                 results[index] = result
         return results  # type: ignore[return-value]  # every request ended
-
-    @property
-    def joins_running_batches(self) -> bool:
-        """Whether jobs may join a running session: their sentiment pass then runs beside its rows,
-        which llama.cpp's one fixed context has no room for (its batches stay static)."""
-        return self.model.batch_token_limit is None
 
     def open_replies(self, rows: int, *, history_max_tokens: int) -> ReplySession:
         """A session of up to ``rows`` replies that join and leave between decoding steps (session.py)."""

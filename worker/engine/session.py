@@ -127,6 +127,11 @@ class ReplySession:
     def reserved(self) -> int:
         return sum(reply.reserved for reply in self._replies.values())
 
+    @property
+    def free_tokens(self) -> int | None:
+        """Cache tokens of ``token_limit`` that no reply holds or has reserved (None: no bound)."""
+        return None if self.token_limit is None else self.token_limit - self.reserved
+
     def __len__(self) -> int:
         return len(self._replies)
 
