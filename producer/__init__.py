@@ -1,7 +1,7 @@
 """qwen-allinone producer: the light client and the job protocol (no torch here)."""
 
 from producer.client import Client
-from producer.errors import (
+from jobqueue.errors import (
     AlreadyFinal,
     BrokerUnavailable,
     InvalidRequest,
@@ -10,7 +10,7 @@ from producer.errors import (
     QueueFull,
     WaitTimeout,
 )
-from producer.protocol import JobRecord, JobStatus
+from jobqueue.protocol import JobRecord, JobStatus
 
 __all__ = [
     "AlreadyFinal",

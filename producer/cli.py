@@ -14,7 +14,7 @@ import sys
 from producer.client import Client
 from pydantic import ValidationError
 
-from producer.errors import (
+from jobqueue.errors import (
     AlreadyFinal,
     BrokerUnavailable,
     InvalidRequest,
@@ -23,7 +23,7 @@ from producer.errors import (
     QueueFull,
     WaitTimeout,
 )
-from producer.protocol import LABEL_SETS, JobRecord, JobStatus, describe_validation_error
+from jobqueue.protocol import LABEL_SETS, JobRecord, JobStatus, describe_validation_error
 
 EXIT_JOB_FAILED, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_UNAVAILABLE, EXIT_WAIT_TIMEOUT = 1, 2, 3, 4, 5
 EXIT_ALREADY_FINAL = 6

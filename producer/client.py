@@ -12,7 +12,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from producer.errors import (
+from jobqueue.errors import (
     AlreadyFinal,
     BrokerUnavailable,
     InvalidRequest,
@@ -20,7 +20,7 @@ from producer.errors import (
     UnreadableRecord,
     WaitTimeout,
 )
-from producer.protocol import (
+from jobqueue.protocol import (
     CELERY_WIRE_CONFIG,
     describe_validation_error,
     JobMessage,
@@ -31,10 +31,10 @@ from producer.protocol import (
     new_job_id,
     validation_problems,
 )
-from producer.settings import ProducerSettings
-from producer.metrics_store import JobMetrics
-from producer.store import JobStore, connect_redis
-from worker.queue.brokers import broker_for, celery_broker_config
+from jobqueue.settings import QueueSettings
+from jobqueue.metrics_store import JobMetrics
+from jobqueue.store import JobStore, connect_redis
+from jobqueue.queue.brokers import broker_for, celery_broker_config
 
 
 class Client:
@@ -50,10 +50,10 @@ class Client:
         self,
         redis_url: str | None = None,
         *,
-        settings: ProducerSettings | None = None,
+        settings: QueueSettings | None = None,
         redis_client: redis.Redis | None = None,
     ):
-        settings = settings or ProducerSettings()
+        settings = settings or QueueSettings()
         if redis_url is not None:
             settings = settings.model_copy(update={"redis_url": redis_url})
         self.settings = settings
@@ -103,8 +103,8 @@ class Client:
         A ``callback_url`` (its host in CALLBACK_ALLOWED_HOSTS) gets the final record POSTed
         by a gateway (producer.api.callbacks).
         The record, the message and the conversation's pending turn are written
-        in one atomic step (``worker.queue.submission``): all or nothing. With the queue
-        in RabbitMQ, the record first and then the message (``worker.queue.amqp``).
+        in one atomic step (``jobqueue.queue.submission``): all or nothing. With the queue
+        in RabbitMQ, the record first and then the message (``jobqueue.queue.amqp``).
         Raises InvalidRequest (bad input) or QueueFull (MAX_QUEUE jobs waiting)
         with nothing written, and BrokerUnavailable when Redis or the broker cannot be reached.
         """

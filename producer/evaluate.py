@@ -21,8 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from producer.client import Client
-from producer.errors import ProducerError
-from producer.protocol import LABEL_SETS, JobStatus
+from jobqueue.errors import ProducerError
+from jobqueue.protocol import LABEL_SETS, JobStatus
 
 # Values of the label column that mean positive / negative / neutral (or the label words themselves).
 _GOLD_ALIASES = (

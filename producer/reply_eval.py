@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from producer.client import Client
-from producer.errors import ProducerError
+from jobqueue.errors import ProducerError
 from producer.evaluate import in_threads
 from producer.reply_scores import ReplyScore, score_reply
 

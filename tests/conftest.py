@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from producer.client import Client
-from producer.settings import ProducerSettings
+from jobqueue.settings import QueueSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -106,7 +106,7 @@ def redis_client(redis_url):
 
 def require_llama_cpp() -> None:
     """Skip a llama.cpp test where the [llama] extra is not installed; CI (REQUIRE_LLAMA_CPP=1) fails instead."""
-    from worker.model_source import llama_cpp_installed
+    from worker.engine.model_source import llama_cpp_installed
 
     if not llama_cpp_installed():
         message = "llama-cpp-python is not installed (pip install -e '.[llama]')"
@@ -167,11 +167,11 @@ BOTH_BROKERS = pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect
 
 @pytest.fixture
 def make_client(redis_url, broker_url):
-    """Client factory; keyword arguments override ProducerSettings fields."""
+    """Client factory; keyword arguments override QueueSettings fields."""
     clients = []
 
     def make(**overrides) -> Client:
-        client = Client(settings=ProducerSettings(**{"redis_url": redis_url, "broker_url": broker_url, **overrides}))
+        client = Client(settings=QueueSettings(**{"redis_url": redis_url, "broker_url": broker_url, **overrides}))
         clients.append(client)
         return client
 
@@ -185,7 +185,7 @@ def raw_sender(redis_url):
     """A Celery app that sends anything straight into the queue, bypassing the client's validation."""
     from celery import Celery
 
-    from producer.protocol import CELERY_WIRE_CONFIG
+    from jobqueue.protocol import CELERY_WIRE_CONFIG
 
     app = Celery("raw-sender", broker=redis_url, set_as_current=False)
     app.conf.update(CELERY_WIRE_CONFIG)

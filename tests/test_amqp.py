@@ -12,14 +12,14 @@ import pytest
 from kombu import Connection, Exchange, Producer
 from kombu.exceptions import OperationalError
 
-from producer.errors import QueueFull
-from producer.protocol import OPEN_JOBS_KEY, QUEUE_NAME, UNSENT_JOBS_KEY, JobStatus, job_key
-from producer.store import JobStore
+from jobqueue.errors import QueueFull
+from jobqueue.protocol import OPEN_JOBS_KEY, QUEUE_NAME, UNSENT_JOBS_KEY, JobStatus, job_key
+from jobqueue.store import JobStore
 from tests.conftest import start_worker
 from tests.support.rabbitmq import delete_job_queue, queue_depth
 from tests.test_worker_faults import wait_for
-from worker.queue import amqp
-from worker.queue.reconciler import Reconciler
+from jobqueue.queue import amqp
+from jobqueue.queue.reconciler import Reconciler
 
 pytestmark = pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True, scope="module")
 
@@ -149,8 +149,8 @@ def test_the_job_record_is_written_before_the_message(empty_queue, make_client, 
 
 
 def test_rabbitmq_down_refuses_the_job_and_writes_nothing(make_client, redis_client, redis_url):
-    from producer.errors import BrokerUnavailable
-    from producer.settings import ProducerSettings
+    from jobqueue.errors import BrokerUnavailable
+    from jobqueue.settings import QueueSettings
 
     redis_client.delete(OPEN_JOBS_KEY, UNSENT_JOBS_KEY)
     nobody = "amqp://guest:guest@127.0.0.1:1//"  # nothing listens there
@@ -160,11 +160,11 @@ def test_rabbitmq_down_refuses_the_job_and_writes_nothing(make_client, redis_cli
     with pytest.raises(BrokerUnavailable):
         client.queue_depth()
     assert redis_client.zcard(OPEN_JOBS_KEY) == 0 and redis_client.zcard(UNSENT_JOBS_KEY) == 0
-    assert ProducerSettings(redis_url=redis_url, broker_url=nobody).broker_kind == "amqp"
+    assert QueueSettings(redis_url=redis_url, broker_url=nobody).broker_kind == "amqp"
 
 
 def _intake(client):
-    from worker.queue.brokers import intake_for
+    from jobqueue.queue.brokers import intake_for
 
     return intake_for(client._celery, client.settings, heartbeat_s=10)
 

@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from producer.protocol import ErrorCode, JobStatus, new_job_id
+from jobqueue.protocol import ErrorCode, JobStatus, new_job_id
 from tests.test_tasks import RecordingStore, message
 from worker.admission import RunningJob, admit
 from worker.batch import run_jobs
 from tests.conftest import require_llama_cpp
 from worker.engine import ReplyRequest, StopReason, load_engine
 from worker.engine.qwen import QwenEngine
-from worker.model_source import resolve_model_source
+from worker.engine.model_source import resolve_model_source
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 from worker.tasks import run, run_batch
@@ -283,7 +283,7 @@ def test_a_text_with_a_flagged_term_gets_no_generated_reply(runtime, monkeypatch
 
 
 def test_a_cache_entry_that_does_not_decode_is_a_miss(runtime):
-    from producer.protocol import cache_key
+    from jobqueue.protocol import cache_key
 
     runtime.settings.cache_ttl_s = 60
     runtime._cache = None
@@ -307,7 +307,7 @@ class _FakeMessage:
 
 def test_a_second_copy_of_a_job_the_batch_runs_is_dropped_not_run_beside_it(runtime):
     from worker.joining import admit_taken
-    from worker.queue.intake import TakenJob
+    from jobqueue.queue.intake import TakenJob
 
     job_id, raw = new_job_id(), message("好吃")
     assert isinstance(admit(runtime, job_id, raw, set(), hostname="w1"), RunningJob)

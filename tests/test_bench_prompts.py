@@ -6,8 +6,8 @@ from producer.evaluate import Row
 from worker.bench.prompts import WORD_PAIRS, layouts, measure_prompts, p_positive
 from worker.engine.qwen import QwenEngine
 from worker.bench.wordscores import WordScorer
-from worker.model_source import resolve_model_source
-from worker.prompts import DEFAULT_CLASSIFIER_PROMPT
+from worker.engine.model_source import resolve_model_source
+from worker.engine.prompts import DEFAULT_CLASSIFIER_PROMPT
 
 TEXTS = ["送得很快，味道也好", "太难吃了，再也不点", "还行吧"]
 

@@ -16,9 +16,20 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=120)
 
 
+def test_the_layers_import_only_downward():
+    """pyproject.toml's import-linter contracts: jobqueue depends on neither side, the producer never
+    imports the worker, the engine nothing of the project outside worker/engine/."""
+    import shutil
+
+    lint = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+    assert lint, "import-linter is not installed (pip install -e '.[dev]')"
+    result = subprocess.run([lint, "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
 def test_producer_never_imports_torch():
     result = _run(
-        "import sys, producer, producer.cli, producer.client, producer.store, producer.protocol\n"
+        "import sys, producer, producer.cli, producer.client, jobqueue.store, jobqueue.protocol\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch imported'\n"
     )
     assert result.returncode == 0, result.stderr
@@ -55,15 +66,15 @@ def test_only_the_engine_and_the_benchmarks_import_torch():
     assert offenders == []
 
 
-#: What only worker/queue/ may touch: kombu's transport internals and Celery's worker pool.
+#: What only jobqueue/queue/ may touch: kombu's transport internals and Celery's worker pool.
 KOMBU_INTERNALS = ("kombu.transport", "kombu.message", "_q_for_pri", "unacked_key", "unacked_index_key",
                    "restore_unacked", "_brpop_read", "priority_steps", "_remove_from_indices", "QoS")
 
 
 def test_only_the_queue_package_touches_kombu_internals():
     offenders = []
-    for path in sorted((ROOT / "worker").rglob("*.py")) + sorted((ROOT / "producer").rglob("*.py")):
-        if path.parent.name == "queue" and path.parent.parent.name == "worker":
+    for path in sorted(p for package in ("worker", "producer", "jobqueue") for p in (ROOT / package).rglob("*.py")):
+        if path.parent == ROOT / "jobqueue" / "queue":
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             offenders += [f"{path.relative_to(ROOT)}:{number}: {word}" for word in KOMBU_INTERNALS if word in line]
@@ -89,7 +100,7 @@ def test_the_llama_cpp_engine_runs_without_torch_or_transformers(tiny_gguf):
     result = _run(
         "import sys\n"
         "from worker.engine import load_engine\n"
-        "from worker.model_source import resolve_model_source\n"
+        "from worker.engine.model_source import resolve_model_source\n"
         f"engine = load_engine(resolve_model_source({str(tiny_gguf)!r}), threads=1)\n"
         "assert engine.info().name == 'llama.cpp', engine.info()\n"
         "engine.classify('好吃')\n"
@@ -99,9 +110,22 @@ def test_the_llama_cpp_engine_runs_without_torch_or_transformers(tiny_gguf):
 
 
 def test_the_worker_refuses_kombu_versions_it_was_not_tested_with(monkeypatch):
-    import worker.queue as queue
+    import jobqueue.queue as queue
 
     assert queue.check_versions() is None  # what is installed is what was tested
     monkeypatch.setattr(queue, "version", lambda name: "5.8.1" if name == "kombu" else "5.7.0")
     problem = queue.check_versions()
     assert problem.startswith("kombu 5.8.1 installed") and "kombu 5.7.x" in problem
+
+
+def test_the_engine_contract_names_every_other_part_of_the_project():
+    """A module added beside worker/engine/ is forbidden to the engine too, not silently allowed."""
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    [engine] = [c for c in contracts if c["source_modules"] == ["worker.engine"]]
+    parts = {f"{package}.{path.stem}" for package in ("worker", "jobqueue") for path in (ROOT / package).iterdir()
+             if (path.suffix == ".py" or (path / "__init__.py").is_file()) and path.stem != "__init__"}
+    allowed = {"worker.engine", "jobqueue.labels"}
+    assert parts - allowed - set(engine["forbidden_modules"]) == set()
+    assert "producer" in engine["forbidden_modules"]

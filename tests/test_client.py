@@ -10,7 +10,7 @@ import fakeredis
 import pytest
 
 from producer import BrokerUnavailable, Client, InvalidRequest, JobNotFound, JobStatus, QueueFull, WaitTimeout
-from producer.protocol import (
+from jobqueue.protocol import (
     OPEN_JOBS_KEY,
     QUEUE_NAME,
     JobRecord,
@@ -19,7 +19,7 @@ from producer.protocol import (
     new_job_id,
     pending_turns_key,
 )
-from producer.settings import ProducerSettings
+from jobqueue.settings import QueueSettings
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def fake():
 @pytest.fixture
 def client(fake):
     # The broker URL is never contacted in these tests: they stop before sending.
-    settings = ProducerSettings(redis_url="redis://127.0.0.1:1/0", max_queue=3, max_input_chars=20)
+    settings = QueueSettings(redis_url="redis://127.0.0.1:1/0", max_queue=3, max_input_chars=20)
     with Client(settings=settings, redis_client=fake) as c:
         yield c
 
@@ -91,7 +91,7 @@ def test_a_job_is_queued_whole_with_its_record_open_job_and_turn(make_client, qu
 
 
 def test_a_retried_publish_does_not_queue_the_job_twice(make_client, queue_keys):
-    from worker.queue.submission import AdmissionPlan
+    from jobqueue.queue.submission import AdmissionPlan
 
     job_id = make_client().submit("好吃")
     record = JobRecord.from_json(queue_keys.get(job_key(job_id)))
@@ -167,7 +167,7 @@ def test_watch_yields_each_change_until_final(client, fake):
 
 
 def test_unreachable_broker_is_a_clear_error_not_a_hang():
-    settings = ProducerSettings(redis_url="redis://127.0.0.1:1/0")
+    settings = QueueSettings(redis_url="redis://127.0.0.1:1/0")
     with Client(settings=settings) as client:
         started = time.monotonic()
         with pytest.raises(BrokerUnavailable, match="broker unreachable at 127.0.0.1:1"):
@@ -178,14 +178,14 @@ def test_unreachable_broker_is_a_clear_error_not_a_hang():
 
 
 def test_password_is_not_printed_in_errors():
-    with Client(settings=ProducerSettings(redis_url="redis://:s3cret@127.0.0.1:1/0")) as client:
+    with Client(settings=QueueSettings(redis_url="redis://:s3cret@127.0.0.1:1/0")) as client:
         with pytest.raises(BrokerUnavailable) as err:
             client.submit("hello")
     assert "s3cret" not in str(err.value)
 
 
 def test_unreadable_record_is_a_clear_error(client, fake):
-    from producer.errors import UnreadableRecord
+    from jobqueue.errors import UnreadableRecord
 
     job_id = new_job_id()
     fake.set(job_key(job_id), '{"job_id": "x", "status": "from-the-future"}')
@@ -195,7 +195,7 @@ def test_unreadable_record_is_a_clear_error(client, fake):
 
 def test_wait_wakes_on_the_final_write_without_polling(redis_url, redis_client):
     """The store's final write signals the waiting client at once; it never re-reads on a timer in between."""
-    from producer.store import JobStore
+    from jobqueue.store import JobStore
 
     store = JobStore(redis_client, ttl_s=60)
     record = JobRecord(job_id=new_job_id(), status=JobStatus.RUNNING, request={"text": "hi"},
@@ -203,7 +203,7 @@ def test_wait_wakes_on_the_final_write_without_polling(redis_url, redis_client):
     store.put(record)
     final = record.model_copy(update={"status": JobStatus.SUCCEEDED, "reply": "好的"})
     waiters, results = [], []
-    with Client(settings=ProducerSettings(redis_url=redis_url)) as client:
+    with Client(settings=QueueSettings(redis_url=redis_url)) as client:
         for _ in range(2):  # two clients waiting on one job both wake
             waiters.append(threading.Thread(
                 target=lambda: results.append(client.wait(record.job_id, timeout=20, poll_interval=30))))
@@ -227,7 +227,7 @@ def test_other_redis_errors_are_not_disguised_as_an_outage(make_client, queue_ke
 
 
 def test_the_bulk_lane_has_its_own_limit_and_interactive_jobs_still_get_in(make_client, queue_keys):
-    from worker.queue.transport import lane_keys
+    from jobqueue.queue.transport import lane_keys
 
     bulk_lane = lane_keys(QUEUE_NAME)[-1]
     queue_keys.delete(bulk_lane)
@@ -245,8 +245,8 @@ def test_the_bulk_lane_has_its_own_limit_and_interactive_jobs_still_get_in(make_
 
 
 def test_a_waiting_job_knows_its_place_in_line_and_when_it_starts(make_client, queue_keys):
-    from producer.protocol import FINISHED_RECENTLY_KEY
-    from worker.queue.transport import lane_keys
+    from jobqueue.protocol import FINISHED_RECENTLY_KEY
+    from jobqueue.queue.transport import lane_keys
 
     bulk_lane = lane_keys(QUEUE_NAME)[-1]
     queue_keys.delete(bulk_lane, FINISHED_RECENTLY_KEY)
@@ -266,7 +266,7 @@ def test_a_waiting_job_knows_its_place_in_line_and_when_it_starts(make_client, q
 
 
 def test_jobs_that_never_ran_do_not_count_towards_the_service_rate(make_client, queue_keys):
-    from producer.protocol import FINISHED_RECENTLY_KEY
+    from jobqueue.protocol import FINISHED_RECENTLY_KEY
 
     queue_keys.delete(FINISHED_RECENTLY_KEY)
     client = make_client()

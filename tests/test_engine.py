@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from producer.protocol import LABEL_SETS
+from jobqueue.protocol import LABEL_SETS
 from worker.engine import StopReason
 from worker.engine.qwen import QwenEngine
-from worker.model_source import ModelLoadError, resolve_model_source
+from worker.engine.model_source import ModelLoadError, resolve_model_source
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_prefix_caches_survive_1000_jobs_unchanged(engine):
 
 def test_the_prefix_is_the_fixed_start_of_every_prompt(engine):
     prefix = engine.classifier_prefixes["zh"]
-    from worker.prompts import classifier_prompt
+    from worker.engine.prompts import classifier_prompt
 
     for text in ["a", "很长的评论" * 20, "<|im_start|>"]:
         ids = engine.encode_chat([{"role": "system", "content": classifier_prompt("zh")},
@@ -178,7 +178,7 @@ def test_min_new_tokens_fixes_the_reply_length(engine):
 
 
 def test_label_set_whose_words_share_a_first_token_is_unavailable_not_fatal(tiny_model_dir, monkeypatch):
-    from worker import prompts
+    from worker.engine import prompts
     from worker.engine import chat
 
     monkeypatch.setitem(chat.LABEL_SETS, "clash", ("正面", "正面啊"))
@@ -206,7 +206,7 @@ def test_positive_threshold_moves_the_decision(tiny_model_dir):
 
 
 def test_unknown_prompt_variant_names_the_setting(tiny_model_dir):
-    from worker.model_source import ModelLoadError
+    from worker.engine.model_source import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="CLASSIFIER_PROMPT='nope'"):
         QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1, prompt_variant="nope")

@@ -12,11 +12,11 @@ import time
 
 import pytest
 
-from producer.protocol import LABEL_SETS
+from jobqueue.protocol import LABEL_SETS
 from tests.conftest import require_llama_cpp
 from worker.engine import Engine, ReplyRequest, StopReason, load_engine
-from worker.model_source import resolve_model_source
-from worker.prompts import reply_prefix_messages
+from worker.engine.model_source import resolve_model_source
+from worker.engine.prompts import reply_prefix_messages
 
 #: (ENGINE, DTYPE); every engine runs the tiny model through its production loading code,
 #: llama.cpp from the GGUF file of the same weights.

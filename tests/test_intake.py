@@ -7,9 +7,9 @@ import json
 import pytest
 from celery import Celery
 
-from producer.protocol import QUEUE_NAME, TASK_NAME, held_key, new_job_id
-from worker.queue.intake import Intake
-from worker.queue.liveness import consumer_id
+from jobqueue.protocol import QUEUE_NAME, TASK_NAME, held_key, new_job_id
+from jobqueue.queue.intake import Intake
+from jobqueue.queue.liveness import consumer_id
 
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's default key names
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.protocol import LABEL_SETS, JobStatus
+from jobqueue.protocol import LABEL_SETS, JobStatus
 from tests.conftest import require_llama_cpp, start_worker
 
 pytestmark = pytest.mark.slow

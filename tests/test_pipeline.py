@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from producer.protocol import LABEL_SETS, JobRecord, JobStatus, conversation_key, job_key, new_job_id
+from jobqueue.protocol import LABEL_SETS, JobRecord, JobStatus, conversation_key, job_key, new_job_id
 from tests.conftest import BOTH_BROKERS, ROOT, start_worker
 
 pytestmark = [pytest.mark.slow, BOTH_BROKERS]

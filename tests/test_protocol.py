@@ -8,8 +8,8 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from producer import protocol
-from producer.protocol import (
+from jobqueue import protocol
+from jobqueue.protocol import (
     CELERY_WIRE_CONFIG,
     JobMessage,
     JobRecord,

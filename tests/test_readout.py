@@ -12,7 +12,7 @@ import pytest
 from producer.evaluate import Row
 from tests.conftest import require_llama_cpp
 from worker.engine.adapter import load_adapter, save_adapter
-from worker.model_source import ModelLoadError, resolve_model_source
+from worker.engine.model_source import ModelLoadError, resolve_model_source
 from worker.readout import accuracy, choose_c, fit, leave_one_domain_out
 from worker.tune import main as tune_main
 from worker.tune_readout import compute_states, sample_domains

@@ -7,7 +7,7 @@ import json
 import pytest
 from celery import Celery
 
-from producer.protocol import (
+from jobqueue.protocol import (
     CELERY_WIRE_CONFIG,
     CONSUMERS_KEY,
     OPEN_JOBS_KEY,
@@ -20,9 +20,9 @@ from producer.protocol import (
     consumer_key,
     held_key,
 )
-from producer.store import JobStore
-from worker.queue import QUEUE_TRANSPORT
-from worker.queue.reconciler import Reconciler
+from jobqueue.store import JobStore
+from jobqueue.queue import QUEUE_TRANSPORT
+from jobqueue.queue.reconciler import Reconciler
 
 GRACE_S = 3.0
 UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's default key names
@@ -136,7 +136,7 @@ def test_one_sweep_at_a_time(reconciler, clean):
 def test_a_failing_item_does_not_stop_the_sweep_and_a_failed_send_is_not_counted(
     reconciler, make_client, clean, monkeypatch
 ):
-    from worker.queue import reconciler as module
+    from jobqueue.queue import reconciler as module
 
     unlucky, _ = _queued_job(make_client, clean)
     lucky, _ = _queued_job(make_client, clean)
@@ -182,7 +182,7 @@ def test_a_queued_message_that_redis_cannot_decode_is_still_seen(reconciler, mak
 def test_a_bulk_job_that_waited_too_long_joins_the_back_of_the_interactive_lane(
     redis_url, clean, make_client
 ):
-    from worker.queue.transport import lane_keys
+    from jobqueue.queue.transport import lane_keys
 
     app = Celery("reconciler-test", broker=redis_url, set_as_current=False)
     app.conf.update(CELERY_WIRE_CONFIG, broker_transport=QUEUE_TRANSPORT)

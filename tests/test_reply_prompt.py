@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from producer.protocol import LABEL_SETS
+from jobqueue.protocol import LABEL_SETS
 from worker.engine import ReplyRequest
 from worker.engine.chat import ChatFormat
 from worker.engine.qwen import QwenEngine
-from worker.model_source import resolve_model_source
-from worker.prompts import (
+from worker.engine.model_source import resolve_model_source
+from worker.engine.prompts import (
     MOOD_CONFIDENCE,
     MOODS,
     REPLY_LANGUAGES,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from producer.settings import ProducerSettings
+from jobqueue.settings import QueueSettings
 from worker.app import celery_config
 from worker.settings import WorkerSettings, available_cores
 
@@ -69,12 +69,12 @@ def test_every_setting_is_in_the_readme_table():
     table = README.read_text()
     for name in WorkerSettings.model_fields:
         assert re.search(rf"^\| `{name.upper()}` \|", table, re.M), f"{name.upper()} missing from README"
-    assert set(ProducerSettings.model_fields) <= set(WorkerSettings.model_fields)
+    assert set(QueueSettings.model_fields) <= set(WorkerSettings.model_fields)
 
 
 def test_a_malformed_broker_url_names_the_setting():
     with pytest.raises(ValidationError, match="broker_url"):
-        ProducerSettings(broker_url="kafka://127.0.0.1:9092")
+        QueueSettings(broker_url="kafka://127.0.0.1:9092")
     with pytest.raises(ValidationError, match="MAX_QUEUE_BULK"):
-        ProducerSettings(broker_url="amqp://guest:guest@127.0.0.1:5672//", max_queue_bulk=5)
-    assert ProducerSettings(broker_url="").broker_kind == "redis"
+        QueueSettings(broker_url="amqp://guest:guest@127.0.0.1:5672//", max_queue_bulk=5)
+    assert QueueSettings(broker_url="").broker_kind == "redis"

@@ -7,11 +7,11 @@ import time
 import fakeredis
 import pytest
 
-from producer.protocol import ErrorCode, JobMessage, JobRecord, JobStatus, new_job_id
-from producer.store import JobStore
+from jobqueue.protocol import ErrorCode, JobMessage, JobRecord, JobStatus, new_job_id
+from jobqueue.store import JobStore
 from worker.admission import MAX_ATTEMPTS
 from worker.engine.qwen import QwenEngine
-from worker.model_source import resolve_model_source
+from worker.engine.model_source import resolve_model_source
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 from worker.tasks import run
@@ -145,7 +145,7 @@ def test_unreadable_stored_record_is_replaced(runtime):
 
 
 def test_turn_is_stored_once_and_history_off_stores_nothing(runtime):
-    from producer.protocol import Turn
+    from jobqueue.protocol import Turn
 
     turn = Turn(job_id="j1", user="u", assistant="a")
     runtime.store.append_turn("c2", turn, 4)
@@ -194,7 +194,7 @@ def test_dead_earlier_turn_does_not_block_the_conversation(runtime, earlier):
 
 def test_a_job_another_live_process_runs_is_not_run_beside_it(runtime):
     """A copy handed back while its holder was cut off from Redis waits while that holder lives."""
-    from producer.protocol import consumer_key, runner_key
+    from jobqueue.protocol import consumer_key, runner_key
     from worker.admission import NotReadyYet
 
     store = runtime.store
@@ -239,7 +239,7 @@ def test_a_job_killed_while_it_waited_out_redis_is_not_recorded_timed_out(runtim
 def test_a_run_whose_claim_passed_to_another_worker_writes_nothing():
     # A worker cut off for longer than LIVENESS_TTL_S: another took the job over (its claim) and
     # runs it. Back on the network, the first may not write over that run, open or final.
-    from producer.protocol import runner_key
+    from jobqueue.protocol import runner_key
 
     store = JobStore(fakeredis.FakeRedis(), 60)
     now = time.time()

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from producer.evaluate import Row, balanced_sample
-from producer.protocol import JobStatus
+from jobqueue.protocol import JobStatus
 from tests.conftest import require_llama_cpp, start_worker
 from worker.engine.adapter import load_adapter, save_adapter
-from worker.model_source import ModelLoadError, resolve_model_source
+from worker.engine.model_source import ModelLoadError, resolve_model_source
 from worker.tune import main as tune_main
 from worker.tune import split_rows
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from producer.protocol import TASK_NAME, ErrorCode, JobStatus, job_key, new_job_id
+from jobqueue.protocol import TASK_NAME, ErrorCode, JobStatus, job_key, new_job_id
 from tests.conftest import start_worker
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from producer.errors import UnreadableRecord
-from producer.protocol import (
+from jobqueue.errors import UnreadableRecord
+from jobqueue.protocol import (
     ErrorCode,
     JobError,
     JobMessage,
@@ -25,10 +25,10 @@ from producer.protocol import (
     Timings,
     describe_validation_error,
 )
-from producer.store import JobStore
-from worker.queue.intake import TakenJob
-from worker.queue.liveness import claim_run
-from worker.outcome import finish, save_final, to_ms
+from jobqueue.store import JobStore
+from jobqueue.queue.intake import TakenJob
+from jobqueue.queue.liveness import claim_run
+from jobqueue.outcome import finish, save_final, to_ms
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger("qwen_allinone.worker")

@@ -18,14 +18,14 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 from pydantic import ValidationError
 
-from producer.protocol import CELERY_WIRE_CONFIG
-from producer.store import JobStore, connect_redis
+from jobqueue.protocol import CELERY_WIRE_CONFIG
+from jobqueue.store import JobStore, connect_redis
 from worker.admission import MAX_ATTEMPTS
-from worker.model_source import ModelLoadError
-from worker.queue import check_versions, transport_options
-from worker.queue.brokers import broker_for, celery_broker_config
-from worker.queue.liveness import Heartbeat
-from worker.queue.reconciler import Reconciler
+from worker.engine.model_source import ModelLoadError
+from jobqueue.queue import check_versions, transport_options
+from jobqueue.queue.brokers import broker_for, celery_broker_config
+from jobqueue.queue.liveness import Heartbeat
+from jobqueue.queue.reconciler import Reconciler
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 from worker.tasks import register
@@ -65,7 +65,7 @@ def celery_config(settings: WorkerSettings) -> dict:
 
 def _redis_queue_config(settings: WorkerSettings) -> dict:
     """With the queue in Redis: kombu's Redis transport, hardened against undecodable messages,
-    with liveness bookkeeping (worker.queue.transport) and the visibility timeout as last resort."""
+    with liveness bookkeeping (jobqueue.queue.transport) and the visibility timeout as last resort."""
     if settings.broker_kind != "redis":
         return {}
     return {"broker_transport_options": transport_options(settings.visibility_timeout_s)}

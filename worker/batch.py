@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from producer.protocol import ErrorCode, Flagged, JobError, JobRecord, JobStatus, Sentiment, Turn
-from producer.store import JobStore
+from jobqueue.protocol import ErrorCode, Flagged, JobError, JobRecord, JobStatus, Sentiment, Turn
+from jobqueue.store import JobStore
 from worker.admission import RunningJob
 from worker.cache import CachedReply, digest
 from worker.engine import Engine, ReplyRequest, ReplyResult, SentimentResult, StopReason
 from worker.engine.session import PREFILL_CHUNK_TOKENS
-from worker.outcome import finish, save_final, to_ms
-from worker.prompts import reply_mood
-from worker.queue.liveness import consumer_id
+from jobqueue.outcome import finish, save_final, to_ms
+from worker.engine.prompts import reply_mood
+from jobqueue.queue.liveness import consumer_id
 from worker.runtime import WorkerRuntime
 from worker.safety import SafetyFilter
 from worker.settings import WorkerSettings

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import redis
 
-from producer.protocol import METRICS_CACHE_KEY, Sentiment, cache_key
+from jobqueue.protocol import METRICS_CACHE_KEY, Sentiment, cache_key
 
 
 def digest(*parts: object) -> str:

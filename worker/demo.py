@@ -23,7 +23,7 @@ from pathlib import Path
 import redis
 
 from producer.cli import main as producer_main
-from producer.settings import DEFAULT_REDIS_URL
+from jobqueue.settings import DEFAULT_REDIS_URL
 from worker.settings import DEFAULT_MODEL
 
 SAMPLE_TEXT = "送餐太慢了，等了两个小时，菜都凉了，心情很差。"

@@ -20,9 +20,9 @@ import logging
 import os
 import time
 
-from producer.protocol import JobRecord
+from jobqueue.protocol import JobRecord
 from worker.admission import NotReadyYet, RunningJob, admit
-from worker.queue.intake import TakenJob
+from jobqueue.queue.intake import TakenJob
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger("qwen_allinone.worker")

@@ -8,14 +8,14 @@ import multiprocessing
 import time
 from dataclasses import dataclass, field
 
-from producer.store import JobStore, connect_redis
+from jobqueue.store import JobStore, connect_redis
 from worker.cache import ResultCache
 from worker.safety import SafetyFilter
 from worker.engine import Engine
-from worker.queue.amqp import AmqpIntake
-from worker.queue.intake import Intake
+from jobqueue.queue.amqp import AmqpIntake
+from jobqueue.queue.intake import Intake
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, load_adapter
-from worker.model_source import ModelLoadError, ModelSource, choose_engine, resolve_model_source
+from worker.engine.model_source import ModelLoadError, ModelSource, choose_engine, resolve_model_source
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("qwen_allinone.worker")

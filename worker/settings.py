@@ -11,10 +11,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from producer.protocol import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE
-from producer.settings import ProducerSettings
+from jobqueue.protocol import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE
+from jobqueue.settings import QueueSettings
 from worker.engine.generation import DEFAULT_REPETITION_WINDOW, Repetition
-from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_POSITIVE_THRESHOLD, DEFAULT_REPLY_PROMPT, REPLY_PROMPTS
+from worker.engine.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_POSITIVE_THRESHOLD, DEFAULT_REPLY_PROMPT, REPLY_PROMPTS
 
 #: The model the original single-process demo used.
 DEFAULT_MODEL = "Qwen/Qwen1.5-0.5B-Chat"
@@ -28,7 +28,7 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-class WorkerSettings(ProducerSettings):
+class WorkerSettings(QueueSettings):
     #: Hub id, local model folder, or local .gguf file.
     model: str = DEFAULT_MODEL
     #: Weights on the CPU: int8 (dynamic int8 linear layers; the default, chosen by
@@ -42,14 +42,14 @@ class WorkerSettings(ProducerSettings):
     #: llama.cpp's key/value cache holds BATCH_MAX times this many tokens beyond the fixed
     #: prompt prefixes; a batch that needs more runs in waves that fit.
     kv_tokens_per_job: int = Field(1024, ge=64)
-    #: Classifier instructions: a variant name from worker/prompts.py (EVAL.md compares them).
+    #: Classifier instructions: a variant name from worker/engine/prompts.py (EVAL.md compares them).
     classifier_prompt: str = DEFAULT_CLASSIFIER_PROMPT
     #: Two-class sets answer positive when its probability is at least this (tuned in EVAL.md).
     positive_threshold: float = Field(DEFAULT_POSITIVE_THRESHOLD, gt=0.0, lt=1.0)
     #: A classifier adapter file from ``python -m worker.tune``: its label set is decided with
     #: the adapter (and the adapter's own threshold); the reply never sees it. Torch engine only.
     classifier_adapter: str | None = None
-    #: Reply instructions: a variant name from worker/prompts.py (EVAL.md compares them).
+    #: Reply instructions: a variant name from worker/engine/prompts.py (EVAL.md compares them).
     reply_prompt: str = DEFAULT_REPLY_PROMPT
     #: The repetition penalty of replies; unset: the model's generation config's, else 1.1 (EVAL.md).
     #: 1.0 turns it off.

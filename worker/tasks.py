@@ -25,15 +25,15 @@ from billiard.exceptions import TimeLimitExceeded
 from celery import Celery, Task
 from celery.exceptions import Reject
 
-from producer.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStatus
+from jobqueue.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStatus
 from worker.admission import NotReadyYet, admit
 from worker.batch import run_jobs
 from worker.joining import Joiners, admit_taken, take_company
-from worker.queue.amqp import mark_unsent, requeue_later
-from worker.queue.brokers import intake_for
-from worker.queue.intake import TakenJob
-from worker.queue.liveness import release_runs
-from worker.outcome import finish, save_final
+from jobqueue.queue.amqp import mark_unsent, requeue_later
+from jobqueue.queue.brokers import intake_for
+from jobqueue.queue.intake import TakenJob
+from jobqueue.queue.liveness import release_runs
+from jobqueue.outcome import finish, save_final
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger("qwen_allinone.worker")

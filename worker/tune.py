@@ -28,9 +28,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from producer.evaluate import Row, balanced_sample, read_rows
-from producer.protocol import LABEL_SETS
+from jobqueue.protocol import LABEL_SETS
 from worker.engine.adapter import READOUT, TECHNIQUES
-from worker.prompts import CLASSIFIER_PROMPTS, DEFAULT_CLASSIFIER_PROMPT
+from worker.engine.prompts import CLASSIFIER_PROMPTS, DEFAULT_CLASSIFIER_PROMPT
 
 #: The lora recipe's training rows: it trains in under 30 minutes on 2 cores with the 0.5B model (EVAL.md).
 DEFAULT_LIMIT = 3000
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from worker.model_source import ModelLoadError, resolve_model_source
+    from worker.engine.model_source import ModelLoadError, resolve_model_source
 
     words = LABEL_SETS[args.labels]
     try:

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from producer.evaluate import Row, balanced_sample
-from producer.protocol import LABEL_SETS
+from jobqueue.protocol import LABEL_SETS
 from worker.tune import DEV_SEED, data_manifest, report_saved
 
 #: Texts per call of the engine, and how often (in texts) the states so far are saved.

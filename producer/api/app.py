@@ -35,8 +35,8 @@ from producer.api.watch import CachedPing, RecordWatcher, StreamsFull
 from producer.api.limits import BodyLimit, BodyTooLarge, printable_errors, too_large_response
 from producer.api.metrics import build_registry
 from producer.client import Client
-from producer.errors import AlreadyFinal, BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, UnreadableRecord
-from producer.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus, Priority
+from jobqueue.errors import AlreadyFinal, BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, UnreadableRecord
+from jobqueue.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus, Priority
 from producer.settings import ApiSettings, tenant_keys
 
 #: Retry-After on a full queue: long enough for a worker to finish a few jobs.

@@ -30,8 +30,8 @@ import httpx
 from starlette.concurrency import run_in_threadpool
 
 from producer.client import Client
-from producer.errors import UnreadableRecord
-from producer.protocol import CALLBACK_ATTEMPTS_KEY, CALLBACKS_KEY, JobRecord
+from jobqueue.errors import UnreadableRecord
+from jobqueue.protocol import CALLBACK_ATTEMPTS_KEY, CALLBACKS_KEY, JobRecord
 
 log = logging.getLogger("qwen_allinone.gateway")
 

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from fastapi.sse import ServerSentEvent
 
 from producer.api.watch import RecordWatcher
-from producer.errors import BrokerUnavailable, UnreadableRecord
-from producer.protocol import JobRecord, JobStatus, Sentiment
+from jobqueue.errors import BrokerUnavailable, UnreadableRecord
+from jobqueue.protocol import JobRecord, JobStatus, Sentiment
 
 
 @dataclass

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from producer.client import Client
-from producer.protocol import CACHE_KINDS, STAGE_BUCKETS_S, JobStatus
+from jobqueue.protocol import CACHE_KINDS, STAGE_BUCKETS_S, JobStatus
 
 FINAL_STATUSES = [status.value for status in JobStatus if status.is_final]
 

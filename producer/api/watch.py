@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from starlette.concurrency import run_in_threadpool
 
 from producer.client import Client
-from producer.protocol import JobRecord
+from jobqueue.protocol import JobRecord
 
 #: How often the watched records are read: fast enough for a reply that grows every ~0.25 s.
 POLL_INTERVAL_S = 0.15

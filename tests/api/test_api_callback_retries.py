@@ -8,12 +8,12 @@ import fakeredis
 
 from producer.api.callbacks import CallbackSender
 from producer.client import Client
-from producer.protocol import CALLBACK_ATTEMPTS_KEY, CALLBACKS_KEY, JobRecord, JobStatus
-from producer.settings import ProducerSettings
+from jobqueue.protocol import CALLBACK_ATTEMPTS_KEY, CALLBACKS_KEY, JobRecord, JobStatus
+from jobqueue.settings import QueueSettings
 
 
 def _sender(fake, retry_for_s=600.0):
-    client = Client(settings=ProducerSettings(redis_url="redis://127.0.0.1:1/0"), redis_client=fake)
+    client = Client(settings=QueueSettings(redis_url="redis://127.0.0.1:1/0"), redis_client=fake)
     return CallbackSender(client, b"secret", retry_for_s)
 
 

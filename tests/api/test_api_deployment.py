@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from producer.settings import ApiSettings, ProducerSettings
+from jobqueue.settings import QueueSettings
+from producer.settings import ApiSettings
 from tests.test_deployment import ROOT, compose
 
 README = (ROOT / "README.md").read_text()
@@ -30,5 +31,5 @@ def test_flower_watches_the_same_broker_on_localhost():
 
 
 def test_every_gateway_setting_is_in_the_readme_table():
-    for name in set(ApiSettings.model_fields) - set(ProducerSettings.model_fields):
+    for name in set(ApiSettings.model_fields) - set(QueueSettings.model_fields):
         assert re.search(rf"^\| `{name.upper()}` \|", README, re.M), f"{name.upper()} missing from README"

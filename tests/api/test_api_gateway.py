@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producer.protocol import LABEL_SETS, new_job_id
+from jobqueue.protocol import LABEL_SETS, new_job_id
 from tests.api.conftest import read_events, wait_final
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer.api.metrics import build_registry
 from producer.client import Client
-from producer.protocol import (
+from jobqueue.protocol import (
     job_key,
     METRICS_JOBS_KEY,
     JobRecord,
@@ -22,8 +22,9 @@ from producer.protocol import (
     metrics_stage_key,
     new_job_id,
 )
-from producer.settings import ApiSettings, ProducerSettings
-from producer.store import JobStore
+from jobqueue.settings import QueueSettings
+from producer.settings import ApiSettings
+from jobqueue.store import JobStore
 
 
 @pytest.fixture
@@ -79,7 +80,7 @@ def test_exposition_is_cumulative_with_every_final_status(store, fake):
     store.put(record(JobStatus.SUCCEEDED, queue_wait_ms=10, sentiment_ms=40, reply_ms=3000, total_ms=3050))
     store.put(record(JobStatus.TIMED_OUT, queue_wait_ms=10, total_ms=41_000))
     fake.rpush("qwen-allinone", "m1", "m2")
-    client = Client(settings=ProducerSettings(redis_url="redis://127.0.0.1:1/0"), redis_client=fake)
+    client = Client(settings=QueueSettings(redis_url="redis://127.0.0.1:1/0"), redis_client=fake)
     text = generate_latest(build_registry(client)).decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}

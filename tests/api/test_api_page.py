@@ -13,8 +13,8 @@ import httpx
 import pytest
 import redis
 
-from producer.protocol import ErrorCode, JobError, JobStatus
-from producer.store import JobStore
+from jobqueue.protocol import ErrorCode, JobError, JobStatus
+from jobqueue.store import JobStore
 from tests.api.conftest import start_gateway
 
 pytestmark = pytest.mark.slow

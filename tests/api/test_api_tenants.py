@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from producer.protocol import Turn, conversation_key
+from jobqueue.protocol import Turn, conversation_key
 from tests.api.conftest import start_gateway, wait_final
 
 pytestmark = pytest.mark.slow

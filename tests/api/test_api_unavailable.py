@@ -13,7 +13,7 @@ import httpx
 import pytest
 import redis
 
-from producer.protocol import FINISHED_RECENTLY_KEY, QUEUE_NAME, job_key, new_job_id
+from jobqueue.protocol import FINISHED_RECENTLY_KEY, QUEUE_NAME, job_key, new_job_id
 from tests.api.conftest import read_events, start_gateway
 from tests.conftest import _free_port
 from tests.fault.conftest import PrivateRedis

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from producer.protocol import ErrorCode, JobStatus
+from jobqueue.protocol import ErrorCode, JobStatus
 from tests.conftest import BOTH_BROKERS, require_llama_cpp, start_worker
 from tests.test_worker_faults import wait_for
 

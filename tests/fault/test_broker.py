@@ -9,8 +9,8 @@ import pytest
 from celery import Celery
 
 from producer import BrokerUnavailable, Client
-from producer.protocol import JobStatus
-from producer.settings import ProducerSettings
+from jobqueue.protocol import JobStatus
+from jobqueue.settings import QueueSettings
 from tests.conftest import start_worker
 from tests.fault.conftest import PrivateRedis
 
@@ -20,7 +20,7 @@ JOBS = 100
 
 
 def client_for(url: str) -> Client:
-    return Client(settings=ProducerSettings(redis_url=url))
+    return Client(settings=QueueSettings(redis_url=url))
 
 
 def test_redis_restart_loses_no_queued_job(private_redis, worker_env, tmp_path, figures):
@@ -93,9 +93,9 @@ def test_password_in_redis_url_works(tmp_path, worker_env, figures):
 def test_jobs_taken_for_a_batch_survive_redis_going_away(private_redis, figures):
     # A batch took two jobs; Redis died before they could be handed back. Once Redis
     # is back, the next take hands them back first: nothing waits for VISIBILITY_TIMEOUT_S.
-    from producer.protocol import TASK_NAME, new_job_id
+    from jobqueue.protocol import TASK_NAME, new_job_id
     from worker.app import celery_config
-    from worker.queue.intake import Intake
+    from jobqueue.queue.intake import Intake
     from worker.settings import WorkerSettings
 
     app = Celery("intake-test", set_as_current=False)
@@ -134,7 +134,7 @@ def test_redis_refusing_writes_is_a_503_with_retry_after_and_writes_nothing(priv
     admin = redis.Redis.from_url(private_redis.url)
     for command in setup:
         admin.execute_command(*command)
-    settings = ProducerSettings(redis_url=private_redis.url)
+    settings = QueueSettings(redis_url=private_redis.url)
     with Client(settings=settings) as client:
         with pytest.raises(BrokerUnavailable, match=f"refuses writes: {refusal}"):
             client.submit("好吃")
@@ -211,8 +211,8 @@ def test_a_refusing_redis_never_stops_celerys_consumer(private_redis):
     import redis
     from kombu import Connection
 
-    from worker.queue import QUEUE_TRANSPORT, transport_options
-    from worker.queue.transport import NotRecorded
+    from jobqueue.queue import QUEUE_TRANSPORT, transport_options
+    from jobqueue.queue.transport import NotRecorded
 
     admin = redis.Redis.from_url(private_redis.url)
     with Connection(private_redis.url, transport=QUEUE_TRANSPORT,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from producer import JobStatus
-from producer.protocol import METRICS_CACHE_KEY
+from jobqueue.protocol import METRICS_CACHE_KEY
 from tests.conftest import start_worker
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from producer.protocol import JobStatus, conversation_key
+from jobqueue.protocol import JobStatus, conversation_key
 from tests.conftest import BOTH_BROKERS, start_worker
 
 pytestmark = [pytest.mark.slow, BOTH_BROKERS]

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from producer import InvalidRequest
-from producer.protocol import LABEL_SETS, QUEUE_NAME, TASK_NAME, JobStatus, new_job_id
+from jobqueue.protocol import LABEL_SETS, QUEUE_NAME, TASK_NAME, JobStatus, new_job_id
 from tests.conftest import start_worker
 from tests.test_worker_faults import wait_for
 

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from producer.errors import QueueFull
-from producer.protocol import OPEN_JOBS_KEY, QUEUE_NAME, JobStatus
+from jobqueue.errors import QueueFull
+from jobqueue.protocol import OPEN_JOBS_KEY, QUEUE_NAME, JobStatus
 from tests.conftest import start_worker
 from tests.test_worker_faults import wait_for
 

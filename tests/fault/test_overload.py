@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from producer import QueueFull
-from producer.protocol import JobRecord, JobStatus
+from jobqueue.protocol import JobRecord, JobStatus
 from tests.conftest import start_worker
 
 pytestmark = pytest.mark.slow

@@ -31,8 +31,8 @@ import pytest
 import redis
 
 from producer.client import Client
-from producer.protocol import JobRecord, JobStatus
-from producer.settings import ProducerSettings
+from jobqueue.protocol import JobRecord, JobStatus
+from jobqueue.settings import QueueSettings
 from tests.conftest import BOTH_BROKERS, WORKER_START_TIMEOUT_S, WorkerProcess, start_worker
 from tests.support.netns import Forwarder, Host, NamespacesRefused, make_hosts
 from tests.test_worker_faults import wait_for
@@ -49,8 +49,8 @@ MIN_CUT_S = 25
 MAX_CUT_S = 90
 WAIT_S = 120
 
-#: What save_final (worker/outcome.py) logs: a final record written, or not written because the
-#: stored record is already final (producer/store.py, _FINAL_SCRIPT: the first final status wins).
+#: What save_final (jobqueue/outcome.py) logs: a final record written, or not written because the
+#: stored record is already final (jobqueue/store.py, _FINAL_SCRIPT: the first final status wins).
 WRITTEN = re.compile(r"job=(\S+) status=(\w+) label=")
 REFUSED = re.compile(r"job=(\S+) ran again and ended (\w+); not written")
 
@@ -132,7 +132,7 @@ def workers(hosts, reachable_redis, forwarders, broker_url, tiny_model_dir, tmp_
 @pytest.fixture
 def client(reachable_redis, broker_url):
     """The producer, on the server host: Redis and RabbitMQ on 127.0.0.1."""
-    made = Client(settings=ProducerSettings(redis_url=reachable_redis.url, broker_url=broker_url))
+    made = Client(settings=QueueSettings(redis_url=reachable_redis.url, broker_url=broker_url))
     yield made
     made.close()
 

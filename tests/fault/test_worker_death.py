@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from producer.protocol import JobStatus
+from jobqueue.protocol import JobStatus
 from tests.conftest import BOTH_BROKERS, start_worker
 from tests.test_worker_faults import wait_for
 

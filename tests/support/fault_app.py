@@ -24,9 +24,9 @@ from pathlib import Path
 
 from celery.signals import worker_process_init
 
-from producer.protocol import TASK_NAME
+from jobqueue.protocol import TASK_NAME
 from worker.app import app
-from worker.queue import transport
+from jobqueue.queue import transport
 
 _SLOW = re.compile(r"\[\[slow=([0-9.]+)\]\]")
 _delay_s = 0.0

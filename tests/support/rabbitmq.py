@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 from kombu import Connection
 
-from producer.protocol import QUEUE_NAME
+from jobqueue.protocol import QUEUE_NAME
 
 
 def _unavailable(reason: str) -> None:

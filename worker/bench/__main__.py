@@ -47,7 +47,7 @@ def machine_line() -> str:
 def cmd_accuracy(args: argparse.Namespace) -> int:
     from producer.evaluate import balanced_sample, read_rows
     from worker.bench.accuracy import format_accuracy, measure_accuracy, measure_original_accuracy
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     examples = balanced_sample(read_rows(Path(args.data)), args.n, args.seed)
     source = resolve_model_source(args.model)
@@ -66,7 +66,7 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     from producer.evaluate import balanced_sample, read_rows
     from worker.bench.prompts import WORD_PAIRS, format_prompts, measure_prompts
     from worker.bench.wordscores import WordScorer
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     examples = balanced_sample(read_rows(Path(args.data)), args.n, args.seed)
     names = args.layouts.split(",") if args.layouts else None
@@ -166,7 +166,7 @@ def run_in_process(args, model: str, texts: list[str]):
         prefill_ms,
     )
     from worker.engine.qwen import QwenEngine
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     source = resolve_model_source(model)
     threads = int(args.layouts.split(",")[0].split("x")[1])
@@ -306,7 +306,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from producer.evaluate import balanced_sample, read_rows
     from worker.bench.micro import decode_ms_per_token, memory_bandwidth_gbps, prefill_ms
     from worker.engine.qwen import QwenEngine
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     source = resolve_model_source(args.model)
     texts = [e.text for e in balanced_sample(read_rows(Path(args.data)), 40, seed=1)]
@@ -409,7 +409,7 @@ def cmd_adapter_one(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from worker.bench.micro import profile_decode
     from worker.engine.qwen import QwenEngine
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     engine = QwenEngine.load(resolve_model_source(args.model), args.dtype, args.threads)
     print(f"decode profile, {args.tokens} tokens, DTYPE={args.dtype}; {machine_line()}, {args.threads} threads\n")

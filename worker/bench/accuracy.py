@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from producer.protocol import LABEL_SETS
+from jobqueue.protocol import LABEL_SETS
 from producer.evaluate import Row
-from worker.model_source import ModelSource
+from worker.engine.model_source import ModelSource
 
 
 @dataclass

@@ -44,7 +44,7 @@ def measure_one(model: str, adapter: str | None, dtype: str, threads: int, texts
 
     from worker.engine import ReplyRequest, load_engine
     from worker.engine.adapter import load_adapter
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     started = time.perf_counter()
     engine = load_engine(resolve_model_source(model), dtype, threads, engine=engine,

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from worker.model_source import ModelSource
-from worker.prompts import classifier_prompt
+from worker.engine.model_source import ModelSource
+from worker.engine.prompts import classifier_prompt
 
 ORIGINAL_CLASSIFIER_PROMPT = classifier_prompt("zh", "original")
 

@@ -134,10 +134,10 @@ def open_loop(job, texts: list[str], rate_per_s: float, jobs: int, fraction: flo
 
 def open_loop_service(redis_url: str, load: Load, rate_per_s: float, fraction: float, desc: str) -> OpenLoop:
     from producer import Client
-    from producer.protocol import JobStatus
-    from producer.settings import ProducerSettings
+    from jobqueue.protocol import JobStatus
+    from jobqueue.settings import QueueSettings
 
-    settings = ProducerSettings(redis_url=redis_url, job_timeout_s=300, queue_timeout_s=3600)
+    settings = QueueSettings(redis_url=redis_url, job_timeout_s=300, queue_timeout_s=3600)
     local = threading.local()
 
     def job(text: str) -> None:
@@ -175,7 +175,7 @@ def rounds_summary(rounds: list[list[Mode]]) -> list[str]:
 def baseline_jobs_per_minute(model: str, threads: int, texts: list[str], reply_tokens: int, jobs: int) -> float:
     """The original pipeline, sequentially in this process: its jobs per minute."""
     from worker.bench.baseline import OriginalPipeline
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     original = OriginalPipeline(resolve_model_source(model), threads)
     original.run(texts[0], 4)  # warm-up
@@ -275,7 +275,7 @@ def worst_case_memory(model: str, dtype: str, threads: int, rows: int, input_cha
     """One batch of ``rows`` longest-possible jobs, in this process: peak RSS against the KV-cache formula."""
     from worker.engine import ReplyRequest
     from worker.engine.qwen import QwenEngine
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     engine = QwenEngine.load(resolve_model_source(model), dtype, threads)
     text = ("送餐太慢了，等了两个小时，菜都凉了。" * (input_chars // 18 + 1))[:input_chars]
@@ -328,7 +328,7 @@ class Peer:
 def run_llama_peer(bin_dir, gguf, threads: int, load: Load, capacity_rpm: float | None) -> Peer:
     """llama-server with 8 slots: a one-token sentiment request, then the reply, per job (peers.py)."""
     from worker.bench.peers import LlamaServer, closed_loop, llama_build_line
-    from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, classifier_prompt
+    from worker.engine.prompts import DEFAULT_CLASSIFIER_PROMPT, classifier_prompt
 
     server = LlamaServer(bin_dir, gguf, threads, slots=8)
     job = server.job(classifier_prompt("zh", DEFAULT_CLASSIFIER_PROMPT), load.reply_tokens)
@@ -350,7 +350,7 @@ def join_stall(model: str, dtype: str, threads: int, rows: int, input_chars: int
     from worker.engine import ReplyRequest
     from worker.engine.qwen import QwenEngine
     from worker.engine.session import ReplySession
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     engine = QwenEngine.load(resolve_model_source(model), dtype, threads)
     text = ("送餐太慢了，等了两个小时，菜都凉了。" * (input_chars // 18 + 1))[:input_chars]

@@ -140,7 +140,7 @@ class LlamaServer:
     def job(self, classifier_prompt: str, reply_tokens: int) -> Callable[[str], None]:
         """One job as a user's script runs it: a one-token sentiment with probabilities, then the reply
         with the same prompt this service writes (its mood from that sentiment, its language from the text)."""
-        from worker.prompts import reply_language, reply_prefix_messages
+        from worker.engine.prompts import reply_language, reply_prefix_messages
 
         def run(text: str) -> None:
             prompt = (f"<|im_start|>system\n{classifier_prompt}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n"
@@ -172,8 +172,8 @@ def _mood_of(answer: dict) -> str:
     (``reply_mood``): the label word's first token with its probability."""
     import math
 
-    from producer.protocol import LABEL_SETS
-    from worker.prompts import MOOD_CONFIDENCE
+    from jobqueue.protocol import LABEL_SETS
+    from worker.engine.prompts import MOOD_CONFIDENCE
 
     try:
         first = answer["completion_probabilities"][0]
@@ -265,15 +265,15 @@ def our_engines(config: PeersConfig) -> list[OurEngine]:
 def measure_service(config: PeersConfig, engine: OurEngine, texts: list[str]) -> Subject:
     """This service through the queue: one worker (BATCH_MAX 8), closed-loop clients."""
     from producer import Client
-    from producer.protocol import JobStatus
-    from producer.settings import ProducerSettings
+    from jobqueue.protocol import JobStatus
+    from jobqueue.settings import QueueSettings
     from worker.bench.service import start_workers
 
     subject = Subject(engine.name)
     workers = start_workers(str(engine.model), engine.dtype, 1, config.threads, config.redis_url,
                             env={"BATCH_MAX": "8", "ENGINE": engine.engine})
     subject.start_s = workers.start_s
-    client = Client(settings=ProducerSettings(redis_url=config.redis_url, job_timeout_s=300, queue_timeout_s=3600))
+    client = Client(settings=QueueSettings(redis_url=config.redis_url, job_timeout_s=300, queue_timeout_s=3600))
 
     def job(text: str) -> None:
         job_id = client.submit(text, max_new_tokens=config.reply_tokens, min_new_tokens=config.reply_tokens,
@@ -300,7 +300,7 @@ def measure_engine_in_process(config: PeersConfig, engine: OurEngine, subject: S
 
     from worker.bench.micro import decode_ms_per_token, prefill_ms
     from worker.engine import load_engine
-    from worker.model_source import resolve_model_source
+    from worker.engine.model_source import resolve_model_source
 
     loaded = load_engine(resolve_model_source(str(engine.model)), engine.dtype, config.threads, engine=engine.engine,
                          max_rows=8)
@@ -313,7 +313,7 @@ def measure_engine_in_process(config: PeersConfig, engine: OurEngine, subject: S
 
 
 def measure_llama_server(config: PeersConfig, texts: list[str]) -> tuple[Subject, str]:
-    from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, classifier_prompt
+    from worker.engine.prompts import DEFAULT_CLASSIFIER_PROMPT, classifier_prompt
 
     subject = Subject("llama-server -np 8")
     server = LlamaServer(config.llama_bin, config.gguf, config.threads)

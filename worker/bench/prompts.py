@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from producer.evaluate import Row
-from worker.prompts import CLASSIFIER_PROMPTS, classifier_prompt
+from worker.engine.prompts import CLASSIFIER_PROMPTS, classifier_prompt
 
 #: Label-word pairs scored at the answer position: (name, positive word, negative word).
 WORD_PAIRS = (("正面/负面", "正面", "负面"), ("积极/消极", "积极", "消极"),

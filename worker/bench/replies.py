@@ -48,8 +48,8 @@ def measure(model: str, engine_name: str, configs: list[str], dtype: str, thread
             ) -> dict[str, list[float]]:
     """Config -> reply ms of each round (ROWS replies of TOKENS tokens together)."""
     from worker.engine import ReplyRequest, load_engine
-    from worker.model_source import resolve_model_source
-    from worker.prompts import reply_mood
+    from worker.engine.model_source import resolve_model_source
+    from worker.engine.prompts import reply_mood
 
     engine = load_engine(resolve_model_source(model), dtype, threads, engine=engine_name,
                          kv_cache_tokens=ROWS * 1024, max_rows=ROWS)
@@ -73,8 +73,8 @@ def score(model: str, engine_name: str, configs: list[str], dtype: str, threads:
     """Config -> the eval-replies tables of the shipped prompt set, replies of up to 128 tokens."""
     from producer.reply_scores import format_tables, per_kind, score_reply, summarize
     from worker.engine import ReplyRequest, load_engine
-    from worker.model_source import resolve_model_source
-    from worker.prompts import reply_mood
+    from worker.engine.model_source import resolve_model_source
+    from worker.engine.prompts import reply_mood
 
     engine = load_engine(resolve_model_source(model), dtype, threads, engine=engine_name,
                          kv_cache_tokens=ROWS * 1024, max_rows=ROWS)

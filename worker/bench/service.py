@@ -23,8 +23,8 @@ import psutil
 from tqdm import tqdm
 
 from producer import Client
-from producer.protocol import JobRecord, JobStatus
-from producer.settings import ProducerSettings
+from jobqueue.protocol import JobRecord, JobStatus
+from jobqueue.settings import QueueSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,7 +168,7 @@ class LevelResult:
 def run_level(redis_url: str, texts: list[str], concurrency: int, jobs: int, reply_tokens: int,
               desc: str, broker_url: str | None = None) -> LevelResult:
     """``concurrency`` producers, each submitting and waiting for one job at a time, ``jobs`` in all."""
-    settings = ProducerSettings(redis_url=redis_url, broker_url=broker_url, job_timeout_s=300, queue_timeout_s=3600)
+    settings = QueueSettings(redis_url=redis_url, broker_url=broker_url, job_timeout_s=300, queue_timeout_s=3600)
     exceptions: Counter = Counter()
     records: list[JobRecord] = []
     submit_ms: list[float] = []
@@ -203,5 +203,5 @@ def run_level(redis_url: str, texts: list[str], concurrency: int, jobs: int, rep
 
 
 def queue_is_empty(redis_url: str, broker_url: str | None = None) -> bool:
-    with Client(settings=ProducerSettings(redis_url=redis_url, broker_url=broker_url)) as client:
+    with Client(settings=QueueSettings(redis_url=redis_url, broker_url=broker_url)) as client:
         return client.queue_depth() == 0

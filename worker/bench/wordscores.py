@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.interface import SequenceModel
-from worker.model_source import ModelSource
+from worker.engine.model_source import ModelSource
 
 
 class WordScorer:

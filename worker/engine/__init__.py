@@ -21,7 +21,7 @@ from worker.engine.interface import Engine, SequenceModel
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult, StopReason
 
 if TYPE_CHECKING:
-    from worker.model_source import ModelSource
+    from worker.engine.model_source import ModelSource
 
 __all__ = ["Engine", "EngineInfo", "ReplyRequest", "ReplyResult", "SentimentResult", "SequenceModel", "StopReason",
            "load_engine"]
@@ -35,6 +35,6 @@ def load_engine(source: ModelSource, dtype: str = "int8", threads: int | None = 
     kv_cache_tokens and max_rows size llama.cpp's context.
     """
     from worker.engine.qwen import QwenEngine
-    from worker.model_source import choose_engine
+    from worker.engine.model_source import choose_engine
 
     return QwenEngine.load(source, dtype, threads, engine=choose_engine(engine, source), **options)

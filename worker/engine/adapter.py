@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.model_source import ModelLoadError
+from worker.engine.model_source import ModelLoadError
 
 #: The metadata key holding the manifest, and the manifest format this code reads and writes.
 MANIFEST_KEY = "qwen_allinone_adapter"

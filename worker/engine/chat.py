@@ -18,9 +18,9 @@ import re
 import uuid
 from typing import Protocol
 
-from producer.protocol import LABEL_SETS
-from worker.model_source import ModelLoadError
-from worker.prompts import classifier_prompt
+from jobqueue.labels import LABEL_SETS
+from worker.engine.model_source import ModelLoadError
+from worker.engine.prompts import classifier_prompt
 
 # A sentence ends at one of these marks (a "." only before a space or the end and not after a digit:
 # not in 3.14, nor a list's "2. "),

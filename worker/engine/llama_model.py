@@ -35,8 +35,8 @@ from worker.engine.generation import Repetition, Sampler
 from worker.engine.interface import Segment, split_passes
 from worker.engine.llama_vocab import LlamaVocab
 from worker.engine.results import EngineInfo
-from worker.model_source import ModelLoadError, ModelSource
-from worker.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_REPLY_PROMPT
+from worker.engine.model_source import ModelLoadError, ModelSource
+from worker.engine.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_REPLY_PROMPT
 
 log = logging.getLogger("qwen_allinone.worker")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from producer.protocol import LABEL_SETS
+from jobqueue.labels import LABEL_SETS
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, check_fits
 from worker.engine.adapter import SETTING as ADAPTER_SETTING
 from worker.engine.chat import ChatFormat, HFTokenizer
@@ -32,8 +32,8 @@ from worker.engine.interface import PassOutput, SequenceModel, Sequences
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
 from worker.engine.chunked_sentiment import ChunkedSentiment
 from worker.engine.session import ReplySession, run_to_end
-from worker.model_source import ModelLoadError, ModelSource
-from worker.prompts import (
+from worker.engine.model_source import ModelLoadError, ModelSource
+from worker.engine.prompts import (
     CLASSIFIER_PROMPTS,
     DEFAULT_CLASSIFIER_PROMPT,
     DEFAULT_POSITIVE_THRESHOLD,

@@ -30,7 +30,7 @@ from worker.engine.interface import Segment, split_passes
 from worker.engine.mapped import MappedEmbedding
 from worker.engine.results import EngineInfo
 from worker.engine.weights import WEIGHT_FORMATS, weight_bytes
-from worker.model_source import ModelLoadError, ModelSource
+from worker.engine.model_source import ModelLoadError, ModelSource
 
 #: At most this many tokens in one pass: a longer batch of segments (or one long
 #: prompt) is split, so that activations stay bounded (see README, "Memory").

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from producer.protocol import LABEL_SETS
+from jobqueue.labels import LABEL_SETS
 from worker.engine.adapter import DEEP_PREFIX, LORA, LORA_TARGETS, TECHNIQUES, lora_tensor_names
 from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.decoder import Qwen2Decoder
 from worker.engine.trainable import TrainableClassifier, real_token_prefix
 from worker.engine.torch_model import load_model, model_identity
-from worker.model_source import ModelSource
+from worker.engine.model_source import ModelSource
 
 
 

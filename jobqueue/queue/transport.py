@@ -8,11 +8,11 @@
    is not left held by a live process for ever.
 2. Liveness. A message recorded as unacknowledged is added, in the same
    pipeline, to the ``held`` set of the process holding it, and removed with
-   it (``worker.queue.liveness``); the reconciler reads those sets.
+   it (``jobqueue.queue.liveness``); the reconciler reads those sets.
 3. Atomic admission. A job published inside ``submission.admitting`` is
    written by one script: the depth check, its record, its open-job entry,
    its conversation's pending turn and the message itself
-   (``worker.queue.submission``).
+   (``jobqueue.queue.submission``).
 4. A Redis that refuses writes (OOM at maxmemory, READONLY, MISCONF) does not
    stop Celery's consumer with "Unrecoverable error". An acknowledgement or a
    hand-back it refuses is done in memory now and in Redis at the next step
@@ -32,9 +32,9 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.json import dumps
 
-from producer.protocol import held_key
-from worker.queue import submission
-from worker.queue.liveness import consumer_id
+from jobqueue.protocol import held_key
+from jobqueue.queue import submission
+from jobqueue.queue.liveness import consumer_id
 
 log = logging.getLogger("qwen_allinone.worker")
 

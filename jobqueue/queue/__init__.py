@@ -29,7 +29,7 @@ from __future__ import annotations
 from importlib.metadata import version
 
 #: Celery's ``broker_transport`` setting that selects our Redis transport.
-QUEUE_TRANSPORT = "worker.queue.transport:Transport"
+QUEUE_TRANSPORT = "jobqueue.queue.transport:Transport"
 
 #: The minor versions the suite ran on; the internals above may change in any other.
 TESTED_VERSIONS = {"kombu": "5.7", "celery": "5.7"}
@@ -43,7 +43,7 @@ def check_versions() -> str | None:
     if not wrong:
         return None
     tested = ", ".join(f"{name} {minor}.x" for name, minor in TESTED_VERSIONS.items())
-    return (f"{' and '.join(wrong)} installed, but worker/queue/ uses kombu internals tested only with "
+    return (f"{' and '.join(wrong)} installed, but jobqueue/queue/ uses kombu internals tested only with "
             f"{tested}; install those (pip install -e .[worker])")
 
 

@@ -6,7 +6,7 @@ which is what Celery's consumer itself uses. A taken message lands in kombu's
 "unacked" set exactly as a delivery to Celery does (in one atomic step, see
 ``_get``), so if this process dies before acknowledging it, the
 reconciler puts it back in the queue for another worker once this process's
-heartbeat lapses (``worker.queue.liveness``). Each
+heartbeat lapses (``jobqueue.queue.liveness``). Each
 taken message is acknowledged by the task right after its job's final record
 is written.
 
@@ -33,9 +33,9 @@ from kombu import Connection
 from kombu.message import Message
 from kombu.transport.virtual import QoS as VirtualQoS
 
-from producer.protocol import QUEUE_NAME, TASK_NAME, held_key
-from worker.queue.liveness import consumer_id
-from worker.queue.transport import UNREADABLE_MESSAGE_ERRORS, lane_keys
+from jobqueue.protocol import QUEUE_NAME, TASK_NAME, held_key
+from jobqueue.queue.liveness import consumer_id
+from jobqueue.queue.transport import UNREADABLE_MESSAGE_ERRORS, lane_keys
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -46,7 +46,7 @@ POLL_INTERVAL_S = 0.002
 #: unacknowledged in kombu's own format (kombu.transport.redis.QoS.append): the hash
 #: field is the delivery tag and the value is ``[payload, exchange, routing_key]``;
 #: the index is scored by time, for the visibility-timeout sweep; the tag joins this
-#: process's held set (worker.queue.liveness). The payload is kept as the exact text
+#: process's held set (jobqueue.queue.liveness). The payload is kept as the exact text
 #: that was queued. Something Redis's JSON decoder cannot read as an envelope with a string
 #: delivery tag is only popped; the caller records it if Python reads it.
 #: KEYS: unacked hash, unacked index, held set, then the queue's lanes. ARGV: the time.
@@ -179,7 +179,7 @@ class Intake:
                 raise TypeError(f"delivery tag {message.delivery_tag!r} is not a string")
         except UNREADABLE_MESSAGE_ERRORS as err:
             # Not a kombu envelope (a body that does not decode, say); it was already popped, as on
-            # Celery's own path (worker.queue.transport). If the script recorded it, unrecord it.
+            # Celery's own path (jobqueue.queue.transport). If the script recorded it, unrecord it.
             if recorded_tag:
                 channel.qos._remove_from_indices(recorded_tag.decode()).execute()
             log.error("dropped an undecodable message from the queue: %s: %s", type(err).__name__, err)

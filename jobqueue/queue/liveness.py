@@ -4,7 +4,7 @@ Every process that takes messages off the queue (a worker's parent, which is
 Celery's consumer, and its pool process, which takes more for a batch) has a
 consumer id and a heartbeat: a key with a short TTL that a thread of its own
 refreshes. Each message it holds unacknowledged is in its ``held`` set,
-written in the same step as kombu's unacked record (``worker.queue.transport``
+written in the same step as kombu's unacked record (``jobqueue.queue.transport``
 and the intake's script). When a process dies its heartbeat lapses within
 ``LIVENESS_TTL_S`` and the reconciler hands its messages back to the queue,
 instead of kombu's visibility timeout (an hour by default) doing it.
@@ -20,7 +20,7 @@ import uuid
 
 import redis
 
-from producer.protocol import CONSUMERS_KEY, consumer_key, runner_key
+from jobqueue.protocol import CONSUMERS_KEY, consumer_key, runner_key
 
 log = logging.getLogger("qwen_allinone.worker")
 

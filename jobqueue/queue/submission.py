@@ -2,7 +2,7 @@
 
 The producer publishes through Celery as before, inside ``admitting(plan)``.
 Kombu hands the finished envelope to our channel's ``_put``
-(``worker.queue.transport``), which runs ``_ADMIT_SCRIPT`` instead of a plain
+(``jobqueue.queue.transport``), which runs ``_ADMIT_SCRIPT`` instead of a plain
 LPUSH: the depth check against ``MAX_QUEUE``, the ``queued`` record, the job's
 entry among the open jobs, its conversation's pending turn and the envelope,
 all in one Lua script. So ``MAX_QUEUE`` is never overshot by concurrent
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from producer.errors import QueueFull
-from producer.protocol import (
+from jobqueue.errors import QueueFull
+from jobqueue.protocol import (
     LANE_PRIORITY,
     OPEN_JOBS_KEY,
     TASK_NAME,

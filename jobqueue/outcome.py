@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from producer.protocol import JobError, JobRecord, JobStatus
-from producer.store import JobStore
+from jobqueue.protocol import JobError, JobRecord, JobStatus
+from jobqueue.store import JobStore
 
 log = logging.getLogger("qwen_allinone.worker")
 

@@ -1,7 +1,7 @@
 """Reading the counters that workers write with each final record (``JobStore._put_final_once``).
 
 The gateway's ``/metrics`` and ``Client.read_metrics`` read them here, in one
-round trip; the keys are listed in ``producer.protocol``.
+round trip; the keys are listed in ``jobqueue.protocol``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from producer.protocol import METRICS_CACHE_KEY, METRICS_JOBS_KEY, STAGES, metrics_stage_key
+from jobqueue.protocol import METRICS_CACHE_KEY, METRICS_JOBS_KEY, STAGES, metrics_stage_key
 
 
 @dataclass

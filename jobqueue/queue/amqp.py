@@ -35,8 +35,8 @@ from amqp.exceptions import AMQPError, MessageNacked, NotFound, PreconditionFail
 from celery import Celery
 from kombu import Connection, Exchange, Queue
 
-from producer.errors import BrokerUnavailable, QueueFull
-from producer.protocol import (
+from jobqueue.errors import BrokerUnavailable, QueueFull
+from jobqueue.protocol import (
     OPEN_JOBS_KEY,
     QUEUE_NAME,
     TASK_NAME,
@@ -47,8 +47,8 @@ from producer.protocol import (
     open_job_score,
     pending_turns_key,
 )
-from worker.queue.intake import POLL_INTERVAL_S, TakenJob, as_job
-from worker.queue.submission import send_job
+from jobqueue.queue.intake import POLL_INTERVAL_S, TakenJob, as_job
+from jobqueue.queue.submission import send_job
 
 log = logging.getLogger("qwen_allinone.worker")
 

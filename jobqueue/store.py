@@ -1,6 +1,6 @@
 """Every Redis read and write of job records and conversations.
 
-Keys come from ``producer.protocol``; this module is the only place that
+Keys come from ``jobqueue.protocol``; this module is the only place that
 touches them. A record is one JSON string written with a single SET, so a
 reader sees either the old or the new version, never half of one, and a
 record with a final status is never overwritten.
@@ -17,9 +17,9 @@ from pydantic import ValidationError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from producer.errors import UnreadableRecord
-from producer.metrics_store import JobMetrics, read_metrics
-from producer.protocol import (
+from jobqueue.errors import UnreadableRecord
+from jobqueue.metrics_store import JobMetrics, read_metrics
+from jobqueue.protocol import (
     DONE_SIGNAL_TTL_S,
     CALLBACKS_KEY,
     FINISHED_RECENTLY_KEY,

@@ -2,14 +2,14 @@
 
 The job record is the source of truth. Every job whose record is queued or
 running is in the open-job index (``OPEN_JOBS_KEY``), added in the same step
-as its ``queued`` record (``worker.queue.submission``) and removed in the same
+as its ``queued`` record (``jobqueue.queue.submission``) and removed in the same
 step as its final record (``JobStore.put``). Each worker's parent sweeps every
 ``RECONCILE_INTERVAL_S``; a Redis lock lets one sweep run at a time across all
 workers. A sweep does three things:
 
 1. **Messages of dead processes go back to the queue.** An unacknowledged
    message that no live process holds (its holder's heartbeat lapsed,
-   ``worker.queue.liveness``) is moved back to the front of the queue, as
+   ``jobqueue.queue.liveness``) is moved back to the front of the queue, as
    kombu's visibility timeout would do an hour later.
 2. **Open jobs whose message is gone are re-sent.** A job that is open but in
    no queue and no unacked record (a worker killed between kombu's pop and
@@ -24,7 +24,7 @@ workers. A sweep does three things:
 With the queue in RabbitMQ, the broker does the first itself (a dead
 consumer's connection closes and its messages go back), the third cannot be
 done (a queue cannot be reordered), and the second covers the jobs marked
-*unsent* (``worker.queue.amqp``): a publish never confirmed, or a delivered
+*unsent* (``jobqueue.queue.amqp``): a publish never confirmed, or a delivered
 job acknowledged by Celery without a final record.
 
 The first two act only on what two sweeps at least ``grace_s`` apart found in the same
@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 import redis
 from celery import Celery
 
-from producer.errors import UnreadableRecord
-from producer.protocol import (
+from jobqueue.errors import UnreadableRecord
+from jobqueue.protocol import (
     CONSUMERS_KEY,
     OPEN_JOBS_KEY,
     QUEUE_NAME,
@@ -60,11 +60,11 @@ from producer.protocol import (
     consumer_key,
     held_key,
 )
-from producer.store import JobStore
-from worker.outcome import finish, save_final
-from worker.queue.amqp import AmqpBroker, unsent_jobs
-from worker.queue.submission import resend_job
-from worker.queue.transport import lane_keys
+from jobqueue.store import JobStore
+from jobqueue.outcome import finish, save_final
+from jobqueue.queue.amqp import AmqpBroker, unsent_jobs
+from jobqueue.queue.submission import resend_job
+from jobqueue.queue.transport import lane_keys
 
 log = logging.getLogger("qwen_allinone.worker")
 

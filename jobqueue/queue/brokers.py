@@ -12,13 +12,13 @@ from typing import Protocol
 
 from celery import Celery
 
-from producer.protocol import QUEUE_NAME, JobMessage, JobRecord
-from producer.settings import ProducerSettings
-from producer.store import JobStore
-from worker.queue import QUEUE_TRANSPORT, amqp, submission
-from worker.queue.amqp import AmqpBroker, AmqpIntake
-from worker.queue.intake import Intake
-from worker.queue.transport import lane_keys
+from jobqueue.protocol import QUEUE_NAME, JobMessage, JobRecord
+from jobqueue.settings import QueueSettings
+from jobqueue.store import JobStore
+from jobqueue.queue import QUEUE_TRANSPORT, amqp, submission
+from jobqueue.queue.amqp import AmqpBroker, AmqpIntake
+from jobqueue.queue.intake import Intake
+from jobqueue.queue.transport import lane_keys
 
 
 class Broker(Protocol):
@@ -63,14 +63,14 @@ class RedisBroker:
         return lane_keys(QUEUE_NAME)
 
 
-def broker_for(settings: ProducerSettings, store: JobStore) -> Broker:
+def broker_for(settings: QueueSettings, store: JobStore) -> Broker:
     """The broker that BROKER_URL (or, unset, REDIS_URL) names; ``store``: the records' Redis."""
     if settings.broker_kind == "amqp":
         return AmqpBroker(store.redis, max_queue=settings.max_queue, quorum=settings.broker_quorum)
     return RedisBroker(store, max_queue=settings.max_queue)
 
 
-def celery_broker_config(settings: ProducerSettings, *, heartbeat_s: float) -> dict:
+def celery_broker_config(settings: QueueSettings, *, heartbeat_s: float) -> dict:
     """Celery's broker settings. ``heartbeat_s``: on RabbitMQ, the AMQP heartbeat, which sets how soon
     a silent connection is given up and its messages handed back (workers: a third of LIVENESS_TTL_S;
     a producer, which only publishes and runs no loop to send heartbeats: 0, none)."""
@@ -79,7 +79,7 @@ def celery_broker_config(settings: ProducerSettings, *, heartbeat_s: float) -> d
     return {"broker_url": settings.broker, "broker_transport": QUEUE_TRANSPORT}
 
 
-def intake_for(app: Celery, settings: ProducerSettings, *, heartbeat_s: float) -> Intake | AmqpIntake:
+def intake_for(app: Celery, settings: QueueSettings, *, heartbeat_s: float) -> Intake | AmqpIntake:
     """What a pool process takes more waiting jobs for its batch with."""
     if settings.broker_kind == "amqp":
         return AmqpIntake(app, amqp.job_queue(settings.max_queue, settings.broker_quorum), heartbeat_s)

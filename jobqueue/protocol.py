@@ -61,6 +61,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from jobqueue.labels import LABEL_SETS
+
 # --- names -------------------------------------------------------------------
 
 KEY_PREFIX = "qwen-allinone"
@@ -220,14 +222,7 @@ class ErrorCode(str, enum.Enum):
     CANCELLED = "cancelled"  # its client cancelled it
 
 
-#: Label sets the classifier can answer with: positive, negative, then neutral in three-class sets.
-LABEL_SETS: dict[str, tuple[str, ...]] = {
-    "zh": ("正面", "负面"),
-    "en": ("positive", "negative"),
-    "zh3": ("正面", "负面", "中性"),
-    "en3": ("positive", "negative", "neutral"),
-}
-LabelSetName = Literal["zh", "en", "zh3", "en3"]
+LabelSetName = Literal["zh", "en", "zh3", "en3"]  # LABEL_SETS' names (jobqueue/labels.py)
 Priority = Literal["interactive", "bulk"]
 #: The broker's message priority of each lane (kombu's Redis transport: 0 is served first).
 LANE_PRIORITY: dict[str, int] = {"interactive": 0, "bulk": 9}

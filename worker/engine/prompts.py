@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from producer.protocol import LABEL_SETS
+from jobqueue.labels import LABEL_SETS
 
 _GUIDE_ZH = "抱怨、失望、批评、不满属于“{negative}”；满意、称赞、感谢、推荐属于“{positive}”。"
 _GUIDE_ZH3 = _GUIDE_ZH + "没有明显褒贬、只陈述事实的属于“{neutral}”。"
