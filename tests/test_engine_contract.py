@@ -152,8 +152,8 @@ def test_every_engine_builds_the_same_prompts(engine, tiny_model_dir):
     assert engine.chat.label_token_ids == reference.chat.label_token_ids
 
 
-def test_the_llama_cpp_cache_is_q8_0_for_the_tiny_model_as_for_real_ones(engine):
+def test_the_llama_cpp_cache_is_float16_for_the_tiny_model_as_for_real_ones(engine):
     if engine.info().name != "llama.cpp":
         pytest.skip("llama.cpp only")
-    # 2 layers x (key + value) x 1 head x 32 values, at 34 bytes per block of 32.
-    assert engine.info().kv_bytes_per_token == 2 * 2 * 1 * 34
+    # 2 layers x (key + value) x 1 head x 32 values, at 2 bytes each.
+    assert engine.info().kv_bytes_per_token == 2 * 2 * 1 * 32 * 2

@@ -3,6 +3,7 @@
     python -m worker.bench accuracy --model DIR [--dtypes float32,bfloat16,int8] [--n 400]
     python -m worker.bench adapters --model DIR|FILE.gguf --adapters FILE[,FILE] [--engine auto]
     python -m worker.bench replies --model DIR|FILE.gguf [--configs original:1.0,mood-examples]
+    python -m worker.bench step --model FILE.gguf [--configs original:q8_0,mood-examples:f16]
     python -m worker.bench prompts --model DIR [--layouts system:fewshot,example-turns]
     python -m worker.bench run --model DIR|FILE.gguf [--baseline] ...
     python -m worker.bench run --shape qwen2.5-0.5b [--baseline] ...
@@ -435,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     from worker.bench import replies
 
     replies.add_parser(sub, machine_line, available_cores())
+    from worker.bench import step
+
+    step.add_parser(sub, machine_line, available_cores())
 
     p = sub.add_parser("adapters", help="what classifier adapters cost at serving time: RSS, sentiment, reply")
     p.add_argument("--model", required=True, help="model folder or .gguf file")

@@ -45,12 +45,12 @@ N_BATCH = 2048
 N_UBATCH = 512
 #: Sequence ids kept for the fixed prompt prefixes (one per label set, one per reply mood and language).
 PREFIX_SEQUENCES = 12
-#: Key/value cache entries in llama.cpp's q8_0 (blocks of 32 int8 values and a float16 scale):
-#: half of float16's memory (48 MB less RSS for the 0.5B model's 8,192 tokens), at the same decode
-#: speed, and 0.826 against 0.830 sentiment accuracy on 1,000 dev reviews (BENCHMARKS.md). A quantized
-#: V cache needs flash attention; a head size that is not a multiple of 32 keeps float16.
-Q8_0_BLOCK = 32
-KV_BYTES_PER_ELEMENT = {llama_cpp.GGML_TYPE_Q8_0: 34 / 32, llama_cpp.GGML_TYPE_F16: 2.0}
+#: Key/value cache entries in float16. q8_0 holds them in half the memory (48 MB less RSS for the
+#: 0.5B model's 8,192 tokens), but flash attention dequantizes every cached value at every step: with
+#: the reply's 330-token example prefixes a decoding step of 8 rows took 107 ms in q8_0 against 92 ms
+#: in float16 (BENCHMARKS.md, "The llama.cpp engine's decoding step").
+KV_CACHE_TYPE = llama_cpp.GGML_TYPE_F16
+KV_BYTES_PER_ELEMENT = 2
 
 
 class LlamaOutput:
@@ -193,8 +193,7 @@ class LlamaSequenceModel:
     def info(self) -> EngineInfo:
         n_layer = llama_cpp.llama_model_n_layer(self.model)
         head_dim = _head_dim(self.model)
-        element_bytes = KV_BYTES_PER_ELEMENT[kv_cache_type(self.model)]
-        kv_per_token = round(n_layer * 2 * llama_cpp.llama_model_n_head_kv(self.model) * head_dim * element_bytes)
+        kv_per_token = n_layer * 2 * llama_cpp.llama_model_n_head_kv(self.model) * head_dim * KV_BYTES_PER_ELEMENT
         return EngineInfo(name="llama.cpp", weights=weights_name(self.model),
                           weight_bytes=llama_cpp.llama_model_size(self.model), kv_bytes_per_token=kv_per_token,
                           threads=self.threads, batch_invariant=False)
@@ -208,10 +207,6 @@ def _sequence_ids(max_rows: int) -> int:
 
 def _head_dim(model) -> int:
     return llama_cpp.llama_model_n_embd(model) // llama_cpp.llama_model_n_head(model)
-
-
-def kv_cache_type(model) -> int:
-    return llama_cpp.GGML_TYPE_Q8_0 if _head_dim(model) % Q8_0_BLOCK == 0 else llama_cpp.GGML_TYPE_F16
 
 
 def weights_name(model) -> str:
@@ -274,7 +269,7 @@ def _new_context(model, source: ModelSource, threads: int, n_ctx: int, max_rows:
     params.n_ubatch = N_UBATCH
     # One pool of cells for every sequence: a prefix copy shares cells instead of duplicating them.
     params.kv_unified = True
-    params.type_k = params.type_v = kv_cache_type(model)
+    params.type_k = params.type_v = KV_CACHE_TYPE
     params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
     params.n_seq_max = _sequence_ids(max_rows)
     params.n_threads = params.n_threads_batch = threads
