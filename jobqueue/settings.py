@@ -1,6 +1,6 @@
 """Settings shared by producers and workers: where the records and the queue live, and the queue's limits.
 
-Every setting has a documented default here and one row in the README's
+Every setting has a documented default here and one row in docs/settings.md's
 settings table. Nothing is read at import time: build ``QueueSettings()``
 where it is needed (a ``Client``, the CLI, the worker's app factory). The gateway's own
 settings are ``producer.settings.ApiSettings``, the worker's ``worker.settings.WorkerSettings``.

@@ -63,6 +63,8 @@ def test_a_job_larger_than_the_whole_cache_fails_alone_naming_the_setting(llama_
 ])
 def test_an_engine_that_cannot_run_the_model_stops_the_worker_with_one_line(
         worker_env, tmp_path, request, engine, model_fixture, expected):
+    if engine == "llama.cpp":
+        require_llama_cpp()  # without the extra the worker's one line says to install it instead
     model = request.getfixturevalue(model_fixture)
     worker = start_worker("worker.app", tmp_path / "bad.log", {**worker_env, "MODEL": str(model), "ENGINE": engine},
                           wait_loaded=False, name="bad-engine")

@@ -12,7 +12,7 @@ from jobqueue.settings import QueueSettings
 from worker.app import celery_config
 from worker.settings import WorkerSettings, available_cores
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+SETTINGS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
 
 def test_defaults(monkeypatch):
@@ -65,10 +65,10 @@ def test_celery_config_keeps_delivery_guarantees():
     assert conf["accept_content"] == ["json"]
 
 
-def test_every_setting_is_in_the_readme_table():
-    table = README.read_text()
+def test_every_setting_is_in_the_settings_table():
+    table = SETTINGS_PAGE.read_text()
     for name in WorkerSettings.model_fields:
-        assert re.search(rf"^\| `{name.upper()}` \|", table, re.M), f"{name.upper()} missing from README"
+        assert re.search(rf"^\| `{name.upper()}` \|", table, re.M), f"{name.upper()} missing from docs/settings.md"
     assert set(QueueSettings.model_fields) <= set(WorkerSettings.model_fields)
 
 

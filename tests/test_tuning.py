@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest.importorskip("peft", reason="training adapters needs the [tune] extra (pip install -e '.[tune]')")
+
 from producer.evaluate import Row, balanced_sample
 from jobqueue.protocol import JobStatus
 from tests.conftest import require_llama_cpp, start_worker

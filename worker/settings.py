@@ -1,7 +1,7 @@
 """Worker settings: everything the producer knows, plus the model and its limits.
 
 Read from environment variables when the Celery app is created (``worker.app``),
-never at import time. Each field has one row in the README's settings table.
+never at import time. Each field has one row in docs/settings.md's table.
 """
 
 from __future__ import annotations

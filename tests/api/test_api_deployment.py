@@ -9,6 +9,7 @@ from producer.settings import ApiSettings
 from tests.test_deployment import ROOT, compose
 
 README = (ROOT / "README.md").read_text()
+SETTINGS_PAGE = (ROOT / "docs" / "settings.md").read_text()
 RUN_COMMAND = "uvicorn --factory producer.api:create_app --host 0.0.0.0 --port 8000"
 
 
@@ -30,6 +31,6 @@ def test_flower_watches_the_same_broker_on_localhost():
     assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
 
 
-def test_every_gateway_setting_is_in_the_readme_table():
+def test_every_gateway_setting_is_in_the_settings_table():
     for name in set(ApiSettings.model_fields) - set(QueueSettings.model_fields):
-        assert re.search(rf"^\| `{name.upper()}` \|", README, re.M), f"{name.upper()} missing from README"
+        assert re.search(rf"^\| `{name.upper()}` \|", SETTINGS_PAGE, re.M), f"{name.upper()} missing from docs/settings.md"

@@ -57,7 +57,7 @@ def choose_engine(setting: str, source: ModelSource) -> str:
         return "llama.cpp" if source.gguf_file and llama_cpp_installed() else "torch"
     if setting == "llama.cpp":
         if not llama_cpp_installed():
-            raise ModelLoadError("ENGINE=llama.cpp needs llama-cpp-python: pip install -e '.[llama]' (README)")
+            raise ModelLoadError("ENGINE=llama.cpp needs llama-cpp-python: pip install -e '.[llama]' (README, Set up)")
         if source.gguf_file is None:
             raise ModelLoadError(f"ENGINE=llama.cpp runs a .gguf file, and MODEL={source.model_id!r} is a folder")
     return setting

@@ -33,7 +33,7 @@ from worker.engine.weights import WEIGHT_FORMATS, weight_bytes
 from worker.engine.model_source import ModelLoadError, ModelSource
 
 #: At most this many tokens in one pass: a longer batch of segments (or one long
-#: prompt) is split, so that activations stay bounded (see README, "Memory").
+#: prompt) is split, so that activations stay bounded (see docs/jobs.md, "Memory").
 PASS_TOKENS = 2048
 
 
@@ -107,7 +107,7 @@ class TorchSequences:
 
 
 class TorchSequenceModel:
-    #: Each batch allocates a cache of its own (README, "Memory"): no shared pool to fit.
+    #: Each batch allocates a cache of its own (docs/jobs.md, "Memory"): no shared pool to fit.
     batch_row_limit = None
     batch_token_limit = None
 
