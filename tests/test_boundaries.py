@@ -129,3 +129,11 @@ def test_the_engine_contract_names_every_other_part_of_the_project():
     allowed = {"worker.engine", "jobqueue.labels"}
     assert parts - allowed - set(engine["forbidden_modules"]) == set()
     assert "producer" in engine["forbidden_modules"]
+
+
+def test_the_engine_boundary_names_no_concrete_class():
+    """interface.py describes engines with protocols and plain dataclasses only (results.py), so the
+    engine's modules do not form a circle through it."""
+    source = (ROOT / "worker" / "engine" / "interface.py").read_text()
+    imports = [line.strip() for line in source.splitlines() if line.strip().startswith(("from worker", "import worker"))]
+    assert imports == ["from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult"]

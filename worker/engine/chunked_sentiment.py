@@ -23,9 +23,8 @@ from worker.engine.results import SentimentResult
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from worker.engine.interface import Sequences
+    from worker.engine.interface import Replies, Sequences
     from worker.engine.qwen import QwenEngine
-    from worker.engine.session import ReplySession
 
 
 @dataclass
@@ -50,7 +49,7 @@ class ChunkedSentiment:
     """
 
     def __init__(self, engine: QwenEngine, items: Sequence[tuple[str, str]], chunk: int,
-                 beside: ReplySession | None = None):
+                 beside: Replies | None = None):
         self.engine, self.chunk, self.beside = engine, chunk, beside
         self.results: list[SentimentResult | ValueError | None]
         self.results, prompts = engine.classifier_prompts(items)

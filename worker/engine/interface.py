@@ -22,14 +22,9 @@ can name these types.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
-
-if TYPE_CHECKING:
-    from worker.engine.chat import ChatFormat
-    from worker.engine.chunked_sentiment import ChunkedSentiment
-    from worker.engine.session import ReplySession
 
 #: (cache row, token ids to append to it).
 Segment = tuple[int, list[int]]
@@ -39,7 +34,6 @@ Segment = tuple[int, list[int]]
 class Engine(Protocol):
     model_id: str
     dtype_name: str
-    chat: ChatFormat
     #: label set -> why this model cannot answer it.
     unavailable_label_sets: dict[str, str]
 
@@ -47,7 +41,7 @@ class Engine(Protocol):
         """(text, label set) pairs -> each one's sentiment, or a ValueError for a set it cannot answer."""
 
     def classify_in_chunks(self, items: Sequence[tuple[str, str]], chunk_tokens: int,
-                           beside: ReplySession | None = None) -> ChunkedSentiment:
+                           beside: Replies | None = None) -> SentimentInChunks:
         """The same answers as ``classify_batch``, computed ``chunk_tokens`` prompt tokens per ``advance()``,
         sharing the cache with ``beside`` (a running session whose steps run between the chunks)."""
 
@@ -57,7 +51,7 @@ class Engine(Protocol):
         """Replies generated together; ``on_step`` gets every row's token ids so far after each step,
         and may return the indices of rows to stop there (stop reason ``cancelled``)."""
 
-    def open_replies(self, rows: int, *, history_max_tokens: int) -> ReplySession:
+    def open_replies(self, rows: int, *, history_max_tokens: int) -> Replies:
         """A decoding session of up to ``rows`` replies, which join and leave it between steps."""
 
     def text_of(self, tokens: list[int]) -> str:
@@ -67,6 +61,56 @@ class Engine(Protocol):
         """What decides the sentiment for ``label_set``: ``prompt:<variant>`` or an adapter's id."""
 
     def info(self) -> EngineInfo: ...
+
+
+class Replies(Protocol):
+    """A decoding session (session.py's ``ReplySession``): replies join and leave it between steps."""
+
+    #: Cache tokens the replies may hold together, or None for no bound.
+    token_limit: int | None
+
+    def add(self, request: ReplyRequest) -> int | None:
+        """Start a reply; its key, or None while no row (or cache) is free. ValueError if it never fits."""
+
+    def cancel(self, key: int) -> None: ...
+
+    def step(self) -> list[tuple[int, ReplyResult]]:
+        """One pass for every running row; the replies that ended, by key."""
+
+    def tokens(self, key: int) -> list[int]: ...
+
+    @property
+    def keys(self) -> list[int]: ...
+
+    @property
+    def free_rows(self) -> int: ...
+
+    @property
+    def free_tokens(self) -> int | None: ...
+
+    def __len__(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Replies: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+class SentimentInChunks(Protocol):
+    """Sentiments computed a chunk of prompt tokens per ``advance`` (chunked_sentiment.py)."""
+
+    #: Per item: its SentimentResult, a ValueError, or None until it is read.
+    results: list[SentimentResult | ValueError | None]
+
+    def advance(self) -> bool:
+        """Read one more chunk; True once every item has its answer."""
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> SentimentInChunks: ...
+
+    def __exit__(self, *exc) -> None: ...
 
 
 class PassOutput(Protocol):

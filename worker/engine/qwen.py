@@ -28,7 +28,7 @@ from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, check_
 from worker.engine.adapter import SETTING as ADAPTER_SETTING
 from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.generation import Repetition, Sampler
-from worker.engine.interface import PassOutput, SequenceModel, Sequences
+from worker.engine.interface import PassOutput, Replies, SequenceModel, Sequences
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
 from worker.engine.chunked_sentiment import ChunkedSentiment
 from worker.engine.session import ReplySession, run_to_end
@@ -203,7 +203,7 @@ class QwenEngine:
         return results, groups
 
     def classify_in_chunks(self, items: Sequence[tuple[str, str]], chunk_tokens: int,
-                           beside: ReplySession | None = None) -> ChunkedSentiment:
+                           beside: Replies | None = None) -> ChunkedSentiment:
         """``classify_batch``'s answers, read ``chunk_tokens`` of the prompts per ``advance``
         (chunked_sentiment.py): for jobs joining ``beside``, a running session, between its decoding steps."""
         return ChunkedSentiment(self, items, chunk_tokens, beside)
