@@ -27,14 +27,12 @@ TEXT = "送餐太慢了，等了两个小时，菜都凉了，打电话也没人
 
 def measure(gguf: str, reply_prompt: str, kv_type: str, rows: int, tokens: int, rounds: int,
             threads: int) -> dict:
-    import llama_cpp
-
     import worker.engine.llama_model as llama_model
     from worker.engine import ReplyRequest, load_engine
     from worker.engine.model_source import resolve_model_source
 
     # The cache type is a constant of the engine; a measurement of the other one sets it here.
-    llama_model.KV_CACHE_TYPE = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}[kv_type]
+    llama_model.KV_CACHE_TYPE = llama_model.KV_CACHE_TYPES[kv_type]
     engine = load_engine(resolve_model_source(gguf), threads=threads, engine="llama.cpp", max_rows=rows,
                          kv_cache_tokens=rows * 1024, reply_variant=reply_prompt)
     steps: list[float] = []

@@ -49,7 +49,8 @@ PREFIX_SEQUENCES = 12
 #: 0.5B model's 8,192 tokens), but flash attention dequantizes every cached value at every step: with
 #: the reply's 330-token example prefixes a decoding step of 8 rows took 107 ms in q8_0 against 92 ms
 #: in float16 (BENCHMARKS.md, "The llama.cpp engine's decoding step").
-KV_CACHE_TYPE = llama_cpp.GGML_TYPE_F16
+KV_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+KV_CACHE_TYPE = KV_CACHE_TYPES["f16"]
 KV_BYTES_PER_ELEMENT = 2
 
 
