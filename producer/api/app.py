@@ -217,12 +217,6 @@ _STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or ApiSettings()
     client = Client(settings=settings)
-    SubmitJob = submit_job_model(settings.max_input_chars, settings.allowed_callback_hosts)  # noqa: N806 (a class, used as the body type)
-    registry = build_registry(client)
-    watcher = RecordWatcher(client, settings.max_event_streams)
-    ping = CachedPing(lambda: client.ping_workers(timeout=HEALTH_PING_TIMEOUT_S), HEALTH_PING_MAX_AGE_S)
-    page = importlib.resources.files("producer.api").joinpath("static/index.html").read_text(encoding="utf-8")
-
     sender = None
     if settings.callback_secret is not None:
         sender = CallbackSender(client, settings.callback_secret.get_secret_value().encode(),
@@ -245,31 +239,57 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     _add_error_handlers(app, settings.max_body_bytes)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(_jobs_router(client, settings))
+    _add_service_routes(app, client)
+    return app
 
-    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
-                                  description="Needed when API_KEY or API_KEYS is set")
 
-    tenants = tenant_keys(settings.api_keys) if settings.api_keys is not None else None
-    single_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+class _Access:
+    """Who is calling (API_KEY or API_KEYS), and which records that caller may see."""
 
-    def caller_tenant(key: Annotated[str | None, Security(api_key_header)]) -> str | None:
+    def __init__(self, client: Client, settings: ApiSettings):
+        self.client = client
+        self.tenants = tenant_keys(settings.api_keys) if settings.api_keys is not None else None
+        self.single_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+
+    def tenant_of(self, key: str | None) -> str | None:
         """The caller's tenant (API_KEYS), or None for a single-tenant gateway; 401 for a wrong key."""
-        if tenants is not None:
+        if self.tenants is not None:
             # Every key is compared, in constant time: the answer's timing leaks neither a key nor which.
-            matches = [tenant for known, tenant in tenants.items()
+            matches = [tenant for known, tenant in self.tenants.items()
                        if key is not None and secrets.compare_digest(key.encode(), known.encode())]
             if matches:
                 return matches[0]
-        elif single_key is None or (key is not None and secrets.compare_digest(key.encode(), single_key.encode())):
+        elif self.single_key is None or (key is not None
+                                         and secrets.compare_digest(key.encode(), self.single_key.encode())):
             return None
         raise ApiProblem(401, "unauthorized", "missing or wrong X-API-Key header")
 
-    def existing_record(job_id: str, tenant: Annotated[str | None, Depends(caller_tenant)]) -> JobRecord:
-        record = client.get(job_id)
+    def record(self, job_id: str, tenant: str | None) -> JobRecord:
+        record = self.client.get(job_id)
         # Under API_KEYS a tenant sees only its own jobs: another tenant's is "not found".
-        if record is None or (tenants is not None and (record.request is None or record.request.tenant != tenant)):
+        if record is None or (self.tenants is not None
+                              and (record.request is None or record.request.tenant != tenant)):
             raise ApiProblem(404, "not_found", f"job {job_id} not found (unknown id, or its record expired)")
         return record
+
+
+def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
+    """The /v1 routes: submit, read, cancel and follow a job.
+
+    Longer than 60 lines: the four routes are declared here, next to the dependencies they close
+    over (FastAPI reads each route's signature, so they cannot be built apart from those)."""
+    SubmitJob = submit_job_model(settings.max_input_chars, settings.allowed_callback_hosts)  # noqa: N806 (a class, used as the body type)
+    watcher = RecordWatcher(client, settings.max_event_streams)
+    access = _Access(client, settings)
+    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                                  description="Needed when API_KEY or API_KEYS is set")
+
+    def caller_tenant(key: Annotated[str | None, Security(api_key_header)]) -> str | None:
+        return access.tenant_of(key)
+
+    def existing_record(job_id: str, tenant: Annotated[str | None, Depends(caller_tenant)]) -> JobRecord:
+        return access.record(job_id, tenant)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller_tenant)], responses=_ERRORS)
 
@@ -331,7 +351,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         async for event in job_events(watcher, record, settings.events_timeout_s):
             yield event
 
-    app.include_router(v1)
+    return v1
+
+
+def _add_service_routes(app: FastAPI, client: Client) -> None:
+    """Health, metrics and the web page: no API key needed."""
+    registry = build_registry(client)
+    ping = CachedPing(lambda: client.ping_workers(timeout=HEALTH_PING_TIMEOUT_S), HEALTH_PING_MAX_AGE_S)
+    page = importlib.resources.files("producer.api").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @app.get("/healthz", responses={503: {"model": Health, "description": "Redis unreachable or no worker answered"}})
     async def healthz(response: Response) -> Health:
@@ -358,5 +385,3 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def web_page() -> HTMLResponse:
         return HTMLResponse(page)
-
-    return app
