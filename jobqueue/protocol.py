@@ -417,6 +417,19 @@ class JobRecord(_Model):
     def to_json(self) -> str:
         return self.model_dump_json()
 
+    @classmethod
+    def queued(cls, job_id: str, message: JobMessage) -> JobRecord:
+        """The record of a job just queued, from its message: the one place a message becomes a record."""
+        return cls(job_id=job_id, status=JobStatus.QUEUED, request=message.request, submitted_at=message.submitted_at,
+                   start_by=message.start_by, timeout_s=message.timeout_s)
+
+    def start(self, now: float) -> None:
+        """Mark this record running for a new attempt (in place): what an earlier attempt wrote is cleared."""
+        self.status = JobStatus.RUNNING
+        self.started_at = now
+        self.sentiment, self.reply, self.truncated, self.error, self.stop_reason = None, None, False, None, None
+        self.timings = Timings(queue_wait_ms=round((now - self.submitted_at) * 1000.0, 1))
+
     def finish(self, status: JobStatus, error: JobError | None = None, now: float | None = None) -> JobRecord:
         """Stamp this record final (in place): status, error, finish time and total time."""
         self.status = status

@@ -127,14 +127,7 @@ class Client:
             start_by=now + self.settings.queue_timeout_s,
             timeout_s=self.settings.job_timeout_s,
         )
-        record = JobRecord(
-            job_id=job_id,
-            status=JobStatus.QUEUED,
-            request=request,
-            submitted_at=message.submitted_at,
-            start_by=message.start_by,
-            timeout_s=message.timeout_s,
-        )
+        record = JobRecord.queued(job_id, message)
         try:
             with self._broker_errors():
                 self.broker.submit(self._celery, record, message, ttl_s=self.settings.result_ttl_s,

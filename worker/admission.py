@@ -22,13 +22,12 @@ from jobqueue.protocol import (
     JobMessage,
     JobRecord,
     JobStatus,
-    Timings,
     describe_validation_error,
 )
 from jobqueue.store import JobStore
 from jobqueue.queue.intake import TakenJob
 from jobqueue.queue.liveness import claim_run
-from jobqueue.outcome import finish, save_final, to_ms
+from jobqueue.outcome import finish, save_final
 from worker.runtime import WorkerRuntime
 
 log = logging.getLogger("qwen_allinone.worker")
@@ -53,6 +52,11 @@ class RunningJob:
     taken: TakenJob | None = None
 
 
+def _expired(waited_s: float) -> JobError:
+    return JobError(code=ErrorCode.EXPIRED,
+                    message=f"waited {waited_s:.0f}s in the queue, past its start deadline; not run (QUEUE_TIMEOUT_S)")
+
+
 def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str],
           hostname: str) -> RunningJob | JobRecord:
     """Check a job and mark it ``running``; or finish it without the model and return its final record.
@@ -74,27 +78,14 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
         record = record or JobRecord(job_id=job_id, status=JobStatus.QUEUED, request=None, submitted_at=now)
         return save_final(store, finish(record, JobStatus.FAILED, message))
 
-    record = record or JobRecord(
-        job_id=job_id,
-        status=JobStatus.QUEUED,
-        request=message.request,
-        submitted_at=message.submitted_at,
-        start_by=message.start_by,
-        timeout_s=message.timeout_s,
-    )
+    record = record or JobRecord.queued(job_id, message)
     # The worker's own JOB_TIMEOUT_S caps the job: its hard time limit and the
     # broker's visibility timeout are set from that, not from the producer.
     record.timeout_s = min(message.timeout_s, settings.job_timeout_s)
     # An earlier attempt started and its worker died: run it again from the
     # start, however late (the job was accepted and had begun).
-    restarted = record.status is JobStatus.RUNNING
-    if not restarted and now > message.start_by:
-        waited = now - message.submitted_at
-        error = JobError(
-            code=ErrorCode.EXPIRED,
-            message=f"waited {waited:.0f}s in the queue, past its start deadline; not run (QUEUE_TIMEOUT_S)",
-        )
-        return save_final(store, finish(record, JobStatus.EXPIRED, error))
+    if record.status is not JobStatus.RUNNING and now > message.start_by:
+        return save_final(store, finish(record, JobStatus.EXPIRED, _expired(now - message.submitted_at)))
     if message.request.conversation_scope:
         _check_turn(store, message.request.conversation_scope, job_id)
 
@@ -110,11 +101,7 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
         )
         return save_final(store, finish(record, JobStatus.FAILED, error))
 
-    record.status = JobStatus.RUNNING
-    record.started_at = now
-    record.sentiment, record.reply, record.truncated, record.error = None, None, False, None
-    record.stop_reason = None
-    record.timings = Timings(queue_wait_ms=to_ms(now - message.submitted_at))
+    record.start(now)
     if not store.put(record):
         # It turned final since it was read: cancelled by its client, say. It never runs.
         final = _load_record(store, job_id)

@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from worker.bench import report
     from producer.evaluate import balanced_sample, read_rows
-    from worker.bench.service import RssSampler, queue_is_empty, run_level, start_workers
+    from worker.bench.service import queue_is_empty, start_workers
 
     if not queue_is_empty(args.redis_url):
         print(f"the queue at {args.redis_url} is not empty: use a Redis database of its own", file=sys.stderr)
@@ -105,23 +105,7 @@ def cmd_run(args: argparse.Namespace) -> int:
            f"(min_new_tokens = max_new_tokens); inputs: short reviews from {Path(args.data).name}"]
 
     layouts = [tuple(int(x) for x in layout.split("x")) for layout in args.layouts.split(",")]
-    results = {}
-    for index, (count, threads) in enumerate(layouts):
-        workers = start_workers(model, args.dtype, count, threads, args.redis_url)
-        try:  # never leave model-holding workers behind
-            rss_loaded = workers.rss_bytes()
-            run_level(args.redis_url, texts, 1, 2, args.reply_tokens, "warm-up")
-            with RssSampler(workers) as sampler:
-                if index == 0:
-                    c1 = run_level(args.redis_url, texts, 1, args.jobs, args.reply_tokens, f"{count}x{threads} c=1")
-                    runs = [c1] + [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c),
-                                             args.reply_tokens, f"{count}x{threads} c={c}") for c in levels if c != 1]
-                else:
-                    runs = [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c), args.reply_tokens,
-                                      f"{count}x{threads} c={c}") for c in (1, 8)]
-        finally:
-            workers.stop()
-        results[(count, threads)] = (workers.start_s, rss_loaded, sampler.peak, runs)
+    results = _measure_layouts(args, model, texts, layouts, levels)
 
     baseline = baseline_rpm = None
     if args.baseline:
@@ -149,6 +133,32 @@ def cmd_run(args: argparse.Namespace) -> int:
                 report.level_table(results[layout][3], baseline_rpm)]
     print("\n".join(out))
     return 0
+
+
+def _measure_layouts(args: argparse.Namespace, model: str, texts: list[str], layouts: list[tuple[int, ...]],
+                     levels: list[int]) -> dict:
+    """(workers, threads) -> (start s, RSS after load, peak RSS, runs): the first layout at every level
+    of concurrency, the others at 1 and 8."""
+    from worker.bench.service import RssSampler, run_level, start_workers
+
+    results = {}
+    for index, (count, threads) in enumerate(layouts):
+        workers = start_workers(model, args.dtype, count, threads, args.redis_url)
+        try:  # never leave model-holding workers behind
+            rss_loaded = workers.rss_bytes()
+            run_level(args.redis_url, texts, 1, 2, args.reply_tokens, "warm-up")
+            with RssSampler(workers) as sampler:
+                if index == 0:
+                    c1 = run_level(args.redis_url, texts, 1, args.jobs, args.reply_tokens, f"{count}x{threads} c=1")
+                    runs = [c1] + [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c),
+                                             args.reply_tokens, f"{count}x{threads} c={c}") for c in levels if c != 1]
+                else:
+                    runs = [run_level(args.redis_url, texts, c, max(args.min_jobs, 2 * c), args.reply_tokens,
+                                      f"{count}x{threads} c={c}") for c in (1, 8)]
+        finally:
+            workers.stop()
+        results[(count, threads)] = (workers.start_s, rss_loaded, sampler.peak, runs)
+    return results
 
 
 def run_in_process(args, model: str, texts: list[str]):
@@ -198,22 +208,18 @@ def run_in_process(args, model: str, texts: list[str]):
 
 
 def cmd_batching(args: argparse.Namespace) -> int:
+    """Longer than 60 lines: one report, assembled in the order it prints (modes, peer, open loops,
+    targets, memory), from the parts batching.py measures."""
     import time
 
     from producer.evaluate import balanced_sample, read_rows
     from worker.bench import batching
-    from worker.bench.service import queue_is_empty
 
-    if not queue_is_empty(args.redis_url):
-        print(f"the queue at {args.redis_url} is not empty: use a Redis database of its own", file=sys.stderr)
-        return 2
     names = [name for name in batching.MODES if name in args.modes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
-    if args.rounds > 1 and (len(names) < 2 or names[0] != "off" or not {1, 8} <= set(levels)):
-        print("--rounds needs batching off and another mode, and concurrency levels 1 and 8", file=sys.stderr)
-        return 2
-    if args.llama_bin and not (args.gguf and (Path(args.llama_bin) / "llama-server").is_file()):
-        print("--llama-bin needs llama-server in that folder and --gguf (the same weights as --model)", file=sys.stderr)
+    problem = _batching_arguments_problem(args, names, levels)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     examples = balanced_sample(read_rows(Path(args.data)), 400, seed=1)
     load = batching.Load(
@@ -265,6 +271,18 @@ def cmd_batching(args: argparse.Namespace) -> int:
         out += ["", *batching.join_stall(args.model, args.dtype, threads, args.batch_max - 1, args.worst_case_chars)]
     print("\n".join(out))
     return 0
+
+
+def _batching_arguments_problem(args: argparse.Namespace, names: list[str], levels: list[int]) -> str | None:
+    from worker.bench.service import queue_is_empty
+
+    if not queue_is_empty(args.redis_url):
+        return f"the queue at {args.redis_url} is not empty: use a Redis database of its own"
+    if args.rounds > 1 and (len(names) < 2 or names[0] != "off" or not {1, 8} <= set(levels)):
+        return "--rounds needs batching off and another mode, and concurrency levels 1 and 8"
+    if args.llama_bin and not (args.gguf and (Path(args.llama_bin) / "llama-server").is_file()):
+        return "--llama-bin needs llama-server in that folder and --gguf (the same weights as --model)"
+    return None
 
 
 def cmd_brokers(args: argparse.Namespace) -> int:
@@ -421,7 +439,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_quality_commands(sub)
+    _add_load_commands(sub)
+    _add_batching_command(sub)
+    _add_engine_commands(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
 
+
+def _add_quality_commands(sub) -> None:
+    """What the answers are worth: accuracy, prompts, adapters, replies."""
     p = sub.add_parser("accuracy", help="sentiment accuracy per DTYPE on a fixed balanced sample")
     p.add_argument("--model", required=True, help="model folder or .gguf file")
     p.add_argument("--dtypes", default="float32,bfloat16,int8")
@@ -471,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", default="", help="comma-separated layout names (default: all)")
     p.set_defaults(func=cmd_prompts)
 
+
+def _add_load_commands(sub) -> None:
+    """The service under load through the queue, alone and beside llama-server."""
     p = sub.add_parser("run", help="the service under load, side by side with the original pipeline")
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--model", help="model folder or .gguf file (real weights)")
@@ -504,6 +534,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="rounds, alternating which broker runs first")
     p.set_defaults(func=cmd_brokers)
 
+    p = sub.add_parser("peers", help="this service beside llama-server on the same GGUF weights, one run")
+    p.add_argument("--gguf", required=True, help="the .gguf file llama-server runs")
+    p.add_argument("--hf", required=True, help="the same weights as a Hugging Face folder (get_real_qwen.py --hf)")
+    p.add_argument("--llama-bin", required=True, help="folder of llama-server and llama-batched-bench")
+    p.add_argument("--dtype", default="int8", help="the torch engine's DTYPE")
+    p.add_argument("--engines", default="llama.cpp,torch", help="which of our engines to run, in this order")
+    p.add_argument("--threads", type=int, default=available_cores())
+    p.add_argument("--concurrency", default="1,8,16")
+    p.add_argument("--jobs-per-client", type=int, default=6)
+    p.add_argument("--reply-tokens", type=int, default=45)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV with label,review columns (the job texts)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="a Redis database of its own")
+    p.set_defaults(func=cmd_peers)
+
+
+def _add_batching_command(sub) -> None:
+    """Batching off, static and continuous under load (and llama-server beside them)."""
     p = sub.add_parser("batching", help="batching off, static and continuous side by side under load")
     p.add_argument("--model", required=True, help="model folder or .gguf file")
     p.add_argument("--dtype", default="int8")
@@ -536,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worst-case-tokens", type=int, default=128, help="generated tokens (MAX_NEW_TOKENS)")
     p.set_defaults(func=cmd_batching)
 
+
+def _add_engine_commands(sub) -> None:
+    """One engine in process: load, memory, decode steps, kernels."""
     p = sub.add_parser("engine", help="each DTYPE side by side, in process: load, memory, prefill, decode")
     p.add_argument("--model", required=True)
     p.add_argument("--dtypes", default="float32,bfloat16,int8")
@@ -555,23 +605,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=available_cores())
     p.add_argument("--repeats", type=int, default=30)
     p.set_defaults(func=cmd_kernels)
-
-    p = sub.add_parser("peers", help="this service beside llama-server on the same GGUF weights, one run")
-    p.add_argument("--gguf", required=True, help="the .gguf file llama-server runs")
-    p.add_argument("--hf", required=True, help="the same weights as a Hugging Face folder (get_real_qwen.py --hf)")
-    p.add_argument("--llama-bin", required=True, help="folder of llama-server and llama-batched-bench")
-    p.add_argument("--dtype", default="int8", help="the torch engine's DTYPE")
-    p.add_argument("--engines", default="llama.cpp,torch", help="which of our engines to run, in this order")
-    p.add_argument("--threads", type=int, default=available_cores())
-    p.add_argument("--concurrency", default="1,8,16")
-    p.add_argument("--jobs-per-client", type=int, default=6)
-    p.add_argument("--reply-tokens", type=int, default=45)
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="CSV with label,review columns (the job texts)")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14", help="a Redis database of its own")
-    p.set_defaults(func=cmd_peers)
-
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 if __name__ == "__main__":
