@@ -210,7 +210,8 @@ def test_a_job_another_live_process_runs_is_not_run_beside_it(runtime):
     assert run(runtime, job_id, message(), set(), hostname="w1").status is JobStatus.SUCCEEDED
 
 
-def _hard_limit_report(runtime, job_id):
+def _hard_limit_report(runtime, job_id, waiting_pid: int = 0):
+    """The parent's report of a hard time limit; ``waiting_pid``: a pool process was waiting for Redis."""
     from billiard.exceptions import TimeLimitExceeded
     from celery import Celery
 
@@ -218,7 +219,9 @@ def _hard_limit_report(runtime, job_id):
 
     app = Celery("on-failure-test", set_as_current=False)
     task = register(app, runtime)
+    task.redis_outage.waiting.value = waiting_pid
     task.on_failure(TimeLimitExceeded(30), job_id, (), {}, None)
+    return task
 
 
 @pytest.mark.parametrize("waiting_for_redis", [False, True])
@@ -229,11 +232,10 @@ def test_a_job_killed_while_it_waited_out_redis_is_not_recorded_timed_out(runtim
     raw = message()
     store.put(JobRecord(job_id=job_id, status=JobStatus.RUNNING, request=raw["request"],
                         submitted_at=raw["submitted_at"], start_by=raw["start_by"], started_at=time.time()))
-    runtime.waiting_for_redis.value = 4242 if waiting_for_redis else 0
-    _hard_limit_report(runtime, job_id)
+    task = _hard_limit_report(runtime, job_id, waiting_pid=4242 if waiting_for_redis else 0)
     expected = JobStatus.RUNNING if waiting_for_redis else JobStatus.TIMED_OUT  # left for the reconciler
     assert store.get(job_id).status is expected
-    assert runtime.waiting_for_redis.value == 0
+    assert task.redis_outage.waiting_pid() == 0
 
 
 def test_a_run_whose_claim_passed_to_another_worker_writes_nothing():

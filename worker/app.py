@@ -26,6 +26,7 @@ from jobqueue.queue import check_versions, transport_options
 from jobqueue.queue.brokers import broker_for, celery_broker_config
 from jobqueue.queue.liveness import Heartbeat
 from jobqueue.queue.reconciler import Reconciler
+from worker.joining import JoiningState
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
 from worker.tasks import register
@@ -86,13 +87,13 @@ def create_app(settings: WorkerSettings | None = None) -> Celery:
     app = Celery("qwen-allinone")
     app.conf.update(celery_config(settings))
     runtime = WorkerRuntime(settings)
-    register(app, runtime)
+    task = register(app, runtime)
     _connect_model_loading(runtime)
-    _connect_upkeep(app, runtime)
+    _connect_upkeep(app, runtime, task.joining)
     return app
 
 
-def _connect_upkeep(app: Celery, runtime: WorkerRuntime) -> None:
+def _connect_upkeep(app: Celery, runtime: WorkerRuntime, joining: JoiningState) -> None:
     """Heartbeats in the parent and each pool process; the reconciler in the parent."""
     settings = runtime.settings
     running: list = []
@@ -120,7 +121,7 @@ def _connect_upkeep(app: Celery, runtime: WorkerRuntime) -> None:
     @worker_shutting_down.connect(weak=False)
     def stop_joining(**_):
         # A warm shutdown waits for the running batch: it must not keep taking new jobs.
-        runtime.stop_joining.value = 1
+        joining.stop()
 
     @worker_shutdown.connect(weak=False)
     def stop_upkeep(**_):

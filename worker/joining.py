@@ -17,6 +17,7 @@ window the batch drains, and the next delivered message starts a new one.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 
@@ -33,7 +34,33 @@ IDLE_WAIT_DIVISOR = 5
 JOIN_CHECK_S = 0.1
 
 
-def take_company(runtime: WorkerRuntime) -> list[TakenJob]:
+class JoiningState:
+    """What this module changes between batches: the last batch's size (how long the next waits for
+    company), and the parent's switch that stops running batches from taking joiners.
+
+    The switch is shared memory made in the parent before it forks (``stop()`` runs there, on a warm
+    shutdown); the size is per pool process."""
+
+    def __init__(self):
+        #: Jobs in this process's previous batch, joiners included.
+        self.last_batch_size = 1
+        self._stop = multiprocessing.RawValue("i", 0)
+
+    def stop(self) -> None:
+        """A warm shutdown began: running batches take no more joiners, so the worker exits once their
+        rows end."""
+        self._stop.value = 1
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self._stop.value)
+
+    def batch_ended(self, size: int) -> None:
+        """The batch ran ``size`` jobs, joiners included: under load, the next one waits for company."""
+        self.last_batch_size = size
+
+
+def take_company(runtime: WorkerRuntime, state: JoiningState) -> list[TakenJob]:
     """Up to BATCH_MAX - 1 waiting jobs to run beside the delivered one."""
     settings = runtime.settings
     taken = []
@@ -41,9 +68,9 @@ def take_company(runtime: WorkerRuntime) -> list[TakenJob]:
         # Under load (the last batch had company) clients served together come back
         # together: wait for them. After an idle spell, wait only a fifth of that, long
         # enough for a burst of clients arriving at once, short for a lone client.
-        wait_s = settings.batch_wait_ms / 1000 / (1 if runtime.last_batch_size > 1 else IDLE_WAIT_DIVISOR)
+        wait_s = settings.batch_wait_ms / 1000 / (1 if state.last_batch_size > 1 else IDLE_WAIT_DIVISOR)
         taken = _take(runtime, settings.batch_max - 1, wait_s)
-    runtime.last_batch_size = 1 + len(taken)
+    state.last_batch_size = 1 + len(taken)
     return taken
 
 
@@ -81,10 +108,11 @@ def admit_taken(runtime: WorkerRuntime, taken: list[TakenJob], hostname: str,
 class Joiners:
     """Waiting jobs taken into a batch while it decodes (``JOIN_WINDOW_S`` after it started)."""
 
-    def __init__(self, runtime: WorkerRuntime, delivered_id: str, taken: list[TakenJob], hostname: str,
-                 in_batch: set[str], started: float):
+    def __init__(self, runtime: WorkerRuntime, state: JoiningState, delivered_id: str, taken: list[TakenJob],
+                 hostname: str, in_batch: set[str], started: float):
         """``started``: time.monotonic() when the task began, which the hard time limit counts from."""
         self.runtime = runtime
+        self.state = state
         self.delivered_id = delivered_id
         #: Ids of the jobs the batch runs (a second copy of one is not run beside it).
         self.in_batch = in_batch
@@ -100,7 +128,7 @@ class Joiners:
     def open(self) -> bool:
         """Within the window, and the worker is not shutting down (it then lets its rows end)."""
         return (self.runtime.settings.batch_max > 1 and time.monotonic() < self.closes_at
-                and not self.runtime.stop_joining.value)
+                and not self.state.stopped)
 
     def due(self) -> bool:
         """Time to look for waiting jobs (the window is open and the last look was long enough ago)."""

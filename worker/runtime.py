@@ -1,10 +1,13 @@
-"""The state one worker process keeps between jobs: settings, the Redis store, the engine."""
+"""What one worker process holds, fixed once it has started: settings, the Redis stores, the model.
+
+The state that changes from batch to batch has the module that changes it as its owner:
+``worker.joining.JoiningState`` (the last batch's size, the shutdown's stop switch) and
+``worker.tasks.RedisOutage`` (failures in a row, the pool process waiting for Redis). The
+Celery task holds one of each for its process."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +26,7 @@ log = logging.getLogger("qwen_allinone.worker")
 
 @dataclass
 class WorkerRuntime:
-    """What one worker process holds: settings, the Redis store and (in pool processes) the engine."""
+    """Settings, the Redis stores and (in pool processes) the engine: set up once, then only read."""
 
     settings: WorkerSettings
     source: ModelSource | None = None
@@ -34,18 +37,6 @@ class WorkerRuntime:
     safety: SafetyFilter | None = None
     #: Takes more waiting jobs for a batch; set by register().
     intake: Intake | AmqpIntake | None = None
-    #: Jobs in this process's previous batch, taken messages included.
-    last_batch_size: int = 1
-    #: Jobs handed back in a row because Redis failed (sets the back-off before the next).
-    redis_failures: int = 0
-    #: The pid of a pool process waiting for Redis to take writes again (0: none). Shared memory,
-    #: made in the parent before it forks: the parent's hard-time-limit handler reads it.
-    waiting_for_redis: ctypes.c_int = field(
-        default_factory=lambda: multiprocessing.RawValue("i", 0), repr=False)
-    #: Set (1) by the parent when a warm shutdown begins: running batches take no more joiners,
-    #: so the worker exits once their rows end. Shared memory, made before the fork.
-    stop_joining: ctypes.c_int = field(
-        default_factory=lambda: multiprocessing.RawValue("i", 0), repr=False)
     _store: JobStore | None = field(default=None, repr=False)
     _parent_store: JobStore | None = field(default=None, repr=False)
     _cache: ResultCache | None = field(default=None, repr=False)

@@ -16,6 +16,7 @@ records when the hard time limit kills a child.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 
@@ -28,7 +29,7 @@ from celery.exceptions import Reject
 from jobqueue.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStatus
 from worker.admission import NotReadyYet, admit
 from worker.batch import run_jobs
-from worker.joining import Joiners, admit_taken, take_company
+from worker.joining import Joiners, JoiningState, admit_taken, take_company
 from jobqueue.queue.amqp import mark_unsent, requeue_later
 from jobqueue.queue.brokers import intake_for
 from jobqueue.queue.intake import TakenJob
@@ -57,6 +58,9 @@ class JobTask(Task):
     """
 
     runtime: WorkerRuntime  # set by register()
+    #: This process's joining state and Redis outage state (their modules change them); set by register().
+    joining: JoiningState
+    redis_outage: RedisOutage
 
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         if not isinstance(exc, TimeLimitExceeded):
@@ -70,11 +74,11 @@ class JobTask(Task):
             # the killed process's connection closed, and RabbitMQ handed them back.
             _mark_or_requeue(self.app, store, task_id, kwargs)
         message = f"killed by the hard time limit ({limit:g}s); the worker moved on to the next job"
-        if waiting_pid := self.runtime.waiting_for_redis.value:
+        if waiting_pid := self.redis_outage.waiting_pid():
             # Killed while it waited out a Redis that refused writes: the job did not time out.
             # Its message is acknowledged now; the reconciler finds the job open and re-sends it,
             # and liveness hands back what its batch took.
-            self.runtime.waiting_for_redis.value = 0
+            self.redis_outage.clear_waiting()
             log.warning("job=%s: its pool process %d was waiting for Redis when the hard time limit hit; "
                         "left for the reconciler", task_id, waiting_pid)
             return
@@ -140,15 +144,17 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
 
     # max_retries=None: a later turn retries until its earlier turn finishes or it
     # expires (QUEUE_TIMEOUT_S), never into a MaxRetriesExceededError.
-    @app.task(name=TASK_NAME, bind=True, base=JobTask, runtime=runtime, max_retries=None)
+    @app.task(name=TASK_NAME, bind=True, base=JobTask, runtime=runtime, joining=JoiningState(),
+              redis_outage=RedisOutage(), max_retries=None)
     def run_job(self: JobTask, *args, **kwargs) -> None:
         # Any arguments are accepted here and checked in admit(), so a malformed
         # message is recorded as failed instead of dying in Celery's argument check.
         message = kwargs.pop("message", None)
         unexpected = {f"args[{i}]" for i in range(len(args))} | set(kwargs)
         try:
-            run_batch(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown")
-            self.runtime.redis_failures = 0
+            run_batch(self.runtime, self.request.id, message, unexpected, hostname=self.request.hostname or "unknown",
+                      joining=self.joining)
+            self.redis_outage.failures = 0
         except NotReadyYet as wait:
             # Back to the queue for a moment; the worker serves other jobs meanwhile.
             if not self.request.retries:  # once, not every 0.25 s
@@ -165,7 +171,7 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
         except redis.RedisError as err:
             # Redis is gone even after retries, or refuses writes (OOM, READONLY, MISCONF):
             # hand the job back rather than acknowledge it with its record unfinished.
-            _wait_until_redis_takes_writes(self.runtime, self.request.id, err)
+            _wait_until_redis_takes_writes(self.runtime, self.redis_outage, self.request.id, err)
             try:  # what this batch took and could not hand back while Redis refused
                 self.runtime.intake.hand_back_unsettled()
             except Exception as again:  # the next take tries again
@@ -175,24 +181,43 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
     return run_job
 
 
-def _wait_until_redis_takes_writes(runtime: WorkerRuntime, job_id: str, err: redis.RedisError) -> None:
+class RedisOutage:
+    """What this module changes while Redis refuses writes: failures in a row (the back-off), and the
+    pid of a pool process waiting for Redis, in shared memory made in the parent before it forks
+    (the parent's hard-time-limit handler reads it: such a kill is not the job's time out)."""
+
+    def __init__(self):
+        self.failures = 0
+        self.waiting = multiprocessing.RawValue("i", 0)
+
+    def waiting_pid(self) -> int:
+        return self.waiting.value
+
+    def clear_waiting(self) -> None:
+        self.waiting.value = 0
+
+
+def _wait_until_redis_takes_writes(runtime: WorkerRuntime, outage: RedisOutage, job_id: str,
+                                   err: redis.RedisError) -> None:
     """Back off (doubling, in a row across jobs) until a write succeeds.
 
     Handing a job back is itself a write; tried while Redis still refuses, it would fail
     and leave the message with this live worker until the visibility timeout. Waiting
     here also keeps a refusing Redis from being hammered. The hard time limit bounds it;
-    ``waiting_for_redis`` tells the parent that such a kill is not the job's time out.
+    ``outage.waiting`` tells the parent that such a kill is not the job's time out.
     """
-    runtime.waiting_for_redis.value = os.getpid()
+    outage.waiting.value = os.getpid()
     try:
-        _back_off_until_writable(runtime, job_id, err)
+        _back_off_until_writable(runtime, outage, job_id, err)
     finally:
-        runtime.waiting_for_redis.value = 0
+        outage.clear_waiting()
 
 
-def _back_off_until_writable(runtime: WorkerRuntime, job_id: str, err: redis.RedisError) -> None:
+def _back_off_until_writable(runtime: WorkerRuntime, outage: RedisOutage, job_id: str,
+                             err: redis.RedisError) -> None:
     while True:
-        failures = runtime.redis_failures = runtime.redis_failures + 1
+        outage.failures += 1
+        failures = outage.failures
         pause = min(REDIS_BACKOFF_S * 2 ** (failures - 1), REDIS_BACKOFF_MAX_S)
         log.error("job=%s: Redis failed (%s); waiting %.1fs before handing it back to the queue (failure %d "
                   "in a row)", job_id, err, pause, failures)
@@ -211,14 +236,16 @@ def run(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str], 
 
 
 def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str],
-              hostname: str) -> list[JobRecord]:
+              hostname: str, joining: JoiningState | None = None) -> list[JobRecord]:
     """Run the delivered job together with up to BATCH_MAX - 1 jobs already waiting in the queue,
-    and with those that join while it decodes (``worker.joining``).
+    and with those that join while it decodes (``worker.joining``; ``joining``: this process's
+    state of it, a fresh one when not given).
 
     Each taken message is acknowledged once its job's final record is written;
     whatever is left unsettled when this returns or raises goes back to the queue.
     """
     settings = runtime.settings
+    joining = joining or JoiningState()
     started = time.monotonic()  # the hard time limit counts from about here
     # For the parent, should the hard time limit end this batch: which pool process runs it
     # (alive then, or already dead of something else) and which jobs it took.
@@ -228,7 +255,7 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
         first = admit(runtime, job_id, raw_message, unexpected, hostname)
         if isinstance(first, JobRecord):
             return [first]
-        taken.extend(take_company(runtime))
+        taken.extend(take_company(runtime, joining))
         if taken:
             log.info("job=%s batch: took %s", job_id, " ".join(item.job_id for item in taken))
         in_batch = {job_id}
@@ -236,11 +263,11 @@ def run_batch(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[
         if company:
             runtime.store.set_batch(job_id, os.getpid(), [job.record.job_id for job in company],
                                     settings.visibility_timeout_s)
-        joiners = Joiners(runtime, job_id, taken, hostname, in_batch, started)
+        joiners = Joiners(runtime, joining, job_id, taken, hostname, in_batch, started)
         records = run_jobs(runtime, [first, *company], joiners)
         return finished + records + joiners.finished
     finally:
-        runtime.last_batch_size = 1 + len(taken)  # joiners included: under load, wait for company
+        joining.batch_ended(1 + len(taken))
         _settle_batch(runtime, job_id, taken)
 
 
