@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobqueue.protocol import MAX_TIMEOUT_S, TENANT_PATTERN
@@ -22,7 +22,8 @@ BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
 
 
 class QueueSettings(BaseSettings):
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+    # hide_input_in_errors: a ValidationError's text never carries a value (a password in a URL, a key).
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", hide_input_in_errors=True)
 
     #: Redis holding the job records, conversations and metrics (and the queue, by default).
     redis_url: str = DEFAULT_REDIS_URL
@@ -83,3 +84,22 @@ class QueueSettings(BaseSettings):
     @property
     def allowed_callback_hosts(self) -> set[str]:
         return {host.strip().lower() for host in self.callback_allowed_hosts.split(",") if host.strip()}
+
+
+#: Settings whose values may hold a secret (a password in a URL, an API key): never printed.
+SECRET_SETTINGS = frozenset({"redis_url", "broker_url", "api_key", "api_keys", "callback_secret"})
+
+
+def settings_problems(err: ValidationError) -> str:
+    """One line for invalid settings: each bad variable and what it accepts. A value is shown only
+    where it cannot hold a secret: never a URL or a key, and never the input of a check across
+    settings (that input is the whole environment)."""
+    problems = []
+    for error in err.errors(include_url=False):
+        location = [str(part) for part in error["loc"]]
+        name = ".".join(location).upper() or "settings"
+        value = error.get("input")
+        shown = (len(location) == 1 and location[0] not in SECRET_SETTINGS
+                 and isinstance(value, (str, int, float)) and not isinstance(value, bool))
+        problems.append(f"{name}={value!r}: {error['msg']}" if shown else f"{name}: {error['msg']}")
+    return "; ".join(problems)

@@ -26,6 +26,7 @@ from jobqueue.queue import check_versions, transport_options
 from jobqueue.queue.brokers import broker_for, celery_broker_config
 from jobqueue.queue.liveness import Heartbeat
 from jobqueue.queue.reconciler import Reconciler
+from jobqueue.settings import settings_problems
 from worker.joining import JoiningState
 from worker.runtime import WorkerRuntime
 from worker.settings import WorkerSettings
@@ -167,9 +168,7 @@ def _settings_from_environment() -> WorkerSettings:
     try:
         return WorkerSettings()
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper() or 'settings'}={e.get('input')!r}: {e['msg']}"
-                             for e in err.errors())
-        _die(problems)
+        _die(settings_problems(err))
         raise  # not reached: _die exits
 
 

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, create_model, field_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator
 
 from producer.api.callbacks import CallbackSender
 from producer.api.events import job_events
@@ -37,6 +37,7 @@ from producer.api.metrics import build_registry
 from producer.client import Client
 from jobqueue.errors import AlreadyFinal, BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, UnreadableRecord
 from jobqueue.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus, Priority
+from jobqueue.settings import settings_problems
 from producer.settings import ApiSettings, tenant_keys
 
 #: Retry-After on a full queue: long enough for a worker to finish a few jobs.
@@ -215,7 +216,7 @@ _STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
-    settings = settings or ApiSettings()
+    settings = settings or _settings_from_environment()
     client = Client(settings=settings)
     sender = None
     if settings.callback_secret is not None:
@@ -242,6 +243,14 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(_jobs_router(client, settings))
     _add_service_routes(app, client)
     return app
+
+
+def _settings_from_environment() -> ApiSettings:
+    """The gateway's settings, or it stops with one line naming each bad variable (never a key's value)."""
+    try:
+        return ApiSettings()
+    except ValidationError as err:
+        raise SystemExit(f"qwen-allinone gateway: cannot start: {settings_problems(err)}") from None
 
 
 class _Access:

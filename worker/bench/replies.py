@@ -34,7 +34,7 @@ def _engine_for(base, config: str, default_sampler):
     from worker.engine.qwen import QwenEngine
 
     variant, penalty, ngram = (config.split(":") + ["", ""])[:3]
-    for prefix in {id(p): p for p in [*base.reply_prefixes.values(), *base.classifier_prefixes.values()]}.values():
+    for prefix in [*base.reply_prefixes.built(), *base.classifier_prefixes.built()]:
         prefix.sequences.release()
     sampler = default_sampler
     if penalty:

@@ -111,8 +111,10 @@ class LlamaSequences:
 
 
 class LlamaSequenceModel:
-    def __init__(self, model, context, threads: int, max_rows: int, gguf_path: Path):
+    def __init__(self, model, context, threads: int, max_rows: int, gguf_path: Path, prefix_cells: int = 0):
         self.model = model        # llama_model *
+        #: Cells the context keeps for the fixed prompt prefixes.
+        self.prefix_cells = prefix_cells
         self.context = context    # llama_context *
         self.gguf_path = gguf_path
         self._output_layer: OutputLayer | None = None
@@ -128,9 +130,10 @@ class LlamaSequenceModel:
 
     @property
     def batch_token_limit(self) -> int:
-        """Cache cells free now: the context's size (rounded up to 256 by llama.cpp) less what the
-        live sequences (the prefixes) hold."""
-        return self.n_ctx - sum(sum(s.lengths) for s in self._live.values())
+        """Cache cells for batches: the context's size (rounded up to 256 by llama.cpp) less the cells kept
+        for the fixed prefixes, built or not (they are built on first use), or less what the live
+        sequences hold, if that is more."""
+        return self.n_ctx - max(self.prefix_cells, sum(sum(s.lengths) for s in self._live.values()))
 
     def new_sequences(self, rows: int, capacity: int) -> LlamaSequences:
         if rows > len(self._free_ids):
@@ -250,7 +253,8 @@ def load_llama_engine(engine_class, source: ModelSource, threads: int | None, kv
     prefix_tokens = (sum(len(chat.prefix_ids(system)) for system in classifier)
                      + sum(len(chat.prefix_ids(messages)) for messages in replies))
     context = _new_context(model, source, threads, prefix_tokens + kv_cache_tokens, max_rows)
-    sequence_model = LlamaSequenceModel(model, context, threads, max_rows, source.folder / source.gguf_file)
+    sequence_model = LlamaSequenceModel(model, context, threads, max_rows, source.folder / source.gguf_file,
+                                        prefix_cells=prefix_tokens)
     return engine_class(sequence_model, chat, source.model_id, f"gguf:{weights_name(model)}", sampler, **options)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,6 +28,7 @@ from worker.engine.adapter import SETTING as ADAPTER_SETTING
 from worker.engine.chat import ChatFormat, HFTokenizer
 from worker.engine.generation import Repetition, Sampler
 from worker.engine.interface import PassOutput, Replies, SequenceModel, Sequences
+from worker.engine.prefixes import Prefixes, PrefixSpec, PromptPrefix
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
 from worker.engine.chunked_sentiment import ChunkedSentiment
 from worker.engine.session import ReplySession, run_to_end
@@ -44,20 +44,6 @@ from worker.engine.prompts import (
     reply_language,
     reply_prefix_messages,
 )
-
-
-@dataclass(frozen=True)
-class PromptPrefix:
-    """A fixed start of a prompt and its one-sequence cache, computed once and only ever copied from."""
-
-    ids: tuple[int, ...]
-    sequences: Sequences
-    #: Learned key/value entries in front of ``ids`` (a classifier adapter's prefix).
-    virtual_tokens: int = 0
-
-    @property
-    def cache_tokens(self) -> int:
-        return self.virtual_tokens + len(self.ids)
 
 
 class QwenEngine:
@@ -80,7 +66,7 @@ class QwenEngine:
         #: Two-class sets answer positive when its probability is at least this.
         self.positive_threshold = positive_threshold
         self.unavailable_label_sets = chat.unavailable_label_sets
-        classifier, replies = self.prefix_systems(chat, prompt_variant, reply_variant)
+        classifier, _ = self.prefix_systems(chat, prompt_variant, reply_variant)
         systems = dict(zip(LABEL_SETS, classifier))
         #: The classifier adapter (CLASSIFIER_ADAPTER) of one label set, checked against this model.
         self.adapter = adapter
@@ -93,12 +79,13 @@ class QwenEngine:
         self.classifiers = {name: f"prompt:{prompt_variant}" for name in LABEL_SETS}
         if adapter is not None:
             self.classifiers[adapter.labels] = adapter.classifier
-        self.classifier_prefixes = {name: self._prefix(system, self._adapter_for(name))
-                                    for name, system in systems.items()}
+        #: label set -> the classifier prompt's cached prefix, computed on first use (prefixes.py).
+        self.classifier_prefixes: Prefixes[str] = Prefixes(
+            {name: self._spec(system, self._adapter_for(name)) for name, system in systems.items()}, self._prefix)
         #: (mood, language) -> the reply prompt's cached prefix (keys whose prompts are the same share one).
-        by_text = {json.dumps(messages): self._prefix(messages) for messages in replies}
-        self.reply_prefixes = {(mood, lang): by_text[json.dumps(reply_prefix_messages(mood, lang, reply_variant))]
-                               for mood in MOODS for lang in REPLY_LANGUAGES}
+        self.reply_prefixes: Prefixes[tuple[str, str]] = Prefixes(
+            {(mood, lang): self._spec(reply_prefix_messages(mood, lang, reply_variant))
+             for mood in MOODS for lang in REPLY_LANGUAGES}, self._prefix)
 
     @staticmethod
     def prefix_systems(chat: ChatFormat, prompt_variant: str,
@@ -313,14 +300,17 @@ class QwenEngine:
 
     # --- prefixes ---
 
-    def _prefix(self, system: list[dict[str, str]], adapter: ClassifierAdapter | None = None) -> PromptPrefix:
-        ids = self.chat.prefix_ids(system)
+    def _spec(self, messages: list[dict[str, str]], adapter: ClassifierAdapter | None = None) -> PrefixSpec:
+        return PrefixSpec(messages, tuple(self.chat.prefix_ids(messages)), adapter)
+
+    def _prefix(self, spec: PrefixSpec) -> PromptPrefix:
+        adapter, ids = spec.adapter, list(spec.ids)
         virtual = 0 if adapter is None else adapter.prefix_tokens
         sequences = self.model.new_sequences(1, virtual + len(ids))
         if adapter is not None and adapter.changes_the_pass:
             sequences.attach(adapter)  # a deep prefix fills cache slots 0..virtual-1
         sequences.extend([(0, ids)])
-        return PromptPrefix(tuple(ids), sequences, virtual)
+        return PromptPrefix(spec.ids, sequences, virtual)
 
     def _adapter_for(self, label_set: str) -> ClassifierAdapter | None:
         return self.adapter if self.adapter is not None and self.adapter.labels == label_set else None

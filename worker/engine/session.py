@@ -64,7 +64,7 @@ class ReplySession:
         self.prefill_chunk = prefill_chunk
         #: Cache tokens the replies may hold together beyond the prefix (None: no bound).
         self.token_limit = model.batch_token_limit
-        prefix_tokens = max(prefix.cache_tokens for prefix in engine.reply_prefixes.values())
+        prefix_tokens = engine.reply_prefixes.longest()
         self._sequences = model.new_sequences(self.rows, prefix_tokens)
         self._free = list(range(self.rows))
         self._replies: dict[int, _Reply] = {}  # key -> reply
