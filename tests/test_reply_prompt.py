@@ -87,16 +87,12 @@ def test_every_label_word_maps_to_a_mood():
         assert {reply_mood(label_set, word, 1.0) for word in words} <= set(MOODS)
 
 
-def test_a_prefix_is_computed_when_a_job_first_needs_it(tiny_model_dir):
-    """No prefix is held before a job needs it: a worker that only sees Chinese text never holds the
-    English prefixes (on llama.cpp every decoding step visits every cell in use)."""
-    import time
-
+def test_every_prefix_is_built_at_load_and_prompts_that_are_the_same_share_one(tiny_model_dir):
+    """Built at load, so no job waits for a prefix's prefill; identical prompts hold one cache."""
     engine = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1)
-    assert engine.reply_prefixes.built() == [] and engine.classifier_prefixes.built() == []
-    engine.classify("送餐太慢了", "zh")
-    engine.reply_batch([ReplyRequest("送餐太慢了", max_new_tokens=4, deadline=time.time() + 60, temperature=0.0,
-                                     mood="negative")], history_max_tokens=0)
-    assert engine.classifier_prefixes.built() == [engine.classifier_prefixes["zh"]]
-    assert engine.reply_prefixes.built() == [engine.reply_prefixes["negative", "zh"]]
-    assert engine.reply_prefixes.longest() >= engine.reply_prefixes["negative", "zh"].cache_tokens
+    assert len(engine.reply_prefixes.built()) == len(MOODS) * len(REPLY_LANGUAGES)
+    assert len(engine.classifier_prefixes.built()) == len(LABEL_SETS)
+    assert engine.reply_prefixes.longest() == max(p.cache_tokens for p in engine.reply_prefixes.built())
+    original = QwenEngine.load(resolve_model_source(str(tiny_model_dir)), "float32", threads=1,
+                               reply_variant="original")
+    assert len(original.reply_prefixes.built()) == 1

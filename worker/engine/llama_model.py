@@ -131,8 +131,7 @@ class LlamaSequenceModel:
     @property
     def batch_token_limit(self) -> int:
         """Cache cells for batches: the context's size (rounded up to 256 by llama.cpp) less the cells kept
-        for the fixed prefixes, built or not (they are built on first use), or less what the live
-        sequences hold, if that is more."""
+        for the fixed prefixes, or less what the live sequences hold, if that is more."""
         return self.n_ctx - max(self.prefix_cells, sum(sum(s.lengths) for s in self._live.values()))
 
     def new_sequences(self, rows: int, capacity: int) -> LlamaSequences:

@@ -1,11 +1,11 @@
-"""The fixed starts of prompts (system message, example turns), cached as key/value entries on first use.
+"""The fixed starts of prompts (system message, example turns), cached as key/value entries.
 
 Every job's prompt starts with one of them, so its cache is computed once and
-copied into each job's sequence. A prefix is computed the first time a job
-needs it, not at load: a worker that never sees an English text never holds the
-English prefixes. That matters on llama.cpp, whose one cache is visited cell by
-cell at every decoding step, masked or not (a lone reply's step took 2.3 ms
-longer with the six reply prefixes than with short ones; BENCHMARKS.md).
+copied into each job's sequence. The engine builds them all at load
+(``build_all``): built on first use instead, a worker started in 1.4 s instead
+of 12 s, but the first job of each mood and language waited about 1.3 s longer
+(its prefix's prefill) and a lone reply's decoding step was no faster
+(BENCHMARKS.md, "The llama.cpp engine beside llama-server").
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class PrefixSpec:
 
 
 class Prefixes(Mapping, Generic[Key]):
-    """Key -> PromptPrefix, each computed by ``build`` when first asked for; keys whose specs are the
-    same share one prefix."""
+    """Key -> PromptPrefix, each computed by ``build`` (by ``build_all``, or when first asked for); keys
+    whose specs are the same share one prefix."""
 
     def __init__(self, specs: dict[Key, PrefixSpec], build: Callable[[PrefixSpec], PromptPrefix]):
         self._specs = specs
@@ -68,6 +68,11 @@ class Prefixes(Mapping, Generic[Key]):
 
     def __len__(self) -> int:
         return len(self._specs)
+
+    def build_all(self) -> Prefixes[Key]:
+        for key in self._specs:
+            self[key]
+        return self
 
     def longest(self) -> int:
         """Cache tokens of the longest prefix, built or not."""

@@ -79,13 +79,14 @@ class QwenEngine:
         self.classifiers = {name: f"prompt:{prompt_variant}" for name in LABEL_SETS}
         if adapter is not None:
             self.classifiers[adapter.labels] = adapter.classifier
-        #: label set -> the classifier prompt's cached prefix, computed on first use (prefixes.py).
+        #: label set -> the classifier prompt's cached prefix, computed at load (prefixes.py).
         self.classifier_prefixes: Prefixes[str] = Prefixes(
-            {name: self._spec(system, self._adapter_for(name)) for name, system in systems.items()}, self._prefix)
+            {name: self._spec(system, self._adapter_for(name)) for name, system in systems.items()},
+            self._prefix).build_all()
         #: (mood, language) -> the reply prompt's cached prefix (keys whose prompts are the same share one).
         self.reply_prefixes: Prefixes[tuple[str, str]] = Prefixes(
             {(mood, lang): self._spec(reply_prefix_messages(mood, lang, reply_variant))
-             for mood in MOODS for lang in REPLY_LANGUAGES}, self._prefix)
+             for mood in MOODS for lang in REPLY_LANGUAGES}, self._prefix).build_all()
 
     @staticmethod
     def prefix_systems(chat: ChatFormat, prompt_variant: str,
