@@ -282,6 +282,29 @@ def test_a_text_with_a_flagged_term_gets_no_generated_reply(runtime, monkeypatch
     assert record.reply == runtime.settings.safety_message and record.flagged.input == ["坏词"]
 
 
+def test_a_flagged_text_is_not_stored_as_a_conversation_turn(runtime):
+    from worker.safety import SafetyFilter
+
+    runtime.safety = SafetyFilter(["坏词"])
+    [flagged] = run_jobs(runtime, _admit_all(runtime, ["这里有个坏词"], conversation_id="c-flag"))
+    [plain] = run_jobs(runtime, _admit_all(runtime, ["好吃"], conversation_id="c-plain"))
+    assert flagged.flagged.input == ["坏词"] and plain.flagged is None
+    # The next turn's prompt never carries it; an unflagged turn is stored as before.
+    assert runtime.store.load_turns(flagged.request.conversation_scope, 10) == []
+    assert [turn.user for turn in runtime.store.load_turns(plain.request.conversation_scope, 10)] == ["好吃"]
+
+
+def test_a_reply_cut_by_its_limit_never_ends_with_the_start_of_a_flagged_term(runtime, monkeypatch):
+    from worker.safety import SafetyFilter
+
+    monkeypatch.setattr(runtime.engine, "text_of", lambda tokens: STORY[: len(tokens)])
+    runtime.safety = SafetyFilter(["村庄"])  # STORY's 7th and 8th characters
+    cut = {"options": {"max_new_tokens": 7, "min_new_tokens": 7}}
+    [record] = run_jobs(runtime, _admit_all(runtime, ["讲个故事"], **cut))
+    assert record.truncated and record.flagged is None
+    assert record.reply == STORY[:6]  # not STORY[:7], which ends with 村
+
+
 def test_a_cache_entry_that_does_not_decode_is_a_miss(runtime):
     from jobqueue.protocol import cache_key
 

@@ -306,6 +306,8 @@ def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | 
     if runtime.safety is not None and (terms := runtime.safety.find(reply.text)):
         record.flagged = Flagged(input=record.flagged.input if record.flagged else [], reply=terms)
         record.reply = runtime.settings.safety_message
+    elif runtime.safety is not None and (cancelled or reply.truncated):
+        record.reply = runtime.safety.safe_prefix(reply.text)  # a cut reply may end with a term's start
     record.reply_cached = cached
     record.truncated = reply.truncated
     record.stop_reason = reply.stop_reason if isinstance(reply, CachedReply) else reply.stop_reason.value
@@ -315,7 +317,8 @@ def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | 
         _settle(store, job, finish(record, JobStatus.CANCELLED, _CANCELLED_WHILE_RUNNING))
         return
     request = job.message.request
-    if request.conversation_scope:
+    # A flagged text is not history: the next turn's prompt never carries it.
+    if request.conversation_scope and not (record.flagged and record.flagged.input):
         # Stored before the record turns final, so a client's next turn always sees it.
         # An empty reply (deadline) is kept too: what the user said is still context.
         turn = Turn(job_id=record.job_id, user=request.text, assistant=record.reply)

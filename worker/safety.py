@@ -2,28 +2,83 @@
 
 ``SAFETY_WORDS_FILE`` lists one term a line (blank lines and ``#`` comments are
 skipped). pyahocorasick's automaton finds every listed term in one pass over a
-text, whatever the length of the list. Matching ignores case. A job whose text
-holds a term gets no generated reply, and a reply that holds one is replaced;
-either way the record's ``flagged`` says which terms were found, and the
-reply is ``SAFETY_MESSAGE``. Partial replies are written without their last
-``longest term - 1`` characters, and not at all once they hold a term, so
-streaming never shows a flagged term, nor the start of one.
+text, whatever the length of the list. A job whose text holds a term gets no
+generated reply (and no conversation turn), and a reply that holds one is
+replaced; either way the record's ``flagged`` says which terms were found, and
+the reply is ``SAFETY_MESSAGE``. A partial reply, or a reply cut by its limit,
+its deadline or a cancel, is shown without the end that could be the start of a
+term, and not at all once it holds one.
+
+Terms and texts are compared after the same folding, so spelling tricks do not
+pass: compatibility forms (full-width letters) are unified (NFKC) and case is
+folded; invisible format characters (zero-width spaces and joiners, soft
+hyphens) are dropped; Cyrillic and Greek letters that look like Latin ones are
+read as those; whitespace between Chinese characters is dropped; traditional
+Chinese is read as simplified (OpenCC's ``t2s``).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 import ahocorasick
+import opencc
+
+#: Cyrillic and Greek letters (after case folding) that look like Latin ones.
+LOOK_ALIKES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "ё": "e", "һ": "h", "н": "h", "і": "i", "ї": "i", "ј": "j", "к": "k",
+    "ӏ": "l", "м": "m", "о": "o", "р": "p", "ԛ": "q", "с": "c", "ѕ": "s", "т": "t", "у": "y", "х": "x",
+    "ԁ": "d", "ԝ": "w", "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o",
+    "ρ": "p", "τ": "t", "υ": "u", "χ": "x",
+})
+_TRADITIONAL_TO_SIMPLIFIED = opencc.OpenCC("t2s")
+
+
+def _is_chinese(ch: str) -> bool:
+    return "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf"
+
+
+def fold(text: str) -> tuple[str, list[int]]:
+    """``text`` as the filter compares it, and for each of its characters the index in ``text`` it
+    came from (so a cut in the folded text is a cut in the original)."""
+    simplified = _TRADITIONAL_TO_SIMPLIFIED.convert(text)
+    if len(simplified) != len(text):  # a phrase changed length: convert character by character
+        simplified = "".join(_TRADITIONAL_TO_SIMPLIFIED.convert(ch) or ch for ch in text)
+    chars: list[str] = []
+    origins: list[int] = []
+    for index, ch in enumerate(simplified):
+        if unicodedata.category(ch) == "Cf":  # zero-width spaces and joiners, soft hyphens, BOMs
+            continue
+        for out in unicodedata.normalize("NFKC", ch).casefold().translate(LOOK_ALIKES):
+            chars.append(out)
+            origins.append(index)
+    keep = _without_spaces_between_chinese(chars)
+    return "".join(chars[i] for i in keep), [origins[i] for i in keep]
+
+
+def _without_spaces_between_chinese(chars: list[str]) -> list[int]:
+    """Indices of ``chars`` to keep: all but whitespace runs with a Chinese character on each side."""
+    keep, run = [], []
+    for i, ch in enumerate(chars):
+        if ch.isspace():
+            run.append(i)
+            continue
+        if run and not (keep and _is_chinese(chars[keep[-1]]) and _is_chinese(ch)):
+            keep.extend(run)
+        run = []
+        keep.append(i)
+    return keep + run
 
 
 class SafetyFilter:
     def __init__(self, terms: list[str]):
         self._automaton = ahocorasick.Automaton()
         for term in dict.fromkeys(t.strip() for t in terms):
-            if term:
-                self._automaton.add_word(term.casefold(), term)
-        self.longest = max((len(t.casefold()) for t in self._automaton.values()), default=0)
+            folded = fold(term)[0] if term else ""
+            if folded:
+                self._automaton.add_word(folded, term)
+        self.longest = max((len(fold(t)[0]) for t in self._automaton.values()), default=0)
         if self.longest:
             self._automaton.make_automaton()
 
@@ -37,11 +92,17 @@ class SafetyFilter:
         """The listed terms in ``text``, each once, in the order they first end in it."""
         if not self.longest:
             return []
-        return list(dict.fromkeys(term for _, term in self._automaton.iter(text.casefold())))
+        return list(dict.fromkeys(term for _, term in self._automaton.iter(fold(text)[0])))
 
     def safe_prefix(self, partial: str) -> str | None:
-        """What of a growing reply may be shown now: None once it holds a term, else all but its
-        last ``longest - 1`` characters (they could be the start of a term)."""
-        if self.find(partial):
+        """What of a reply may be shown: None once it holds a term, else all but its longest end that
+        could be the start of a term."""
+        if not self.longest:
+            return partial
+        folded, origins = fold(partial)
+        if any(True for _ in self._automaton.iter(folded)):
             return None
-        return partial[: max(0, len(partial) - (self.longest - 1))] if self.longest else partial
+        for size in range(min(self.longest - 1, len(folded)), 0, -1):
+            if self._automaton.match(folded[-size:]):  # a listed term starts with this end
+                return partial[: origins[len(folded) - size]]
+        return partial
