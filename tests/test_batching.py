@@ -252,6 +252,20 @@ def test_a_cache_hit_costs_no_model_pass(runtime, monkeypatch):
     assert lookups == {"sentiment_hits": 3, "sentiment_misses": 2, "reply_hits": 2, "reply_misses": 2}
 
 
+@pytest.mark.parametrize("scope, b_sees_a_s_entry", [("tenant", False), ("global", True)])
+def test_the_cache_answers_a_tenant_only_with_its_own_entries_unless_shared(runtime, scope, b_sees_a_s_entry):
+    """Issue 31: tenant B's job was answered from tenant A's entry, so its `cached` flags (and speed)
+    told B that A had sent the same text within the hour."""
+    runtime.settings.cache_ttl_s = 60
+    runtime.settings.cache_scope = scope
+    runtime._cache = None
+    run_jobs(runtime, _admit_all(runtime, ["好吃"], tenant="a"))
+    (b_job,) = run_jobs(runtime, _admit_all(runtime, ["好吃"], tenant="b"))
+    assert (b_job.sentiment.cached, b_job.reply_cached) == (b_sees_a_s_entry, b_sees_a_s_entry)
+    (b_again,) = run_jobs(runtime, _admit_all(runtime, ["好吃"], tenant="b"))
+    assert b_again.sentiment.cached and b_again.reply_cached  # a tenant's own entries still answer it
+
+
 # --- safety filter ---
 
 

@@ -21,7 +21,7 @@ import redis
 from jobqueue.protocol import ErrorCode, Flagged, JobError, JobRecord, JobStatus, Sentiment, Turn
 from jobqueue.store import JobStore
 from worker.admission import RunningJob
-from worker.cache import CachedReply, digest
+from worker.cache import CachedReply, ResultCache
 from worker.engine import Engine, ReplyRequest, ReplyResult, SentimentResult, StopReason
 from worker.engine.session import PREFILL_CHUNK_TOKENS
 from jobqueue.outcome import finish, save_final, to_ms
@@ -145,8 +145,9 @@ def _sentiments(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJob],
                 classify: Classify) -> list[Sentiment | Exception]:
     """Cached sentiments, and one model pass for the jobs the cache does not know (none: no pass)."""
     items = [(job.message.request.text, job.message.request.options.labels) for job in jobs]
-    digests = [digest("sentiment", text, labels, engine.classifier_id(labels), engine.model_id, engine.dtype_name,
-                      runtime.settings.positive_threshold) for text, labels in items]
+    digests = [runtime.cache.digest(job.message.request.tenant, "sentiment", text, labels,
+                                    engine.classifier_id(labels), engine.model_id, engine.dtype_name,
+                                    runtime.settings.positive_threshold) for job, (text, labels) in zip(jobs, items)]
     found: list[Sentiment | Exception | None] = list(runtime.cache.sentiments(digests))
     missing = [i for i, sentiment in enumerate(found) if sentiment is None]
     results = classify([items[i] for i in missing]) if missing else []
@@ -181,7 +182,7 @@ def _replies_not_cached(runtime: WorkerRuntime, engine: Engine, replying: list[R
     for job, history in zip(replying, histories):
         job.record.timings.history_ms = elapsed
         request = _reply_request(job, history, settings)
-        pending.append(PendingReply(job, request, _reply_digest(engine, request)))
+        pending.append(PendingReply(job, request, _reply_digest(runtime.cache, engine, job, request)))
     digests = [p.digest for p in pending if p.digest is not None]
     hits = dict(zip(digests, runtime.cache.replies(digests)))
     for p in pending:  # a cache hit costs no model pass
@@ -290,12 +291,13 @@ class DecodingRows:
             self.session.cancel(key)
 
 
-def _reply_digest(engine: Engine, request: ReplyRequest) -> str | None:
+def _reply_digest(cache: ResultCache, engine: Engine, job: RunningJob, request: ReplyRequest) -> str | None:
     """The cache key of a reply as determined as a sentiment: greedy, with no history; else None."""
     if request.temperature > 0 or request.history:
         return None
-    return digest("reply", request.text, request.max_new_tokens, request.min_new_tokens, request.mood,
-                  engine.model_id, engine.dtype_name)
+    return cache.digest(job.message.request.tenant, "reply", request.text, request.max_new_tokens,
+                        request.min_new_tokens, request.mood,
+                        engine.model_id, engine.dtype_name)
 
 
 def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | CachedReply, *, reply_ms: float,

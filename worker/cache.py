@@ -6,6 +6,11 @@ inputs give the same answer, so a second pass is wasted work. A reply is
 cached only where it is just as determined: greedy (temperature 0) and with
 no conversation history. Entries live in Redis for ``CACHE_TTL_S`` (0 turns
 the cache off); each lookup is counted, hit or miss, for ``/metrics``.
+
+Entries belong to a tenant (``CACHE_SCOPE=tenant``, the default): a hit, its
+``cached`` flag and its speed would otherwise tell tenant B that tenant A sent
+the same text within the hour. ``CACHE_SCOPE=global`` shares them, for an
+operator whose tenants trust each other.
 """
 
 from __future__ import annotations
@@ -50,9 +55,14 @@ def _decoded(raw: bytes | None, decode):
 
 
 class ResultCache:
-    def __init__(self, client: redis.Redis, ttl_s: int):
+    def __init__(self, client: redis.Redis, ttl_s: int, scope: str = "tenant"):
         self.client = client
         self.ttl_s = ttl_s
+        self.scope = scope
+
+    def digest(self, tenant: str | None, *parts: object) -> str:
+        """The entry's key for these inputs, asked on behalf of ``tenant`` (None: no tenant)."""
+        return digest(tenant if self.scope == "tenant" else None, *parts)
 
     @property
     def enabled(self) -> bool:

@@ -52,7 +52,7 @@ class WorkerRuntime:
     @property
     def cache(self) -> ResultCache:
         if self._cache is None:
-            self._cache = ResultCache(self.store.redis, self.settings.cache_ttl_s)
+            self._cache = ResultCache(self.store.redis, self.settings.cache_ttl_s, self.settings.cache_scope)
         return self._cache
 
     @property

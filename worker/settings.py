@@ -89,6 +89,9 @@ class WorkerSettings(QueueSettings):
     #: Sentiments (and greedy replies without history) are cached in Redis this long, for the
     #: same inputs; 0 turns the cache off.
     cache_ttl_s: int = Field(3600, ge=0)
+    #: ``tenant``: a cached result answers only the tenant (API key) whose job computed it, so no
+    #: tenant learns what another sent; ``global``: every tenant shares the entries.
+    cache_scope: Literal["tenant", "global"] = "tenant"
     #: A word list (one term a line): a job whose text holds a term gets SAFETY_MESSAGE as its
     #: reply, without generating one, and so does a reply that holds one. Unset: no filter.
     safety_words_file: str | None = None
