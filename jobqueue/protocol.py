@@ -187,6 +187,10 @@ MAX_TEMPERATURE = 2.0
 #: Timestamps in a job message lie between 1970 and this (year 5138): a duration
 #: computed from one, in milliseconds, is always a finite float.
 MAX_EPOCH_S = 1e11
+#: A job's own history (``JobRequest.history``, the clients that keep their conversation, like
+#: ``POST /v1/chat/completions``): at most this many earlier turns, of this many characters in all.
+MAX_HISTORY_TURNS = 32
+MAX_HISTORY_CHARS = 16000
 CONVERSATION_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 #: A tenant name (the gateway's API_KEYS): no "/", which separates it from the conversation id.
 TENANT_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
@@ -246,6 +250,25 @@ class JobOptions(_Model):
     labels: LabelSetName = "zh"
 
 
+def _clean_text(text: str) -> str:
+    """Control characters (NUL, ESC, ...) removed, tabs and newlines kept; lone surrogates replaced."""
+    # They carry no meaning for the model and break terminals and logs; a lone surrogate
+    # cannot be encoded as UTF-8 and would fail later, in Redis.
+    return _CONTROL_CHARS.sub("", text).encode("utf-8", "replace").decode("utf-8")
+
+
+class HistoryTurn(_Model):
+    """One earlier exchange that the client sent with its job (``JobRequest.history``)."""
+
+    user: str
+    assistant: str
+
+    @field_validator("user", "assistant")
+    @classmethod
+    def _clean(cls, text: str) -> str:
+        return _clean_text(text)
+
+
 class JobRequest(_Model):
     """What a user asks for. ``max_input_chars`` comes in through the validation
     context (``{"max_input_chars": n}``) because it is a deployment setting."""
@@ -261,6 +284,11 @@ class JobRequest(_Model):
     #: When the job is final, the gateway POSTs its record here, signed (see producer.api.callbacks).
     #: http(s) only; its host must be in CALLBACK_ALLOWED_HOSTS (checked by the Client).
     callback_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = None
+    #: Earlier turns the client keeps itself, oldest first: the reply's history instead of a stored
+    #: conversation (never with ``conversation_id``), and never stored. At most MAX_HISTORY_TURNS
+    #: turns of MAX_HISTORY_CHARS characters in all; the worker keeps what fits HISTORY_MAX_TURNS
+    #: and HISTORY_MAX_TOKENS, as it does with a stored conversation.
+    history: list[HistoryTurn] | None = None
 
     @property
     def conversation_scope(self) -> str | None:
@@ -272,17 +300,27 @@ class JobRequest(_Model):
     @field_validator("text")
     @classmethod
     def _check_text(cls, text: str, info: ValidationInfo) -> str:
-        # Control characters (NUL, ESC, ...) carry no meaning for the model and
-        # break terminals and logs; tabs and newlines are kept.
-        text = _CONTROL_CHARS.sub("", text)
-        # Lone surrogates cannot be encoded as UTF-8 and would fail later, in Redis.
-        text = text.encode("utf-8", "replace").decode("utf-8")
+        text = _clean_text(text)
         if not text.strip():
             raise ValueError("must contain non-whitespace text")
         limit = (info.context or {}).get("max_input_chars")
         if limit is not None and len(text) > limit:
             raise ValueError(f"must be at most {limit} characters (got {len(text)})")
         return text
+
+    @field_validator("history")
+    @classmethod
+    def _check_history(cls, history: list[HistoryTurn] | None, info: ValidationInfo) -> list[HistoryTurn] | None:
+        if history is None:
+            return None
+        if info.data.get("conversation_id") is not None:
+            raise ValueError("cannot be sent with conversation_id (a stored conversation is the history then)")
+        if len(history) > MAX_HISTORY_TURNS:
+            raise ValueError(f"must hold at most {MAX_HISTORY_TURNS} turns (got {len(history)})")
+        chars = sum(len(turn.user) + len(turn.assistant) for turn in history)
+        if chars > MAX_HISTORY_CHARS:
+            raise ValueError(f"must hold at most {MAX_HISTORY_CHARS} characters in all (got {chars})")
+        return history
 
 
 class JobMessage(_Model):

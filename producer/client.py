@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import redis
 from celery import Celery
@@ -93,6 +93,7 @@ class Client:
         labels: str = "zh",
         priority: str = "interactive",
         callback_url: str | None = None,
+        history: Sequence[tuple[str, str]] | None = None,
     ) -> str:
         """Validate and enqueue one job; return its id.
 
@@ -102,6 +103,9 @@ class Client:
         the job behind interactive ones, for at most BULK_MAX_WAIT_S (JobRequest.priority).
         A ``callback_url`` (its host in CALLBACK_ALLOWED_HOSTS) gets the final record POSTed
         by a gateway (producer.api.callbacks).
+        ``history`` is the earlier (user, assistant) turns of a conversation the caller keeps
+        itself, oldest first: the reply's history instead of a stored conversation's (so never
+        with ``conversation_id``), and not stored (JobRequest.history).
         The record, the message and the conversation's pending turn are written
         in one atomic step (``jobqueue.queue.submission``): all or nothing. With the queue
         in RabbitMQ, the record first and then the message (``jobqueue.queue.amqp``).
@@ -115,6 +119,8 @@ class Client:
                 "tenant": tenant,
                 "priority": priority,
                 "callback_url": callback_url,
+                "history": None if history is None else [{"user": user, "assistant": assistant}
+                                                         for user, assistant in history],
                 "options": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                             "temperature": temperature, "labels": labels},
             }

@@ -329,6 +329,10 @@ def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | 
 
 
 def _history(store: JobStore, job: RunningJob, max_turns: int) -> list[tuple[str, str]]:
+    """The reply's earlier turns: those the client sent with the job, or its stored conversation's."""
+    if job.message.request.history is not None:  # never both (JobRequest.history)
+        turns = [(turn.user, turn.assistant) for turn in job.message.request.history]
+        return turns[-max_turns:] if max_turns > 0 else []
     conversation_id = job.message.request.conversation_scope
     if not conversation_id:
         return []
