@@ -63,3 +63,12 @@ class AlreadyFinal(ProducerError):
     def __init__(self, record):
         self.record = record
         super().__init__(f"job {record.job_id} already ended {record.status.value}; nothing to cancel")
+
+
+class IdempotencyConflict(ProducerError):
+    """An idempotency key is claimed by a job of another request; nothing was written.
+    ``Client.submit`` answers it as InvalidRequest naming ``idempotency_key``."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"the idempotency key is taken by job {job_id}, of another request")

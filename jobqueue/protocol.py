@@ -44,6 +44,14 @@ key                                         type    holds
                                                     confirmed yet, or whose message a worker dropped unfinished,
                                                     by when they were marked (the reconciler re-sends them)
 ``qwen-allinone:probe``                     string  written by a worker to learn whether Redis takes writes again
+``qwen-allinone:line``                      zset    every job message waiting in a Redis lane, scored by its place in
+                                                    line (lane × LINE_LANE_SPAN + that lane's sequence number):
+                                                    ZRANK + 1 is the job's ``queue_position``, in O(log N)
+``qwen-allinone:line:seq``                  hash    per lane, the sequence numbers last given out: ``back:<lane>``
+                                                    counts up (queued at the end), ``front:<lane>`` down (handed
+                                                    back to the front)
+``qwen-allinone:idem:<sha256>``             string  an idempotency key's claim: ``<job id> <sha256 of the request>``,
+                                                    RESULT_TTL_S; the digest is of the tenant and the key together
 ==========================================  ======  ==========================================
 
 Job records, conversations and the ``counted`` marks expire ``RESULT_TTL_S``
@@ -54,6 +62,8 @@ that only grow, as Prometheus expects.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 import re
 import time
 import uuid
@@ -140,6 +150,18 @@ RESENDS_KEY = f"{KEY_PREFIX}:resends"
 #: With the queue in RabbitMQ: open jobs whose message may not be in the queue, by when marked.
 UNSENT_JOBS_KEY = f"{KEY_PREFIX}:unsent"
 WRITE_PROBE_KEY = f"{KEY_PREFIX}:probe"
+#: Every job message waiting in a Redis lane, by its place in line (``jobqueue.queue.line``).
+LINE_KEY = f"{KEY_PREFIX}:line"
+#: Per lane, the last sequence numbers given out at its back (``back:<lane>``) and front (``front:<lane>``).
+LINE_SEQ_KEY = f"{KEY_PREFIX}:line:seq"
+#: A lane's band of scores in LINE_KEY: lane i's jobs score within i × LINE_LANE_SPAN ± LINE_LANE_SPAN / 2.
+LINE_LANE_SPAN = 10**12
+
+
+def idempotency_key(tenant: str | None, key: str) -> str:
+    """Where an idempotency key's claim lives: per tenant, so two tenants' keys never meet."""
+    digest = hashlib.sha256(json.dumps([tenant, key]).encode()).hexdigest()
+    return f"{KEY_PREFIX}:idem:{digest}"
 
 
 def consumer_key(consumer_id: str) -> str:
@@ -321,6 +343,17 @@ class JobRequest(_Model):
         if chars > MAX_HISTORY_CHARS:
             raise ValueError(f"must hold at most {MAX_HISTORY_CHARS} characters in all (got {chars})")
         return history
+
+
+#: An idempotency key (``Idempotency-Key``): 1 to 255 printable ASCII characters, not starting or
+#: ending with a space.
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?$"
+
+
+def request_digest(request: JobRequest) -> str:
+    """The SHA-256 of a request as validated: two submits under one idempotency key must agree on it."""
+    canonical = json.dumps(request.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 class JobMessage(_Model):

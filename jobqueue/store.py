@@ -23,6 +23,8 @@ from jobqueue.protocol import (
     DONE_SIGNAL_TTL_S,
     CALLBACKS_KEY,
     FINISHED_RECENTLY_KEY,
+    LINE_KEY,
+    LINE_LANE_SPAN,
     SERVICE_RATE_WINDOW_S,
     METRICS_JOBS_KEY,
     OPEN_JOBS_KEY,
@@ -114,39 +116,32 @@ def connect_redis(url: str, *, retries: int, socket_timeout: float) -> redis.Red
     )
 
 
-#: The place in line of each wanted job: lanes are read highest priority first, each from its
-#: right end (the next to be taken). A message's job id is its headers' first "id" (the body is
-#: base64, and Celery writes the id before any text of the user's).
-#: KEYS: lanes. ARGV: job ids. Returns {id, position, id, position, ...}.
-_POSITIONS_SCRIPT = """
-local wanted = {}
-for _, id in ipairs(ARGV) do wanted[id] = true end
-local ahead, found = 0, {}
-for k = 1, #KEYS do
-  local items = redis.call('LRANGE', KEYS[k], 0, -1)
-  for j = #items, 1, -1 do
-    ahead = ahead + 1
-    local id = string.match(items[j], '"id": "([^"]*)"')
-    if id and wanted[id] then
-      table.insert(found, id)
-      table.insert(found, ahead)
-    end
-  end
-end
-return found
-"""
-
-
-#: Remove a job's message from the queue's lanes (its headers' first "id", as _POSITIONS_SCRIPT).
-#: KEYS: lanes. ARGV: job id. Returns how many were removed.
+#: Remove a queued job's message from its lane, found through its place in line (``LINE_KEY``,
+#: ``jobqueue.queue.line``): its entry's score names its lane, the entries ahead of it in that lane
+#: its index from the lane's front, and the message is looked for within ``DROP_WINDOW`` of there
+#: (its headers' first "id"; the body is base64, and Celery writes the id before any user text).
+#: Work: O(log N) for the index, and the list's own walk to that place for the removal.
+#: KEYS: LINE_KEY, then the lanes, highest first. ARGV: job id, LINE_LANE_SPAN, DROP_WINDOW.
+#: Returns how many were removed (0: in no lane, or not where the index says; a copy delivered
+#: later is skipped, its record being final).
 _DROP_MESSAGE_SCRIPT = """
-for k = 1, #KEYS do
-  for _, item in ipairs(redis.call('LRANGE', KEYS[k], 0, -1)) do
-    if string.match(item, '"id": "([^"]*)"') == ARGV[1] then return redis.call('LREM', KEYS[k], 1, item) end
-  end
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+local span, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+local lane = math.floor((tonumber(score) + span / 2) / span)
+local lane_key = KEYS[2 + lane]
+if not lane_key then return 0 end
+local ahead = redis.call('ZCOUNT', KEYS[1], string.format('%d', lane * span - span / 2), '(' .. score)
+local from = -(ahead + 1) - window
+local to = math.min(-(ahead + 1) + window, -1)
+for _, item in ipairs(redis.call('LRANGE', lane_key, from, to)) do
+  if string.match(item, '"id": "([^"]*)"') == ARGV[1] then return redis.call('LREM', lane_key, -1, item) end
 end
 return 0
 """
+#: How far from where the index places it a cancelled job's message is looked for.
+DROP_WINDOW = 8
 
 
 class JobStore:
@@ -206,6 +201,8 @@ class JobStore:
                     pipe.multi()
                     pipe.set(key, record.to_json(), ex=self.ttl_s)
                     pipe.zadd(OPEN_JOBS_KEY, {record.job_id: open_job_score(record)})
+                    if record.status is not JobStatus.QUEUED:  # taken by a worker: out of the line
+                        pipe.zrem(LINE_KEY, record.job_id)
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -258,7 +255,8 @@ class JobStore:
                             code=ErrorCode.CANCELLED, message="cancelled by its client before it started"))
                         self._put_final_once(record, pipe)
                         if lanes:  # none when the queue is not in Redis
-                            pipe.eval(_DROP_MESSAGE_SCRIPT, len(lanes), *lanes, job_id)
+                            pipe.eval(_DROP_MESSAGE_SCRIPT, 1 + len(lanes), LINE_KEY, *lanes, job_id,
+                                      LINE_LANE_SPAN, DROP_WINDOW)
                     else:
                         pipe.set(cancel_key(job_id), 1, ex=self.ttl_s)
                     pipe.execute()
@@ -300,14 +298,6 @@ class JobStore:
             for lane in lanes:
                 pipe.llen(lane)
             return sum(pipe.execute())
-
-    def queue_positions(self, job_ids: list[str], lanes: list[str]) -> dict[str, int]:
-        """Each waiting job's place in line (1 = next), over ``lanes`` highest first; a job that
-        is not waiting in them (running, or between the queue and a worker) is left out."""
-        if not job_ids:
-            return {}
-        found = self.redis.eval(_POSITIONS_SCRIPT, len(lanes), *lanes, *job_ids)
-        return {found[i].decode(): int(found[i + 1]) for i in range(0, len(found), 2)}
 
     def service_rate(self, now: float) -> float | None:
         """Jobs finished per second over the last SERVICE_RATE_WINDOW_S; None if none finished."""

@@ -84,6 +84,7 @@ def _submit(client: Client, args: argparse.Namespace) -> str:
         labels=args.labels,
         priority=args.priority,
         callback_url=args.callback_url,
+        idempotency_key=args.idempotency_key,
     )
 
 
@@ -207,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bulk waits behind interactive jobs, at most BULK_MAX_WAIT_S (default interactive)")
         p.add_argument("--callback-url", help="a gateway POSTs the final record here, signed (its host must be "
                                               "in CALLBACK_ALLOWED_HOSTS)")
+        p.add_argument("--idempotency-key", help="run again with the same key within RESULT_TTL_S, it answers the "
+                                                 "first run's job and queues no other (a retry after an error)")
 
     def add_common(p: argparse.ArgumentParser, wait: bool = False) -> None:
         p.add_argument("--json", action="store_true", help="print JSON instead of text")

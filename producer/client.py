@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import urllib.parse
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 from jobqueue.errors import (
     AlreadyFinal,
     BrokerUnavailable,
+    IdempotencyConflict,
     InvalidRequest,
     JobNotFound,
     UnreadableRecord,
@@ -22,6 +24,7 @@ from jobqueue.errors import (
 )
 from jobqueue.protocol import (
     CELERY_WIRE_CONFIG,
+    IDEMPOTENCY_KEY_PATTERN,
     describe_validation_error,
     JobMessage,
     JobRecord,
@@ -29,12 +32,15 @@ from jobqueue.protocol import (
     JobStatus,
     is_job_id,
     new_job_id,
+    request_digest,
     validation_problems,
 )
+from jobqueue.protocol import idempotency_key as idempotency_key_name
 from jobqueue.settings import QueueSettings
 from jobqueue.metrics_store import JobMetrics
 from jobqueue.store import JobStore, connect_redis
 from jobqueue.queue.brokers import broker_for, celery_broker_config
+from jobqueue.queue.submission import Claim
 
 
 class Client:
@@ -94,8 +100,14 @@ class Client:
         priority: str = "interactive",
         callback_url: str | None = None,
         history: Sequence[tuple[str, str]] | None = None,
+        idempotency_key: str | None = None,
     ) -> str:
         """Validate and enqueue one job; return its id.
+
+        With an ``idempotency_key``, a retry within RESULT_TTL_S returns the first submit's job id and
+        queues nothing, even when retries race from many threads (the key is claimed in the same
+        atomic step that queues the job); the key is scoped by ``tenant``. The same key with another
+        request raises InvalidRequest naming ``idempotency_key``.
 
         A ``conversation_id`` is scoped by ``tenant``: the same id under two
         tenants is two conversations, and one without a tenant is a third. A
@@ -133,19 +145,26 @@ class Client:
             start_by=now + self.settings.queue_timeout_s,
             timeout_s=self.settings.job_timeout_s,
         )
-        record = JobRecord.queued(job_id, message)
+        return self._queue(JobRecord.queued(job_id, message), message, _claim(idempotency_key, request))
+
+    def _queue(self, record: JobRecord, message: JobMessage, claim: Claim | None) -> str:
+        """Hand the job to the broker; the id of the job queued (a claimed one's, with a claim)."""
+        bulk = record.request is not None and record.request.priority == "bulk"
         try:
             with self._broker_errors():
-                self.broker.submit(self._celery, record, message, ttl_s=self.settings.result_ttl_s,
-                                   lane_limit=self.settings.max_queue_bulk if priority == "bulk" else 0)
+                return self.broker.submit(self._celery, record, message, ttl_s=self.settings.result_ttl_s,
+                                          lane_limit=self.settings.max_queue_bulk if bulk else 0, claim=claim)
+        except IdempotencyConflict as err:
+            problem = (f"{claim.name!r} was used for another request (job {err.job_id}) in the last "
+                       "RESULT_TTL_S; send that request again, or use a new key")
+            raise InvalidRequest(f"idempotency_key: {problem}", [("idempotency_key", problem)]) from None
         except BrokerUnavailable:
             # The connection may have dropped after the script ran: then the job is queued
             # and its record says so. Nothing is ever deleted here (it might run).
             with contextlib.suppress(redis.RedisError):
-                if self.store.get(job_id) is not None:
-                    return job_id
+                if self.store.get(record.job_id) is not None:
+                    return record.job_id
             raise
-        return job_id
 
     def _validate(self, data: dict) -> JobRequest:
         data["options"] = {k: v for k, v in data["options"].items() if v is not None}
@@ -233,8 +252,9 @@ class Client:
     def place_in_line(self, records: list[JobRecord]) -> None:
         """Fill in each queued record's ``queue_position`` (1 = next) and ``eta_s``, in place.
 
-        One scan of the queue for all of them (a Lua script, O(queue length)), and the
-        service rate of the last SERVICE_RATE_WINDOW_S for the ETA: position / rate."""
+        One ZRANK each in the place-in-line index (``jobqueue.queue.line``: O(log N), however long
+        the queue; none on RabbitMQ), and the service rate of the last SERVICE_RATE_WINDOW_S for the
+        ETA: position / rate."""
         queued = [record for record in records if record.status is JobStatus.QUEUED]
         if not queued:
             return
@@ -310,6 +330,16 @@ class Client:
             # Within the socket timeout (5 s): a blocked read must not look like a dead connection.
             with self._broker_errors():
                 self.store.wait_until_final(job_id, max(0.01, min(left, poll_interval, 4.0)))
+
+
+def _claim(idempotency_key: str | None, request: JobRequest) -> Claim | None:
+    """The claim a submit under ``idempotency_key`` makes, scoped by the request's tenant."""
+    if idempotency_key is None:
+        return None
+    if not isinstance(idempotency_key, str) or not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, idempotency_key):
+        problem = "must be 1 to 255 printable ASCII characters, not starting or ending with a space"
+        raise InvalidRequest(f"idempotency_key: {problem}", [("idempotency_key", problem)])
+    return Claim(idempotency_key_name(request.tenant, idempotency_key), request_digest(request), idempotency_key)
 
 
 #: Redis's answers when it refuses writes for a while, and what they mean.

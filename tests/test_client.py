@@ -11,6 +11,9 @@ import pytest
 
 from producer import BrokerUnavailable, Client, InvalidRequest, JobNotFound, JobStatus, QueueFull, WaitTimeout
 from jobqueue.protocol import (
+    CELERY_WIRE_CONFIG,
+    LINE_KEY,
+    LINE_SEQ_KEY,
     OPEN_JOBS_KEY,
     QUEUE_NAME,
     JobRecord,
@@ -59,7 +62,7 @@ def test_bad_input_names_field_and_limit_and_writes_nothing(client, fake, kwargs
 @pytest.fixture
 def queue_keys(redis_client):
     """The real Redis's queue and open-job index, emptied before and after (db 15, the suite's own)."""
-    keys = [QUEUE_NAME, OPEN_JOBS_KEY]
+    keys = [QUEUE_NAME, OPEN_JOBS_KEY, LINE_KEY, LINE_SEQ_KEY]
     redis_client.delete(*keys)
     yield redis_client
     redis_client.delete(*keys)
@@ -259,10 +262,25 @@ def test_a_waiting_job_knows_its_place_in_line_and_when_it_starts(make_client, q
         now = time.time()
         queue_keys.zadd(FINISHED_RECENTLY_KEY, {f"done-{i}": now - i for i in range(30)})  # 30 in 300 s
         assert client.get(second).eta_s == 20.0  # 2nd in line at 0.1 jobs/s
-        queue_keys.rpop(QUEUE_NAME)  # a worker took the first
-        assert client.get(second).queue_position == 1
+        taken = _take_one(client)  # a worker took the first
+        assert taken.job_id == first and client.get(second).queue_position == 1
+        assert client.get(bulk).queue_position == 2
+        taken.ack()
     finally:
         queue_keys.delete(bulk_lane, FINISHED_RECENTLY_KEY)
+
+
+def _take_one(client):
+    """Take the next job as a worker's batch does (jobqueue.queue.intake), which leaves the line."""
+    from celery import Celery
+
+    from jobqueue.queue import QUEUE_TRANSPORT
+    from jobqueue.queue.intake import Intake
+
+    app = Celery("take-one", set_as_current=False)
+    app.conf.update(CELERY_WIRE_CONFIG, broker_url=client.settings.redis_url, broker_transport=QUEUE_TRANSPORT)
+    (taken,) = Intake(app).take(1, 0)
+    return taken
 
 
 def test_jobs_that_never_ran_do_not_count_towards_the_service_rate(make_client, queue_keys):

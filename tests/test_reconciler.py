@@ -10,6 +10,7 @@ from celery import Celery
 from jobqueue.protocol import (
     CELERY_WIRE_CONFIG,
     CONSUMERS_KEY,
+    LINE_KEY,
     OPEN_JOBS_KEY,
     QUEUE_NAME,
     RECONCILER_LOCK_KEY,
@@ -31,7 +32,7 @@ UNACKED, UNACKED_INDEX = "unacked", "unacked_index"  # kombu's default key names
 @pytest.fixture
 def clean(redis_client):
     def wipe():
-        redis_client.delete(QUEUE_NAME, UNACKED, UNACKED_INDEX, OPEN_JOBS_KEY, CONSUMERS_KEY, SUSPECTS_KEY,
+        redis_client.delete(QUEUE_NAME, UNACKED, UNACKED_INDEX, OPEN_JOBS_KEY, CONSUMERS_KEY, SUSPECTS_KEY, LINE_KEY,
                             RESENDS_KEY, RECONCILER_LOCK_KEY, held_key("dead"), held_key("live"),
                             consumer_key("live"))
     wipe()

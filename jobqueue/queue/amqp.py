@@ -35,7 +35,7 @@ from amqp.exceptions import AMQPError, MessageNacked, NotFound, PreconditionFail
 from celery import Celery
 from kombu import Connection, Exchange, Queue
 
-from jobqueue.errors import BrokerUnavailable, QueueFull
+from jobqueue.errors import BrokerUnavailable, IdempotencyConflict, QueueFull
 from jobqueue.protocol import (
     OPEN_JOBS_KEY,
     QUEUE_NAME,
@@ -48,7 +48,7 @@ from jobqueue.protocol import (
     pending_turns_key,
 )
 from jobqueue.queue.intake import POLL_INTERVAL_S, TakenJob, as_job
-from jobqueue.queue.submission import send_job
+from jobqueue.queue.submission import Claim, send_job
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -61,13 +61,24 @@ NO_ROUTE = 312
 #: An idle taker polls RabbitMQ at most this often (each look is a round trip).
 AMQP_POLL_INTERVAL_S = max(POLL_INTERVAL_S, 0.01)
 
-#: The record, its open-job entry, its pending turn and the unsent mark, unless the record exists.
-#: KEYS: record, open jobs, pending turns (or ""), unsent jobs. ARGV: record JSON, TTL, open score,
-#: job id. Returns 1 when written, 0 when the record already was. Marks are timed by Redis's clock,
-#: which the reconciler reads too, whatever the hosts' clocks say.
+#: The record, its open-job entry, its pending turn, the unsent mark and the idempotency key's claim,
+#: unless the record exists or the claim does. KEYS: record, open jobs, pending turns (or ""), unsent
+#: jobs, the claim (or ""). ARGV: record JSON, TTL, open score, job id, the request's digest. Returns
+#: {1, ''} when written, {0, ''} when the record already was, {2, job id} when the claim names a job of
+#: the same request, {3, job id} when of another. Marks are timed by Redis's clock, which the
+#: reconciler reads too, whatever the hosts' clocks say.
 _RECORD_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if KEYS[5] ~= '' then
+  local claim = redis.call('GET', KEYS[5])
+  if claim then
+    local claimed, digest = string.match(claim, '^(%S+) (%S+)$')
+    if digest == ARGV[5] then return {2, claimed} end
+    return {3, claimed or ''}
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ''} end
 local now = redis.call('TIME')
+if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[4] .. ' ' .. ARGV[5], 'EX', ARGV[2]) end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
 if KEYS[3] ~= '' then
@@ -75,16 +86,19 @@ if KEYS[3] ~= '' then
   redis.call('EXPIRE', KEYS[3], ARGV[2])
 end
 redis.call('ZADD', KEYS[4], now[1] + now[2] / 1e6, ARGV[4])
-return 1
+return {1, ''}
 """
 #: Take back what _RECORD_SCRIPT wrote, when RabbitMQ refused the message (the queue is full).
-#: The record goes only if it is still the one written (nothing ran it). Same KEYS; ARGV: record
-#: JSON, job id.
+#: The record goes only if it is still the one written (nothing ran it), the claim only if it names
+#: this job. Same KEYS; ARGV: record JSON, job id.
 _UNDO_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('ZREM', KEYS[2], ARGV[2])
 if KEYS[3] ~= '' then redis.call('LREM', KEYS[3], 0, ARGV[2]) end
 redis.call('ZREM', KEYS[4], ARGV[2])
+if KEYS[5] ~= '' and string.match(redis.call('GET', KEYS[5]) or '', '^(%S+) ') == ARGV[2] then
+  redis.call('DEL', KEYS[5])
+end
 return 1
 """
 
@@ -126,27 +140,37 @@ class AmqpBroker:
         self.quorum = quorum
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
-               lane_limit: int = 0) -> None:
-        """Record the job in Redis, then publish it; raises QueueFull (and takes the record back)
-        when RabbitMQ refuses it, kombu's errors when either server fails."""
-        keys = _record_keys(record)
-        written = self.redis.eval(_RECORD_SCRIPT, len(keys), *keys, record.to_json(), ttl_s,
-                                  open_job_score(record), record.job_id)
+               lane_limit: int = 0, claim: Claim | None = None) -> str:
+        """Record the job (and its idempotency ``claim``) in Redis, then publish it; returns the id of
+        the job queued (the claimed one's, when the claim was taken: nothing is written then). Raises
+        QueueFull (and takes the record back) when RabbitMQ refuses it, IdempotencyConflict, and
+        kombu's errors when either server fails."""
+        keys = _record_keys(record, claim)
+        written, claimed = self.redis.eval(_RECORD_SCRIPT, len(keys), *keys, record.to_json(), ttl_s,
+                                           open_job_score(record), record.job_id, claim.digest if claim else "")
+        if written == 3:
+            raise IdempotencyConflict(claimed.decode())
+        if written == 2:
+            return claimed.decode()
         if not written:
-            return  # a retried submit: queued already, or it is the reconciler's
+            return record.job_id  # a retried submit: queued already, or it is the reconciler's
         try:
             self._publish(celery, record.job_id, message)
         except Exception as err:
             if _caused_by(err, MessageNacked):  # the queue is full
                 self._take_back(keys, record)
                 raise QueueFull(self.max_queue, self.max_queue) from None
-            if _caused_by(err, ConnectionRefusedError, socket.gaierror, PreconditionFailed):
-                # Never sent: RabbitMQ is down, or its queue refuses this producer's declaration.
+            if _caused_by(err, PreconditionFailed) or (claim is None and _caused_by(
+                    err, ConnectionRefusedError, socket.gaierror)):
+                # Never sent: RabbitMQ is down, or its queue refuses this producer's declaration. With
+                # an idempotency key a refused connection is not taken as "never sent": it may be
+                # kombu's retry after a first attempt that arrived, and the claim must keep naming it.
                 self._take_back(keys, record)
             # Otherwise it may have arrived (a confirm lost with its connection): the record stays,
             # marked unsent, and the reconciler publishes it again should it not have.
             raise
         self.redis.zrem(UNSENT_JOBS_KEY, record.job_id)
+        return record.job_id
 
     def _publish(self, celery: Celery, job_id: str, message: JobMessage) -> None:
         """Publish as mandatory: a message no queue takes is refused, not silently dropped. Celery
@@ -230,10 +254,10 @@ def mark_unsent(client: redis.Redis, job_ids: list[str]) -> None:
         client.eval(_MARK_SCRIPT, 1, UNSENT_JOBS_KEY, *job_ids)
 
 
-def _record_keys(record: JobRecord) -> list[str]:
+def _record_keys(record: JobRecord, claim: Claim | None) -> list[str]:
     conversation = record.request.conversation_scope if record.request else None
     return [job_key(record.job_id), OPEN_JOBS_KEY, pending_turns_key(conversation) if conversation else "",
-            UNSENT_JOBS_KEY]
+            UNSENT_JOBS_KEY, claim.key if claim else ""]
 
 
 @contextlib.contextmanager

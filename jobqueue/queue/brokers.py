@@ -1,7 +1,7 @@
 """Which broker holds the queue: Redis (the default) or RabbitMQ (``BROKER_URL=amqp://...``).
 
 Producers, the gateway and workers reach the queue only through a ``Broker``:
-submit a job, re-send one, read the depth and places in line, the lanes a cancel
+submit a job (with an idempotency key's ``Claim``, the claimed job's id comes back), re-send one, read the depth and places in line, the lanes a cancel
 clears; a worker's batches take jobs through ``intake_for``. Records, conversations and
 metrics are in Redis (``REDIS_URL``) with either broker.
 """
@@ -15,9 +15,10 @@ from celery import Celery
 from jobqueue.protocol import QUEUE_NAME, JobMessage, JobRecord
 from jobqueue.settings import QueueSettings
 from jobqueue.store import JobStore
-from jobqueue.queue import QUEUE_TRANSPORT, amqp, submission
+from jobqueue.queue import QUEUE_TRANSPORT, amqp, line, submission
 from jobqueue.queue.amqp import AmqpBroker, AmqpIntake
 from jobqueue.queue.intake import Intake
+from jobqueue.queue.submission import Claim
 from jobqueue.queue.transport import lane_keys
 
 
@@ -25,7 +26,7 @@ class Broker(Protocol):
     kind: str
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
-               lane_limit: int = 0) -> None: ...
+               lane_limit: int = 0, claim: Claim | None = None) -> str: ...
 
     def resend(self, celery: Celery, record: JobRecord) -> None: ...
 
@@ -46,9 +47,9 @@ class RedisBroker:
         self.max_queue = max_queue
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
-               lane_limit: int = 0) -> None:
-        submission.submit_job(celery, record, message, max_queue=self.max_queue, ttl_s=ttl_s,
-                              lane_limit=lane_limit)
+               lane_limit: int = 0, claim: Claim | None = None) -> str:
+        return submission.submit_job(celery, record, message, max_queue=self.max_queue, ttl_s=ttl_s,
+                                     lane_limit=lane_limit, claim=claim)
 
     def resend(self, celery: Celery, record: JobRecord) -> None:
         submission.resend_job(celery, record)
@@ -57,7 +58,7 @@ class RedisBroker:
         return self.store.queue_depth(lane_keys(QUEUE_NAME))
 
     def positions(self, celery: Celery, job_ids: list[str]) -> dict[str, int]:
-        return self.store.queue_positions(job_ids, lane_keys(QUEUE_NAME))
+        return line.positions(self.store.redis, job_ids)
 
     def cancel_lanes(self) -> list[str]:
         return lane_keys(QUEUE_NAME)

@@ -33,7 +33,7 @@ from kombu import Connection
 from kombu.message import Message
 from kombu.transport.virtual import QoS as VirtualQoS
 
-from jobqueue.protocol import QUEUE_NAME, TASK_NAME, held_key
+from jobqueue.protocol import LINE_KEY, QUEUE_NAME, TASK_NAME, held_key
 from jobqueue.queue.liveness import consumer_id
 from jobqueue.queue.transport import UNREADABLE_MESSAGE_ERRORS, lane_keys
 
@@ -49,14 +49,18 @@ POLL_INTERVAL_S = 0.002
 #: process's held set (jobqueue.queue.liveness). The payload is kept as the exact text
 #: that was queued. Something Redis's JSON decoder cannot read as an envelope with a string
 #: delivery tag is only popped; the caller records it if Python reads it.
-#: KEYS: unacked hash, unacked index, held set, then the queue's lanes. ARGV: the time.
+#: The job leaves the place-in-line index (``jobqueue.queue.line``) in the same step.
+#: KEYS: unacked hash, unacked index, held set, LINE_KEY, then the queue's lanes. ARGV: the time.
 #: Returns false (queue empty) or {item, the tag it was recorded under or ''}.
 _TAKE_SCRIPT = """
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   local item = redis.call('RPOP', KEYS[i])
   if item then
     local tag = ''
     local ok, payload = pcall(cjson.decode, item)
+    local id = ok and type(payload) == 'table' and type(payload['headers']) == 'table' and payload['headers']['id']
+    if type(id) ~= 'string' then id = string.match(item, '"id": "([^"]*)"') end
+    if id then redis.call('ZREM', KEYS[4], id) end
     if ok and type(payload) == 'table' and type(payload['properties']) == 'table'
         and type(payload['properties']['delivery_tag']) == 'string' then
       local info = payload['properties']['delivery_info']
@@ -168,8 +172,8 @@ class Intake:
         """
         queues = lane_keys(QUEUE_NAME)
         with channel.conn_or_acquire() as client:
-            popped = client.eval(_TAKE_SCRIPT, 3 + len(queues), channel.unacked_key,
-                                 channel.unacked_index_key, held_key(consumer_id()), *queues, time.time())
+            popped = client.eval(_TAKE_SCRIPT, 4 + len(queues), channel.unacked_key, channel.unacked_index_key,
+                                 held_key(consumer_id()), LINE_KEY, *queues, time.time())
         if popped is None:
             return False, None
         raw, recorded_tag = popped

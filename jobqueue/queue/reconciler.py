@@ -16,10 +16,16 @@ workers. A sweep does three things:
    its unacked bookkeeping, a re-publish that failed, a hard-time-limit
    bookkeeping write that failed before Celery acked) is re-sent under the
    same id, or finished as ``expired`` if its start deadline passed, or as
-   ``failed`` once it has been re-sent ``MAX_ATTEMPTS`` times.
+   ``failed`` once it has been re-sent ``MAX_ATTEMPTS`` times. The queue is read
+   a few thousand messages per sweep, resumed where the last sweep stopped
+   (``jobqueue.queue.scan``), so no command holds Redis for long however deep
+   the queue: a pass over 10,000 queued jobs spans five sweeps.
 
 3. **Bulk jobs are not starved.** A job in a lower priority lane that has waited
    ``bulk_max_wait_s`` moves to the back of the interactive lane.
+
+Each sweep also drops a few hundred stale entries from the place-in-line index
+(``jobqueue.queue.line.prune``), resumed like the read of the queue.
 
 With the queue in RabbitMQ, the broker does the first itself (a dead
 consumer's connection closes and its messages go back), the third cannot be
@@ -27,8 +33,8 @@ done (a queue cannot be reordered), and the second covers the jobs marked
 *unsent* (``jobqueue.queue.amqp``): a publish never confirmed, or a delivered
 job acknowledged by Celery without a final record.
 
-The first two act only on what two sweeps at least ``grace_s`` apart found in the same
-state (``SUSPECTS_KEY``), so a message in transit between the queue and a
+The first two act only on what two looks at least ``grace_s`` apart found in the same
+state (``SUSPECTS_KEY``: sweeps for the first, passes over the queue for the second), so a message in transit between the queue and a
 worker, or a process whose heartbeat a Redis restart wiped, is left alone.
 """
 
@@ -48,6 +54,8 @@ from celery import Celery
 from jobqueue.errors import UnreadableRecord
 from jobqueue.protocol import (
     CONSUMERS_KEY,
+    LINE_KEY,
+    LINE_SEQ_KEY,
     OPEN_JOBS_KEY,
     QUEUE_NAME,
     RECONCILER_LOCK_KEY,
@@ -62,57 +70,34 @@ from jobqueue.protocol import (
 )
 from jobqueue.store import JobStore
 from jobqueue.outcome import finish, save_final
+from jobqueue.queue import line
 from jobqueue.queue.amqp import AmqpBroker, unsent_jobs
+from jobqueue.queue.line import PUSH_LUA
+from jobqueue.queue.scan import QueueScan
 from jobqueue.queue.submission import resend_job
 from jobqueue.queue.transport import lane_keys
 
 log = logging.getLogger("qwen_allinone.worker")
 
-#: Move an unacked entry back to the front of its queue lanes, unless it changed or went meanwhile.
-#: KEYS: unacked hash, unacked index, lanes. ARGV: tag, the entry as read, the payload to queue.
-_RESTORE_SCRIPT = """
+#: Move an unacked entry back to the front of its queue lanes, with its place in line, unless it
+#: changed or went meanwhile. KEYS: unacked hash, unacked index, LINE_KEY, LINE_SEQ_KEY, lanes.
+#: ARGV: tag, the entry as read, the payload to queue, its job id (or ''), then each lane's index.
+_RESTORE_SCRIPT = PUSH_LUA + """
+line_keys = {KEYS[3], KEYS[4]}
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-for i = 3, #KEYS do redis.call('RPUSH', KEYS[i], ARGV[3]) end
+for i = 5, #KEYS do line_push(KEYS[i], ARGV[i], ARGV[3], ARGV[4], true) end
 return 1
 """
-#: Which of the given job ids are in no queue lane and no unacked entry, read in one atomic
-#: step, so a message moving between the queue and the unacked hash meanwhile is seen in one.
-#: KEYS: unacked hash, lanes. ARGV: job ids. Returns the ids found nowhere.
-_ABSENT_SCRIPT = """
-local wanted = {}
-for i = 1, #ARGV do wanted[ARGV[i]] = true end
-local function drop(raw, decoded)
-  local id
-  if type(decoded) == 'table' and type(decoded['headers']) == 'table' then
-    id = decoded['headers']['id']
-  else
-    -- JSON that Redis's decoder refuses (a lone surrogate escape): the first "id" is the
-    -- headers' (the body is base64, and Celery writes the id before any user text).
-    id = string.match(raw, '"id": "([^"]*)"')
-  end
-  if type(id) == 'string' then wanted[id] = nil end
-end
-for _, entry in ipairs(redis.call('HVALS', KEYS[1])) do
-  local ok, decoded = pcall(cjson.decode, entry)
-  drop(entry, ok and type(decoded) == 'table' and decoded[1] or nil)
-end
-for i = 2, #KEYS do
-  for _, item in ipairs(redis.call('LRANGE', KEYS[i], 0, -1)) do
-    local ok, decoded = pcall(cjson.decode, item)
-    drop(item, ok and decoded or nil)
-  end
-end
-local absent = {}
-for i = 1, #ARGV do if wanted[ARGV[i]] then table.insert(absent, ARGV[i]) end end
-return absent
-"""
-#: Move a message to the back of the top lane, unless it left its lane meanwhile.
-#: KEYS: its lane, the top lane. ARGV: the message as read, the message to push.
-_PROMOTE_SCRIPT = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[2])
+#: Move a message to the back of the top lane, with its new place in line, unless it left its lane
+#: meanwhile. The oldest are looked for from the lane's front (LREM -1), where they are.
+#: KEYS: its lane, the top lane, LINE_KEY, LINE_SEQ_KEY. ARGV: the message as read, the message to
+#: push, its job id.
+_PROMOTE_SCRIPT = PUSH_LUA + """
+line_keys = {KEYS[3], KEYS[4]}
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
+line_push(KEYS[2], 0, ARGV[2], ARGV[3], false)
 return 1
 """
 #: A sweep looks at most this many of a lower lane's oldest messages for promotion.
@@ -146,6 +131,10 @@ class Reconciler:
         self.max_attempts = max_attempts
         self._stopped = threading.Event()
         self._connection = None
+        #: The read of the queue, a few thousand messages per sweep (``scan``), and where the next
+        #: pruning of the place-in-line index starts (``line.prune``).
+        self._scan = QueueScan(lane_keys(QUEUE_NAME))
+        self._prune_cursor = 0
 
     # --- running on the worker's own timer ---
 
@@ -182,24 +171,20 @@ class Reconciler:
         channel = self._channel()
         unacked = {tag.decode(): raw for tag, raw in client.hgetall(channel.unacked_key).items()}
         held, dead = self._held_by_live_consumers(client)
-        orphaned_tags = [tag for tag in unacked if tag not in held]
-        open_ids = [raw.decode() for raw in client.zrange(OPEN_JOBS_KEY, 0, -1)]
-        present = {_job_id_of_entry(raw) for raw in unacked.values()}
-        lost_ids = [job_id for job_id in open_ids if job_id not in present]
-        if lost_ids:  # only then is the queue worth reading
-            keys = [channel.unacked_key, *lane_keys(QUEUE_NAME)]
-            lost_ids = [raw.decode() for raw in client.eval(_ABSENT_SCRIPT, len(keys), *keys, *lost_ids)]
-        confirmed = self._confirm(client, [f"tag:{t}" for t in orphaned_tags] + [f"job:{j}" for j in lost_ids], now)
         report = SweepReport()
-        for tag in (key.removeprefix("tag:") for key in confirmed if key.startswith("tag:")):
+        for tag in self._confirm(client, "tag:", [tag for tag in unacked if tag not in held], now):
             with _each("hand back unacked message", tag):
                 if self._restore(client, channel, tag, unacked[tag]):
                     report.restored.append(_job_id_of_entry(unacked[tag]) or tag)
-        for job_id in (key.removeprefix("job:") for key in confirmed if key.startswith("job:")):
-            with _each("settle lost job", job_id):
-                self._settle_lost(client, job_id, now, report)
-        self._forget(client, dead, open_ids)
+        unseen = self._scan.step(client)  # None until a pass over the queue ends
+        if unseen is not None:
+            present = {_job_id_of_entry(raw) for raw in client.hvals(channel.unacked_key)}
+            for job_id in self._confirm(client, "job:", [j for j in unseen if j not in present], now):
+                with _each("settle lost job", job_id):
+                    self._settle_lost(client, job_id, now, report)
+        self._forget(client, dead)
         report.promoted = self._promote_overdue(client, channel, now)
+        self._prune_cursor = line.prune(client, self._prune_cursor)
         if report.restored or report.resent or report.finished:
             log.warning("reconciler: handed back %s; re-sent %s; finished %s",
                         report.restored or "-", report.resent or "-", report.finished or "-")
@@ -212,7 +197,7 @@ class Reconciler:
             with _each("settle unsent job", job_id):
                 self._settle_lost(client, job_id, now, report)
         with client.pipeline(transaction=False) as pipe:
-            _forget_resends(client, pipe, [raw.decode() for raw in client.zrange(OPEN_JOBS_KEY, 0, -1)])
+            _forget_resends(client, pipe)
             pipe.execute()
         if report.resent or report.finished:
             log.warning("reconciler: re-sent %s; finished %s", report.resent or "-", report.finished or "-")
@@ -229,17 +214,22 @@ class Reconciler:
         held = {raw.decode() for raw in client.sunion([held_key(c) for c in live])} if live else set()
         return held, [c for c, up in zip(consumers, alive) if not up]
 
-    def _confirm(self, client: redis.Redis, suspects: list[str], now: float) -> list[str]:
-        """The suspects also seen at least ``grace_s`` ago; the others are remembered for next time."""
-        seen = {key.decode(): float(value) for key, value in client.hgetall(SUSPECTS_KEY).items()}
+    def _confirm(self, client: redis.Redis, kind: str, found: list[str], now: float) -> list[str]:
+        """Of what this look ``found`` (``kind``: ``tag:`` unheld messages, every sweep; ``job:`` lost
+        jobs, when a pass over the queue ends), what an earlier look found at least ``grace_s`` ago;
+        the rest is remembered for next time, and the suspects of that kind not found again forgotten."""
+        seen = {key.decode(): float(value) for key, value in client.hgetall(SUSPECTS_KEY).items()
+                if key.decode().startswith(kind)}
+        suspects = [kind + item for item in found]
         confirmed = [key for key in suspects if key in seen and now - seen[key] >= self.grace_s]
         waiting = {key: seen.get(key, now) for key in suspects if key not in confirmed}
         with client.pipeline(transaction=True) as pipe:
-            pipe.delete(SUSPECTS_KEY)
+            if seen:
+                pipe.hdel(SUSPECTS_KEY, *seen)
             if waiting:
                 pipe.hset(SUSPECTS_KEY, mapping=waiting)
             pipe.execute()
-        return confirmed
+        return [key.removeprefix(kind) for key in confirmed]
 
     def _restore(self, client: redis.Redis, channel, tag: str, raw: bytes) -> bool:
         try:
@@ -250,8 +240,10 @@ class Reconciler:
         except (ValueError, KeyError, TypeError) as err:
             log.error("reconciler: unacked entry %s is not a kombu message (%s); left to kombu", tag, err)
             return False
-        keys = [channel.unacked_key, channel.unacked_index_key, *lanes]
-        return bool(client.eval(_RESTORE_SCRIPT, len(keys), *keys, tag, raw, json.dumps(payload)))
+        keys = [channel.unacked_key, channel.unacked_index_key, LINE_KEY, LINE_SEQ_KEY, *lanes]
+        all_lanes = lane_keys(QUEUE_NAME)
+        return bool(client.eval(_RESTORE_SCRIPT, len(keys), *keys, tag, raw, json.dumps(payload),
+                                _job_id_of_entry(raw) or "", *(all_lanes.index(lane) for lane in lanes)))
 
     def _settle_lost(self, client: redis.Redis, job_id: str, now: float, report: SweepReport) -> None:
         """Re-send an open job whose message is gone, or finish it if it may not run any more."""
@@ -294,11 +286,12 @@ class Reconciler:
                     if now - _submitted_at(payload) < self.bulk_max_wait_s:
                         break  # the rest of this lane waited less
                     payload["properties"]["priority"] = 0  # stays interactive if handed back later
-                    if client.eval(_PROMOTE_SCRIPT, 2, lane, top, raw, json.dumps(payload)):
+                    if client.eval(_PROMOTE_SCRIPT, 4, lane, top, LINE_KEY, LINE_SEQ_KEY, raw, json.dumps(payload),
+                                   payload["headers"]["id"]):
                         promoted.append(payload["headers"]["id"])
         return promoted
 
-    def _forget(self, client: redis.Redis, dead: list[str], open_ids: list[str]) -> None:
+    def _forget(self, client: redis.Redis, dead: list[str]) -> None:
         """Drop dead processes whose messages are all back, and re-send counts of finished jobs."""
         unacked_tags = {tag.decode() for tag in client.hkeys(self._channel().unacked_key)}
         with client.pipeline(transaction=False) as pipe:
@@ -306,7 +299,7 @@ class Reconciler:
                 if not {t.decode() for t in client.smembers(held_key(consumer))} & unacked_tags:
                     pipe.delete(held_key(consumer))
                     pipe.srem(CONSUMERS_KEY, consumer)
-            _forget_resends(client, pipe, open_ids)
+            _forget_resends(client, pipe)
             pipe.execute()
 
     def _channel(self):
@@ -322,10 +315,11 @@ class Reconciler:
             self._connection = None
 
 
-def _forget_resends(client: redis.Redis, pipe, open_ids: list[str]) -> None:
-    """Drop, in ``pipe``, the re-send counts of jobs no longer open."""
-    still_open = set(open_ids)
-    finished = [raw.decode() for raw in client.hkeys(RESENDS_KEY) if raw.decode() not in still_open]
+def _forget_resends(client: redis.Redis, pipe) -> None:
+    """Drop, in ``pipe``, the re-send counts of jobs no longer open (one ZMSCORE for all of them)."""
+    counted = [raw.decode() for raw in client.hkeys(RESENDS_KEY)]
+    finished = [job_id for job_id, score in zip(counted, client.zmscore(OPEN_JOBS_KEY, counted) if counted else [])
+                if score is None]
     if finished:
         pipe.hdel(RESENDS_KEY, *finished)
 

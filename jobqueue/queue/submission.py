@@ -5,10 +5,13 @@ Kombu hands the finished envelope to our channel's ``_put``
 (``jobqueue.queue.transport``), which runs ``_ADMIT_SCRIPT`` instead of a plain
 LPUSH: the depth check against ``MAX_QUEUE``, the ``queued`` record, the job's
 entry among the open jobs, its conversation's pending turn and the envelope,
-all in one Lua script. So ``MAX_QUEUE`` is never overshot by concurrent
+its place in line (``jobqueue.queue.line``) and its idempotency key's claim, all in one Lua
+script. So ``MAX_QUEUE`` is never overshot by concurrent
 submitters, a producer that dies mid-submit leaves nothing behind, and a
 publish that kombu retries after a dropped connection does not queue the job
-twice (the script sees the record and does nothing).
+twice (the script sees the record and does nothing). A submit whose idempotency key is claimed
+writes nothing and answers the claimed job's id; so retries that race from many threads queue
+one job.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from jobqueue.errors import QueueFull
+from jobqueue.errors import IdempotencyConflict, QueueFull
 from jobqueue.protocol import (
     LANE_PRIORITY,
+    LINE_KEY,
+    LINE_SEQ_KEY,
     OPEN_JOBS_KEY,
     TASK_NAME,
     JobMessage,
@@ -31,31 +36,56 @@ from jobqueue.protocol import (
     open_job_score,
     pending_turns_key,
 )
+from jobqueue.queue.line import PUSH_LUA
 
-#: KEYS: the lane to push to, the job's record, the open jobs, the pending turns (or ""), then
-#: every lane of the queue (for the depth). ARGV: MAX_QUEUE, record JSON, record TTL, open-job
-#: score, job id, envelope, the target lane's own limit (0: none). Returns {1, depth after} when
-#: queued (depth -1: it already was), {0, depth} when the queue is full, {0, -lane depth} when
-#: its lane is.
-_ADMIT_SCRIPT = """
+#: KEYS: the lane to push to, the job's record, the open jobs, the pending turns (or ""), the
+#: idempotency claim (or ""), LINE_KEY, LINE_SEQ_KEY, then every lane of the queue (for the depth).
+#: ARGV: MAX_QUEUE, record JSON, record TTL, open-job score, job id, envelope, the target lane's own
+#: limit (0: none), the request's digest (with a claim), the target lane's index. Returns {1, depth
+#: after} when queued (depth -1: it already was), {0, depth} when the queue is full, {0, -lane depth}
+#: when its lane is, {2, job id} when the claim names a job of the same request (nothing written),
+#: {3, job id} when it names a job of another request.
+_ADMIT_SCRIPT = PUSH_LUA + """
+line_keys = {KEYS[6], KEYS[7]}
+if KEYS[5] ~= '' then
+  local claim = redis.call('GET', KEYS[5])
+  if claim then
+    local claimed, digest = string.match(claim, '^(%S+) (%S+)$')
+    if digest == ARGV[8] then return {2, claimed} end
+    return {3, claimed or ''}
+  end
+end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {1, -1} end
 local depth = 0
-for i = 5, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
+for i = 8, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
 if depth >= tonumber(ARGV[1]) then return {0, depth} end
 local lane_limit = tonumber(ARGV[7])
 if lane_limit > 0 then
   local lane_depth = redis.call('LLEN', KEYS[1])
   if lane_depth >= lane_limit then return {0, -lane_depth} end
 end
+if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5] .. ' ' .. ARGV[8], 'EX', ARGV[3]) end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
 if KEYS[4] ~= '' then
   redis.call('RPUSH', KEYS[4], ARGV[5])
   redis.call('EXPIRE', KEYS[4], ARGV[3])
 end
-redis.call('LPUSH', KEYS[1], ARGV[6])
+line_push(KEYS[1], ARGV[9], ARGV[6], ARGV[5], false)
 return {1, depth + 1}
 """
+
+
+@dataclass
+class Claim:
+    """An idempotency key's claim: the job queued under it is the only one its retries get."""
+
+    #: Where the claim lives (``protocol.idempotency_key``).
+    key: str
+    #: The request's digest (``protocol.request_digest``): another request under the key is refused.
+    digest: str
+    #: The key as its client gave it, for error messages.
+    name: str = ""
 
 
 @dataclass
@@ -67,19 +97,31 @@ class AdmissionPlan:
     ttl_s: int
     #: The limit of the job's own lane (MAX_QUEUE_BULK for a bulk job), 0 for none.
     lane_limit: int = 0
+    claim: Claim | None = None
+    #: Set by ``run``: the id of the job queued under the claim (this one's, or an earlier one's).
+    job_id: str | None = None
 
     def run(self, client, target_lane: str, lanes: list[str], envelope: str) -> None:
-        """Run the admission script; raises QueueFull when ``max_queue`` messages wait."""
+        """Run the admission script; raises QueueFull when ``max_queue`` messages wait, and
+        IdempotencyConflict when the claim names a job of another request."""
         conversation = self.record.request.conversation_scope if self.record.request else None
         keys = [target_lane, job_key(self.record.job_id), OPEN_JOBS_KEY,
-                pending_turns_key(conversation) if conversation else "", *lanes]
+                pending_turns_key(conversation) if conversation else "",
+                self.claim.key if self.claim else "", LINE_KEY, LINE_SEQ_KEY, *lanes]
         args = [self.max_queue, self.record.to_json(), self.ttl_s, open_job_score(self.record),
-                self.record.job_id, envelope, self.lane_limit]
-        queued, depth = client.eval(_ADMIT_SCRIPT, len(keys), *keys, *args)
-        if not queued and depth < 0:
-            raise QueueFull(-int(depth), self.lane_limit, lane=self.record.request.priority)
-        if not queued:
-            raise QueueFull(int(depth), self.max_queue)
+                self.record.job_id, envelope, self.lane_limit, self.claim.digest if self.claim else "",
+                lanes.index(target_lane)]
+        outcome, value = client.eval(_ADMIT_SCRIPT, len(keys), *keys, *args)
+        if outcome in (2, 3):
+            self.job_id = value.decode()
+            if outcome == 3:
+                raise IdempotencyConflict(self.job_id)
+            return
+        if not outcome and value < 0:
+            raise QueueFull(-int(value), self.lane_limit, lane=self.record.request.priority)
+        if not outcome:
+            raise QueueFull(int(value), self.max_queue)
+        self.job_id = self.record.job_id
 
 
 _current: contextvars.ContextVar[AdmissionPlan | None] = contextvars.ContextVar("admission_plan", default=None)
@@ -99,11 +141,15 @@ def admitting(plan: AdmissionPlan) -> Iterator[None]:
 
 
 def submit_job(celery: Celery, record: JobRecord, message: JobMessage, *, max_queue: int, ttl_s: int,
-               lane_limit: int = 0) -> None:
-    """Queue one job atomically with its record, in its priority's lane; raises QueueFull (the
-    queue holds ``max_queue``, or its lane ``lane_limit``), or kombu's errors when Redis fails."""
-    with admitting(AdmissionPlan(record, max_queue, ttl_s, lane_limit)):
+               lane_limit: int = 0, claim: Claim | None = None) -> str:
+    """Queue one job atomically with its record, in its priority's lane, and with its idempotency
+    ``claim``; returns the id of the job queued (an earlier one's when the claim was taken). Raises
+    QueueFull (the queue holds ``max_queue``, or its lane ``lane_limit``), IdempotencyConflict, or
+    kombu's errors when Redis fails."""
+    plan = AdmissionPlan(record, max_queue, ttl_s, lane_limit, claim)
+    with admitting(plan):
         _send(celery, record.job_id, message)
+    return plan.job_id or record.job_id
 
 
 def resend_job(celery: Celery, record: JobRecord) -> None:

@@ -12,7 +12,8 @@
 3. Atomic admission. A job published inside ``submission.admitting`` is
    written by one script: the depth check, its record, its open-job entry,
    its conversation's pending turn and the message itself
-   (``jobqueue.queue.submission``).
+   (``jobqueue.queue.submission``). Every push and pop of a job message keeps its place in
+   line in the same step (``jobqueue.queue.line``).
 4. A Redis that refuses writes (OOM at maxmemory, READONLY, MISCONF) does not
    stop Celery's consumer with "Unrecoverable error". An acknowledgement or a
    hand-back it refuses is done in memory now and in Redis at the next step
@@ -24,6 +25,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from time import time
 
@@ -32,8 +34,8 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.json import dumps
 
-from jobqueue.protocol import held_key
-from jobqueue.queue import submission
+from jobqueue.protocol import LINE_KEY, held_key
+from jobqueue.queue import line, submission
 from jobqueue.queue.liveness import consumer_id
 
 log = logging.getLogger("qwen_allinone.worker")
@@ -69,12 +71,15 @@ class QoS(kombu_redis.QoS):
         self._settle_leftovers()
         delivery = message.delivery_info
         entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        job_id = _job_id_of(message.headers)
         try:
             with self.pipe_or_acquire() as pipe:
                 pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
                     .hset(self.unacked_key, delivery_tag, entry) \
-                    .sadd(held_key(consumer_id()), delivery_tag) \
-                    .execute()
+                    .sadd(held_key(consumer_id()), delivery_tag)
+                if job_id is not None:  # it left the line
+                    pipe.zrem(LINE_KEY, job_id)
+                pipe.execute()
         except redis.ResponseError as err:
             raise NotRecorded(str(err)) from err
         VirtualQoS.append(self, message, delivery_tag)
@@ -151,12 +156,39 @@ class Channel(kombu_redis.Channel):
 
     def _put(self, queue, message, **kwargs):
         plan = submission.current_plan()
-        if plan is None:
-            return super()._put(queue, message, **kwargs)
         lanes = lane_keys(queue)
         target = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        if plan is None and (kwargs.get("_publish_batch") is not None or self._expires or target not in lanes):
+            return super()._put(queue, message, **kwargs)  # not a publish of ours (no batches, no expiry)
         with self.conn_or_acquire() as client:
-            plan.run(client, target, lanes, dumps(message))
+            if plan is not None:
+                plan.run(client, target, lanes, dumps(message))
+            else:  # a re-send, Celery's retry: at the back of its lane, with its place in line
+                line.push(client, target, lanes.index(target), dumps(message),
+                          _job_id_of(message.get("headers")), front=False)
+
+    def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
+        # kombu's hand-back (a reject with requeue, a restore of unacked messages), with the place
+        # in line kept in the same transaction: leftmost is the back of the lane, else the front.
+        try:
+            with contextlib.suppress(KeyError, TypeError):
+                payload["headers"]["redelivered"] = True
+                payload["properties"]["delivery_info"]["redelivered"] = True
+            priority = self._get_message_priority(payload, reverse=False)
+            for queue in self._lookup(exchange, routing_key):
+                lane, lanes = self._q_for_pri(queue, priority), lane_keys(queue)
+                line.push(pipe, lane, lanes.index(lane), dumps(payload),
+                          _job_id_of(payload.get("headers")), front=not leftmost)
+        except self.connection_errors:
+            raise  # aborts the transaction, which would otherwise drop the message from unacked
+        except Exception:
+            log.critical("could not hand back message %r", payload, exc_info=True)
+
+
+def _job_id_of(headers) -> str | None:
+    """A Celery message's job id (its task id), from its headers; None for one that has none."""
+    job_id = headers.get("id") if isinstance(headers, dict) else None
+    return job_id if isinstance(job_id, str) else None
 
 
 class Transport(kombu_redis.Transport):
