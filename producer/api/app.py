@@ -17,7 +17,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response, Security
+from fastapi import APIRouter, Depends, FastAPI, Header, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
@@ -143,9 +143,10 @@ def _problem_response(status: int, code: str, message: str, headers: dict[str, s
     return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
 
 
-def _body_field(field: str) -> str:
-    # The client validates the nested request (options.max_new_tokens); the body is flat.
-    return field.removeprefix("options.")
+def _where(field: str) -> list[str]:
+    # The client validates the nested request (options.max_new_tokens); the body is flat. The
+    # idempotency key comes in a header.
+    return ["header", "Idempotency-Key"] if field == "idempotency_key" else ["body", field.removeprefix("options.")]
 
 
 def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
@@ -176,7 +177,7 @@ def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     @app.exception_handler(InvalidRequest)
     async def invalid(_: Request, err: InvalidRequest) -> JSONResponse:
         # The same shape as FastAPI's own 422, so clients read one format.
-        detail = [{"type": "invalid_request", "loc": ["body", _body_field(field)], "msg": message}
+        detail = [{"type": "invalid_request", "loc": _where(field), "msg": message}
                   for field, message in err.problems]
         return JSONResponse({"detail": detail}, status_code=422)
 
@@ -202,6 +203,8 @@ _BROKER_DOWN = "Redis is unreachable (broker_unavailable); Retry-After says when
 _UNKNOWN_JOB = "Unknown job id, or its record expired"
 _ERRORS = {401: {"model": ApiError, "description": _UNAUTHORIZED}, 503: {"model": ApiError, "description": _BROKER_DOWN}}
 _NOT_FOUND = {404: {"model": ApiError, "description": _UNKNOWN_JOB}}
+_IDEMPOTENCY = ("Retried within RESULT_TTL_S, the same key answers the first submit's job, and queues no other; "
+                "the same key with another body is refused (422). 1 to 255 printable ASCII characters")
 
 
 def _json_error(description: str) -> dict:
@@ -312,12 +315,12 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
                                                     "(broker_unavailable); Retry-After says when to retry"},
         },
     )
-    def submit_job(body: SubmitJob, response: Response,
-                   tenant: Annotated[str | None, Depends(caller_tenant)]) -> JobAccepted:
+    def submit_job(body: SubmitJob, response: Response, tenant: Annotated[str | None, Depends(caller_tenant)],
+                   idempotency_key: Annotated[str | None, Header(description=_IDEMPOTENCY)] = None) -> JobAccepted:
         """Queue a job. Poll its record at `Location`, or follow its events.
 
         A `conversation_id` belongs to the caller's tenant (API_KEYS): another tenant's
-        conversation of the same id is a different one."""
+        conversation of the same id is a different one; so is an `Idempotency-Key`."""
         job_id = client.submit(
             body.text,
             conversation_id=body.conversation_id,
@@ -328,6 +331,7 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
             labels=body.labels,
             priority=body.priority,
             callback_url=body.callback_url,
+            idempotency_key=idempotency_key,
         )
         location = f"/v1/jobs/{job_id}"
         response.headers["Location"] = location
