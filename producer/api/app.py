@@ -34,6 +34,7 @@ from producer.api.events import job_events
 from producer.api.watch import CachedPing, RecordWatcher, StreamsFull
 from producer.api.limits import BodyLimit, BodyTooLarge, printable_errors, too_large_response
 from producer.api.metrics import build_registry
+from producer.api.openai_compat import add_chat_completions
 from producer.client import Client
 from jobqueue.errors import AlreadyFinal, BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, UnreadableRecord
 from jobqueue.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus, Priority
@@ -244,6 +245,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     _add_error_handlers(app, settings.max_body_bytes)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(_jobs_router(client, settings))
+    # OpenAI's chat-completions API over the same queue; the same keys, sent as a Bearer token.
+    add_chat_completions(app, client, settings, _Access(client, settings).tenant_of)
     _add_service_routes(app, client)
     return app
 
