@@ -23,7 +23,10 @@ key                                         type    holds
                                                     → jobs in that bucket (not cumulative), ``count``, ``sum`` (s)
 ``qwen-allinone:metrics:finished``          zset    job ids finished in the last SERVICE_RATE_WINDOW_S, by finish time
 ``qwen-allinone:callbacks``                 zset    final jobs whose callback_url is still to be POSTed, by next try
-``qwen-allinone:callbacks:attempts``        hash    job id → callback attempts so far; ``<job id>:first`` → when the first was
+``qwen-allinone:callbacks:attempts``        hash    job id → callback attempts so far; ``<job id>:first`` → when the first was;
+                                                    ``<job id>:owner`` → ``<host:port>\n<tenant>`` its pending count is held under
+``qwen-allinone:callbacks:pending``         hash    ``host:<host:port>`` / ``tenant:<tenant>`` → callbacks pending for it
+``qwen-allinone:callbacks:limits``          hash    ``host`` / ``tenant`` → the gateway's caps on those counts
 ``qwen-allinone:metrics:cache``             hash    result-cache lookups: ``<kind>_hits`` / ``<kind>_misses``
 ``qwen-allinone:cache:<kind>:<sha256>``     string  a cached sentiment or greedy reply (JSON), CACHE_TTL_S
 ``qwen-allinone:metrics:counted:<job_id>``  string  marks a job already counted, so a second final write is not
@@ -126,6 +129,12 @@ SERVICE_RATE_WINDOW_S = 300.0
 CALLBACKS_KEY = f"{KEY_PREFIX}:callbacks"
 #: Callback attempts so far, by job id, and when the first was (``<job id>:first``).
 CALLBACK_ATTEMPTS_KEY = f"{KEY_PREFIX}:callbacks:attempts"
+#: Callbacks pending per host and port (``host:<host:port>``) and per tenant (``tenant:<tenant>``; ``tenant:`` for none).
+CALLBACK_PENDING_KEY = f"{KEY_PREFIX}:callbacks:pending"
+#: The caps on those counts (``host``, ``tenant``), written by each gateway as it starts
+#: (CALLBACK_MAX_PENDING_PER_HOST / _PER_TENANT); until then DEFAULT_CALLBACK_MAX_PENDING.
+CALLBACK_LIMITS_KEY = f"{KEY_PREFIX}:callbacks:limits"
+DEFAULT_CALLBACK_MAX_PENDING = 1000
 #: Result-cache lookups by kind and outcome (``sentiment_hits``, ``reply_misses``, ...).
 METRICS_CACHE_KEY = f"{KEY_PREFIX}:metrics:cache"
 CACHE_KINDS = ("sentiment", "reply")
@@ -306,6 +315,8 @@ class JobRequest(_Model):
     #: When the job is final, the gateway POSTs its record here, signed (see producer.api.callbacks).
     #: http(s) only; its host must be in CALLBACK_ALLOWED_HOSTS (checked by the Client).
     callback_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = None
+    #: Also POST the record when its own client cancels the job; by default a cancelled job has no callback.
+    callback_on_cancel: bool = False
     #: Earlier turns the client keeps itself, oldest first: the reply's history instead of a stored
     #: conversation (never with ``conversation_id``), and never stored. At most MAX_HISTORY_TURNS
     #: turns of MAX_HISTORY_CHARS characters in all; the worker keeps what fits HISTORY_MAX_TURNS

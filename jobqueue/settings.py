@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from jobqueue.callback_hosts import AllowedHosts
 from jobqueue.protocol import MAX_TIMEOUT_S, TENANT_PATTERN
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -46,10 +47,17 @@ class QueueSettings(BaseSettings):
     job_timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S)
     #: Time a job may wait in the queue before it is recorded ``expired`` without running.
     queue_timeout_s: float = Field(600.0, gt=0)
-    #: Hosts a job's callback_url may name, comma-separated (``hooks.example.com,127.0.0.1``);
-    #: empty: callbacks are refused. A list, not a pattern, so the service cannot be pointed at
-    #: internal addresses.
+    #: Hosts a job's callback_url may name, comma-separated (``hooks.example.com,127.0.0.1:9000``);
+    #: empty: callbacks are refused. An entry without a port allows 80 and 443 only. A list, not a
+    #: pattern; a name that resolves to an internal address is refused when the callback is sent,
+    #: unless that address is itself an entry (``jobqueue.callback_hosts``).
     callback_allowed_hosts: str = ""
+
+    @field_validator("callback_allowed_hosts")
+    @classmethod
+    def _host_entries(cls, value: str) -> str:
+        AllowedHosts.parse(value)  # raises ValueError naming the bad entry
+        return value
 
     @field_validator("broker_url", mode="before")
     @classmethod
@@ -82,8 +90,8 @@ class QueueSettings(BaseSettings):
         return "amqp" if urlsplit(self.broker).scheme in ("amqp", "amqps", "pyamqp") else "redis"
 
     @property
-    def allowed_callback_hosts(self) -> set[str]:
-        return {host.strip().lower() for host in self.callback_allowed_hosts.split(",") if host.strip()}
+    def allowed_callback_hosts(self) -> AllowedHosts:
+        return AllowedHosts.parse(self.callback_allowed_hosts)
 
 
 #: Settings whose values may hold a secret (a password in a URL, an API key): never printed.

@@ -17,11 +17,16 @@ from pydantic import ValidationError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from jobqueue.callback_hosts import callback_owner
 from jobqueue.errors import UnreadableRecord
 from jobqueue.metrics_store import JobMetrics, read_metrics
 from jobqueue.protocol import (
     DONE_SIGNAL_TTL_S,
+    CALLBACK_ATTEMPTS_KEY,
+    CALLBACK_LIMITS_KEY,
+    CALLBACK_PENDING_KEY,
     CALLBACKS_KEY,
+    DEFAULT_CALLBACK_MAX_PENDING,
     FINISHED_RECENTLY_KEY,
     LINE_KEY,
     LINE_LANE_SPAN,
@@ -57,16 +62,19 @@ log = logging.getLogger("qwen_allinone.store")
 #: and the metrics, counted once per job (the ``counted`` mark). Redis refuses a script under
 #: maxmemory at its first write, so it runs whole or not at all.
 #: The job's cancel flag goes too, it joins the recently finished jobs (the service rate), and a
-#: job with a callback_url joins the callbacks due.
+#: job with a callback_url joins the callbacks due (not one its client cancelled, unless it asked),
+#: while its host and its tenant each have fewer pending than the gateway's caps (then it returns 2).
 #: A writer that names its run (``runner``: its consumer id) is refused once the job's run passed
 #: to another process (its claim, ``runner:<job_id>``, names that process): a worker cut off for
 #: longer than LIVENESS_TTL_S, whose jobs another worker took over, cannot write over their run.
 #: KEYS: job, done, open index, pending turns (or ""), counted mark, jobs by status, cancel flag,
-#: recently finished, callbacks due, unsent jobs, the run's claim (or ""), stage hashes.
-#: ARGV: record JSON, record TTL, done TTL, job id, status, finish time, rate window, has a
-#: callback ('1' or '0'), ran ('1' or '0': only jobs that ran count towards the service rate),
+#: recently finished, callbacks due, unsent jobs, the run's claim (or ""), callbacks pending,
+#: their caps, callback attempts, stage hashes.
+#: ARGV: record JSON, record TTL, done TTL, job id, status, finish time, rate window, the
+#: callback's owner ("<host:port>\n<tenant>", or "" for none), ran ('1' or '0': only jobs that ran count towards the service rate),
 #: the writer's runner id (or ""), then (bucket field, seconds) per stage.
-_FINAL_SCRIPT = "local FINAL = {" + ", ".join(f"['{s.value}'] = true" for s in JobStatus if s.is_final) + """}
+_FINAL_SCRIPT = "local FINAL = {" + ", ".join(f"['{s.value}'] = true" for s in JobStatus if s.is_final) + f"""}}
+local DEFAULT_CAP, result = {DEFAULT_CALLBACK_MAX_PENDING}, 1
 if KEYS[11] ~= '' then
   local runner = redis.call('GET', KEYS[11])
   if runner and runner ~= ARGV[10] then return 0 end
@@ -89,15 +97,28 @@ if redis.call('SET', KEYS[5], 1, 'NX', 'EX', ARGV[2]) then
     redis.call('ZADD', KEYS[8], ARGV[6], ARGV[4])
     redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', ARGV[6] - ARGV[7])
   end
-  if ARGV[8] == '1' then redis.call('ZADD', KEYS[9], ARGV[6], ARGV[4]) end
-  for i = 12, #KEYS do
-    local j = 11 + (i - 12) * 2
+  if ARGV[8] ~= '' then
+    local host, tenant = string.match(ARGV[8], '^([^\\n]*)\\n(.*)$')
+    local caps = redis.call('HMGET', KEYS[13], 'host', 'tenant')
+    local counts = redis.call('HMGET', KEYS[12], 'host:' .. host, 'tenant:' .. tenant)
+    if (tonumber(counts[1]) or 0) < (tonumber(caps[1]) or DEFAULT_CAP)
+        and (tonumber(counts[2]) or 0) < (tonumber(caps[2]) or DEFAULT_CAP) then
+      redis.call('ZADD', KEYS[9], ARGV[6], ARGV[4])
+      redis.call('HINCRBY', KEYS[12], 'host:' .. host, 1)
+      redis.call('HINCRBY', KEYS[12], 'tenant:' .. tenant, 1)
+      redis.call('HSET', KEYS[14], ARGV[4] .. ':owner', ARGV[8])
+    else
+      result = 2
+    end
+  end
+  for i = 15, #KEYS do
+    local j = 11 + (i - 15) * 2
     redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
     redis.call('HINCRBY', KEYS[i], 'count', 1)
     redis.call('HINCRBYFLOAT', KEYS[i], 'sum', ARGV[j + 1])
   end
 end
-return 1
+return result
 """
 
 
@@ -216,17 +237,21 @@ class JobStore:
                 pending_turns_key(conversation_id) if conversation_id else "",
                 metrics_counted_key(record.job_id), METRICS_JOBS_KEY, cancel_key(record.job_id),
                 FINISHED_RECENTLY_KEY, CALLBACKS_KEY, UNSENT_JOBS_KEY, runner_key(record.job_id) if runner else "",
+                CALLBACK_PENDING_KEY, CALLBACK_LIMITS_KEY, CALLBACK_ATTEMPTS_KEY,
                 *(metrics_stage_key(stage) for stage in stages)]
         finished_at = record.finished_at if record.finished_at is not None else time.time()
         args = [record.to_json(), self.ttl_s, DONE_SIGNAL_TTL_S, record.job_id, record.status.value,
                 repr(finished_at), repr(SERVICE_RATE_WINDOW_S),
-                "1" if record.request is not None and record.request.callback_url else "0",
+                callback_owner(record),
                 "1" if record.started_at is not None else "0", runner or "",
                 *(item for seconds in stages.values() for item in (bucket_field(seconds), repr(seconds)))]
         if pipe is not None:  # part of the caller's transaction
             pipe.eval(_FINAL_SCRIPT, len(keys), *keys, *args)
             return True
-        return bool(self.redis.eval(_FINAL_SCRIPT, len(keys), *keys, *args))
+        written = self.redis.eval(_FINAL_SCRIPT, len(keys), *keys, *args)
+        if written == 2:
+            log.warning("job %s: callback not queued, its host or tenant has the most pending allowed", record.job_id)
+        return bool(written)
     # --- cancel ---
 
     def cancel(self, job_id: str, lanes: list[str]) -> tuple[JobRecord | None, bool]:

@@ -13,6 +13,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from jobqueue.callback_hosts import AllowedHosts
 from jobqueue.errors import (
     AlreadyFinal,
     BrokerUnavailable,
@@ -100,7 +101,7 @@ class Client:
         priority: str = "interactive",
         callback_url: str | None = None,
         history: Sequence[tuple[str, str]] | None = None,
-        idempotency_key: str | None = None,
+        idempotency_key: str | None = None, callback_on_cancel: bool = False, callback_hosts: AllowedHosts | None = None,
     ) -> str:
         """Validate and enqueue one job; return its id.
 
@@ -113,8 +114,8 @@ class Client:
         tenants is two conversations, and one without a tenant is a third. A
         service with several users passes each user's tenant. ``priority="bulk"`` queues
         the job behind interactive ones, for at most BULK_MAX_WAIT_S (JobRequest.priority).
-        A ``callback_url`` (its host in CALLBACK_ALLOWED_HOSTS) gets the final record POSTed
-        by a gateway (producer.api.callbacks).
+        A ``callback_url`` allowed by ``callback_hosts`` (default CALLBACK_ALLOWED_HOSTS) gets the final record
+        POSTed by a gateway (producer.api.callbacks); a cancelled job's only with ``callback_on_cancel``.
         ``history`` is the earlier (user, assistant) turns of a conversation the caller keeps
         itself, oldest first: the reply's history instead of a stored conversation's (so never
         with ``conversation_id``), and not stored (JobRequest.history).
@@ -130,13 +131,12 @@ class Client:
                 "conversation_id": conversation_id,
                 "tenant": tenant,
                 "priority": priority,
-                "callback_url": callback_url,
+                "callback_url": callback_url, "callback_on_cancel": callback_on_cancel,
                 "history": None if history is None else [{"user": user, "assistant": assistant}
                                                          for user, assistant in history],
                 "options": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                             "temperature": temperature, "labels": labels},
-            }
-        )
+            }, callback_hosts)
         now = time.time()
         job_id = new_job_id()
         message = JobMessage(
@@ -166,7 +166,7 @@ class Client:
                     return record.job_id
             raise
 
-    def _validate(self, data: dict) -> JobRequest:
+    def _validate(self, data: dict, callback_hosts: AllowedHosts | None = None) -> JobRequest:
         data["options"] = {k: v for k, v in data["options"].items() if v is not None}
         try:
             request = JobRequest.model_validate(
@@ -175,9 +175,9 @@ class Client:
         except ValidationError as err:
             raise InvalidRequest(describe_validation_error(err), validation_problems(err)) from None
         if request.callback_url is not None:
-            host = (urllib.parse.urlsplit(request.callback_url).hostname or "").lower()
-            if host not in self.settings.allowed_callback_hosts:
-                problem = f"host {host!r} is not in CALLBACK_ALLOWED_HOSTS"
+            hosts = callback_hosts if callback_hosts is not None else self.settings.allowed_callback_hosts
+            problem = hosts.refusal(request.callback_url)
+            if problem is not None:
                 raise InvalidRequest(f"callback_url: {problem}", [("callback_url", problem)])
         return request
 

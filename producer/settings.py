@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import re
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from jobqueue.protocol import TENANT_PATTERN
+from jobqueue.callback_hosts import AllowedHosts
+from jobqueue.protocol import DEFAULT_CALLBACK_MAX_PENDING, TENANT_PATTERN
 from jobqueue.settings import QueueSettings
 
 
@@ -18,6 +20,8 @@ class ApiSettings(QueueSettings):
     api_key: SecretStr | None = None
     #: Several tenants, each with its own key: ``name=key,name2=key2``. A request's key names
     #: its tenant; conversations and job records are the tenant's own. Replaces API_KEY.
+    #: An entry may end with the tenant's own callback hosts, after spaces:
+    #: ``acme=key hooks.acme.com hooks.acme.com:8443``; they replace CALLBACK_ALLOWED_HOSTS for its jobs.
     api_keys: SecretStr | None = None
     #: An events stream (SSE) closes with a ``timeout`` event after this long; the job goes on.
     events_timeout_s: float = Field(900.0, gt=0)
@@ -25,16 +29,38 @@ class ApiSettings(QueueSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     #: At most this many event streams (SSE) are open at once; past it a new one gets 503.
     max_event_streams: int = Field(1000, ge=1)
-    #: The HMAC-SHA256 key that signs each callback's body (header X-Qwen-Allinone-Signature).
+    #: The key that signs each callback (Standard Webhooks: ``whsec_`` and the base64 of 24 to 64
+    #: random bytes; headers webhook-id, webhook-timestamp, webhook-signature).
     callback_secret: SecretStr | None = None
     #: A callback that keeps failing is retried, with exponential backoff, for this long.
     callback_retry_for_s: float = Field(600.0, gt=0)
+    #: One attempt, from resolving the host to the answer's end, is abandoned after this long.
+    callback_timeout_s: float = Field(10.0, gt=0, le=300)
+    #: At most this many callbacks are sent at once by one gateway, half of them to one host.
+    callback_max_concurrent: int = Field(32, ge=2, le=1000)
+    #: At most this many callbacks wait to be sent for one host, and for one tenant; past it a
+    #: final record queues none (a log line says so).
+    callback_max_pending_per_host: int = Field(DEFAULT_CALLBACK_MAX_PENDING, ge=1)
+    callback_max_pending_per_tenant: int = Field(DEFAULT_CALLBACK_MAX_PENDING, ge=1)
 
     @model_validator(mode="after")
     def _callbacks_are_signed(self) -> ApiSettings:
         if self.allowed_callback_hosts and self.callback_secret is None:
             raise ValueError("CALLBACK_ALLOWED_HOSTS needs CALLBACK_SECRET: every callback is signed")
         return self
+
+    @field_validator("callback_secret")
+    @classmethod
+    def _standard_webhooks_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            encoded = value.get_secret_value()
+            try:
+                key = base64.b64decode(encoded.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                key = b""
+            if not encoded.startswith("whsec_") or not 24 <= len(key) <= 64:
+                raise ValueError("must be whsec_ and the base64 of 24 to 64 random bytes (Standard Webhooks)")
+        return value
 
     @model_validator(mode="after")
     def _one_kind_of_key(self) -> ApiSettings:
@@ -49,17 +75,36 @@ class ApiSettings(QueueSettings):
         return None if value == "" else value
 
 
-def tenant_keys(api_keys: SecretStr) -> dict[str, str]:
-    """API_KEYS as {key: tenant}. Raises ValueError naming the entry's position, never a key.
+def _tenant_entries(api_keys: SecretStr) -> list[tuple[str, str, AllowedHosts]]:
+    """API_KEYS as (tenant, key, callback hosts). Raises ValueError naming the entry's position, never a key.
 
     Parsed when the gateway starts, not as a settings validator: pydantic's error
     would print the whole value, keys included."""
-    keys: dict[str, str] = {}
+    entries: list[tuple[str, str, AllowedHosts]] = []
     for position, entry in enumerate(api_keys.get_secret_value().split(","), 1):
-        tenant, _, key = entry.strip().partition("=")
+        first, _, hosts = entry.strip().partition(" ")
+        tenant, _, key = first.partition("=")
         if not re.fullmatch(TENANT_PATTERN, tenant) or not key:
             raise ValueError(f"entry {position} must be tenant=key, the tenant matching {TENANT_PATTERN}")
-        if key in keys or tenant in keys.values():
+        if any(key == known or tenant == name for name, known, _ in entries):
             raise ValueError(f"entry {position} repeats a tenant or a key")
-        keys[key] = tenant
-    return keys
+        try:
+            entries.append((tenant, key, AllowedHosts.parse(hosts, separator=None)))
+        except ValueError as err:
+            raise ValueError(f"entry {position}'s callback hosts: {err}") from None
+    return entries
+
+
+def tenant_keys(api_keys: SecretStr) -> dict[str, str]:
+    """API_KEYS as {key: tenant}."""
+    return {key: tenant for tenant, key, _ in _tenant_entries(api_keys)}
+
+
+def tenant_callback_hosts(settings: ApiSettings) -> dict[str, AllowedHosts]:
+    """The tenants (API_KEYS) with callback hosts of their own, and those hosts."""
+    if settings.api_keys is None:
+        return {}
+    hosts = {tenant: allowed for tenant, _, allowed in _tenant_entries(settings.api_keys) if allowed}
+    if hosts and settings.callback_secret is None:
+        raise ValueError("callback hosts in API_KEYS need CALLBACK_SECRET: every callback is signed")
+    return hosts

@@ -10,7 +10,6 @@ Redis through the same pool.
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at
 # run time, and they name objects local to create_app.
 import importlib.metadata
-import re
 import importlib.resources
 import secrets
 from collections.abc import AsyncIterable, AsyncIterator
@@ -39,7 +38,7 @@ from producer.client import Client
 from jobqueue.errors import AlreadyFinal, BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, UnreadableRecord
 from jobqueue.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus, Priority
 from jobqueue.settings import settings_problems
-from producer.settings import ApiSettings, tenant_keys
+from producer.settings import ApiSettings, tenant_callback_hosts, tenant_keys
 
 #: Retry-After on a full queue: long enough for a worker to finish a few jobs.
 QUEUE_FULL_RETRY_AFTER_S = 5
@@ -68,7 +67,7 @@ class _JsonTypedJobOptions(JobOptions):
         return value
 
 
-def submit_job_model(max_input_chars: int, callback_hosts: set[str] = frozenset()) -> type[JobOptions]:
+def submit_job_model(max_input_chars: int, callbacks: bool = False) -> type[JobOptions]:
     """The body of ``POST /v1/jobs``: the text, a conversation, and the protocol's options
     (``JobOptions``: max_new_tokens, min_new_tokens, temperature, labels) with their limits.
 
@@ -82,11 +81,8 @@ def submit_job_model(max_input_chars: int, callback_hosts: set[str] = frozenset(
         json_schema_extra=text_schema,
     )]
     conversation_id = Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)] | None
-    # The allowed hosts are in the schema: a client sees which callbacks it may ask for.
-    host_names = "|".join(re.escape(host) for host in sorted(callback_hosts))
-    callback_url = (Annotated[str, Field(max_length=2048,
-                                         pattern=rf"(?i)^https?://({host_names})(:[0-9]{{1,5}})?([/?]\S*)?$")]
-                    | None) if callback_hosts else None
+    # The allowed hosts (operator configuration, and per tenant) are checked by the Client, not shown here.
+    callback_url = Annotated[str, Field(max_length=2048, pattern=r"(?i)^https?://\S+$")] | None if callbacks else None
     return create_model(
         "SubmitJob",
         __base__=_JsonTypedJobOptions,
@@ -96,8 +92,9 @@ def submit_job_model(max_input_chars: int, callback_hosts: set[str] = frozenset(
         priority=(Priority, Field("interactive", description=(
             "interactive jobs are served first; bulk jobs wait behind them, at most BULK_MAX_WAIT_S"))),
         callback_url=(callback_url, Field(None, description=(
-            "POSTed the final record, signed (X-Qwen-Allinone-Signature); http(s), its host in "
-            "CALLBACK_ALLOWED_HOSTS"))),
+            "POSTed the final record, signed (Standard Webhooks); http(s), its host and port allowed by "
+            "the operator (CALLBACK_ALLOWED_HOSTS, or the tenant's own list)"))),
+        callback_on_cancel=(bool, Field(False, description="Also POST it when the job is cancelled")),
     )
 
 
@@ -222,10 +219,7 @@ _STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or _settings_from_environment()
     client = Client(settings=settings)
-    sender = None
-    if settings.callback_secret is not None:
-        sender = CallbackSender(client, settings.callback_secret.get_secret_value().encode(),
-                                settings.callback_retry_for_s)
+    sender = CallbackSender.from_settings(client, settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -266,6 +260,8 @@ class _Access:
         self.client = client
         self.tenants = tenant_keys(settings.api_keys) if settings.api_keys is not None else None
         self.single_key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+        #: Tenants with callback hosts of their own (API_KEYS); others get CALLBACK_ALLOWED_HOSTS.
+        self.callback_hosts = tenant_callback_hosts(settings)
 
     def tenant_of(self, key: str | None) -> str | None:
         """The caller's tenant (API_KEYS), or None for a single-tenant gateway; 401 for a wrong key."""
@@ -294,9 +290,10 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
 
     Longer than 60 lines: the four routes are declared here, next to the dependencies they close
     over (FastAPI reads each route's signature, so they cannot be built apart from those)."""
-    SubmitJob = submit_job_model(settings.max_input_chars, settings.allowed_callback_hosts)  # noqa: N806 (a class, used as the body type)
-    watcher = RecordWatcher(client, settings.max_event_streams)
     access = _Access(client, settings)
+    callbacks = bool(settings.allowed_callback_hosts or access.callback_hosts)
+    SubmitJob = submit_job_model(settings.max_input_chars, callbacks)  # noqa: N806 (a class, used as the body type)
+    watcher = RecordWatcher(client, settings.max_event_streams)
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                   description="Needed when API_KEY or API_KEYS is set")
 
@@ -334,6 +331,8 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
             labels=body.labels,
             priority=body.priority,
             callback_url=body.callback_url,
+            callback_on_cancel=body.callback_on_cancel,
+            callback_hosts=access.callback_hosts.get(tenant),
             idempotency_key=idempotency_key,
         )
         location = f"/v1/jobs/{job_id}"
