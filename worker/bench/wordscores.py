@@ -25,7 +25,8 @@ class WordScorer:
 
     @classmethod
     def load(cls, source: ModelSource, words: list[str], dtype: str, threads: int | None = None) -> WordScorer:
-        from worker.engine.torch_model import build_sequence_model, load_model, release_freed_memory
+        from worker.engine.memory import release_freed_memory
+        from worker.engine.torch_model import build_sequence_model, load_model
 
         hf_model, tokenizer = load_model(source, dtype, threads)
         chat = ChatFormat(HFTokenizer(tokenizer), source.model_id, hf_model.generation_config.eos_token_id)

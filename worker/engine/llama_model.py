@@ -34,6 +34,7 @@ from worker.engine.chat import ChatFormat
 from worker.engine.generation import Repetition, Sampler
 from worker.engine.interface import Segment, split_passes
 from worker.engine.llama_vocab import LlamaVocab
+from worker.engine.memory import release_freed_memory
 from worker.engine.results import EngineInfo
 from worker.engine.model_source import ModelLoadError, ModelSource
 from worker.engine.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_REPLY_PROMPT
@@ -187,6 +188,7 @@ class LlamaSequenceModel:
         """``SequenceModel.prepare_readout``: on the logits, which every pass hands out anyway. The output
         layer is read for this and let go (its pages mapped a second time cost 200 MB of RSS if kept)."""
         on_logits = OutputLayer(self.gguf_path).readout_on_logits(weight)         # (labels, vocabulary)
+        release_freed_memory()  # the dequantized chunks (29 MB each) would stay in glibc's heap
         return lambda output: output.logits() @ on_logits.T                      # (segments, labels)
 
     def identity(self) -> dict:

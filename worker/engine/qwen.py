@@ -113,7 +113,8 @@ class QwenEngine:
                 raise ModelLoadError(ADAPTER_NEEDS_TORCH)
 
             return load_llama_engine(cls, source, threads, kv_cache_tokens, max_rows, **options)
-        from worker.engine.torch_model import load_model, release_freed_memory
+        from worker.engine.memory import release_freed_memory
+        from worker.engine.torch_model import load_model
 
         hf_model, tokenizer = load_model(source, dtype, threads)
         # A folder's embedding table is read through a memory map (mapped.py); a GGUF file's is held.

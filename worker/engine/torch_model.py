@@ -7,9 +7,7 @@ model is dropped, so a worker holds each weight once.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import gc
 import hashlib
 import os
 from collections.abc import Sequence
@@ -193,12 +191,3 @@ def build_sequence_model(hf_model, fmt: str, label_token_ids: list[int], threads
     with torch.inference_mode():
         decoder = Qwen2Decoder(hf_model, fmt, embedding=mapped).eval()
     return TorchSequenceModel(decoder, label_rows, threads or torch.get_num_threads())
-
-
-def release_freed_memory() -> None:
-    """Hand the float32 weights freed after conversion back to the OS (glibc keeps them otherwise)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
