@@ -463,9 +463,10 @@ def _add_quality_commands(sub) -> None:
     from worker.bench import replies
 
     replies.add_parser(sub, machine_line, available_cores())
-    from worker.bench import step
+    from worker.bench import layers, step
 
     step.add_parser(sub, machine_line, available_cores())
+    layers.add_parser(sub, machine_line, available_cores())
 
     p = sub.add_parser("adapters", help="what classifier adapters cost at serving time: RSS, sentiment, reply")
     p.add_argument("--model", required=True, help="model folder or .gguf file")
