@@ -89,7 +89,7 @@ def _sweeps(settings: QueueSettings, stop: threading.Event, reports: list) -> No
     named = redis.Redis.from_url(settings.redis_url, client_name=NAME)
     sweeper = Reconciler(app, JobStore(named, 60), grace_s=1.0, interval_s=0.2, max_attempts=3)
     try:
-        while not stop.is_set() or len(reports) < 12:  # at least two passes over the queue
+        while (not stop.is_set() or len(reports) < 12) and len(reports) < 100:  # two passes or more
             reports.append(sweeper.sweep())
             time.sleep(0.5)
     finally:
@@ -110,8 +110,8 @@ def test_reads_of_a_deep_queue_cost_the_same_as_of_a_short_one(deep_queue, redis
     switch_interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)
     try:
-        background = [threading.Thread(target=_poller, args=(settings, ids, stop)),
-                      threading.Thread(target=_sweeps, args=(settings, stop, reports))]
+        background = [threading.Thread(target=_poller, args=(settings, ids, stop), daemon=True),
+                      threading.Thread(target=_sweeps, args=(settings, stop, reports), daemon=True)]
         for thread in background:
             thread.start()
         with ThreadPoolExecutor(READERS + 1) as pool:
@@ -127,6 +127,7 @@ def test_reads_of_a_deep_queue_cost_the_same_as_of_a_short_one(deep_queue, redis
         slow = [entry for entry in redis_client.slowlog_get(128)
                 if (entry.get("client_name") or b"") in (NAME, NAME.encode())]
     finally:
+        stop.set()
         sys.setswitchinterval(switch_interval)
         redis_client.config_set("slowlog-log-slower-than", threshold)
 
