@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from jobqueue.settings import QueueSettings
 from worker.app import celery_config
-from worker.settings import WorkerSettings, available_cores
+import worker.settings
+from worker.settings import WorkerSettings, available_cores, default_model
 
 SETTINGS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
@@ -19,11 +20,22 @@ def test_defaults(monkeypatch):
     for name in ("REDIS_URL", "MODEL", "DTYPE", "MAX_QUEUE", "JOB_TIMEOUT_S", "TORCH_THREADS"):
         monkeypatch.delenv(name, raising=False)
     settings = WorkerSettings()
-    assert settings.model == "Qwen/Qwen1.5-0.5B-Chat"
+    assert settings.model == default_model()
     assert settings.dtype == "int8"
     assert settings.max_input_chars == 2000 and settings.max_queue == 1000
     assert settings.result_ttl_s == 86_400 and settings.job_timeout_s == 30
     assert settings.threads == available_cores()
+
+
+@pytest.mark.parametrize(("llama_installed", "expected"), [
+    (True, "Qwen/Qwen2.5-0.5B-Instruct-GGUF:q4_k_m"),  # the official GGUF, on the llama.cpp engine
+    (False, "Qwen/Qwen1.5-0.5B-Chat"),  # the original's folder, on the torch engine
+])
+def test_the_default_model_follows_the_installed_engine(monkeypatch, llama_installed, expected):
+    monkeypatch.delenv("MODEL", raising=False)
+    monkeypatch.setattr(worker.settings, "llama_cpp_installed", lambda: llama_installed)
+    assert WorkerSettings().model == expected
+    assert WorkerSettings(model="/models/x").model == "/models/x"
 
 
 def test_environment_overrides(monkeypatch):
