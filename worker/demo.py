@@ -24,7 +24,7 @@ import redis
 
 from producer.cli import main as producer_main
 from jobqueue.settings import DEFAULT_REDIS_URL
-from worker.settings import DEFAULT_MODEL
+from worker.settings import default_model
 
 SAMPLE_TEXT = "送餐太慢了，等了两个小时，菜都凉了，心情很差。"
 WORKER_COMMAND = ["-m", "celery", "-A", "worker.app", "worker", "--concurrency", "1", "--loglevel", "INFO"]
@@ -77,8 +77,9 @@ def start_private_redis() -> tuple[str, subprocess.Popen] | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__.splitlines()[0])
     parser.add_argument("text", nargs="?", default=SAMPLE_TEXT, help="text to run (default: a sample review)")
-    parser.add_argument("--model", default=os.environ.get("MODEL", DEFAULT_MODEL),
-                        help="MODEL: Hub id, local folder or .gguf file (default: $MODEL or %(default)s)")
+    parser.add_argument("--model", default=os.environ.get("MODEL", default_model()),
+                        help="MODEL: a local folder or .gguf file, or a Hub name (org/repo, org/repo:q4_k_m, "
+                             "org/repo/file.gguf) (default: $MODEL or %(default)s)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds for loading plus the job")
     args = parser.parse_args(argv)
 
