@@ -11,6 +11,10 @@ from jobqueue.callback_hosts import AllowedHosts
 from jobqueue.protocol import DEFAULT_CALLBACK_MAX_PENDING, TENANT_PATTERN
 from jobqueue.settings import QueueSettings
 
+#: The shortest key accepted, for API_KEY and each key of API_KEYS: a key is all that stands between
+#: the network and the queue (and a tenant's records), so a short one is refused at start.
+MIN_KEY_CHARS = 16
+
 
 class ApiSettings(QueueSettings):
     """Settings of the HTTP gateway (``producer.api``): the producer's, plus these."""
@@ -62,6 +66,20 @@ class ApiSettings(QueueSettings):
                 raise ValueError("must be whsec_ and the base64 of 24 to 64 random bytes (Standard Webhooks)")
         return value
 
+    @field_validator("api_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_KEY_CHARS:
+            raise ValueError(f"must be at least {MIN_KEY_CHARS} characters")
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _tenant_keys(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            _tenant_entries(value)  # raises ValueError naming the entry, never a key
+        return value
+
     @model_validator(mode="after")
     def _one_kind_of_key(self) -> ApiSettings:
         if self.api_key is not None and self.api_keys is not None:
@@ -78,14 +96,15 @@ class ApiSettings(QueueSettings):
 def _tenant_entries(api_keys: SecretStr) -> list[tuple[str, str, AllowedHosts]]:
     """API_KEYS as (tenant, key, callback hosts). Raises ValueError naming the entry's position, never a key.
 
-    Parsed when the gateway starts, not as a settings validator: pydantic's error
-    would print the whole value, keys included."""
+    Also a settings validator: hide_input_in_errors keeps the value out of pydantic's error."""
     entries: list[tuple[str, str, AllowedHosts]] = []
     for position, entry in enumerate(api_keys.get_secret_value().split(","), 1):
         first, _, hosts = entry.strip().partition(" ")
         tenant, _, key = first.partition("=")
         if not re.fullmatch(TENANT_PATTERN, tenant) or not key:
             raise ValueError(f"entry {position} must be tenant=key, the tenant matching {TENANT_PATTERN}")
+        if len(key) < MIN_KEY_CHARS:
+            raise ValueError(f"entry {position}'s key must be at least {MIN_KEY_CHARS} characters")
         if any(key == known or tenant == name for name, known, _ in entries):
             raise ValueError(f"entry {position} repeats a tenant or a key")
         try:

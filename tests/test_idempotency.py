@@ -62,10 +62,10 @@ def test_keys_are_per_tenant(make_client):
 
 
 def test_the_gateways_idempotency_key_header(redis_url, broker_url):
-    app = create_app(ApiSettings(redis_url=redis_url, broker_url=broker_url, api_keys="a=key-a,b=key-b"))
+    app = create_app(ApiSettings(redis_url=redis_url, broker_url=broker_url, api_keys="a=key-a-0123456789,b=key-b-0123456789"))
     key = f"h-{uuid.uuid4()}"
     with TestClient(app) as http:
-        def post(text: str, api_key: str = "key-a"):
+        def post(text: str, api_key: str = "key-a-0123456789"):
             return http.post("/v1/jobs", json={"text": text}, headers={"Idempotency-Key": key, "X-API-Key": api_key})
 
         first, again = post("好吃"), post("好吃")
@@ -75,4 +75,4 @@ def test_the_gateways_idempotency_key_header(redis_url, broker_url):
         assert other.status_code == 422
         (problem,) = other.json()["detail"]
         assert problem["loc"] == ["header", "Idempotency-Key"] and key in problem["msg"]
-        assert post("好吃", api_key="key-b").json()["job_id"] != first.json()["job_id"]  # another tenant
+        assert post("好吃", api_key="key-b-0123456789").json()["job_id"] != first.json()["job_id"]  # another tenant

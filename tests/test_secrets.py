@@ -3,6 +3,7 @@ the variable, never a password in a URL or an API key (issue: secrets in error o
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -40,7 +41,8 @@ def test_an_invalid_worker_setting_names_the_variable_and_prints_no_secret(tiny_
     _assert_no_secret(output)
 
 
-@pytest.mark.parametrize("bad", [{"MAX_BODY_BYTES": "1"}, {"EVENTS_TIMEOUT_S": "0"}, {"API_KEY": "also-set"}])
+@pytest.mark.parametrize("bad", [{"MAX_BODY_BYTES": "1"}, {"EVENTS_TIMEOUT_S": "0"}, {"API_KEY": "also-set-and-long-enough"},
+                                 {"API_KEYS": "acme=acme-key-789abcdef,globex=0123456"}])
 def test_an_invalid_gateway_setting_names_the_variable_and_prints_no_key(bad):
     result = _start("from producer.api.app import create_app; create_app()", **bad)
     assert result.returncode != 0
@@ -57,3 +59,36 @@ def test_a_settings_error_s_own_text_carries_no_value():
     _assert_no_secret(str(raised.value) + settings_problems(raised.value))
     assert "ftp-pw" not in str(raised.value) + settings_problems(raised.value)
     assert "BROKER_URL" in settings_problems(raised.value)
+
+
+SHORT_SECRET = "whsec_" + base64.b64encode(b"short-key-16byte").decode()  # 16 bytes, under the spec's 24
+
+
+@pytest.mark.parametrize("setting, value, says", [
+    ("API_KEY", "fifteen-chars-k", "API_KEY: Value error, must be at least 16 characters"),
+    ("API_KEYS", "acme=acme-key-789abcdef,globex=short-key-15chr",
+     "API_KEYS: Value error, entry 2's key must be at least 16 characters"),
+    ("CALLBACK_SECRET", SHORT_SECRET, "CALLBACK_SECRET: Value error, must be whsec_ and the base64 of 24 to 64"),
+])
+def test_a_short_key_or_secret_is_refused_naming_the_setting_and_the_limit_never_the_value(monkeypatch, setting,
+                                                                                           value, says):
+    from producer.settings import ApiSettings
+
+    for name in ("API_KEY", "API_KEYS", "CALLBACK_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(setting, value)
+    with pytest.raises(ValidationError) as raised:
+        ApiSettings()
+    output = settings_problems(raised.value)
+    assert output.startswith(says), output
+    for part in [value, *(part for part in value.replace("=", ",").split(",") if len(part) >= 8)]:
+        assert part not in output + str(raised.value), part
+
+
+def test_keys_of_the_minimum_length_are_taken():
+    from producer.settings import MIN_KEY_CHARS, ApiSettings, tenant_keys
+
+    assert MIN_KEY_CHARS == 16
+    assert ApiSettings(api_key="k" * 16).api_key.get_secret_value() == "k" * 16
+    settings = ApiSettings(api_keys=f"acme={'a' * 16},globex={'g' * 40}")
+    assert tenant_keys(settings.api_keys) == {"a" * 16: "acme", "g" * 40: "globex"}

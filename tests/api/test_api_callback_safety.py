@@ -239,9 +239,9 @@ def test_tenants_callback_hosts_at_submit(redis_url, redis_client):
     from producer.api.app import create_app
     from producer.settings import ApiSettings
     settings = ApiSettings(redis_url=redis_url, callback_allowed_hosts="hooks.example.com", callback_secret=SECRET,
-                           api_keys="acme=acme-key 127.0.0.1:9000 hooks.acme.example,globex=globex-key")
+                           api_keys="acme=acme-key-0123456789 127.0.0.1:9000 hooks.acme.example,globex=globex-key-0123456789")
     http = TestClient(create_app(settings))  # no lifespan: nothing is sent
-    acme, globex = {"X-API-Key": "acme-key"}, {"X-API-Key": "globex-key"}
+    acme, globex = {"X-API-Key": "acme-key-0123456789"}, {"X-API-Key": "globex-key-0123456789"}
 
     def submit(headers: dict, url: str) -> int:
         return http.post("/v1/jobs", json={"text": "hi", "callback_url": url}, headers=headers).status_code

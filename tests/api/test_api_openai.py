@@ -17,7 +17,7 @@ from tests.api.conftest import start_gateway
 
 pytestmark = pytest.mark.slow
 
-KEY = "chat-key"
+KEY = "chat-key-0123456789"
 MAX_QUEUE = 1
 MESSAGES = [{"role": "system", "content": "ignored"}, {"role": "user", "content": "你好"},
             {"role": "assistant", "content": "你好！有什么可以帮你？"}, {"role": "user", "content": "送餐太慢了，菜都凉了"}]

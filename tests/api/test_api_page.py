@@ -101,7 +101,7 @@ def test_page_shows_the_sentiment_then_the_reply_in_one_conversation(page, gatew
 @pytest.fixture(scope="module")
 def stalled_gateway(lonely_redis, tmp_path_factory):
     """A gateway whose queue no worker serves: at most 2 waiting jobs, streams give up after 2 s, a key."""
-    env = {"REDIS_URL": lonely_redis.url, "MAX_QUEUE": "2", "EVENTS_TIMEOUT_S": "2", "API_KEY": "page-key"}
+    env = {"REDIS_URL": lonely_redis.url, "MAX_QUEUE": "2", "EVENTS_TIMEOUT_S": "2", "API_KEY": "page-key-0123456789"}
     gateway = start_gateway(env, tmp_path_factory.mktemp("logs") / "stalled-gateway.log")
     yield gateway
     gateway.stop()
@@ -116,7 +116,7 @@ def test_page_explains_key_failure_timeout_and_a_full_queue(page, stalled_gatewa
     ask(page, "没有钥匙")
     expect(turns.nth(0).locator(".problem")).to_contain_text("🔑 需要正确的 API key")
     page.click("summary")
-    page.fill("#api-key", "page-key")
+    page.fill("#api-key", "page-key-0123456789")
 
     ask(page, "第一条")
     expect(turns.nth(1).locator(".state")).to_have_text("⏳ 排队中：第 1 位（1st in line）")  # no rate yet: no ETA
@@ -155,7 +155,7 @@ def test_page_explains_a_timeout_and_an_expiry(page, stalled_gateway, lonely_red
         client.flushdb()  # the previous test left the queue full
     page.goto(stalled_gateway.url)
     page.click("summary")
-    page.fill("#api-key", "page-key")
+    page.fill("#api-key", "page-key-0123456789")
     turns = page.locator(".turn")
     cases = [(JobStatus.TIMED_OUT, ErrorCode.TIMED_OUT, "⌛ 任务运行超时，已被终止。(timed out)"),
              (JobStatus.EXPIRED, ErrorCode.EXPIRED, "⌛ 排队时间过长，任务已过期，没有运行。(expired in the queue)")]
@@ -174,7 +174,7 @@ def test_the_stop_button_cancels_a_waiting_job(page, stalled_gateway, lonely_red
         client.flushdb()
     page.goto(stalled_gateway.url)
     page.click("summary")
-    page.fill("#api-key", "page-key")
+    page.fill("#api-key", "page-key-0123456789")
     turn = page.locator(".turn").nth(0)
     ask(page, "不想等了")
     expect(turn.locator(".state")).to_contain_text("⏳ 排队中")

@@ -36,7 +36,7 @@ from tests.api.schemathesis_hooks import HOSTILE_ANSWERS_FILE, HOSTILE_BODIES
 
 pytestmark = pytest.mark.slow
 
-API_KEY = "fuzz-key"
+API_KEY = "fuzz-key-0123456789"
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ from tests.api.conftest import start_gateway, wait_final
 
 pytestmark = pytest.mark.slow
 
-ACME = {"X-API-Key": "acme-key"}
-GLOBEX = {"X-API-Key": "globex-key"}
+ACME = {"X-API-Key": "acme-key-0123456789"}
+GLOBEX = {"X-API-Key": "globex-key-0123456789"}
 
 
 @pytest.fixture(scope="module")
 def tenants_gateway(redis_url, api_worker, tmp_path_factory):
-    env = {"REDIS_URL": redis_url, "API_KEYS": "acme=acme-key,globex=globex-key"}
+    env = {"REDIS_URL": redis_url, "API_KEYS": "acme=acme-key-0123456789,globex=globex-key-0123456789"}
     gateway = start_gateway(env, tmp_path_factory.mktemp("logs") / "tenants-gateway.log")
     yield gateway
     gateway.stop()

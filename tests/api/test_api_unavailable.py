@@ -21,7 +21,7 @@ from tests.fault.conftest import PrivateRedis
 pytestmark = pytest.mark.slow
 
 MAX_QUEUE = 2
-KEY = {"X-API-Key": "s3cret"}
+KEY = {"X-API-Key": "s3cret-key-0123456789"}
 EVENTS_TIMEOUT_S = 1.5
 MAX_EVENT_STREAMS = 2
 
