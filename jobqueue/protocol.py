@@ -301,8 +301,10 @@ class HistoryTurn(_Model):
 
 
 class JobRequest(_Model):
-    """What a user asks for. ``max_input_chars`` comes in through the validation
-    context (``{"max_input_chars": n}``) because it is a deployment setting."""
+    """What a user asks for."""
+
+    # The text's longest length comes in through the validation context ({"max_input_chars": n}): it
+    # is a deployment setting. Not in the docstring, which /openapi.json shows to anyone.
 
     text: str
     conversation_id: Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)] | None = None
@@ -449,7 +451,9 @@ class JobError(_Model):
 
 
 class Flagged(_Model):
-    """Terms of the safety word list (SAFETY_WORDS_FILE) found in the user's text and in the reply."""
+    """Terms of the operator's safety word list found in the user's text and in the reply."""
+
+    # The list is the worker's SAFETY_WORDS_FILE; not named in the docstring, which /openapi.json shows.
 
     input: list[str] = Field(default_factory=list)
     reply: list[str] = Field(default_factory=list)

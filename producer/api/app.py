@@ -77,7 +77,7 @@ def submit_job_model(max_input_chars: int, callbacks: bool = False) -> type[JobO
     """
     text_schema = {"minLength": 1, "maxLength": max_input_chars, "pattern": VISIBLE_TEXT_PATTERN}
     text = Annotated[str, Field(
-        description=f"The user's text: not blank, at most {max_input_chars} characters (MAX_INPUT_CHARS).",
+        description=f"The user's text: not blank, at most {max_input_chars} characters.",
         json_schema_extra=text_schema,
     )]
     conversation_id = Annotated[str, Field(pattern=CONVERSATION_ID_PATTERN)] | None
@@ -90,10 +90,10 @@ def submit_job_model(max_input_chars: int, callbacks: bool = False) -> type[JobO
         conversation_id=(conversation_id, Field(
             None, description="Continue this conversation: its earlier turns are the reply's history.")),
         priority=(Priority, Field("interactive", description=(
-            "interactive jobs are served first; bulk jobs wait behind them, at most BULK_MAX_WAIT_S"))),
+            "interactive jobs are served first; bulk jobs wait behind them, for a bounded time"))),
         callback_url=(callback_url, Field(None, description=(
-            "POSTed the final record, signed (Standard Webhooks); http(s), its host and port allowed by "
-            "the operator (CALLBACK_ALLOWED_HOSTS, or the tenant's own list)"))),
+            "POSTed the final record, signed (Standard Webhooks); http(s), its host and port allowed for "
+            "the caller by the operator"))),
         callback_on_cancel=(bool, Field(False, description="Also POST it when the job is cancelled")),
     )
 
@@ -196,12 +196,12 @@ def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
         return _problem_response(500, "unreadable_record", str(err))
 
 
-_UNAUTHORIZED = "API_KEY or API_KEYS is set and the X-API-Key header is missing or wrong"
+_UNAUTHORIZED = "The gateway needs a key, and the X-API-Key header is missing or wrong"
 _BROKER_DOWN = "Redis is unreachable (broker_unavailable); Retry-After says when to retry"
 _UNKNOWN_JOB = "Unknown job id, or its record expired"
 _ERRORS = {401: {"model": ApiError, "description": _UNAUTHORIZED}, 503: {"model": ApiError, "description": _BROKER_DOWN}}
 _NOT_FOUND = {404: {"model": ApiError, "description": _UNKNOWN_JOB}}
-_IDEMPOTENCY = ("Retried within RESULT_TTL_S, the same key answers the first submit's job, and queues no other; "
+_IDEMPOTENCY = ("Retried while the first job's record is kept, the same key answers the first submit's job, and queues no other; "
                 "the same key with another body is refused (422). 1 to 255 printable ASCII characters")
 
 
@@ -213,7 +213,7 @@ def _json_error(description: str) -> dict:
 
 
 _STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB),
-                  503: _json_error(_BROKER_DOWN + "; or MAX_EVENT_STREAMS streams are open (too_many_streams)")}
+                  503: _json_error(_BROKER_DOWN + "; or too many streams are open (too_many_streams)")}
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
@@ -295,7 +295,7 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
     SubmitJob = submit_job_model(settings.max_input_chars, callbacks)  # noqa: N806 (a class, used as the body type)
     watcher = RecordWatcher(client, settings.max_event_streams)
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
-                                  description="Needed when API_KEY or API_KEYS is set")
+                                  description="The caller's key, when the gateway needs one")
 
     def caller_tenant(key: Annotated[str | None, Security(api_key_header)]) -> str | None:
         return access.tenant_of(key)
@@ -310,7 +310,7 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
         status_code=202,
         responses={
             400: {"model": UnreadableBody, "description": "The body cannot be parsed (not JSON, or not UTF-8)"},
-            413: {"model": ApiError, "description": "The body is over MAX_BODY_BYTES (body_too_large)"},
+            413: {"model": ApiError, "description": "The body is too large (body_too_large)"},
             503: {"model": ApiError, "description": "Queue full (queue_full) or Redis unreachable "
                                                     "(broker_unavailable); Retry-After says when to retry"},
         },
@@ -319,7 +319,7 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
                    idempotency_key: Annotated[str | None, Header(description=_IDEMPOTENCY)] = None) -> JobAccepted:
         """Queue a job. Poll its record at `Location`, or follow its events.
 
-        A `conversation_id` belongs to the caller's tenant (API_KEYS): another tenant's
+        A `conversation_id` belongs to the caller's tenant (its key): another tenant's
         conversation of the same id is a different one; so is an `Idempotency-Key`."""
         job_id = client.submit(
             body.text,

@@ -17,7 +17,7 @@ def test_api_service_runs_the_documented_command_against_compose_redis():
     api = compose()["services"]["api"]
     assert " ".join(api["command"]) == RUN_COMMAND
     assert RUN_COMMAND in README
-    assert api["environment"]["REDIS_URL"] == "redis://redis:6379/0"
+    assert api["environment"]["REDIS_URL"] == "redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD}@redis:6379/0"
     assert "API_KEY" in api["environment"]
     # Published on the host's loopback only, like Redis; the README says to set API_KEY before exposing it.
     assert all(port.startswith("127.0.0.1:") for port in api["ports"])
@@ -27,7 +27,9 @@ def test_api_service_runs_the_documented_command_against_compose_redis():
 def test_flower_watches_the_same_broker_on_localhost():
     flower = compose()["services"]["flower"]
     assert flower["image"].startswith("mher/flower:")
-    assert "--broker=${BROKER_URL:-redis://redis:6379/0}" in flower["command"] and "flower" in flower["command"]
+    # The broker comes through the environment (CELERY_BROKER_URL): a password stays out of `ps`.
+    assert flower["environment"]["CELERY_BROKER_URL"] == "${BROKER_URL:-redis://:${REDIS_PASSWORD:?set REDIS_PASSWORD}@redis:6379/0}"
+    assert flower["command"] == ["celery", "flower", "--port=5555"]
     assert all(port.startswith("127.0.0.1:") for port in flower["ports"])
 
 
