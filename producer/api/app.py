@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, Field, StrictBool, ValidationError, create_model, field_validator
 
 from producer.api.callbacks import CallbackSender
 from producer.api.events import job_events
@@ -36,7 +36,7 @@ from producer.api.metrics import build_registry
 from producer.api.openai_compat import add_chat_completions
 from producer.client import Client
 from jobqueue.errors import AlreadyFinal, BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, UnreadableRecord
-from jobqueue.protocol import CONVERSATION_ID_PATTERN, JobOptions, JobRecord, JobStatus, Priority
+from jobqueue.protocol import CONVERSATION_ID_PATTERN, IDEMPOTENCY_KEY_PATTERN, JobOptions, JobRecord, JobStatus, Priority
 from jobqueue.settings import settings_problems
 from producer.settings import ApiSettings, tenant_callback_hosts, tenant_keys
 
@@ -94,7 +94,7 @@ def submit_job_model(max_input_chars: int, callbacks: bool = False) -> type[JobO
         callback_url=(callback_url, Field(None, description=(
             "POSTed the final record, signed (Standard Webhooks); http(s), its host and port allowed for "
             "the caller by the operator"))),
-        callback_on_cancel=(bool, Field(False, description="Also POST it when the job is cancelled")),
+        callback_on_cancel=(StrictBool, Field(False, description="Also POST it when the job is cancelled")),
     )
 
 
@@ -316,7 +316,8 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
         },
     )
     def submit_job(body: SubmitJob, response: Response, tenant: Annotated[str | None, Depends(caller_tenant)],
-                   idempotency_key: Annotated[str | None, Header(description=_IDEMPOTENCY)] = None) -> JobAccepted:
+                   idempotency_key: Annotated[str | None, Header(description=_IDEMPOTENCY,
+                                                                      pattern=IDEMPOTENCY_KEY_PATTERN)] = None) -> JobAccepted:
         """Queue a job. Poll its record at `Location`, or follow its events.
 
         A `conversation_id` belongs to the caller's tenant (its key): another tenant's
