@@ -29,6 +29,15 @@ class QueueFull(ProducerError):
         super().__init__(f"queue full: {depth} {waiting}, {setting}={limit}; retry later or add workers")
 
 
+class TenantQueueFull(QueueFull):
+    """The tenant already has TENANT_MAX_QUEUE jobs waiting; nothing was written."""
+
+    def __init__(self, depth: int, limit: int, tenant: str | None):
+        self.depth, self.limit, self.lane, self.tenant = depth, limit, None, tenant
+        ProducerError.__init__(self, f"tenant queue full: {depth} jobs of this tenant waiting, TENANT_MAX_QUEUE={limit}; "
+                                     "retry later")
+
+
 class BrokerUnavailable(ProducerError, ConnectionError):
     """Redis could not be reached; nothing was enqueued."""
 

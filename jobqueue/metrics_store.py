@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from jobqueue.protocol import METRICS_CACHE_KEY, METRICS_JOBS_KEY, STAGES, metrics_stage_key
+from jobqueue.protocol import METRICS_CACHE_KEY, METRICS_JOBS_KEY, METRICS_TENANT_JOBS_KEY, STAGES, metrics_stage_key
 
 
 @dataclass
@@ -28,6 +28,8 @@ class JobMetrics:
     #: Result-cache lookups: ``sentiment_hits``, ``sentiment_misses``, ``reply_hits``, ``reply_misses``.
     cache_lookups: dict[str, int] = field(default_factory=dict)
     stages: dict[str, StageHistogram] = field(default_factory=dict)
+    #: Finished jobs by (tenant, final status), for jobs with a tenant.
+    jobs_by_tenant: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def read_metrics(client: redis.Redis) -> JobMetrics:
@@ -35,11 +37,15 @@ def read_metrics(client: redis.Redis) -> JobMetrics:
     with client.pipeline(transaction=False) as pipe:
         pipe.hgetall(METRICS_JOBS_KEY)
         pipe.hgetall(METRICS_CACHE_KEY)
+        pipe.hgetall(METRICS_TENANT_JOBS_KEY)
         for stage in STAGES:
             pipe.hgetall(metrics_stage_key(stage))
-        jobs_raw, cache_raw, *stages_raw = pipe.execute()
+        jobs_raw, cache_raw, tenants_raw, *stages_raw = pipe.execute()
     metrics = JobMetrics(jobs_by_status={k.decode(): int(v) for k, v in jobs_raw.items()},
                          cache_lookups={k.decode(): int(v) for k, v in cache_raw.items()})
+    for key, count in tenants_raw.items():
+        status, _, tenant = key.decode().partition(":")
+        metrics.jobs_by_tenant[(tenant, status)] = int(count)
     for stage, raw in zip(STAGES, stages_raw):
         fields = {k.decode(): v for k, v in raw.items()}
         metrics.stages[stage] = StageHistogram(

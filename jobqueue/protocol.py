@@ -19,6 +19,7 @@ key                                         type    holds
 ``qwen-allinone:batch:<job_id>``            hash    while the batch of this delivered job runs: ``pid``, its pool
                                                     process, and ``taken``, the ids of the jobs taken into it (JSON)
 ``qwen-allinone:metrics:jobs``              hash    finished jobs by final status (status → count)
+``qwen-allinone:metrics:tenant-jobs``       hash    finished jobs of a tenant by final status (``<status>:<tenant>`` → count)
 ``qwen-allinone:metrics:stage:<stage>``     hash    latency histogram of one stage (``STAGES``): ``le:<bound>``
                                                     → jobs in that bucket (not cumulative), ``count``, ``sum`` (s)
 ``qwen-allinone:metrics:finished``          zset    job ids finished in the last SERVICE_RATE_WINDOW_S, by finish time
@@ -53,6 +54,12 @@ key                                         type    holds
 ``qwen-allinone:line:seq``                  hash    per lane, the sequence numbers last given out: ``back:<lane>``
                                                     counts up (queued at the end), ``front:<lane>`` down (handed
                                                     back to the front)
+``qwen-allinone:line:t:<tenant>``           zset    a tenant's own waiting jobs, scored as in ``line`` ("" for jobs
+                                                    without a tenant): ZCARD is its queue depth (TENANT_MAX_QUEUE)
+``qwen-allinone:line:tenant``               hash    waiting job id → its tenant (so a job leaves its tenant's line)
+``qwen-allinone:line:tenants``              zset    the tenants with jobs waiting, by name (score 0)
+``qwen-allinone:line:turn``                 string  the tenant the fair intake took a job from last (round robin)
+``qwen-allinone:rate:<tenant>``             hash    the gateway's submit token bucket of a tenant: ``tokens``, ``at``
 ``qwen-allinone:idem:<sha256>``             string  an idempotency key's claim: ``<job id> <sha256 of the request>``,
                                                     RESULT_TTL_S; the digest is of the tenant and the key together
 ==========================================  ======  ==========================================
@@ -115,6 +122,13 @@ def batch_key(job_id: str) -> str:
 
 #: Finished jobs by final status.
 METRICS_JOBS_KEY = f"{KEY_PREFIX}:metrics:jobs"
+#: Finished jobs of each tenant by final status: ``<status>:<tenant>`` → count (jobs with a tenant only).
+METRICS_TENANT_JOBS_KEY = f"{KEY_PREFIX}:metrics:tenant-jobs"
+
+
+def rate_key(tenant: str | None) -> str:
+    """A tenant's submit token bucket (the gateway's TENANT_SUBMIT_RATE)."""
+    return f"{KEY_PREFIX}:rate:{tenant or ''}"
 
 
 def metrics_stage_key(stage: str) -> str:

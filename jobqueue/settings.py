@@ -38,6 +38,9 @@ class QueueSettings(BaseSettings):
     max_queue: int = Field(1000, ge=1)
     #: Bulk submissions are refused once this many bulk jobs wait (0: only MAX_QUEUE limits them).
     max_queue_bulk: int = Field(0, ge=0)
+    #: Submissions of one tenant (API_KEYS; jobs without a tenant count as one) are refused with
+    #: TenantQueueFull once this many of its jobs wait (0: only MAX_QUEUE limits them). Redis only.
+    tenant_max_queue: int = Field(0, ge=0)
     #: Longest accepted input text, in characters.
     max_input_chars: int = Field(2000, ge=1)
     #: Job records and conversation histories expire this long after their last write.
@@ -77,6 +80,9 @@ class QueueSettings(BaseSettings):
         if self.max_queue_bulk and self.broker_kind == "amqp":
             raise ValueError("MAX_QUEUE_BULK needs the queue in Redis: RabbitMQ counts one queue, not its lanes "
                              "(unset it, or BROKER_URL)")
+        if self.tenant_max_queue and self.broker_kind == "amqp":
+            raise ValueError("TENANT_MAX_QUEUE needs the queue in Redis: its tenants' counts live in the Redis "
+                             "queue's line index (unset it, or BROKER_URL)")
         return self
 
     @property

@@ -20,6 +20,7 @@ from redis.retry import Retry
 from jobqueue.callback_hosts import callback_owner
 from jobqueue.errors import UnreadableRecord
 from jobqueue.metrics_store import JobMetrics, read_metrics
+from jobqueue.queue import line
 from jobqueue.protocol import (
     DONE_SIGNAL_TTL_S,
     CALLBACK_ATTEMPTS_KEY,
@@ -32,6 +33,7 @@ from jobqueue.protocol import (
     LINE_LANE_SPAN,
     SERVICE_RATE_WINDOW_S,
     METRICS_JOBS_KEY,
+    METRICS_TENANT_JOBS_KEY,
     OPEN_JOBS_KEY,
     UNSENT_JOBS_KEY,
     WRITE_PROBE_KEY,
@@ -69,10 +71,10 @@ log = logging.getLogger("qwen_allinone.store")
 #: longer than LIVENESS_TTL_S, whose jobs another worker took over, cannot write over their run.
 #: KEYS: job, done, open index, pending turns (or ""), counted mark, jobs by status, cancel flag,
 #: recently finished, callbacks due, unsent jobs, the run's claim (or ""), callbacks pending,
-#: their caps, callback attempts, stage hashes.
+#: their caps, callback attempts, jobs by tenant and status, stage hashes.
 #: ARGV: record JSON, record TTL, done TTL, job id, status, finish time, rate window, the
 #: callback's owner ("<host:port>\n<tenant>", or "" for none), ran ('1' or '0': only jobs that ran count towards the service rate),
-#: the writer's runner id (or ""), then (bucket field, seconds) per stage.
+#: the writer's runner id (or ""), the job's tenant (or ""), then (bucket field, seconds) per stage.
 _FINAL_SCRIPT = "local FINAL = {" + ", ".join(f"['{s.value}'] = true" for s in JobStatus if s.is_final) + f"""}}
 local DEFAULT_CAP, result = {DEFAULT_CALLBACK_MAX_PENDING}, 1
 if KEYS[11] ~= '' then
@@ -111,8 +113,9 @@ if redis.call('SET', KEYS[5], 1, 'NX', 'EX', ARGV[2]) then
       result = 2
     end
   end
-  for i = 15, #KEYS do
-    local j = 11 + (i - 15) * 2
+  if ARGV[11] ~= '' then redis.call('HINCRBY', KEYS[15], ARGV[5] .. ':' .. ARGV[11], 1) end
+  for i = 16, #KEYS do
+    local j = 12 + (i - 16) * 2
     redis.call('HINCRBY', KEYS[i], ARGV[j], 1)
     redis.call('HINCRBY', KEYS[i], 'count', 1)
     redis.call('HINCRBYFLOAT', KEYS[i], 'sum', ARGV[j + 1])
@@ -145,10 +148,11 @@ def connect_redis(url: str, *, retries: int, socket_timeout: float) -> redis.Red
 #: KEYS: LINE_KEY, then the lanes, highest first. ARGV: job id, LINE_LANE_SPAN, DROP_WINDOW.
 #: Returns how many were removed (0: in no lane, or not where the index says; a copy delivered
 #: later is skipped, its record being final).
-_DROP_MESSAGE_SCRIPT = """
+_DROP_MESSAGE_SCRIPT = line.PUSH_LUA + """
+line_keys = {KEYS[1], ''}
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
+line_leave(ARGV[1])
 local span, window = tonumber(ARGV[2]), tonumber(ARGV[3])
 local lane = math.floor((tonumber(score) + span / 2) / span)
 local lane_key = KEYS[2 + lane]
@@ -223,7 +227,7 @@ class JobStore:
                     pipe.set(key, record.to_json(), ex=self.ttl_s)
                     pipe.zadd(OPEN_JOBS_KEY, {record.job_id: open_job_score(record)})
                     if record.status is not JobStatus.QUEUED:  # taken by a worker: out of the line
-                        pipe.zrem(LINE_KEY, record.job_id)
+                        line.leave(pipe, record.job_id)
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -237,13 +241,14 @@ class JobStore:
                 pending_turns_key(conversation_id) if conversation_id else "",
                 metrics_counted_key(record.job_id), METRICS_JOBS_KEY, cancel_key(record.job_id),
                 FINISHED_RECENTLY_KEY, CALLBACKS_KEY, UNSENT_JOBS_KEY, runner_key(record.job_id) if runner else "",
-                CALLBACK_PENDING_KEY, CALLBACK_LIMITS_KEY, CALLBACK_ATTEMPTS_KEY,
+                CALLBACK_PENDING_KEY, CALLBACK_LIMITS_KEY, CALLBACK_ATTEMPTS_KEY, METRICS_TENANT_JOBS_KEY,
                 *(metrics_stage_key(stage) for stage in stages)]
         finished_at = record.finished_at if record.finished_at is not None else time.time()
         args = [record.to_json(), self.ttl_s, DONE_SIGNAL_TTL_S, record.job_id, record.status.value,
                 repr(finished_at), repr(SERVICE_RATE_WINDOW_S),
                 callback_owner(record),
                 "1" if record.started_at is not None else "0", runner or "",
+                (record.request.tenant or "") if record.request else "",
                 *(item for seconds in stages.values() for item in (bucket_field(seconds), repr(seconds)))]
         if pipe is not None:  # part of the caller's transaction
             pipe.eval(_FINAL_SCRIPT, len(keys), *keys, *args)

@@ -122,7 +122,7 @@ class Client:
         The record, the message and the conversation's pending turn are written
         in one atomic step (``jobqueue.queue.submission``): all or nothing. With the queue
         in RabbitMQ, the record first and then the message (``jobqueue.queue.amqp``).
-        Raises InvalidRequest (bad input) or QueueFull (MAX_QUEUE jobs waiting)
+        Raises InvalidRequest (bad input) or QueueFull (MAX_QUEUE jobs waiting; TenantQueueFull: TENANT_MAX_QUEUE of the tenant's)
         with nothing written, and BrokerUnavailable when Redis or the broker cannot be reached.
         """
         request = self._validate(
@@ -153,7 +153,8 @@ class Client:
         try:
             with self._broker_errors():
                 return self.broker.submit(self._celery, record, message, ttl_s=self.settings.result_ttl_s,
-                                          lane_limit=self.settings.max_queue_bulk if bulk else 0, claim=claim)
+                                          lane_limit=self.settings.max_queue_bulk if bulk else 0, claim=claim,
+                                          tenant_limit=self.settings.tenant_max_queue)
         except IdempotencyConflict as err:
             problem = (f"{claim.name!r} was used for another request (job {err.job_id}) in the last "
                        "RESULT_TTL_S; send that request again, or use a new key")
@@ -273,6 +274,11 @@ class Client:
     def queue_depth(self) -> int:
         with self._broker_errors():
             return self.broker.depth(self._celery)
+
+    def tenant_queue_depths(self) -> dict[str, int]:
+        """Jobs waiting per tenant with any waiting ("" for jobs without a tenant); {} on RabbitMQ."""
+        with self._broker_errors():
+            return self.broker.tenant_depths()
 
     def read_metrics(self) -> JobMetrics:
         """Jobs by final status and stage latency histograms, as workers counted them."""

@@ -33,6 +33,12 @@ class ApiSettings(QueueSettings):
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     #: At most this many event streams (SSE) are open at once; past it a new one gets 503.
     max_event_streams: int = Field(1000, ge=1)
+    #: At most this many of them are one tenant's (API_KEYS; 0: only MAX_EVENT_STREAMS); past it 429.
+    max_event_streams_per_tenant: int = Field(0, ge=0)
+    #: Submits a second each tenant may make on average (0: no limit), and at most this many at once;
+    #: past it 429 ``rate_limited`` (a token bucket in Redis, shared by every gateway).
+    tenant_submit_rate: float = Field(0.0, ge=0)
+    tenant_submit_burst: int = Field(20, ge=1)
     #: The key that signs each callback (Standard Webhooks: ``whsec_`` and the base64 of 24 to 64
     #: random bytes; headers webhook-id, webhook-timestamp, webhook-signature).
     callback_secret: SecretStr | None = None

@@ -140,7 +140,7 @@ class AmqpBroker:
         self.quorum = quorum
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
-               lane_limit: int = 0, claim: Claim | None = None) -> str:
+               lane_limit: int = 0, claim: Claim | None = None, tenant_limit: int = 0) -> str:
         """Record the job (and its idempotency ``claim``) in Redis, then publish it; returns the id of
         the job queued (the claimed one's, when the claim was taken: nothing is written then). Raises
         QueueFull (and takes the record back) when RabbitMQ refuses it, IdempotencyConflict, and
@@ -219,6 +219,10 @@ class AmqpBroker:
     def cancel_lanes(self) -> list[str]:
         # The message stays in RabbitMQ; delivered later, its final record makes it skipped.
         return []
+
+    def tenant_depths(self) -> dict[str, int]:
+        """Not known on RabbitMQ: it counts one queue, not its tenants (TENANT_MAX_QUEUE needs Redis)."""
+        return {}
 
 
 def requeue_later(celery: Celery, job_id: str, raw_message: dict, pause_s: float) -> None:

@@ -26,7 +26,7 @@ class Broker(Protocol):
     kind: str
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
-               lane_limit: int = 0, claim: Claim | None = None) -> str: ...
+               lane_limit: int = 0, claim: Claim | None = None, tenant_limit: int = 0) -> str: ...
 
     def resend(self, celery: Celery, record: JobRecord) -> None: ...
 
@@ -35,6 +35,8 @@ class Broker(Protocol):
     def positions(self, celery: Celery, job_ids: list[str]) -> dict[str, int]: ...
 
     def cancel_lanes(self) -> list[str]: ...
+
+    def tenant_depths(self) -> dict[str, int]: ...
 
 
 class RedisBroker:
@@ -47,9 +49,9 @@ class RedisBroker:
         self.max_queue = max_queue
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
-               lane_limit: int = 0, claim: Claim | None = None) -> str:
+               lane_limit: int = 0, claim: Claim | None = None, tenant_limit: int = 0) -> str:
         return submission.submit_job(celery, record, message, max_queue=self.max_queue, ttl_s=ttl_s,
-                                     lane_limit=lane_limit, claim=claim)
+                                     lane_limit=lane_limit, claim=claim, tenant_limit=tenant_limit)
 
     def resend(self, celery: Celery, record: JobRecord) -> None:
         submission.resend_job(celery, record)
@@ -62,6 +64,10 @@ class RedisBroker:
 
     def cancel_lanes(self) -> list[str]:
         return lane_keys(QUEUE_NAME)
+
+    def tenant_depths(self) -> dict[str, int]:
+        """Jobs waiting per tenant ("" for those without one), from the line index."""
+        return line.tenant_depths(self.store.redis)
 
 
 def broker_for(settings: QueueSettings, store: JobStore) -> Broker:

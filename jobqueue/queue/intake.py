@@ -33,7 +33,8 @@ from kombu import Connection
 from kombu.message import Message
 from kombu.transport.virtual import QoS as VirtualQoS
 
-from jobqueue.protocol import LINE_KEY, QUEUE_NAME, TASK_NAME, held_key
+from jobqueue.protocol import LINE_KEY, LINE_SEQ_KEY, QUEUE_NAME, TASK_NAME, held_key
+from jobqueue.queue.line import FAIR_PICK_LUA, PUSH_LUA
 from jobqueue.queue.liveness import consumer_id
 from jobqueue.queue.transport import UNREADABLE_MESSAGE_ERRORS, lane_keys
 
@@ -42,44 +43,54 @@ log = logging.getLogger("qwen_allinone.worker")
 #: How often the queue is looked at again while waiting (at most BATCH_WAIT_MS) for more jobs.
 POLL_INTERVAL_S = 0.002
 
-#: Pop the oldest message (highest priority first) and, in the same step, record it as
-#: unacknowledged in kombu's own format (kombu.transport.redis.QoS.append): the hash
-#: field is the delivery tag and the value is ``[payload, exchange, routing_key]``;
-#: the index is scored by time, for the visibility-timeout sweep; the tag joins this
-#: process's held set (jobqueue.queue.liveness). The payload is kept as the exact text
-#: that was queued. Something Redis's JSON decoder cannot read as an envelope with a string
+#: Pop the next message and, in the same step, record it as unacknowledged in kombu's own format
+#: (kombu.transport.redis.QoS.append): the hash field is the delivery tag and the value is
+#: ``[payload, exchange, routing_key]``; the index is scored by time, for the visibility-timeout
+#: sweep; the tag joins this process's held set (jobqueue.queue.liveness). The payload is kept as the
+#: exact text that was queued. Something Redis's JSON decoder cannot read as an envelope with a string
 #: delivery tag is only popped; the caller records it if Python reads it.
-#: The job leaves the place-in-line index (``jobqueue.queue.line``) in the same step.
-#: KEYS: unacked hash, unacked index, held set, LINE_KEY, then the queue's lanes. ARGV: the time.
+#: The next message is the fair order's (``line.FAIR_PICK_LUA``: round robin across the tenants with
+#: jobs waiting, each tenant's own jobs highest lane first and oldest first) or, with one tenant
+#: waiting, the oldest of the highest lane, as Celery's consumer pops them. The job leaves the
+#: place-in-line index (``jobqueue.queue.line``) in the same step.
+#: KEYS: unacked hash, unacked index, held set, LINE_KEY, LINE_SEQ_KEY, then the queue's lanes.
+#: ARGV: the time, how far from its indexed place a message is looked for.
 #: Returns false (queue empty) or {item, the tag it was recorded under or ''}.
-_TAKE_SCRIPT = """
-for i = 5, #KEYS do
-  local item = redis.call('RPOP', KEYS[i])
-  if item then
-    local tag = ''
-    local ok, payload = pcall(cjson.decode, item)
-    local id = ok and type(payload) == 'table' and type(payload['headers']) == 'table' and payload['headers']['id']
-    if type(id) ~= 'string' then id = string.match(item, '"id": "([^"]*)"') end
-    if id then redis.call('ZREM', KEYS[4], id) end
-    if ok and type(payload) == 'table' and type(payload['properties']) == 'table'
-        and type(payload['properties']['delivery_tag']) == 'string' then
-      local info = payload['properties']['delivery_info']
-      local exchange, routing_key = '', ''
-      if type(info) == 'table' then
-        if type(info['exchange']) == 'string' then exchange = info['exchange'] end
-        if type(info['routing_key']) == 'string' then routing_key = info['routing_key'] end
-      end
-      tag = payload['properties']['delivery_tag']
-      redis.call('ZADD', KEYS[2], ARGV[1], tag)
-      redis.call('SADD', KEYS[3], tag)
-      redis.call('HSET', KEYS[1], tag,
-        '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
-    end
-    return {item, tag}
+_TAKE_SCRIPT = PUSH_LUA + FAIR_PICK_LUA + """
+line_keys = {KEYS[4], KEYS[5]}
+local lanes = {}
+for i = 6, #KEYS do lanes[#lanes + 1] = KEYS[i] end
+local item = line_fair_pick(lanes, tonumber(ARGV[2]))
+if not item then
+  for _, lane in ipairs(lanes) do
+    item = redis.call('RPOP', lane)
+    if item then break end
   end
 end
-return false
+if not item then return false end
+local tag = ''
+local ok, payload = pcall(cjson.decode, item)
+local id = ok and type(payload) == 'table' and type(payload['headers']) == 'table' and payload['headers']['id']
+if type(id) ~= 'string' then id = string.match(item, '"id": "([^"]*)"') end
+if id then line_leave(id) end
+if ok and type(payload) == 'table' and type(payload['properties']) == 'table'
+    and type(payload['properties']['delivery_tag']) == 'string' then
+  local info = payload['properties']['delivery_info']
+  local exchange, routing_key = '', ''
+  if type(info) == 'table' then
+    if type(info['exchange']) == 'string' then exchange = info['exchange'] end
+    if type(info['routing_key']) == 'string' then routing_key = info['routing_key'] end
+  end
+  tag = payload['properties']['delivery_tag']
+  redis.call('ZADD', KEYS[2], ARGV[1], tag)
+  redis.call('SADD', KEYS[3], tag)
+  redis.call('HSET', KEYS[1], tag,
+    '[' .. item .. ',' .. cjson.encode(exchange) .. ',' .. cjson.encode(routing_key) .. ']')
+end
+return {item, tag}
 """
+#: How far from where the line index places it the fair intake looks for a message (as a cancel does).
+FAIR_WINDOW = 8
 
 
 @dataclass
@@ -162,7 +173,7 @@ class Intake:
         return self._connection.default_channel
 
     def _get(self, channel) -> tuple[bool, Message | None]:
-        """Pop the oldest waiting message, recorded as unacknowledged in the same atomic step.
+        """Pop the next waiting message (the fair order's), recorded as unacknowledged in the same atomic step.
 
         Returns whether anything was popped, and the message (None if it was dropped).
 
@@ -172,8 +183,8 @@ class Intake:
         """
         queues = lane_keys(QUEUE_NAME)
         with channel.conn_or_acquire() as client:
-            popped = client.eval(_TAKE_SCRIPT, 4 + len(queues), channel.unacked_key, channel.unacked_index_key,
-                                 held_key(consumer_id()), LINE_KEY, *queues, time.time())
+            popped = client.eval(_TAKE_SCRIPT, 5 + len(queues), channel.unacked_key, channel.unacked_index_key,
+                                 held_key(consumer_id()), LINE_KEY, LINE_SEQ_KEY, *queues, time.time(), FAIR_WINDOW)
         if popped is None:
             return False, None
         raw, recorded_tag = popped

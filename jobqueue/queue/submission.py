@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from celery import Celery
 
-from jobqueue.errors import IdempotencyConflict, QueueFull
+from jobqueue.errors import IdempotencyConflict, QueueFull, TenantQueueFull
 from jobqueue.protocol import (
     LANE_PRIORITY,
     LINE_KEY,
@@ -36,15 +36,16 @@ from jobqueue.protocol import (
     open_job_score,
     pending_turns_key,
 )
-from jobqueue.queue.line import PUSH_LUA
+from jobqueue.queue.line import PUSH_LUA, line_tenant_key
 
 #: KEYS: the lane to push to, the job's record, the open jobs, the pending turns (or ""), the
 #: idempotency claim (or ""), LINE_KEY, LINE_SEQ_KEY, then every lane of the queue (for the depth).
 #: ARGV: MAX_QUEUE, record JSON, record TTL, open-job score, job id, envelope, the target lane's own
-#: limit (0: none), the request's digest (with a claim), the target lane's index. Returns {1, depth
-#: after} when queued (depth -1: it already was), {0, depth} when the queue is full, {0, -lane depth}
-#: when its lane is, {2, job id} when the claim names a job of the same request (nothing written),
-#: {3, job id} when it names a job of another request.
+#: limit (0: none), the request's digest (with a claim), the target lane's index, TENANT_MAX_QUEUE (0:
+#: none), the job's tenant line (``line.line_tenant_key``). Returns {1, depth after} when queued (depth
+#: -1: it already was), {0, depth} when the queue is full, {0, -lane depth} when its lane is, {4, the
+#: tenant's depth} when the tenant's jobs fill TENANT_MAX_QUEUE, {2, job id} when the claim names a
+#: job of the same request (nothing written), {3, job id} when it names a job of another request.
 _ADMIT_SCRIPT = PUSH_LUA + """
 line_keys = {KEYS[6], KEYS[7]}
 if KEYS[5] ~= '' then
@@ -63,6 +64,11 @@ local lane_limit = tonumber(ARGV[7])
 if lane_limit > 0 then
   local lane_depth = redis.call('LLEN', KEYS[1])
   if lane_depth >= lane_limit then return {0, -lane_depth} end
+end
+local tenant_limit = tonumber(ARGV[10])
+if tenant_limit > 0 then
+  local tenant_depth = redis.call('ZCARD', ARGV[11])
+  if tenant_depth >= tenant_limit then return {4, tenant_depth} end
 end
 if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5] .. ' ' .. ARGV[8], 'EX', ARGV[3]) end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
@@ -98,8 +104,14 @@ class AdmissionPlan:
     #: The limit of the job's own lane (MAX_QUEUE_BULK for a bulk job), 0 for none.
     lane_limit: int = 0
     claim: Claim | None = None
+    #: TENANT_MAX_QUEUE: the most jobs of the record's tenant that may wait, 0 for no limit.
+    tenant_limit: int = 0
     #: Set by ``run``: the id of the job queued under the claim (this one's, or an earlier one's).
     job_id: str | None = None
+
+    @property
+    def _tenant(self) -> str | None:
+        return self.record.request.tenant if self.record.request else None
 
     def run(self, client, target_lane: str, lanes: list[str], envelope: str) -> None:
         """Run the admission script; raises QueueFull when ``max_queue`` messages wait, and
@@ -110,13 +122,15 @@ class AdmissionPlan:
                 self.claim.key if self.claim else "", LINE_KEY, LINE_SEQ_KEY, *lanes]
         args = [self.max_queue, self.record.to_json(), self.ttl_s, open_job_score(self.record),
                 self.record.job_id, envelope, self.lane_limit, self.claim.digest if self.claim else "",
-                lanes.index(target_lane)]
+                lanes.index(target_lane), self.tenant_limit, line_tenant_key(self._tenant)]
         outcome, value = client.eval(_ADMIT_SCRIPT, len(keys), *keys, *args)
         if outcome in (2, 3):
             self.job_id = value.decode()
             if outcome == 3:
                 raise IdempotencyConflict(self.job_id)
             return
+        if outcome == 4:
+            raise TenantQueueFull(int(value), self.tenant_limit, self._tenant)
         if not outcome and value < 0:
             raise QueueFull(-int(value), self.lane_limit, lane=self.record.request.priority)
         if not outcome:
@@ -141,12 +155,12 @@ def admitting(plan: AdmissionPlan) -> Iterator[None]:
 
 
 def submit_job(celery: Celery, record: JobRecord, message: JobMessage, *, max_queue: int, ttl_s: int,
-               lane_limit: int = 0, claim: Claim | None = None) -> str:
+               lane_limit: int = 0, claim: Claim | None = None, tenant_limit: int = 0) -> str:
     """Queue one job atomically with its record, in its priority's lane, and with its idempotency
     ``claim``; returns the id of the job queued (an earlier one's when the claim was taken). Raises
-    QueueFull (the queue holds ``max_queue``, or its lane ``lane_limit``), IdempotencyConflict, or
-    kombu's errors when Redis fails."""
-    plan = AdmissionPlan(record, max_queue, ttl_s, lane_limit, claim)
+    QueueFull (the queue holds ``max_queue``, or its lane ``lane_limit``), TenantQueueFull (its
+    tenant has ``tenant_limit`` jobs waiting), IdempotencyConflict, or kombu's errors when Redis fails."""
+    plan = AdmissionPlan(record, max_queue, ttl_s, lane_limit, claim, tenant_limit)
     with admitting(plan):
         _send(celery, record.job_id, message)
     return plan.job_id or record.job_id
@@ -164,6 +178,8 @@ def _send(celery: Celery, job_id: str, message: JobMessage) -> None:
 
 def send_job(celery: Celery, job_id: str, message: JobMessage, lane_priority: dict[str, int], **options) -> None:
     """Publish a job's Celery message, with its lane's priority as this broker counts them; ``options``
-    go to the publish (``mandatory=True``, say)."""
+    go to the publish (``mandatory=True``, say). The ``tenant`` header names the job's tenant for the
+    line index (``jobqueue.queue.line``: each tenant's depth and the fair intake)."""
     celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": message.model_dump(mode="json")},
-                     priority=lane_priority[message.request.priority], **options)
+                     priority=lane_priority[message.request.priority],
+                     headers={"tenant": message.request.tenant or ""}, **options)

@@ -34,7 +34,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual import QoS as VirtualQoS
 from kombu.utils.json import dumps
 
-from jobqueue.protocol import LINE_KEY, held_key
+from jobqueue.protocol import held_key
 from jobqueue.queue import line, submission
 from jobqueue.queue.liveness import consumer_id
 
@@ -77,8 +77,8 @@ class QoS(kombu_redis.QoS):
                 pipe.zadd(self.unacked_index_key, {delivery_tag: time()}) \
                     .hset(self.unacked_key, delivery_tag, entry) \
                     .sadd(held_key(consumer_id()), delivery_tag)
-                if job_id is not None:  # it left the line
-                    pipe.zrem(LINE_KEY, job_id)
+                if job_id is not None:  # it left the line, and its tenant's
+                    line.leave(pipe, job_id)
                 pipe.execute()
         except redis.ResponseError as err:
             raise NotRecorded(str(err)) from err

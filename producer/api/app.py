@@ -30,12 +30,14 @@ from pydantic import BaseModel, Field, StrictBool, ValidationError, create_model
 
 from producer.api.callbacks import CallbackSender
 from producer.api.events import job_events
-from producer.api.watch import CachedPing, RecordWatcher, StreamsFull
+from producer.api.watch import CachedPing, RecordWatcher, StreamsFull, TenantStreamsFull
+from producer.api.quotas import RateLimited, SubmitRate
 from producer.api.limits import BodyLimit, BodyTooLarge, printable_errors, too_large_response
 from producer.api.metrics import build_registry
 from producer.api.openai_compat import add_chat_completions
 from producer.client import Client
-from jobqueue.errors import AlreadyFinal, BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, UnreadableRecord
+from jobqueue.errors import (AlreadyFinal, BrokerUnavailable, InvalidRequest, JobNotFound, QueueFull, TenantQueueFull,
+                             UnreadableRecord)
 from jobqueue.protocol import CONVERSATION_ID_PATTERN, IDEMPOTENCY_KEY_PATTERN, JobOptions, JobRecord, JobStatus, Priority
 from jobqueue.settings import settings_problems
 from producer.settings import ApiSettings, tenant_callback_hosts, tenant_keys
@@ -183,6 +185,19 @@ def _add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     async def queue_full(_: Request, err: QueueFull) -> JSONResponse:
         return _problem_response(503, "queue_full", str(err), {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
 
+    @app.exception_handler(TenantQueueFull)
+    async def tenant_queue_full(_: Request, err: TenantQueueFull) -> JSONResponse:
+        return _problem_response(503, "tenant_queue_full", str(err), {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+
+    @app.exception_handler(RateLimited)
+    async def rate_limited(_: Request, err: RateLimited) -> JSONResponse:
+        return _problem_response(429, "rate_limited", str(err), {"Retry-After": str(err.retry_after_s)})
+
+    @app.exception_handler(TenantStreamsFull)
+    async def tenant_streams_full(_: Request, err: TenantStreamsFull) -> JSONResponse:
+        return _problem_response(429, "tenant_streams_full", str(err),
+                                 {"Retry-After": str(STREAMS_FULL_RETRY_AFTER_S)})
+
     @app.exception_handler(BrokerUnavailable)
     async def broker_down(_: Request, err: BrokerUnavailable) -> JSONResponse:
         return _problem_response(503, "broker_unavailable", str(err), {"Retry-After": str(BROKER_DOWN_RETRY_AFTER_S)})
@@ -213,6 +228,8 @@ def _json_error(description: str) -> dict:
 
 
 _STREAM_ERRORS = {401: _json_error(_UNAUTHORIZED), 404: _json_error(_UNKNOWN_JOB),
+                  429: _json_error("The tenant has as many streams open as it may (tenant_streams_full); "
+                                   "Retry-After says when to retry"),
                   503: _json_error(_BROKER_DOWN + "; or too many streams are open (too_many_streams)")}
 
 
@@ -293,7 +310,8 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
     access = _Access(client, settings)
     callbacks = bool(settings.allowed_callback_hosts or access.callback_hosts)
     SubmitJob = submit_job_model(settings.max_input_chars, callbacks)  # noqa: N806 (a class, used as the body type)
-    watcher = RecordWatcher(client, settings.max_event_streams)
+    watcher = RecordWatcher(client, settings.max_event_streams, settings.max_event_streams_per_tenant)
+    submit_rate = SubmitRate(client.store.redis, settings.tenant_submit_rate, settings.tenant_submit_burst)
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                   description="The caller's key, when the gateway needs one")
 
@@ -303,6 +321,9 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
     def existing_record(job_id: str, tenant: Annotated[str | None, Depends(caller_tenant)]) -> JobRecord:
         return access.record(job_id, tenant)
 
+    async def stream_capacity(tenant: Annotated[str | None, Depends(caller_tenant)]) -> None:
+        await watcher.check_capacity(tenant)
+
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller_tenant)], responses=_ERRORS)
 
     @v1.post(
@@ -311,7 +332,10 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
         responses={
             400: {"model": UnreadableBody, "description": "The body cannot be parsed (not JSON, or not UTF-8)"},
             413: {"model": ApiError, "description": "The body is too large (body_too_large)"},
-            503: {"model": ApiError, "description": "Queue full (queue_full) or Redis unreachable "
+            429: {"model": ApiError, "description": "The tenant's submit rate is spent (rate_limited); "
+                                                    "Retry-After says when to retry"},
+            503: {"model": ApiError, "description": "Queue full (queue_full), the tenant's share of it full "
+                                                    "(tenant_queue_full) or Redis unreachable "
                                                     "(broker_unavailable); Retry-After says when to retry"},
         },
     )
@@ -322,6 +346,7 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
 
         A `conversation_id` belongs to the caller's tenant (its key): another tenant's
         conversation of the same id is a different one; so is an `Idempotency-Key`."""
+        submit_rate.spend(tenant)
         job_id = client.submit(
             body.text,
             conversation_id=body.conversation_id,
@@ -361,7 +386,7 @@ def _jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
     @v1.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=_STREAM_ERRORS)
     async def job_event_stream(
         record: Annotated[JobRecord, Depends(existing_record)],
-        _: Annotated[None, Depends(watcher.check_capacity)],
+        _: Annotated[None, Depends(stream_capacity)],
     ) -> AsyncIterable[ServerSentEvent]:
         """Server-Sent Events: status, queue, sentiment, reply (partial), then done with the final record."""
         async for event in job_events(watcher, record, settings.events_timeout_s):

@@ -74,7 +74,8 @@ async def job_events(watcher: RecordWatcher, record: JobRecord, timeout_s: float
     deadline = time.monotonic() + timeout_s
     shown = _Shown()
     job_id = record.job_id
-    watcher.watch(job_id)
+    tenant = record.request.tenant if record.request else None
+    watcher.watch(job_id, tenant)
     try:
         while True:
             for event in _changes(shown, record):
@@ -104,7 +105,7 @@ async def job_events(watcher: RecordWatcher, record: JobRecord, timeout_s: float
                 yield _event("queue", {"queue_depth": queue[0], "queue_position": queue[1], "eta_s": queue[2]})
                 shown.queue = queue
     finally:
-        watcher.unwatch(job_id)
+        watcher.unwatch(job_id, tenant)
 
 
 def _read_error(err: Exception) -> ServerSentEvent:

@@ -31,6 +31,8 @@ class QueueCollector:
         yield CounterMetricFamily("qwen_allinone_jobs", _JOBS_DOC, labels=["status"])
         yield HistogramMetricFamily("qwen_allinone_stage_seconds", _STAGE_DOC, labels=["stage"])
         yield CounterMetricFamily("qwen_allinone_cache_lookups", _CACHE_DOC, labels=["kind", "result"])
+        yield GaugeMetricFamily("qwen_allinone_tenant_queue_depth", _TENANT_QUEUE_DOC, labels=["tenant"])
+        yield CounterMetricFamily("qwen_allinone_tenant_jobs", _TENANT_JOBS_DOC, labels=["tenant", "status"])
 
     def collect(self) -> Iterator[Metric]:
         # Raises BrokerUnavailable when Redis is down; the /metrics route answers 503 then.
@@ -60,6 +62,21 @@ class QueueCollector:
             for result, counter in (("hit", "hits"), ("miss", "misses")):
                 lookups.add_metric([kind, result], metrics.cache_lookups.get(f"{kind}_{counter}", 0))
         yield lookups
+        yield from self._per_tenant(metrics.jobs_by_tenant)
+
+    def _per_tenant(self, jobs_by_tenant: dict[tuple[str, str], int]) -> Iterator[Metric]:
+        """Waiting and finished jobs by tenant name (API_KEYS' names; never a key)."""
+        depths = self.client.tenant_queue_depths()
+        tenant_depth = GaugeMetricFamily("qwen_allinone_tenant_queue_depth", _TENANT_QUEUE_DOC, labels=["tenant"])
+        # Every tenant seen finishing a job is shown, at 0 when none of its jobs waits.
+        for tenant in sorted({tenant for tenant, _ in jobs_by_tenant} | set(depths)):
+            if tenant:
+                tenant_depth.add_metric([tenant], depths.get(tenant, 0))
+        yield tenant_depth
+        tenant_jobs = CounterMetricFamily("qwen_allinone_tenant_jobs", _TENANT_JOBS_DOC, labels=["tenant", "status"])
+        for (tenant, status), count in sorted(jobs_by_tenant.items()):
+            tenant_jobs.add_metric([tenant, status], count)
+        yield tenant_jobs
 
 
 def build_registry(client: Client) -> CollectorRegistry:
@@ -72,5 +89,7 @@ def build_registry(client: Client) -> CollectorRegistry:
 _QUEUE_DOC = "Jobs waiting in the queue for a worker (not counting running jobs)."
 _CACHE_DOC = ("Result-cache lookups (CACHE_TTL_S) by kind (sentiment, reply) and result (hit, miss); "
               "the hit rate is hits / (hits + misses).")
+_TENANT_QUEUE_DOC = "Jobs of each tenant (API_KEYS' names) waiting in the queue; Redis only (none on RabbitMQ)."
+_TENANT_JOBS_DOC = "Jobs of each tenant (API_KEYS' names) that reached a final status, by status."
 _JOBS_DOC = "Jobs that reached a final status, counted by the worker that finished them."
 _STAGE_DOC = "Seconds per stage of finished jobs: queue_wait, sentiment, reply, and total (submission to final status)."

@@ -6,7 +6,8 @@ every watched record per tick, plus the queue depth and the waiting jobs' places
 in line at most once a second, in one task on the event loop, with the
 Redis call in a worker thread. A stream awaits the next tick and reads the
 record it cares about. Streams are counted, and ``MAX_EVENT_STREAMS`` caps
-them (``StreamsFull``).
+them (``StreamsFull``), and ``MAX_EVENT_STREAMS_PER_TENANT`` caps each tenant's
+(``TenantStreamsFull``), so one key cannot hold every stream.
 
 ``CachedPing`` keeps Celery's worker ping off the request path: /healthz
 answers from the last ping (at most ``max_age_s`` old); when that is stale one
@@ -43,6 +44,15 @@ class StreamsFull(Exception):
                          "or retry the stream later")
 
 
+class TenantStreamsFull(Exception):
+    """The caller's tenant has MAX_EVENT_STREAMS_PER_TENANT streams open."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        super().__init__(f"this tenant has {limit} event streams open (MAX_EVENT_STREAMS_PER_TENANT); close one, "
+                         "poll GET /v1/jobs/{id}, or retry the stream later")
+
+
 @dataclass
 class Snapshot:
     """What one tick read: each watched job's record (None: gone) or the error that stopped the read."""
@@ -53,9 +63,13 @@ class Snapshot:
 
 
 class RecordWatcher:
-    def __init__(self, client: Client, max_streams: int):
+    def __init__(self, client: Client, max_streams: int, max_per_tenant: int = 0):
         self.client = client
         self.max_streams = max_streams
+        #: Streams one tenant may hold (0: only max_streams), counted as the whole, per tenant.
+        self.max_per_tenant = max_per_tenant
+        self._tenants: Counter[str | None] = Counter()
+        self._tenant_admitted: dict[str | None, deque[float]] = {}
         self._watched: Counter[str] = Counter()
         #: When each admitted stream that has not started yet passed check_capacity.
         self._admitted: deque[float] = deque()
@@ -69,8 +83,9 @@ class RecordWatcher:
         """Streams running, and those admitted whose first event is not out yet."""
         return sum(self._watched.values()) + len(self._admitted)
 
-    async def check_capacity(self) -> None:
-        """Raise StreamsFull when ``max_streams`` streams are open: before the response starts.
+    async def check_capacity(self, tenant: str | None = None) -> None:
+        """Raise StreamsFull when ``max_streams`` streams are open, TenantStreamsFull when ``tenant``
+        has ``max_per_tenant``: before the response starts.
 
         A FastAPI dependency; async, so it runs on the event loop like the streams' counting.
         The check and the count are one step (no await between them), so a burst of requests
@@ -82,18 +97,30 @@ class RecordWatcher:
             self._admitted.popleft()
         if self.open_streams >= self.max_streams:
             raise StreamsFull(self.max_streams)
+        own = self._tenant_admitted.setdefault(tenant, deque())
+        while own and own[0] <= now - ADMISSION_HOLD_S:
+            own.popleft()
+        if self.max_per_tenant and self._tenants[tenant] + len(own) >= self.max_per_tenant:
+            raise TenantStreamsFull(self.max_per_tenant)
         self._admitted.append(now)
+        own.append(now)
 
-    def watch(self, job_id: str) -> None:
+    def watch(self, job_id: str, tenant: str | None = None) -> None:
         """Count one more stream of ``job_id`` (from inside the stream, which takes over the
         place its admission held); ``unwatch`` when it ends."""
         if self._admitted:
             self._admitted.popleft()
+        if self._tenant_admitted.get(tenant):
+            self._tenant_admitted[tenant].popleft()
+        self._tenants[tenant] += 1
         self._watched[job_id] += 1
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._poll())
 
-    def unwatch(self, job_id: str) -> None:
+    def unwatch(self, job_id: str, tenant: str | None = None) -> None:
+        self._tenants[tenant] -= 1
+        if self._tenants[tenant] <= 0:
+            del self._tenants[tenant]
         self._watched[job_id] -= 1
         if self._watched[job_id] <= 0:
             del self._watched[job_id]
