@@ -268,6 +268,9 @@ def _download_from_hub(repo_id: str) -> Path:
             snapshot_download(
                 repo_id,
                 allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"],
+                # huggingface_hub reads HF_HUB_OFFLINE once, at import: asked here, a setting made
+                # later (a test, an embedding program) is honoured too.
+                local_files_only=hub_offline(),
             )
         )
     except Exception as err:  # network, auth, missing repo: all mean "cannot load"
