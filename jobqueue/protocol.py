@@ -18,6 +18,9 @@ key                                         type    holds
 ``qwen-allinone:turns:<scope>``             list    ids of the conversation's unfinished jobs, oldest first
 ``qwen-allinone:batch:<job_id>``            hash    while the batch of this delivered job runs: ``pid``, its pool
                                                     process, and ``taken``, the ids of the jobs taken into it (JSON)
+``qwen-allinone:batches:<batch_id>``       hash    a batch of jobs (``POST /v1/batches``, ``jobqueue.batches``): ``tenant``,
+                                                    ``job_ids`` (JSON, input order), ``created_at``, ``cancelled``;
+                                                    RESULT_TTL_S (not the worker's ``batch:<job_id>`` above)
 ``qwen-allinone:metrics:jobs``              hash    finished jobs by final status (status → count)
 ``qwen-allinone:metrics:tenant-jobs``       hash    finished jobs of a tenant by final status (``<status>:<tenant>`` → count)
 ``qwen-allinone:metrics:stage:<stage>``     hash    latency histogram of one stage (``STAGES``): ``le:<bound>``
@@ -118,6 +121,11 @@ DONE_SIGNAL_TTL_S = 60
 
 def batch_key(job_id: str) -> str:
     return f"{KEY_PREFIX}:batch:{job_id}"
+
+
+def batch_record_key(batch_id: str) -> str:
+    """A submitted batch of jobs (``jobqueue.batches``); unrelated to the worker's ``batch_key``."""
+    return f"{KEY_PREFIX}:batches:{batch_id}"
 
 
 #: Finished jobs by final status.

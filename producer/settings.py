@@ -31,6 +31,10 @@ class ApiSettings(QueueSettings):
     events_timeout_s: float = Field(900.0, gt=0)
     #: Request bodies over this many bytes get 413 before they are read whole.
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    #: ``POST /v1/batches`` takes at most this many texts, in a body of at most MAX_BATCH_BODY_BYTES
+    #: (every other route keeps MAX_BODY_BYTES).
+    max_batch_items: int = Field(1000, ge=1)
+    max_batch_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     #: At most this many event streams (SSE) are open at once; past it a new one gets 503.
     max_event_streams: int = Field(1000, ge=1)
     #: At most this many of them are one tenant's (API_KEYS; 0: only MAX_EVENT_STREAMS); past it 429.

@@ -28,6 +28,7 @@ from starlette.routing import Match
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, StrictBool, ValidationError, create_model, field_validator
 
+from producer.api.batches import add_batch_routes
 from producer.api.callbacks import CallbackSender
 from producer.api.events import job_events
 from producer.api.watch import CachedPing, RecordWatcher, StreamsFull, TenantStreamsFull
@@ -254,8 +255,10 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     _add_error_handlers(app, settings.max_body_bytes)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       path_limits={"/v1/batches": settings.max_batch_body_bytes})
     app.include_router(_jobs_router(client, settings))
+    add_batch_routes(app, client, settings, _Access(client, settings).tenant_of, _JsonTypedJobOptions)
     # OpenAI's chat-completions API over the same queue; the same keys, sent as a Bearer token.
     add_chat_completions(app, client, settings, _Access(client, settings).tenant_of)
     _add_service_routes(app, client)
