@@ -1,4 +1,4 @@
-"""Command line: ``qwen-allinone submit|get|wait|run|cancel|eval|eval-replies`` (also ``python -m producer``).
+"""Command line: ``qwen-allinone submit|get|wait|run|cancel|submit-file|eval|eval-replies`` (also ``python -m producer``).
 
 Exit codes: 0 job succeeded (or submitted/found/cancelled), 1 job ended failed/timed_out/
 expired/cancelled (or its record is unreadable), 2 invalid input or setting, 3 job not found,
@@ -189,6 +189,18 @@ def cmd_eval_replies(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit_file(client: Client, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from producer.submit_file import submit_file
+
+    options = {"labels": args.labels, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    counts = submit_file(client, Path(args.file), Path(args.out), args.column, options, in_flight=args.in_flight,
+                         timeout=args.timeout, progress=not args.no_progress)
+    print(f"{sum(counts.values())} rows in {args.out}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return 0 if set(counts) <= {JobStatus.SUCCEEDED.value} else EXIT_JOB_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qwen-allinone", description="Submit texts to the qwen-allinone queue and read results."
@@ -241,8 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p)
     p.set_defaults(func=cmd_cancel)
 
+    _add_submit_file_parser(sub)
     _add_eval_parsers(sub)
     return parser
+
+
+def _add_submit_file_parser(sub) -> None:
+    p = sub.add_parser("submit-file", help="every line of a CSV or text file as a bulk job; results as a CSV "
+                                           "(resumable: run again with the same --out)")
+    p.add_argument("file", help="a CSV (the texts in --column) or any other file (one text per line)")
+    p.add_argument("--out", required=True, help="the results CSV; its sidecar <out>.jobs.jsonl holds the job ids")
+    p.add_argument("--column", default="review", help="the CSV's text column (default review)")
+    p.add_argument("--labels", choices=list(LABEL_SETS), default="zh")
+    p.add_argument("--max-new-tokens", type=int, help="longest reply, in tokens (worker default 128)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (worker default 0.7)")
+    p.add_argument("--in-flight", type=int, default=200, help="at most this many jobs open at once (default 200)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600); "
+                                                                 "run again to resume")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_submit_file)
 
 
 def _add_eval_parsers(sub) -> None:
