@@ -12,6 +12,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from producer.api.callbacks.delivery import Refused, send, signed_headers
+from producer.api.callbacks.keys import tenant_secret
 from producer.api.callbacks.ledger import Ledger
 from producer.client import Client
 from producer.settings import ApiSettings, tenant_callback_hosts
@@ -36,7 +37,9 @@ class CallbackSender:
                  timeout_s: float = 10.0, max_concurrent: int = 32,
                  max_pending: tuple[int, int] = (DEFAULT_CALLBACK_MAX_PENDING, DEFAULT_CALLBACK_MAX_PENDING)):
         self.client = client
-        self.webhook = Webhook(secret)
+        self.secret = secret
+        #: tenant -> the Webhook that signs its callbacks (keys.py), made on first use.
+        self._webhooks: dict[str | None, Webhook] = {}
         self.hosts, self.tenant_hosts = hosts, tenant_hosts or {}
         self.timeout_s = timeout_s
         self.max_concurrent = max_concurrent
@@ -121,9 +124,14 @@ class CallbackSender:
 
     async def _send(self, http: httpx.AsyncClient, record: JobRecord) -> str | None:
         body = record.to_json().encode("utf-8")
-        headers = signed_headers(self.webhook, record.job_id, body, time.time())
+        headers = signed_headers(self._webhook(record.request.tenant), record.job_id, body, time.time())
         allowed = self.tenant_hosts.get(record.request.tenant, self.hosts)
         return await send(http, record.request.callback_url, allowed, body, headers, self.timeout_s)
+
+    def _webhook(self, tenant: str | None) -> Webhook:
+        if tenant not in self._webhooks:
+            self._webhooks[tenant] = Webhook(tenant_secret(self.secret, tenant))
+        return self._webhooks[tenant]
 
     def _record(self, job_id: str) -> JobRecord | None:
         """The final record to POST, or None when there is none to send."""
