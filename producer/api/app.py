@@ -258,7 +258,8 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        path_limits={"/v1/batches": settings.max_batch_body_bytes})
     app.include_router(_jobs_router(client, settings))
-    add_batch_routes(app, client, settings, _Access(client, settings).tenant_of, _JsonTypedJobOptions)
+    add_batch_routes(app, client, settings, _Access(client, settings).tenant_of, _JsonTypedJobOptions,
+                     VISIBLE_TEXT_PATTERN)
     # OpenAI's chat-completions API over the same queue; the same keys, sent as a Bearer token.
     add_chat_completions(app, client, settings, _Access(client, settings).tenant_of)
     _add_service_routes(app, client)

@@ -41,6 +41,29 @@ class BatchAccepted(BaseModel):
     jobs: int
 
 
+class BatchError(BaseModel):
+    code: str
+    message: str
+
+
+_NOT_FOUND = {404: {"model": BatchError, "description": "Unknown batch id, its record expired, or another tenant's"}}
+_ERRORS = {401: {"model": BatchError, "description": "The gateway needs a key, and X-API-Key is missing or wrong"},
+           503: {"model": BatchError, "description": "Redis is unreachable (broker_unavailable); Retry-After says "
+                                                     "when to retry"}}
+_SUBMIT_ERRORS = {
+    400: {"description": "The body cannot be parsed (not JSON, or not UTF-8)"},
+    413: {"model": BatchError, "description": "The body is too large (body_too_large)"},
+    429: {"model": BatchError, "description": "The tenant's submit rate is spent (rate_limited)"},
+    503: {"model": BatchError, "description": "The queue (queue_full) or the tenant's share (tenant_queue_full) "
+                                              "filled part way: nothing of the batch is left; or Redis is "
+                                              "unreachable (broker_unavailable). Retry-After says when to retry"},
+}
+_RESULTS = {200: {"description": "One row per text, in input order",
+                  "content": {"application/x-ndjson": {}, "text/csv": {}}},
+            409: {"model": BatchError, "description": "The batch is queued or running (batch_not_done)"},
+            **_NOT_FOUND}
+
+
 class BatchStatus(BaseModel):
     batch_id: str
     #: queued, running, succeeded (every job final, whatever its own status), or cancelled.
@@ -53,13 +76,20 @@ class BatchStatus(BaseModel):
     results: str
 
 
-def submit_batch_model(options_base: type[JobOptions], max_items: int) -> type[BaseModel]:
+def submit_batch_model(options_base: type[JobOptions], max_items: int, max_input_chars: int,
+                       text_pattern: str) -> type[BaseModel]:
     """The body: ``texts`` and the job options every text shares (JobOptions: max_new_tokens,
-    min_new_tokens, temperature, labels). No priority (always bulk), conversation or callback."""
+    min_new_tokens, temperature, labels). No priority (always bulk), conversation or callback.
+
+    As for POST /v1/jobs, a text's limits are shown in the schema but checked (after control
+    characters are removed) by the job request's own validation, so the messages are the same."""
+    text = Annotated[str, Field(json_schema_extra={"minLength": 1, "maxLength": max_input_chars,
+                                                   "pattern": text_pattern})]
     return create_model(
         "SubmitBatch", __base__=options_base,
-        texts=(Annotated[list[str], Field(min_length=1, max_length=max_items, description=(
-            f"The texts, 1 to {max_items}; each as POST /v1/jobs's text (not blank, at most MAX_INPUT_CHARS)"))], ...),
+        texts=(Annotated[list[text], Field(min_length=1, max_length=max_items, description=(
+            f"The texts, 1 to {max_items}; each as POST /v1/jobs's text: not blank, "
+            f"at most {max_input_chars} characters"))], ...),
     )
 
 
@@ -121,12 +151,14 @@ def render_results(batch: Batch, client: Client, fmt: str) -> Response:
 
 
 def batch_router(client: Client, settings: ApiSettings, tenant_of: Callable[[str | None], str | None],
-                 options_base: type[JobOptions], multi_tenant: bool) -> APIRouter:
+                 options_base: type[JobOptions], text_pattern: str) -> APIRouter:
     """The /v1/batches routes. Longer than 60 lines: the four routes are declared next to the
     dependencies they close over (as in app.py's _jobs_router)."""
     store = BatchStore(client.store.redis, settings.result_ttl_s)
     submit_rate = SubmitRate(client.store.redis, settings.tenant_submit_rate, settings.tenant_submit_burst)
-    SubmitBatch = submit_batch_model(options_base, settings.max_batch_items)  # noqa: N806 (a class)
+    SubmitBatch = submit_batch_model(options_base, settings.max_batch_items,  # noqa: N806 (a class)
+                                     settings.max_input_chars, text_pattern)
+    multi_tenant = settings.api_keys is not None
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                   description="The caller's key, when the gateway needs one")
 
@@ -140,9 +172,9 @@ def batch_router(client: Client, settings: ApiSettings, tenant_of: Callable[[str
             raise _NotFound(batch_id)
         return batch
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller_tenant)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller_tenant)], responses=_ERRORS)
 
-    @v1.post("/batches", status_code=202)
+    @v1.post("/batches", status_code=202, responses=_SUBMIT_ERRORS)
     def submit_batch(body: SubmitBatch, tenant: Annotated[str | None, Depends(caller_tenant)]) -> BatchAccepted:
         """Queue every text as a bulk job of one batch: all of them, or (422 naming each bad
         `texts[i]`, 503 when the queue fills part way) none."""
@@ -157,12 +189,12 @@ def batch_router(client: Client, settings: ApiSettings, tenant_of: Callable[[str
                                           jobs=len(batch.job_ids)).model_dump(),
                             status_code=202, headers={"Location": location})
 
-    @v1.get("/batches/{batch_id}")
+    @v1.get("/batches/{batch_id}", responses=_NOT_FOUND)
     def get_batch(batch: Annotated[Batch, Depends(own_batch)]) -> BatchStatus:
         """The batch's status and its jobs' counts by status."""
         return batch_summary(batch, client)
 
-    @v1.get("/batches/{batch_id}/results", responses={409: {"description": "The batch is not done (batch_not_done)"}})
+    @v1.get("/batches/{batch_id}/results", response_class=Response, responses=_RESULTS)
     def batch_results(batch: Annotated[Batch, Depends(own_batch)],
                       format: Literal["jsonl", "csv"] = "jsonl",  # noqa: A002 (the query parameter's name)
                       partial: Annotated[bool, Query(description="Answer before the batch is done")] = False,
@@ -175,7 +207,7 @@ def batch_router(client: Client, settings: ApiSettings, tenant_of: Callable[[str
                                                    "ask again when it is done, or with partial=true")
         return render_results(batch, client, format)
 
-    @v1.delete("/batches/{batch_id}", status_code=202)
+    @v1.delete("/batches/{batch_id}", status_code=202, responses=_NOT_FOUND)
     def cancel_batch(batch: Annotated[Batch, Depends(own_batch)]) -> BatchStatus:
         """Cancel the batch's queued jobs (they never run); running ones finish, final ones stay."""
         for job_id, record in read_records(batch.job_ids, client.get_many):
@@ -197,9 +229,10 @@ class _NotFound(Exception):
 
 
 def add_batch_routes(app, client: Client, settings: ApiSettings, tenant_of: Callable[[str | None], str | None],
-                     options_base: type[JobOptions]) -> None:
-    """Add the /v1/batches routes, and their 404, to the gateway's app."""
-    app.include_router(batch_router(client, settings, tenant_of, options_base, settings.api_keys is not None))
+                     options_base: type[JobOptions], text_pattern: str) -> None:
+    """Add the /v1/batches routes, and their 404, to the gateway's app. ``options_base`` and
+    ``text_pattern`` are POST /v1/jobs's (app.py), so both routes show the same rules."""
+    app.include_router(batch_router(client, settings, tenant_of, options_base, text_pattern))
 
     @app.exception_handler(_NotFound)
     async def not_found(_, err: _NotFound) -> JSONResponse:

@@ -137,3 +137,13 @@ def test_a_small_batch_end_to_end(redis_url, api_worker, tmp_path_factory):
     assert all(row["status"] == "succeeded" and row["label"] and 0 <= float(row["confidence"]) <= 1
                and row["reply"] is not None for row in rows)
     assert len(lines) == 5
+
+
+def test_batches_have_their_own_body_limit(lonely_redis, idle):
+    body = {"texts": ["好" * 2000] * 40}  # about 240 kB: over MAX_BODY_BYTES (64 KiB), under the batch limit
+    with _app(lonely_redis.url) as http:
+        assert http.post("/v1/batches", json=body, headers=ACME).status_code == 202
+        assert http.post("/v1/jobs", json={"text": "好" * 30000}, headers=ACME).status_code == 413
+    with _app(lonely_redis.url, max_batch_body_bytes=4096) as http:
+        response = http.post("/v1/batches", json=body, headers=ACME)
+        assert response.status_code == 413 and response.json()["code"] == "body_too_large"
