@@ -472,12 +472,22 @@ class JobError(_Model):
     message: str
 
 
+class FlaggedSpan(_Model):
+    """Where a listed term stands in the user's text as written: ``text[start:end]`` (characters)."""
+
+    term: str
+    start: int
+    end: int
+
+
 class Flagged(_Model):
     """Terms of the operator's safety word list found in the user's text and in the reply."""
 
     # The list is the worker's SAFETY_WORDS_FILE; not named in the docstring, which /openapi.json shows.
 
     input: list[str] = Field(default_factory=list)
+    #: Each match in the user's text, where it stands as written (spelling tricks included).
+    input_spans: list[FlaggedSpan] = Field(default_factory=list)
     reply: list[str] = Field(default_factory=list)
 
 

@@ -294,6 +294,7 @@ def test_a_text_with_a_flagged_term_gets_no_generated_reply(runtime, monkeypatch
     [record] = run_jobs(runtime, _admit_all(runtime, ["这里有个坏词"]))
     assert record.status is JobStatus.SUCCEEDED and record.sentiment is not None
     assert record.reply == runtime.settings.safety_message and record.flagged.input == ["坏词"]
+    assert [(s.term, s.start, s.end) for s in record.flagged.input_spans] == [("坏词", 4, 6)]  # 这里有个|坏词|
 
 
 def test_a_flagged_text_is_not_stored_as_a_conversation_turn(runtime):

@@ -26,6 +26,19 @@ def test_a_spelling_trick_is_still_found(text):
     assert FILTER.find(text), text
 
 
+@pytest.mark.parametrize("text, found", [
+    ("ok ＢＡＤＷＯＲＤ!", "ＢＡＤＷＯＲＤ"),
+    ("x bad\u200bword y", "bad\u200bword"),
+    ("他说了 坏 话吧", "坏 话"),
+    ("他說了壞話", "壞話"),
+    ("b\u0430dw\u043erd and badword", "b\u0430dw\u043erd"),
+])
+def test_matching_reports_the_span_of_the_text_as_written(text, found):
+    """Issue 31: matching gave the terms only, not where they stand in the text a client sent."""
+    term, start, end = FILTER.spans(text)[0]
+    assert text[start:end] == found and FILTER.find(text[start:end]) == [term]
+
+
 @pytest.mark.parametrize("text", ["bad words", "a good word", "坏人说话", "村里的庄稼"])
 def test_what_is_not_a_term_is_not_found(text):
     assert FILTER.find(text) == []

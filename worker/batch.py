@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from jobqueue.protocol import ErrorCode, Flagged, JobError, JobRecord, JobStatus, Sentiment, Turn
+from jobqueue.protocol import ErrorCode, Flagged, FlaggedSpan, JobError, JobRecord, JobStatus, Sentiment, Turn
 from jobqueue.store import JobStore
 from worker.admission import RunningJob
 from worker.cache import CachedReply, ResultCache
@@ -104,11 +104,12 @@ def _refuse_flagged_input(runtime: WorkerRuntime, jobs: list[RunningJob]) -> lis
         return jobs
     rest = []
     for job in jobs:
-        terms = runtime.safety.find(job.message.request.text)
-        if not terms:
+        spans = runtime.safety.spans(job.message.request.text)
+        if not spans:
             rest.append(job)
             continue
-        job.record.flagged = Flagged(input=terms)
+        job.record.flagged = Flagged(input=list(dict.fromkeys(term for term, _, _ in spans)),
+                                     input_spans=[FlaggedSpan(term=t, start=a, end=b) for t, a, b in spans])
         _finish_reply(runtime, job, CachedReply(runtime.settings.safety_message, 0, 0), reply_ms=0.0)
     return rest
 

@@ -4,8 +4,9 @@
 skipped). pyahocorasick's automaton finds every listed term in one pass over a
 text, whatever the length of the list. A job whose text holds a term gets no
 generated reply (and no conversation turn), and a reply that holds one is
-replaced; either way the record's ``flagged`` says which terms were found, and
-the reply is ``SAFETY_MESSAGE``. A partial reply, or a reply cut by its limit,
+replaced; either way the record's ``flagged`` says which terms were found (and,
+for the user's text, where: spans of the text as written), and the reply is
+``SAFETY_MESSAGE``. A partial reply, or a reply cut by its limit,
 its deadline or a cancel, is shown without the end that could be the start of a
 term, and not at all once it holds one.
 
@@ -43,11 +44,13 @@ def fold(text: str) -> tuple[str, list[int]]:
     """``text`` as the filter compares it, and for each of its characters the index in ``text`` it
     came from (so a cut in the folded text is a cut in the original)."""
     simplified = _TRADITIONAL_TO_SIMPLIFIED.convert(text)
-    if len(simplified) != len(text):  # a phrase changed length: convert character by character
-        simplified = "".join(_TRADITIONAL_TO_SIMPLIFIED.convert(ch) or ch for ch in text)
+    if len(simplified) == len(text):
+        sources = list(enumerate(simplified))
+    else:  # a phrase changed length: convert character by character, keeping where each came from
+        sources = [(i, out) for i, ch in enumerate(text) for out in (_TRADITIONAL_TO_SIMPLIFIED.convert(ch) or ch)]
     chars: list[str] = []
     origins: list[int] = []
-    for index, ch in enumerate(simplified):
+    for index, ch in sources:
         if unicodedata.category(ch) == "Cf":  # zero-width spaces and joiners, soft hyphens, BOMs
             continue
         for out in unicodedata.normalize("NFKC", ch).casefold().translate(LOOK_ALIKES):
@@ -78,7 +81,9 @@ class SafetyFilter:
             folded = fold(term)[0] if term else ""
             if folded:
                 self._automaton.add_word(folded, term)
-        self.longest = max((len(fold(t)[0]) for t in self._automaton.values()), default=0)
+        #: term -> the length of its folded form, where a match of it starts.
+        self._lengths = {term: len(fold(term)[0]) for term in self._automaton.values()}
+        self.longest = max(self._lengths.values(), default=0)
         if self.longest:
             self._automaton.make_automaton()
 
@@ -90,9 +95,16 @@ class SafetyFilter:
 
     def find(self, text: str) -> list[str]:
         """The listed terms in ``text``, each once, in the order they first end in it."""
+        return list(dict.fromkeys(term for term, _, _ in self.spans(text)))
+
+    def spans(self, text: str) -> list[tuple[str, int, int]]:
+        """Every match as (listed term, start, end): where it stands in ``text`` itself, as written
+        (``text[start:end]``, full-width letters, invisible characters and spaces included)."""
         if not self.longest:
             return []
-        return list(dict.fromkeys(term for _, term in self._automaton.iter(fold(text)[0])))
+        folded, origins = fold(text)
+        return [(term, origins[end - self._lengths[term] + 1], origins[end] + 1)
+                for end, term in self._automaton.iter(folded)]
 
     def safe_prefix(self, partial: str) -> str | None:
         """What of a reply may be shown: None once it holds a term, else all but its longest end that
