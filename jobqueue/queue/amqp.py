@@ -49,6 +49,7 @@ from jobqueue.protocol import (
 )
 from jobqueue.queue.intake import POLL_INTERVAL_S, TakenJob, as_job
 from jobqueue.queue.submission import Claim, send_job
+from jobqueue.record_scripts import NEW_RECORD_LUA
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -67,24 +68,12 @@ AMQP_POLL_INTERVAL_S = max(POLL_INTERVAL_S, 0.01)
 #: {1, ''} when written, {0, ''} when the record already was, {2, job id} when the claim names a job of
 #: the same request, {3, job id} when of another. Marks are timed by Redis's clock, which the
 #: reconciler reads too, whatever the hosts' clocks say.
-_RECORD_SCRIPT = """
-if KEYS[5] ~= '' then
-  local claim = redis.call('GET', KEYS[5])
-  if claim then
-    local claimed, digest = string.match(claim, '^(%S+) (%S+)$')
-    if digest == ARGV[5] then return {2, claimed} end
-    return {3, claimed or ''}
-  end
-end
+_RECORD_SCRIPT = NEW_RECORD_LUA + """
+local claimed = claimed_answer(KEYS[5], ARGV[5])
+if claimed then return claimed end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ''} end
 local now = redis.call('TIME')
-if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[4] .. ' ' .. ARGV[5], 'EX', ARGV[2]) end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-if KEYS[3] ~= '' then
-  redis.call('RPUSH', KEYS[3], ARGV[4])
-  redis.call('EXPIRE', KEYS[3], ARGV[2])
-end
+write_new_record(KEYS[1], ARGV[1], ARGV[2], KEYS[2], ARGV[3], ARGV[4], KEYS[3], KEYS[5], ARGV[5])
 redis.call('ZADD', KEYS[4], now[1] + now[2] / 1e6, ARGV[4])
 return {1, ''}
 """

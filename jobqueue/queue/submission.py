@@ -37,6 +37,7 @@ from jobqueue.protocol import (
     pending_turns_key,
 )
 from jobqueue.queue.line import PUSH_LUA, line_tenant_key
+from jobqueue.record_scripts import NEW_RECORD_LUA
 
 #: KEYS: the lane to push to, the job's record, the open jobs, the pending turns (or ""), the
 #: idempotency claim (or ""), LINE_KEY, LINE_SEQ_KEY, then every lane of the queue (for the depth).
@@ -46,16 +47,10 @@ from jobqueue.queue.line import PUSH_LUA, line_tenant_key
 #: -1: it already was), {0, depth} when the queue is full, {0, -lane depth} when its lane is, {4, the
 #: tenant's depth} when the tenant's jobs fill TENANT_MAX_QUEUE, {2, job id} when the claim names a
 #: job of the same request (nothing written), {3, job id} when it names a job of another request.
-_ADMIT_SCRIPT = PUSH_LUA + """
+_ADMIT_SCRIPT = PUSH_LUA + NEW_RECORD_LUA + """
 line_keys = {KEYS[6], KEYS[7]}
-if KEYS[5] ~= '' then
-  local claim = redis.call('GET', KEYS[5])
-  if claim then
-    local claimed, digest = string.match(claim, '^(%S+) (%S+)$')
-    if digest == ARGV[8] then return {2, claimed} end
-    return {3, claimed or ''}
-  end
-end
+local claimed = claimed_answer(KEYS[5], ARGV[8])
+if claimed then return claimed end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {1, -1} end
 local depth = 0
 for i = 8, #KEYS do depth = depth + redis.call('LLEN', KEYS[i]) end
@@ -70,13 +65,7 @@ if tenant_limit > 0 then
   local tenant_depth = redis.call('ZCARD', ARGV[11])
   if tenant_depth >= tenant_limit then return {4, tenant_depth} end
 end
-if KEYS[5] ~= '' then redis.call('SET', KEYS[5], ARGV[5] .. ' ' .. ARGV[8], 'EX', ARGV[3]) end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[5])
-if KEYS[4] ~= '' then
-  redis.call('RPUSH', KEYS[4], ARGV[5])
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
-end
+write_new_record(KEYS[2], ARGV[2], ARGV[3], KEYS[3], ARGV[4], ARGV[5], KEYS[4], KEYS[5], ARGV[8])
 line_push(KEYS[1], ARGV[9], ARGV[6], ARGV[5], false)
 return {1, depth + 1}
 """
