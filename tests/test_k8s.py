@@ -8,7 +8,9 @@ names and relations (worker/settings.py, producer/settings.py), and the images' 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,45 @@ def test_images_are_the_dockerfiles_targets_and_services_find_their_pods():
             labels = target["spec"]["template"]["metadata"]["labels"]
             assert service["spec"]["selector"].items() <= labels.items(), name
             assert target["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+
+
+# --- schemas: Kubernetes' own (kubernetes-validate, offline) and KEDA's CRD (@kubernetes-models/keda) ---
+
+KUBERNETES_VERSION = "1.37.0"
+KEDA_VALIDATOR = K8S / "validate"
+
+
+def _all_objects() -> list[tuple[str, dict]]:
+    return [(path.name, doc) for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())
+            if doc["kind"] != "Kustomization"]
+
+
+def test_every_kubernetes_object_validates_against_kubernetes_own_schema():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="the [dev] extra: kubernetes-validate")
+    core = [(name, doc) for name, doc in _all_objects() if not doc["apiVersion"].startswith("keda.sh/")]
+    assert len(core) >= 6
+    for name, doc in core:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # raises, naming the field
+
+
+def _keda_validate(*files: Path) -> subprocess.CompletedProcess:
+    if not (KEDA_VALIDATOR / "node_modules").is_dir():
+        if os.environ.get("REQUIRE_K8S_SCHEMAS"):
+            pytest.fail(f"KEDA's schemas are not installed: npm ci --prefix {KEDA_VALIDATOR.relative_to(ROOT)}")
+        pytest.skip(f"KEDA's schemas: npm ci --prefix {KEDA_VALIDATOR.relative_to(ROOT)}")
+    return subprocess.run(["node", "validate.mjs", *map(str, files)], cwd=KEDA_VALIDATOR, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_keda_objects_validate_against_keda_s_crd_schema():
+    files = sorted(K8S.glob("keda-*.yaml"))
+    result = _keda_validate(*files)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(": valid") == sum(1 for _, doc in _all_objects() if doc["apiVersion"].startswith("keda."))
+
+
+def test_the_keda_validator_refuses_a_broken_scaled_object(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((K8S / "keda-redis.yaml").read_text().replace("minReplicaCount: 1", 'minReplicaCount: "one"'))
+    result = _keda_validate(broken)
+    assert result.returncode == 1 and "minReplicaCount must be integer" in result.stdout
