@@ -106,11 +106,11 @@ def test_a_hub_name_resolves_to_the_cached_gguf_file(quantised_repo, model, expe
 
 def test_the_default_model_names_the_official_gguf_file(hub, tiny_gguf):
     # The file name Qwen publishes the Q4_K_M quantisation under, beside its siblings.
-    snapshot = lay_out_cache(hub, "Qwen/Qwen2.5-0.5B-Instruct-GGUF", {
-        f"qwen2.5-0.5b-instruct-{tag}.gguf": tiny_gguf.read_bytes() for tag in ("q4_0", "q4_k_m", "q5_k_m", "q8_0")
+    snapshot = lay_out_cache(hub, "Qwen/Qwen1.5-0.5B-Chat-GGUF", {
+        f"qwen1_5-0_5b-chat-{tag}.gguf": tiny_gguf.read_bytes() for tag in ("q4_0", "q4_k_m", "q5_k_m", "q8_0")
     })
     source = resolve_model_source(DEFAULT_GGUF_MODEL)
-    assert source.folder / source.gguf_file == snapshot / "qwen2.5-0.5b-instruct-q4_k_m.gguf"
+    assert source.folder / source.gguf_file == snapshot / "qwen1_5-0_5b-chat-q4_k_m.gguf"
 
 
 @pytest.mark.parametrize(("model", "message"), [

@@ -28,7 +28,7 @@ def test_defaults(monkeypatch):
 
 
 @pytest.mark.parametrize(("llama_installed", "expected"), [
-    (True, "Qwen/Qwen2.5-0.5B-Instruct-GGUF:q4_k_m"),  # the official GGUF, on the llama.cpp engine
+    (True, "Qwen/Qwen1.5-0.5B-Chat-GGUF:q4_k_m"),  # the original's model as Qwen's GGUF, on llama.cpp
     (False, "Qwen/Qwen1.5-0.5B-Chat"),  # the original's folder, on the torch engine
 ])
 def test_the_default_model_follows_the_installed_engine(monkeypatch, llama_installed, expected):
