@@ -65,6 +65,9 @@ key                                         type    holds
 ``qwen-allinone:rate:<tenant>``             hash    the gateway's submit token bucket of a tenant: ``tokens``, ``at``
 ``qwen-allinone:idem:<sha256>``             string  an idempotency key's claim: ``<job id> <sha256 of the request>``,
                                                     RESULT_TTL_S; the digest is of the tenant and the key together
+``qwen-allinone:batch-idem:<sha256>``       hash    a batch's idempotency claim (``jobqueue.batches.BatchClaims``): ``batch``,
+                                                    ``digest`` (of its jobs' requests), ``owner`` and ``until`` (the
+                                                    lease of the gateway queueing it), ``done``; RESULT_TTL_S
 ==========================================  ======  ==========================================
 
 Job records, conversations and the ``counted`` marks expire ``RESULT_TTL_S``
@@ -193,6 +196,12 @@ def idempotency_key(tenant: str | None, key: str) -> str:
     """Where an idempotency key's claim lives: per tenant, so two tenants' keys never meet."""
     digest = hashlib.sha256(json.dumps([tenant, key]).encode()).hexdigest()
     return f"{KEY_PREFIX}:idem:{digest}"
+
+
+def batch_idempotency_key(tenant: str | None, key: str) -> str:
+    """Where a batch's idempotency claim lives (``jobqueue.batches.BatchClaims``): per tenant, apart from jobs' keys."""
+    digest = hashlib.sha256(json.dumps([tenant, key]).encode()).hexdigest()
+    return f"{KEY_PREFIX}:batch-idem:{digest}"
 
 
 def consumer_key(consumer_id: str) -> str:
