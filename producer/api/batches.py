@@ -1,35 +1,46 @@
-"""``/v1/batches``: many texts submitted as one batch, its status, its results, its cancel.
+"""``/v1/batches``: many jobs submitted as one batch, its status, its results, its cancel.
 
-All or none: every text is validated (the job request's own rules) before any job is queued, and a
-queue that fills part way cancels the jobs the batch had queued already, so a refused batch leaves
-nothing behind. The jobs go to the bulk lane, as the caller's tenant's, through ``Client.submit``
-(MAX_QUEUE, MAX_QUEUE_BULK and TENANT_MAX_QUEUE apply to each). The batch record is
-``jobqueue.batches``'s.
+The body is JSON (``texts`` and shared options) or JSON lines (one job a line), both read by
+``batch_body``. All or none: every job is validated (the job request's own rules) before any is
+queued, and a queue that fills part way cancels the jobs the batch had queued already, so a refused
+batch leaves nothing behind. The jobs go to the bulk lane, as the caller's tenant's, through
+``Client.submit`` (MAX_QUEUE, MAX_QUEUE_BULK and TENANT_MAX_QUEUE apply to each), once per
+``Idempotency-Key`` (``batch_submit``). The batch record is ``jobqueue.batches``'s.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at run time.
 import csv
 import io
 import json
+import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query, Security
+from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, create_model
+from starlette.concurrency import run_in_threadpool
 
-from jobqueue.batches import (RESULT_COLUMNS, Batch, BatchStore, batch_status, job_status, read_records,
-                              result_row)
-from jobqueue.errors import AlreadyFinal, BrokerUnavailable, JobNotFound, QueueFull
-from jobqueue.protocol import JobOptions, JobRequest, JobStatus, validation_problems
+from jobqueue.batches import (RESULT_COLUMNS, Batch, BatchClaims, BatchStore, batch_status, job_status,
+                              read_records, result_row)
+from jobqueue.errors import AlreadyFinal, InvalidRequest, JobNotFound
+from jobqueue.protocol import IDEMPOTENCY_KEY_PATTERN, JobOptions, JobStatus
+from producer.api.batch_body import (BatchBodyError, Where, check_requests, is_ndjson, line_model, lines_where,
+                                     read_lines, texts_where)
+from producer.api.batch_submit import LEASE_S, BatchInProgress, BatchSubmitter
 from producer.api.quotas import SubmitRate
 from producer.client import Client
 from producer.settings import ApiSettings
 
-#: At most this many problems are named in a refused batch's 422 (the first ones, by index).
-MAX_PROBLEMS_SHOWN = 50
+
+#: Retry-After of a 409 batch_in_progress: the earlier request is queueing the batch's jobs.
+IN_PROGRESS_RETRY_AFTER_S = 1
+_IDEMPOTENCY = ("Retried while the batch's record is kept, the same key with the same body answers the first "
+                "submit's batch and queues no other job, also when the retries race; the same key with another body "
+                "is refused (422). 1 to 255 printable ASCII characters")
 
 
 class BatchAccepted(BaseModel):
@@ -52,6 +63,8 @@ _ERRORS = {401: {"model": BatchError, "description": "The gateway needs a key, a
                                                      "when to retry"}}
 _SUBMIT_ERRORS = {
     400: {"description": "The body cannot be parsed (not JSON, or not UTF-8)"},
+    409: {"model": BatchError, "description": "The batch of this Idempotency-Key is still being queued by an earlier "
+                                              "request (batch_in_progress); Retry-After says when to ask again"},
     413: {"model": BatchError, "description": "The body is too large (body_too_large)"},
     429: {"model": BatchError, "description": "The tenant's submit rate is spent (rate_limited)"},
     503: {"model": BatchError, "description": "The queue (queue_full) or the tenant's share (tenant_queue_full) "
@@ -97,39 +110,6 @@ def _problem(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"code": code, "message": message}, status_code=status)
 
 
-def batch_problems(texts: list[str], options: dict, tenant: str | None, max_input_chars: int) -> list[dict]:
-    """FastAPI-shaped 422 details, one per bad text: ``loc`` ["body", "texts", i], ``msg`` ``texts[i]: ...``."""
-    problems = []
-    for index, text in enumerate(texts):
-        try:
-            JobRequest.model_validate({"text": text, "tenant": tenant, "priority": "bulk", "options": options},
-                                      context={"max_input_chars": max_input_chars})
-        except ValidationError as err:
-            for _, message in validation_problems(err):
-                problems.append({"type": "invalid_request", "loc": ["body", "texts", index],
-                                 "msg": f"texts[{index}]: {message}"})
-    return problems
-
-
-def submit_all(client: Client, texts: list[str], options: dict, tenant: str | None) -> list[str]:
-    """Queue every text as a bulk job, in order; if the queue fills (or Redis goes) part way, cancel
-    the jobs queued so far and raise the error, its message saying so."""
-    job_ids: list[str] = []
-    try:
-        for text in texts:
-            job_ids.append(client.submit(text, tenant=tenant, priority="bulk", **options))
-    except (QueueFull, BrokerUnavailable) as err:
-        for job_id in job_ids:
-            try:
-                client.cancel(job_id)
-            except (AlreadyFinal, JobNotFound, BrokerUnavailable):
-                pass  # it ran already (a fast worker), or Redis is gone: the message below still holds for the rest
-        err.args = (f"{err} (the batch stopped at texts[{len(job_ids)}]; the {len(job_ids)} jobs it had "
-                    "queued were cancelled: nothing of it runs)",)
-        raise
-    return job_ids
-
-
 def batch_summary(batch: Batch, client: Client) -> BatchStatus:
     counts = Counter(job_status(record) for _, record in read_records(batch.job_ids, client.get_many))
     location = f"/v1/batches/{batch.batch_id}"
@@ -155,9 +135,6 @@ def batch_router(client: Client, settings: ApiSettings, tenant_of: Callable[[str
     """The /v1/batches routes. Longer than 60 lines: the four routes are declared next to the
     dependencies they close over (as in app.py's _jobs_router)."""
     store = BatchStore(client.store.redis, settings.result_ttl_s)
-    submit_rate = SubmitRate(client.store.redis, settings.tenant_submit_rate, settings.tenant_submit_burst)
-    SubmitBatch = submit_batch_model(options_base, settings.max_batch_items,  # noqa: N806 (a class)
-                                     settings.max_input_chars, text_pattern)
     multi_tenant = settings.api_keys is not None
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                   description="The caller's key, when the gateway needs one")
@@ -174,20 +151,7 @@ def batch_router(client: Client, settings: ApiSettings, tenant_of: Callable[[str
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller_tenant)], responses=_ERRORS)
 
-    @v1.post("/batches", status_code=202, responses=_SUBMIT_ERRORS)
-    def submit_batch(body: SubmitBatch, tenant: Annotated[str | None, Depends(caller_tenant)]) -> BatchAccepted:
-        """Queue every text as a bulk job of one batch: all of them, or (422 naming each bad
-        `texts[i]`, 503 when the queue fills part way) none."""
-        submit_rate.spend(tenant)  # one submit token per batch
-        options = body.model_dump(exclude={"texts"}, exclude_none=True)
-        problems = batch_problems(body.texts, options, tenant, settings.max_input_chars)
-        if problems:
-            return JSONResponse({"detail": problems[:MAX_PROBLEMS_SHOWN]}, status_code=422)
-        batch = store.create(tenant, submit_all(client, body.texts, options, tenant))
-        location = f"/v1/batches/{batch.batch_id}"
-        return JSONResponse(BatchAccepted(batch_id=batch.batch_id, status="queued", location=location,
-                                          jobs=len(batch.job_ids)).model_dump(),
-                            status_code=202, headers={"Location": location})
+    _add_submit_route(v1, client, settings, caller_tenant, options_base, text_pattern)
 
     @v1.get("/batches/{batch_id}", responses=_NOT_FOUND)
     def get_batch(batch: Annotated[Batch, Depends(own_batch)]) -> BatchStatus:
@@ -223,6 +187,75 @@ def batch_router(client: Client, settings: ApiSettings, tenant_of: Callable[[str
     return v1
 
 
+def _accepted(batch_id: str, jobs: int) -> JSONResponse:
+    location = f"/v1/batches/{batch_id}"
+    return JSONResponse(BatchAccepted(batch_id=batch_id, status="queued", location=location, jobs=jobs).model_dump(),
+                        status_code=202, headers={"Location": location})
+
+
+def _idempotency_header(value: str | None) -> str | None:
+    """The Idempotency-Key of a JSON lines body (FastAPI checks the JSON form's by the same pattern)."""
+    if value is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, value):
+        problem = "must be 1 to 255 printable ASCII characters, not starting or ending with a space"
+        raise InvalidRequest(f"idempotency_key: {problem}", [("idempotency_key", problem)])
+    return value
+
+
+def _lines_route(submit_lines: Callable[[Request], Awaitable[Response]]) -> type[APIRoute]:
+    class BatchSubmitRoute(APIRoute):
+        """POST /v1/batches: a JSON lines body goes to ``submit_lines``; JSON to FastAPI's own handler."""
+
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            json_handler = super().get_route_handler()
+
+            async def handler(request: Request) -> Response:
+                if is_ndjson(request.headers.get("content-type")):
+                    return await submit_lines(request)
+                return await json_handler(request)
+            return handler
+    return BatchSubmitRoute
+
+
+def _add_submit_route(v1: APIRouter, client: Client, settings: ApiSettings, caller_tenant: Callable,
+                      options_base: type[JobOptions], text_pattern: str) -> None:
+    """POST /v1/batches, in both forms, both ending in ``accept``."""
+    submitter = BatchSubmitter(client, BatchStore(client.store.redis, settings.result_ttl_s),
+                               BatchClaims(client.store.redis, settings.result_ttl_s, LEASE_S))
+    submit_rate = SubmitRate(client.store.redis, settings.tenant_submit_rate, settings.tenant_submit_burst)
+    SubmitBatch = submit_batch_model(options_base, settings.max_batch_items,  # noqa: N806 (a class)
+                                     settings.max_input_chars, text_pattern)
+    BatchLine = line_model(options_base)  # noqa: N806 (a class)
+
+    def accept(items: list[dict], tenant: str | None, key: str | None, where: Where,
+               unread: list[dict] = ()) -> JSONResponse:
+        submit_rate.spend(tenant)  # one submit token per batch
+        requests = check_requests(items, tenant, settings.max_input_chars, where, unread)
+        return _accepted(submitter.submit(requests, tenant, key), len(requests))
+
+    async def submit_lines(request: Request) -> Response:
+        tenant = caller_tenant(request.headers.get("x-api-key"))
+        key = _idempotency_header(request.headers.get("idempotency-key"))
+        items, line_numbers, unread = read_lines(await request.body(), BatchLine, settings.max_batch_items)
+        return await run_in_threadpool(accept, items, tenant, key, lines_where(line_numbers), unread)
+
+    def submit_batch(body: SubmitBatch, tenant: Annotated[str | None, Depends(caller_tenant)],
+                     idempotency_key: Annotated[str | None, Header(description=_IDEMPOTENCY,
+                                                                  pattern=IDEMPOTENCY_KEY_PATTERN)] = None,
+                     ) -> BatchAccepted:
+        """Queue every text as a bulk job of one batch: all of them, or (422 naming each bad
+        `texts[i]`, 503 when the queue fills part way) none.
+
+        Or send JSON lines (`Content-Type: application/x-ndjson` or `application/jsonl`): one job a
+        line, with the fields of POST /v1/jobs that a batch job takes (`text`, `max_new_tokens`,
+        `min_new_tokens`, `temperature`, `labels`); a bad line is named by its number and field."""
+        options = body.model_dump(exclude={"texts"}, exclude_none=True)
+        return accept([{"text": text, "options": options} for text in body.texts], tenant, idempotency_key,
+                      texts_where)
+
+    v1.add_api_route("/batches", submit_batch, methods=["POST"], status_code=202, responses=_SUBMIT_ERRORS,
+                     route_class_override=_lines_route(submit_lines))
+
+
 class _NotFound(Exception):
     def __init__(self, batch_id: str):
         super().__init__(f"batch {batch_id} not found (unknown id, or its record expired)")
@@ -237,3 +270,12 @@ def add_batch_routes(app, client: Client, settings: ApiSettings, tenant_of: Call
     @app.exception_handler(_NotFound)
     async def not_found(_, err: _NotFound) -> JSONResponse:
         return _problem(404, "not_found", str(err))
+
+    @app.exception_handler(BatchBodyError)
+    async def bad_body(_, err: BatchBodyError) -> JSONResponse:
+        return JSONResponse({"detail": err.problems}, status_code=422)
+
+    @app.exception_handler(BatchInProgress)
+    async def in_progress(_, err: BatchInProgress) -> JSONResponse:
+        return JSONResponse({"code": "batch_in_progress", "message": str(err)}, status_code=409,
+                            headers={"Retry-After": str(IN_PROGRESS_RETRY_AFTER_S)})

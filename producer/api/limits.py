@@ -19,20 +19,25 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
+#: The setting behind a path's own limit (``BodyLimit``'s ``path_limits``), named in its 413.
+LIMIT_SETTINGS = {"/v1/batches": "MAX_BATCH_BODY_BYTES"}
+
+
 class BodyTooLarge(HTTPException):
     """Raised while a chunked body is read; an HTTPException, so FastAPI passes it on (as 413)."""
 
-    def __init__(self, max_bytes: int):
-        super().__init__(413, too_large_message(max_bytes))
+    def __init__(self, max_bytes: int, setting: str = "MAX_BODY_BYTES"):
+        self.max_bytes, self.setting = max_bytes, setting
+        super().__init__(413, too_large_message(max_bytes, setting))
 
 
-def too_large_message(max_bytes: int) -> str:
-    return f"the request body is over MAX_BODY_BYTES ({max_bytes} bytes)"
+def too_large_message(max_bytes: int, setting: str = "MAX_BODY_BYTES") -> str:
+    return f"the request body is over {setting} ({max_bytes} bytes)"
 
 
-def too_large_response(max_bytes: int) -> JSONResponse:
-    return JSONResponse({"code": "body_too_large", "message": too_large_message(max_bytes)}, status_code=413,
-                        headers={"Connection": "close"})
+def too_large_response(max_bytes: int, setting: str = "MAX_BODY_BYTES") -> JSONResponse:
+    return JSONResponse({"code": "body_too_large", "message": too_large_message(max_bytes, setting)},
+                        status_code=413, headers={"Connection": "close"})
 
 
 class BodyLimit:
@@ -45,10 +50,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        max_bytes = self.path_limits.get(scope.get("path", ""), self.default_max_bytes)
+        path = scope.get("path", "")
+        max_bytes = self.path_limits.get(path, self.default_max_bytes)
+        setting = LIMIT_SETTINGS.get(path, "MAX_BODY_BYTES") if path in self.path_limits else "MAX_BODY_BYTES"
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            await too_large_response(max_bytes)(scope, receive, send)
+            await too_large_response(max_bytes, setting)(scope, receive, send)
             return
         seen = 0
 
@@ -58,7 +65,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > max_bytes:
-                    raise BodyTooLarge(max_bytes)
+                    raise BodyTooLarge(max_bytes, setting)
             return message
 
         await self.app(scope, counted, send)
