@@ -159,15 +159,15 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
             # Back to the queue for a moment; the worker serves other jobs meanwhile.
             if not self.request.retries:  # once, not every 0.25 s
                 log.info("job=%s waits: %s", self.request.id, wait)
-            if self.runtime.settings.broker_kind == "amqp":
-                # RabbitMQ hands a dead worker's jobs back at once, before their claims lapse
-                # (LIVENESS_TTL_S): they wait in the queue, where a running batch can take them.
-                try:
-                    requeue_later(self.app, self.request.id, message, TURN_RETRY_S)
-                except Exception as err:
-                    raise Reject(f"not requeued: {err}", requeue=True) from err
-                return
-            raise self.retry(countdown=TURN_RETRY_S) from None
+            # Not Celery's retry: its countdown would hold the job in this worker's memory until
+            # the pool is free. A dead pool process's job comes back at once (on either broker),
+            # before its claim lapses (LIVENESS_TTL_S): it waits in the queue, where a running
+            # batch can take it.
+            try:
+                requeue_later(self.app, self.request.id, message, TURN_RETRY_S, self.request.retries + 1)
+            except Exception as err:
+                raise Reject(f"not requeued: {err}", requeue=True) from err
+            return
         except redis.RedisError as err:
             # Redis is gone even after retries, or refuses writes (OOM, READONLY, MISCONF):
             # hand the job back rather than acknowledge it with its record unfinished.

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from jobqueue.protocol import JobStatus
+from jobqueue.protocol import JobStatus, consumer_key, new_job_id, runner_key
 from tests.conftest import BOTH_BROKERS, start_worker
 from tests.test_worker_faults import wait_for
 
@@ -120,3 +120,33 @@ def test_sigterm_mid_batch_takes_no_more_joiners(worker_env, tmp_path, make_clie
         assert "joined by" not in worker.log()
     finally:
         client.cancel(late)  # not left for the next test's worker
+
+
+def test_a_job_whose_dead_runner_still_looks_alive_joins_a_running_batch(
+        worker_env, tmp_path, make_client, redis_client, monkeypatch, figures):
+    # A pool process killed mid-job: its parent hands the job back at once, but the dead process's
+    # claim holds until its heartbeat lapses (LIVENESS_TTL_S). Meanwhile the job must wait in the
+    # queue, where a running batch can take it, not in a busy worker's memory until that batch ends
+    # (CI once saw such a job finish 68 s after the kill).
+    worker = start_worker(FAULT_APP, tmp_path / "claimed.log", worker_env, name="claimed")
+    client = make_client()
+    dead = "dead-host:1:feedbeef"
+    waiting = new_job_id()
+    redis_client.set(consumer_key(dead), "1")  # its heartbeat, not lapsed yet
+    redis_client.set(runner_key(waiting), dead, px=120_000)
+    monkeypatch.setattr("producer.client.new_job_id", lambda: waiting)
+    try:
+        assert client.submit("等了很久", max_new_tokens=8, temperature=0.0) == waiting
+        worker.wait_for_log(f"job={waiting} waits", 30)
+        monkeypatch.undo()
+        blocker = client.submit("[[slow=0.1]] 先来的", max_new_tokens=80, min_new_tokens=80, temperature=0.0)
+        wait_for(lambda: client.get(blocker).sentiment is not None, timeout=30, interval=0.02)
+        redis_client.delete(consumer_key(dead))  # now it lapses
+        late, first = client.wait(waiting, timeout=90), client.wait(blocker, timeout=90)
+    finally:
+        worker.stop()
+        redis_client.delete(consumer_key(dead), runner_key(waiting))
+    figures.update(started_before_batch_end=late.started_at < first.finished_at,
+                   waited_after_lapse_s=round(late.started_at - first.started_at, 1))
+    assert late.status is first.status is JobStatus.SUCCEEDED
+    assert late.started_at < first.finished_at
