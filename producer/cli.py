@@ -196,7 +196,7 @@ def cmd_submit_file(client: Client, args: argparse.Namespace) -> int:
 
     options = {"labels": args.labels, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     counts = submit_file(client, Path(args.file), Path(args.out), args.column, options, in_flight=args.in_flight,
-                         timeout=args.timeout, progress=not args.no_progress)
+                         timeout=args.timeout, progress=not args.no_progress, idempotency_key=args.idempotency_key)
     print(f"{sum(counts.values())} rows in {args.out}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     return 0 if set(counts) <= {JobStatus.SUCCEEDED.value} else EXIT_JOB_FAILED
 
@@ -271,6 +271,9 @@ def _add_submit_file_parser(sub) -> None:
     p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600); "
                                                                  "run again to resume")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--idempotency-key", help="names the run: row i's job is submitted under <key>:<i>, so a run "
+                                             "again with the key within RESULT_TTL_S (to any --out) gets the same "
+                                             "jobs, and a new key makes new ones (default: the file's sha256)")
     p.set_defaults(func=cmd_submit_file)
 
 

@@ -8,8 +8,10 @@
 - Resumable: each submitted job's id goes to ``<out>.jobs.jsonl`` (the sidecar) and each finished
   row to ``<out>`` at once. Run again with the same ``--out``: rows in ``<out>`` are skipped, jobs in
   the sidecar are waited on, never submitted again. Each submit carries an idempotency key made of
-  the file's sha256 and the row's index, so a job queued just before a kill (its id not yet in the
-  sidecar) is found again rather than queued twice, within RESULT_TTL_S.
+  the file's sha256 (or ``--idempotency-key``, kept in the sidecar) and the row's index, so a job
+  queued just before a kill (its id not yet in the sidecar) is found again rather than queued twice,
+  within RESULT_TTL_S; and a second run under the same key, even to another ``--out``, gets the
+  first run's jobs.
 - When every row is in, ``<out>`` is rewritten in input order.
 """
 
@@ -19,6 +21,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from tqdm import tqdm
 
 from jobqueue.batches import READ_CHUNK, read_records, result_row
 from jobqueue.errors import InvalidRequest, QueueFull, WaitTimeout
-from jobqueue.protocol import JobRecord, JobRequest, validation_problems
+from jobqueue.protocol import IDEMPOTENCY_KEY_PATTERN, JobRecord, JobRequest, validation_problems
 from producer.client import Client
 
 #: The results file's columns: the input's line number, then the gateway's result columns.
@@ -53,6 +56,20 @@ class Run:
     file_sha256: str
     job_ids: dict[int, str] = field(default_factory=dict)  # index → job id (the sidecar)
     written: set[int] = field(default_factory=set)
+    #: What each row's idempotency key starts with (``<prefix>:<index>``): --idempotency-key, or the file's.
+    key_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        self.key_prefix = self.key_prefix or f"submit-file:{self.file_sha256[:32]}"
+
+
+def run_key(given: str | None, rows: int) -> str | None:
+    """``--idempotency-key`` checked: its rows' keys (``<key>:<index>``) must be idempotency keys too."""
+    if given is not None and not re.fullmatch(IDEMPOTENCY_KEY_PATTERN, f"{given}:{max(rows - 1, 0)}"):
+        raise InvalidRequest("--idempotency-key: must be printable ASCII characters, not starting with a space, "
+                             f"and at most {254 - len(str(max(rows - 1, 0)))} of them for {rows} rows "
+                             "(each row's key is <key>:<index>, at most 255)")
+    return given
 
 
 def read_rows(path: Path, column: str) -> list[Row]:
@@ -81,14 +98,19 @@ def check_rows(rows: list[Row], path: Path, max_input_chars: int, options: dict)
                              [("text", problem) for problem in problems])
 
 
-def load_state(out: Path, sidecar: Path, run: Run) -> None:
-    """Rows already in ``out`` and job ids already in the sidecar; ``out`` is rewritten clean (a row cut
-    by a kill is dropped, and run again)."""
+def load_state(out: Path, sidecar: Path, run: Run, key_given: bool = False) -> None:
+    """Rows already in ``out`` and job ids already in the sidecar (and its run's key, unless
+    ``key_given`` and then the same); ``out`` is rewritten clean (a row cut by a kill is dropped, and run again)."""
     if sidecar.exists():
         lines = [json.loads(line) for line in sidecar.read_text(encoding="utf-8").splitlines() if line.strip()]
         if lines and lines[0].get("file_sha256") != run.file_sha256:
             raise InvalidRequest(f"{sidecar} belongs to another input file (its sha256 differs); "
                                  "use another --out, or delete both files to start over")
+        stored = (lines[0] if lines else {}).get("key", f"submit-file:{run.file_sha256[:32]}")
+        if key_given and stored != run.key_prefix:
+            raise InvalidRequest(f"--idempotency-key: {sidecar} was started under another key; resume with "
+                                 "that key (or without one), or use another --out")
+        run.key_prefix = stored
         run.job_ids = {entry["index"]: entry["job_id"] for entry in lines[1:]}
     elif out.exists():
         raise InvalidRequest(f"{out} exists but {sidecar} does not: not a run of this command; use another --out")
@@ -101,8 +123,8 @@ def load_state(out: Path, sidecar: Path, run: Run) -> None:
     run.written = {int(entry["index"]) for entry in kept}
     _write_rows(out, kept)
     if not sidecar.exists():
-        sidecar.write_text(json.dumps({"file_sha256": run.file_sha256, "rows": len(run.rows)}) + "\n",
-                           encoding="utf-8")
+        sidecar.write_text(json.dumps({"file_sha256": run.file_sha256, "rows": len(run.rows),
+                                       "key": run.key_prefix}) + "\n", encoding="utf-8")
 
 
 def _write_rows(out: Path, rows: Iterable[dict]) -> None:
@@ -119,7 +141,7 @@ def _submit_some(client: Client, run: Run, todo: list[Row], open_ids: dict[str, 
     """Submit rows from the front of ``todo`` until ``in_flight`` jobs are open (or the queue is full)."""
     while todo and len(open_ids) < in_flight:
         row = todo[0]
-        key = f"submit-file:{run.file_sha256[:32]}:{row.index}"
+        key = f"{run.key_prefix}:{row.index}"
         try:
             job_id = client.submit(row.text, priority="bulk", idempotency_key=key, **options)
         except QueueFull:
@@ -178,11 +200,13 @@ def finish_out(out: Path) -> dict[str, int]:
 
 
 def submit_file(client: Client, path: Path, out: Path, column: str, options: dict, in_flight: int = 200,
-                timeout: float = 3600.0, progress: bool = True) -> dict[str, int]:
+                timeout: float = 3600.0, progress: bool = True, idempotency_key: str | None = None,
+                ) -> dict[str, int]:
     """The whole command: read, check, resume, run; the rows of ``out`` counted by status."""
     rows = read_rows(path, column)
     options = {name: value for name, value in options.items() if value is not None}
     check_rows(rows, path, client.settings.max_input_chars, options)
-    run = Run(rows, hashlib.sha256(path.read_bytes()).hexdigest())
-    load_state(out, Path(f"{out}.jobs.jsonl"), run)
+    run = Run(rows, hashlib.sha256(path.read_bytes()).hexdigest(),
+              key_prefix=run_key(idempotency_key, len(rows)) or "")
+    load_state(out, Path(f"{out}.jobs.jsonl"), run, key_given=idempotency_key is not None)
     return run_file(client, run, out, options, in_flight, timeout, progress)

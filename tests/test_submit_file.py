@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from jobqueue.protocol import job_key
-from producer.cli import EXIT_INVALID, main
+from producer.cli import EXIT_INVALID, EXIT_WAIT_TIMEOUT, main
 from producer.client import Client
 from tests.conftest import start_worker
 
@@ -47,6 +47,32 @@ def test_a_bad_line_is_named_and_nothing_is_submitted(redis_url, tmp_path, capsy
     code = main(["--redis-url", redis_url, "submit-file", str(source), "--out", str(tmp_path / "o.csv"),
                  "--column", "text"])
     assert code == EXIT_INVALID and "--column 'text'" in capsys.readouterr().err
+
+
+def _sidecar_ids(out: Path) -> list[str]:
+    return [json.loads(line)["job_id"] for line in Path(f"{out}.jobs.jsonl").read_text().splitlines()[1:]]
+
+
+def test_an_idempotency_key_names_the_run(redis_url, tmp_path, capsys):
+    """Run again under the key (to any --out): the same jobs; a new key: new jobs; a resume under another
+    key is refused. No worker needed: the runs time out with their jobs queued."""
+    source = _write_csv(tmp_path / "reviews.csv", [f"{text} #{i}" for i, text in enumerate(REVIEWS)])
+
+    def run(out: str, *key: str) -> int:
+        return main(["--redis-url", redis_url, "submit-file", str(source), "--out", str(tmp_path / out),
+                     "--no-progress", "--timeout", "0.2", *key])
+
+    assert run("first.csv", "--idempotency-key", "run-1") in (0, EXIT_WAIT_TIMEOUT)
+    assert run("again.csv", "--idempotency-key", "run-1") in (0, EXIT_WAIT_TIMEOUT)
+    assert run("fresh.csv", "--idempotency-key", "run-2") in (0, EXIT_WAIT_TIMEOUT)
+    first, again, fresh = (_sidecar_ids(tmp_path / name) for name in ("first.csv", "again.csv", "fresh.csv"))
+    assert len(set(first)) == 5 and again == first and not set(fresh) & set(first)
+    assert run("first.csv") in (0, EXIT_WAIT_TIMEOUT) and _sidecar_ids(tmp_path / "first.csv") == first  # kept
+    capsys.readouterr()
+    assert run("first.csv", "--idempotency-key", "run-3") == EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "--idempotency-key: " in err and "run-1" not in err
+    assert run("long.csv", "--idempotency-key", "k" * 254) == EXIT_INVALID  # with ":4" over 255
 
 
 @pytest.fixture(scope="module")
