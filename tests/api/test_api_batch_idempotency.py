@@ -3,7 +3,9 @@ queues no second set of jobs, also when 100 retries race from 8 threads through 
 body under the key is 422 naming it; a gateway that died between the claim and the queueing is taken
 over under the same batch id once its lease lapses; a refused batch frees its key.
 
-On the shared Redis (REDIS_URL), with no worker: each test is a tenant of its own and counts its records."""
+On the shared Redis (REDIS_URL), with no worker: each test is a tenant of its own and counts its records.
+The retries, the race and the takeover run on both brokers (the claims are in Redis either way; the
+jobs' own keys are the broker's submit's); the waits and the tenant's share, which are Redis only, on Redis."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from jobqueue.protocol import JobRequest, JobStatus
 from producer.client import Client
 from producer.settings import ApiSettings
 from tests.api.conftest import start_gateway
+from tests.conftest import BOTH_BROKERS
 from tests.support.batches import new_tenant, tenant_app, tenant_batches, tenant_records
 
 TEXTS = ["送餐太慢了", "味道很好", "服务一般"]
@@ -38,11 +41,12 @@ def db(redis_url):
     client.close()
 
 
-def test_a_retried_key_answers_the_same_batch_and_another_body_is_refused(redis_url, db):
+@BOTH_BROKERS
+def test_a_retried_key_answers_the_same_batch_and_another_body_is_refused(redis_url, broker_url, db):
     tenant, headers = new_tenant()
     other, other_headers = new_tenant()
     key = "order-7 batch"
-    with tenant_app(redis_url, tenant, other) as http:
+    with tenant_app(redis_url, tenant, other, broker_url=broker_url) as http:
         def post(body: dict, who: dict = headers) -> httpx.Response:
             return http.post("/v1/batches", json=body, headers={**who, "Idempotency-Key": key})
 
@@ -72,9 +76,12 @@ def test_a_retried_key_answers_the_same_batch_and_another_body_is_refused(redis_
     assert 0 < db.ttl(_claims()[2](tenant, key)) <= 86_400
 
 
-def test_a_hundred_racing_retries_through_a_real_gateway_queue_one_batch(redis_url, db, tmp_path_factory, figures):
+@BOTH_BROKERS
+def test_a_hundred_racing_retries_through_a_real_gateway_queue_one_batch(redis_url, broker_url, db, tmp_path_factory,
+                                                                        figures):
     tenant, headers = new_tenant()
-    env = {"REDIS_URL": redis_url, "API_KEYS": f"{tenant}={headers['X-API-Key']}"}
+    env = {"REDIS_URL": redis_url, "API_KEYS": f"{tenant}={headers['X-API-Key']}", **(
+        {"BROKER_URL": broker_url} if broker_url else {})}
     gateway = start_gateway(env, tmp_path_factory.mktemp("logs") / "batch-idempotency-gateway.log")
     body = {"texts": [f"第{i}条评论：还不错" for i in range(20)]}
     start = threading.Barrier(8)
@@ -96,7 +103,7 @@ def test_a_hundred_racing_retries_through_a_real_gateway_queue_one_batch(redis_u
     assert len(tenant_records(db, tenant)) == 20 and len(tenant_batches(db, tenant)) == 1
 
 
-def _stale_claim(redis_url: str, tenant: str, key: str, texts: list[str], queued: int) -> str:
+def _stale_claim(redis_url: str, broker_url: str | None, tenant: str, key: str, texts: list[str], queued: int) -> str:
     """A gateway that died after claiming ``key`` and queueing ``queued`` of the jobs: its claim, with a
     short lease, and those jobs under their batch-job keys. Returns the batch id it had claimed."""
     BatchClaims, batch_digest, _, batch_submit = _claims()  # noqa: N806 (a class)
@@ -104,17 +111,18 @@ def _stale_claim(redis_url: str, tenant: str, key: str, texts: list[str], queued
     claims = BatchClaims(redis.Redis.from_url(redis_url), ttl_s=600, lease_s=0.5)
     claimed = claims.claim(tenant, key, batch_digest(requests), owner="the-dead-gateway")
     assert claimed.outcome == "new"
-    with Client(settings=ApiSettings(redis_url=redis_url)) as client:
+    with Client(settings=ApiSettings(redis_url=redis_url, broker_url=broker_url)) as client:
         for index in range(queued):
             client.submit(texts[index], tenant=tenant, priority="bulk",
                           idempotency_key=batch_submit.job_idempotency_key(claimed.batch_id, index))
     return claimed.batch_id
 
 
-def test_a_gateway_dead_between_claim_and_queueing_is_taken_over_once_its_lease_lapses(redis_url, db):
+@BOTH_BROKERS
+def test_a_gateway_dead_between_claim_and_queueing_is_taken_over_once_its_lease_lapses(redis_url, broker_url, db):
     tenant, headers = new_tenant()
-    dead_batch = _stale_claim(redis_url, tenant, "k-crash", TEXTS, queued=2)
-    with tenant_app(redis_url, tenant) as http:
+    dead_batch = _stale_claim(redis_url, broker_url, tenant, "k-crash", TEXTS, queued=2)
+    with tenant_app(redis_url, tenant, broker_url=broker_url) as http:
         response = http.post("/v1/batches", json={"texts": TEXTS}, headers={**headers, "Idempotency-Key": "k-crash"})
         assert response.status_code == 202, response.text
         assert response.json()["batch_id"] == dead_batch  # the claimed id, not a second batch

@@ -20,7 +20,8 @@ def new_tenant() -> tuple[str, dict[str, str]]:
 
 
 def tenant_app(redis_url: str, *tenants: str, **settings) -> TestClient:
-    """The gateway in process, with a key per tenant (``<tenant>-key-0123456789``)."""
+    """The gateway in process, with a key per tenant (``<tenant>-key-0123456789``); ``settings`` may
+    name a ``broker_url`` (None: the queue in Redis)."""
     keys = ",".join(f"{tenant}={tenant}-key-0123456789" for tenant in tenants)
     return TestClient(create_app(ApiSettings(redis_url=redis_url, api_keys=keys, **settings)))
 
