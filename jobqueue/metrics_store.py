@@ -1,4 +1,4 @@
-"""Reading the counters that workers write with each final record (``JobStore._put_final_once``).
+"""Reading the counters that workers write with each final record (``jobqueue.record.writes.put_final``).
 
 The gateway's ``/metrics`` and ``Client.read_metrics`` read them here, in one
 round trip; the keys are listed in ``jobqueue.protocol``.

@@ -557,6 +557,18 @@ class JobRecord(_Model):
         self.sentiment, self.reply, self.truncated, self.error, self.stop_reason = None, None, False, None, None
         self.timings = Timings(queue_wait_ms=round((now - self.submitted_at) * 1000.0, 1))
 
+    def taken_by(self, worker: str) -> None:
+        """A worker took the job for a new attempt: one more attempt, and the worker's name."""
+        self.attempts += 1
+        self.worker = worker
+
+    def reply_ended(self, text: str, *, reply_ms: float, truncated: bool, stop_reason: str, cached: bool,
+                    prompt_tokens: int | None, generated_tokens: int | None) -> None:
+        """The reply is done (whole, cut short or cancelled): its text, how it ended, what it took."""
+        self.timings.reply_ms = reply_ms
+        self.reply, self.reply_cached, self.truncated, self.stop_reason = text, cached, truncated, stop_reason
+        self.tokens.reply_prompt_tokens, self.tokens.generated_tokens = prompt_tokens, generated_tokens
+
     def finish(self, status: JobStatus, error: JobError | None = None, now: float | None = None) -> JobRecord:
         """Stamp this record final (in place): status, error, finish time and total time."""
         self.status = status

@@ -14,6 +14,7 @@ import sys
 from producer.client import Client
 from pydantic import ValidationError
 
+from jobqueue import cancel
 from jobqueue.errors import (
     AlreadyFinal,
     BrokerUnavailable,
@@ -143,9 +144,7 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
         _print_record(err.record, args.json)
         return EXIT_ALREADY_FINAL
     if not args.json:
-        done = record.status is JobStatus.CANCELLED
-        print(f"job {args.job_id} {'cancelled' if done else 'stops at its next step (it was running)'}",
-              file=sys.stderr)
+        print(cancel.describe(args.job_id, record), file=sys.stderr)
     _print_record(record, args.json)
     return 0
 

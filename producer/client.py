@@ -13,9 +13,9 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from jobqueue import cancel
 from jobqueue.callback_hosts import AllowedHosts
 from jobqueue.errors import (
-    AlreadyFinal,
     BrokerUnavailable,
     IdempotencyConflict,
     InvalidRequest,
@@ -223,15 +223,8 @@ class Client:
         ``running`` (``wait`` for the end). Raises JobNotFound for an unknown id,
         and AlreadyFinal (with the record) for a job that had already ended.
         """
-        if not is_job_id(job_id):
-            raise JobNotFound(job_id)
-        with self._broker_errors():
-            record, accepted = self.store.cancel(job_id, self.broker.cancel_lanes())
-        if record is None:
-            raise JobNotFound(job_id)
-        if not accepted:
-            raise AlreadyFinal(record)
-        return record
+        with self._broker_errors():  # the rules: jobqueue.cancel
+            return cancel.cancel(self.store, job_id, self.broker.cancel_lanes())
 
     # --- read ---
 

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from jobqueue import cancel
 from jobqueue.protocol import ErrorCode, JobStatus, new_job_id
 from tests.test_tasks import RecordingStore, message
 from worker.admission import RunningJob, admit
@@ -196,16 +197,14 @@ STORY = "从前有一个小村庄，坏蛋来了以后大家都很害怕，后�
 
 
 def test_a_cancelled_row_leaves_the_batch_with_its_partial_reply_and_the_others_go_on(runtime, monkeypatch):
-    import worker.batch as batch
-
-    monkeypatch.setattr(batch, "CANCEL_POLL_S", 0.0)  # read the flags after every step
+    monkeypatch.setattr(cancel, "POLL_S", 0.0)  # read the flags after every step
     runtime.settings.partial_reply_interval_ms = 0.001  # and write partial replies (text_of) after every step
     eight = {"options": {"max_new_tokens": 8, "min_new_tokens": 8}}
     jobs = _admit_all(runtime, TEXTS[:3], **eight)
     victim = jobs[1].record.job_id
     def text_of(tokens):  # one character a token (the tiny model's greedy tokens decode to nothing)
         if len(tokens) == 3:  # the client cancels once the victim has three tokens
-            runtime.store.cancel(victim, lanes=[])
+            cancel.request(runtime.store, victim, lanes=[])
         return STORY[: len(tokens)]
 
     monkeypatch.setattr(runtime.engine, "text_of", text_of)

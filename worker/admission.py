@@ -92,8 +92,7 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
     if runner := claim_run(store.redis, job_id, settings.hard_time_limit_s):
         raise NotReadyYet(f"job {job_id} still runs in process {runner}, which is alive")
 
-    record.attempts += 1
-    record.worker = hostname
+    record.taken_by(hostname)
     if record.attempts > MAX_ATTEMPTS:
         error = JobError(
             code=ErrorCode.INTERNAL_ERROR,

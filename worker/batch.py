@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from jobqueue import cancel
 from jobqueue.protocol import ErrorCode, Flagged, FlaggedSpan, JobError, JobRecord, JobStatus, Sentiment, Turn
 from jobqueue.store import JobStore
 from worker.admission import RunningJob
@@ -39,10 +40,6 @@ log = logging.getLogger("qwen_allinone.worker")
 
 #: (text, label set) pairs -> each one's sentiment, or the error of a set the model cannot answer.
 Classify = Callable[[list[tuple[str, str]]], list[SentimentResult | ValueError]]
-
-#: A running job's cancel flag is read at most this often (seconds): one MGET for the batch.
-CANCEL_POLL_S = 0.25
-_CANCELLED_WHILE_RUNNING = JobError(code=ErrorCode.CANCELLED, message="cancelled by its client while it ran")
 
 
 def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob], joiners: Joiners | None = None) -> list[JobRecord]:
@@ -304,20 +301,16 @@ def _reply_digest(cache: ResultCache, engine: Engine, job: RunningJob, request: 
 def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | CachedReply, *, reply_ms: float,
                   cached: bool = False, cancelled: bool = False) -> None:
     store, record = runtime.store, job.record
-    record.timings.reply_ms = reply_ms
-    record.reply = reply.text
+    stop_reason = reply.stop_reason if isinstance(reply, CachedReply) else reply.stop_reason.value
+    record.reply_ended(reply.text, reply_ms=reply_ms, truncated=reply.truncated, stop_reason=stop_reason,
+                       cached=cached, prompt_tokens=reply.prompt_tokens, generated_tokens=reply.generated_tokens)
     if runtime.safety is not None and (terms := runtime.safety.find(reply.text)):
         record.flagged = Flagged(input=record.flagged.input if record.flagged else [], reply=terms)
         record.reply = runtime.settings.safety_message
     elif runtime.safety is not None and (cancelled or reply.truncated):
         record.reply = runtime.safety.safe_prefix(reply.text)  # a cut reply may end with a term's start
-    record.reply_cached = cached
-    record.truncated = reply.truncated
-    record.stop_reason = reply.stop_reason if isinstance(reply, CachedReply) else reply.stop_reason.value
-    record.tokens.reply_prompt_tokens = reply.prompt_tokens
-    record.tokens.generated_tokens = reply.generated_tokens
     if cancelled:  # the partial reply stays; no turn is stored
-        _settle(store, job, finish(record, JobStatus.CANCELLED, _CANCELLED_WHILE_RUNNING))
+        _settle(store, job, cancel.stopped(record))
         return
     request = job.message.request
     # A flagged text is not history: the next turn's prompt never carries it.
@@ -361,7 +354,7 @@ class StepUpdates:
     """After every decoding step: writes partial replies, and finds the rows whose job was cancelled.
 
     Each job's reply-so-far goes into its record at most every ``partial_interval_s``
-    (0: never); the cancel flags are read at most every ``CANCEL_POLL_S``, in one MGET.
+    (0: never); the cancel flags are read as ``jobqueue.cancel.RunningCancels`` says.
     """
 
     def __init__(self, store: JobStore, engine: Engine, partial_interval_s: float,
@@ -370,7 +363,7 @@ class StepUpdates:
         self.partial_interval_s = partial_interval_s
         now = time.monotonic()
         self._next_write = now + partial_interval_s
-        self._next_cancel_check = now + CANCEL_POLL_S
+        self.cancels = cancel.RunningCancels(store)
 
     def update(self, jobs: dict[int, RunningJob], session: ReplySession) -> set[int]:
         """The keys of ``jobs`` (the session's running rows) to stop now: their jobs were cancelled."""
@@ -378,11 +371,8 @@ class StepUpdates:
         if self.partial_interval_s > 0 and now >= self._next_write:
             self._write_partials(jobs, session)
             self._next_write = now + self.partial_interval_s
-        if now < self._next_cancel_check or not jobs:
-            return set()
-        self._next_cancel_check = now + CANCEL_POLL_S
         key_of = {job.record.job_id: key for key, job in jobs.items()}
-        return {key_of[job_id] for job_id in self.store.cancel_requested(list(key_of))}
+        return {key_of[job_id] for job_id in self.cancels.due(list(key_of))}
 
     def _write_partials(self, jobs: dict[int, RunningJob], session: ReplySession) -> None:
         for key, job in jobs.items():
@@ -396,10 +386,10 @@ class StepUpdates:
 
 def _drop_cancelled(store: JobStore, jobs: list[RunningJob]) -> list[RunningJob]:
     """Finish the jobs cancelled during the sentiment pass (they keep their label); return the rest."""
-    cancelled = store.cancel_requested([job.record.job_id for job in jobs])
+    cancelled = cancel.requested(store, [job.record.job_id for job in jobs])
     for job in jobs:
         if job.record.job_id in cancelled:
-            _settle(store, job, finish(job.record, JobStatus.CANCELLED, _CANCELLED_WHILE_RUNNING))
+            _settle(store, job, cancel.stopped(job.record))
     return [job for job in jobs if job.record.job_id not in cancelled]
 
 

@@ -37,19 +37,17 @@ from kombu import Connection, Exchange, Queue
 
 from jobqueue.errors import BrokerUnavailable, IdempotencyConflict, QueueFull
 from jobqueue.protocol import (
-    OPEN_JOBS_KEY,
     QUEUE_NAME,
     TASK_NAME,
     UNSENT_JOBS_KEY,
     JobMessage,
     JobRecord,
-    job_key,
     open_job_score,
-    pending_turns_key,
 )
 from jobqueue.queue.intake import POLL_INTERVAL_S, TakenJob, as_job
 from jobqueue.queue.submission import Claim, send_job
-from jobqueue.record_scripts import NEW_RECORD_LUA
+from jobqueue.record.lua import NEW_RECORD_LUA
+from jobqueue.record.writes import new_record_keys
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -62,32 +60,27 @@ NO_ROUTE = 312
 #: An idle taker polls RabbitMQ at most this often (each look is a round trip).
 AMQP_POLL_INTERVAL_S = max(POLL_INTERVAL_S, 0.01)
 
-#: The record, its open-job entry, its pending turn, the unsent mark and the idempotency key's claim,
-#: unless the record exists or the claim does. KEYS: record, open jobs, pending turns (or ""), unsent
-#: jobs, the claim (or ""). ARGV: record JSON, TTL, open score, job id, the request's digest. Returns
-#: {1, ''} when written, {0, ''} when the record already was, {2, job id} when the claim names a job of
-#: the same request, {3, job id} when of another. Marks are timed by Redis's clock, which the
-#: reconciler reads too, whatever the hosts' clocks say.
+#: The record, its open-job entry, its pending turn, the idempotency key's claim (the record module's
+#: pieces, ``jobqueue.record.lua``) and the unsent mark, unless the record exists or the claim does.
+#: KEYS: record, open jobs, pending turns (or ""), the claim (or ""), unsent jobs. ARGV: record JSON,
+#: TTL, open score, job id, the request's digest. Returns {1, ''} when written, {0, ''} when the
+#: record already was, {2, job id} when the claim names a job of the same request, {3, job id} when
+#: of another. Marks are timed by Redis's clock, which the reconciler reads too, whatever the hosts'
+#: clocks say.
 _RECORD_SCRIPT = NEW_RECORD_LUA + """
-local claimed = claimed_answer(KEYS[5], ARGV[5])
+local claimed = claimed_answer(KEYS[4], ARGV[5])
 if claimed then return claimed end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, ''} end
 local now = redis.call('TIME')
-write_new_record(KEYS[1], ARGV[1], ARGV[2], KEYS[2], ARGV[3], ARGV[4], KEYS[3], KEYS[5], ARGV[5])
-redis.call('ZADD', KEYS[4], now[1] + now[2] / 1e6, ARGV[4])
+write_new_record(KEYS[1], ARGV[1], ARGV[2], KEYS[2], ARGV[3], ARGV[4], KEYS[3], KEYS[4], ARGV[5])
+redis.call('ZADD', KEYS[5], now[1] + now[2] / 1e6, ARGV[4])
 return {1, ''}
 """
 #: Take back what _RECORD_SCRIPT wrote, when RabbitMQ refused the message (the queue is full).
-#: The record goes only if it is still the one written (nothing ran it), the claim only if it names
-#: this job. Same KEYS; ARGV: record JSON, job id.
-_UNDO_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('ZREM', KEYS[2], ARGV[2])
-if KEYS[3] ~= '' then redis.call('LREM', KEYS[3], 0, ARGV[2]) end
-redis.call('ZREM', KEYS[4], ARGV[2])
-if KEYS[5] ~= '' and string.match(redis.call('GET', KEYS[5]) or '', '^(%S+) ') == ARGV[2] then
-  redis.call('DEL', KEYS[5])
-end
+#: Same KEYS; ARGV: record JSON, job id.
+_UNDO_SCRIPT = NEW_RECORD_LUA + """
+take_back_new_record(KEYS[1], ARGV[1], KEYS[2], ARGV[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[2])
 return 1
 """
 
@@ -248,9 +241,7 @@ def mark_unsent(client: redis.Redis, job_ids: list[str]) -> None:
 
 
 def _record_keys(record: JobRecord, claim: Claim | None) -> list[str]:
-    conversation = record.request.conversation_scope if record.request else None
-    return [job_key(record.job_id), OPEN_JOBS_KEY, pending_turns_key(conversation) if conversation else "",
-            UNSENT_JOBS_KEY, claim.key if claim else ""]
+    return [*new_record_keys(record, claim.key if claim else None), UNSENT_JOBS_KEY]
 
 
 @contextlib.contextmanager

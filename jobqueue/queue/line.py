@@ -15,8 +15,8 @@ Every path that moves a job message keeps the index in the same step:
   and kombu's hand-backs (``transport.Channel``), the reconciler's hand-back and its
   promotion of overdue bulk jobs (``reconciler``), all through ``PUSH_LUA``;
 - out of a lane: a delivery to Celery's consumer (``transport.QoS.append``), a take for a
-  batch (``intake``), a cancel (``JobStore.cancel``), and a record marked running
-  (``JobStore.put``).
+  batch (``intake``), a cancel (``drop``, from ``jobqueue.cancel``), and a record marked running
+  (``jobqueue.record.writes.put``).
 
 What it cannot see: a message pushed by something else (not ours, or poison) is not
 counted, and a job popped by a process killed before it recorded the delivery keeps its
@@ -113,6 +113,41 @@ def leave(client, *job_ids: str) -> None:
     """Take jobs out of the line and their tenants' lines; ``client`` may be a transaction's pipeline."""
     if job_ids:
         client.eval(_LEAVE_SCRIPT, 2, LINE_KEY, LINE_SEQ_KEY, *job_ids)
+
+
+#: Remove a queued job's message from its lane, found through its place in line: its entry's score
+#: names its lane, the entries ahead of it in that lane its index from the lane's front, and the
+#: message is looked for within ``DROP_WINDOW`` of there (its headers' first "id"; the body is
+#: base64, and Celery writes the id before any user text). Work: O(log N) for the index, and the
+#: list's own walk to that place for the removal.
+#: KEYS: LINE_KEY, then the lanes, highest first. ARGV: job id, LINE_LANE_SPAN, DROP_WINDOW.
+#: Returns how many were removed (0: in no lane, or not where the index says; a copy delivered
+#: later is skipped, its record being final).
+_DROP_MESSAGE_SCRIPT = PUSH_LUA + """
+line_keys = {KEYS[1], ''}
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+line_leave(ARGV[1])
+local span, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+local lane = math.floor((tonumber(score) + span / 2) / span)
+local lane_key = KEYS[2 + lane]
+if not lane_key then return 0 end
+local ahead = redis.call('ZCOUNT', KEYS[1], string.format('%d', lane * span - span / 2), '(' .. score)
+local from = -(ahead + 1) - window
+local to = math.min(-(ahead + 1) + window, -1)
+for _, item in ipairs(redis.call('LRANGE', lane_key, from, to)) do
+  if string.match(item, '"id": "([^"]*)"') == ARGV[1] then return redis.call('LREM', lane_key, -1, item) end
+end
+return 0
+"""
+#: How far from where the index places it a cancelled job's message is looked for.
+DROP_WINDOW = 8
+
+
+def drop(pipe, job_id: str, lanes: list[str]) -> None:
+    """Take a queued job's message out of its lane (one of ``lanes``, highest first) and out of the
+    line, in the caller's transaction ``pipe`` (a cancel)."""
+    pipe.eval(_DROP_MESSAGE_SCRIPT, 1 + len(lanes), LINE_KEY, *lanes, job_id, LINE_LANE_SPAN, DROP_WINDOW)
 
 
 def tenant_depth(client: redis.Redis, tenant: str | None) -> int:

@@ -28,19 +28,18 @@ from jobqueue.protocol import (
     LANE_PRIORITY,
     LINE_KEY,
     LINE_SEQ_KEY,
-    OPEN_JOBS_KEY,
     TASK_NAME,
     JobMessage,
     JobRecord,
-    job_key,
     open_job_score,
-    pending_turns_key,
 )
 from jobqueue.queue.line import PUSH_LUA, line_tenant_key
-from jobqueue.record_scripts import NEW_RECORD_LUA
+from jobqueue.record.lua import NEW_RECORD_LUA
+from jobqueue.record.writes import new_record_keys
 
+#: The record is written by the record module's pieces (``jobqueue.record.lua``).
 #: KEYS: the lane to push to, the job's record, the open jobs, the pending turns (or ""), the
-#: idempotency claim (or ""), LINE_KEY, LINE_SEQ_KEY, then every lane of the queue (for the depth).
+#: idempotency claim (or "") (those four: ``record.writes.new_record_keys``), LINE_KEY, LINE_SEQ_KEY, then every lane of the queue (for the depth).
 #: ARGV: MAX_QUEUE, record JSON, record TTL, open-job score, job id, envelope, the target lane's own
 #: limit (0: none), the request's digest (with a claim), the target lane's index, TENANT_MAX_QUEUE (0:
 #: none), the job's tenant line (``line.line_tenant_key``). Returns {1, depth after} when queued (depth
@@ -105,10 +104,8 @@ class AdmissionPlan:
     def run(self, client, target_lane: str, lanes: list[str], envelope: str) -> None:
         """Run the admission script; raises QueueFull when ``max_queue`` messages wait, and
         IdempotencyConflict when the claim names a job of another request."""
-        conversation = self.record.request.conversation_scope if self.record.request else None
-        keys = [target_lane, job_key(self.record.job_id), OPEN_JOBS_KEY,
-                pending_turns_key(conversation) if conversation else "",
-                self.claim.key if self.claim else "", LINE_KEY, LINE_SEQ_KEY, *lanes]
+        keys = [target_lane, *new_record_keys(self.record, self.claim.key if self.claim else None),
+                LINE_KEY, LINE_SEQ_KEY, *lanes]
         args = [self.max_queue, self.record.to_json(), self.ttl_s, open_job_score(self.record),
                 self.record.job_id, envelope, self.lane_limit, self.claim.digest if self.claim else "",
                 lanes.index(target_lane), self.tenant_limit, line_tenant_key(self._tenant)]

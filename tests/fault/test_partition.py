@@ -50,7 +50,7 @@ MAX_CUT_S = 90
 WAIT_S = 120
 
 #: What save_final (jobqueue/outcome.py) logs: a final record written, or not written because the
-#: stored record is already final (jobqueue/store.py, _FINAL_SCRIPT: the first final status wins).
+#: stored record is already final (jobqueue/record/lua.py, FINAL_SCRIPT: the first final status wins).
 WRITTEN = re.compile(r"job=(\S+) status=(\w+) label=")
 REFUSED = re.compile(r"job=(\S+) ran again and ended (\w+); not written")
 
