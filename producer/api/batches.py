@@ -21,7 +21,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, BeforeValidator, Field, create_model
+from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 
 from jobqueue.batches import (RESULT_COLUMNS, Batch, BatchClaims, BatchStore, batch_status, job_status,
@@ -98,11 +99,20 @@ def submit_batch_model(options_base: type[JobOptions], max_items: int, max_input
     characters are removed) by the job request's own validation, so the messages are the same."""
     text = Annotated[str, Field(json_schema_extra={"minLength": 1, "maxLength": max_input_chars,
                                                    "pattern": text_pattern})]
+
+    def at_most_max_items(value: object) -> object:
+        # Checked before the texts are read, and named: pydantic's own message does not say which limit.
+        if isinstance(value, list) and len(value) > max_items:
+            raise PydanticCustomError("too_long", "must hold at most {limit} texts (MAX_BATCH_ITEMS), not {n}: "
+                                      "split it into batches", {"limit": max_items, "n": len(value)})
+        return value
+
     return create_model(
         "SubmitBatch", __base__=options_base,
-        texts=(Annotated[list[text], Field(min_length=1, max_length=max_items, description=(
-            f"The texts, 1 to {max_items}; each as POST /v1/jobs's text: not blank, "
-            f"at most {max_input_chars} characters"))], ...),
+        texts=(Annotated[list[text], BeforeValidator(at_most_max_items), Field(
+            min_length=1, json_schema_extra={"maxItems": max_items}, description=(
+                f"The texts, 1 to {max_items}; each as POST /v1/jobs's text: not blank, "
+                f"at most {max_input_chars} characters"))], ...),
     )
 
 

@@ -112,3 +112,16 @@ def test_a_body_over_the_batch_limit_is_413_naming_it(redis_url, db):
     assert "MAX_BATCH_BODY_BYTES (4096 bytes)" in response.json()["message"]
     assert unauthorized.status_code == 401
     assert tenant_records(db, tenant) == []
+
+
+def test_the_json_form_names_max_batch_items_too(redis_url, db):
+    tenant, headers = new_tenant()
+    with tenant_app(redis_url, tenant, max_batch_items=3) as http:
+        response = http.post("/v1/batches", json={"texts": ["好"] * 4}, headers=headers)
+        schema = http.get("/openapi.json").json()["components"]["schemas"]["SubmitBatch"]["properties"]["texts"]
+    assert response.status_code == 422, response.text
+    (problem,) = response.json()["detail"]
+    assert problem["loc"] == ["body", "texts"]
+    assert problem["msg"] == "must hold at most 3 texts (MAX_BATCH_ITEMS), not 4: split it into batches"
+    assert (schema["minItems"], schema["maxItems"]) == (1, 3)
+    assert tenant_records(db, tenant) == []
