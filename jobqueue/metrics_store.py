@@ -1,7 +1,7 @@
 """Reading the counters that workers write with each final record (``jobqueue.record.writes.put_final``).
 
 The gateway's ``/metrics`` and ``Client.read_metrics`` read them here, in one
-round trip; the keys are listed in ``jobqueue.protocol``.
+round trip; the keys are listed in ``jobqueue.keys``.
 """
 
 from __future__ import annotations

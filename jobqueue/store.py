@@ -1,7 +1,7 @@
 """The job store: reads of job records, and conversations, batches and metrics in Redis.
 
 A record's every write goes through ``jobqueue.record`` (``put`` and ``delete`` here hand
-over to it); a cancel through ``jobqueue.cancel``. Keys come from ``jobqueue.protocol``.
+over to it); a cancel through ``jobqueue.cancel``. Keys come from ``jobqueue.keys``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The job record key is written by one module only: ``jobqueue/record/`` (issue 33).
 
 Two checks. A static one reads every project module: outside the owner, the record's key
-(``protocol.job_key``) may be named only as the argument of a read (GET, MGET, ...), so no other
-code can hand it to a write, a pipeline or a Lua script, and no module but ``jobqueue/protocol.py``
+(``keys.job_key``) may be named only as the argument of a read (GET, MGET, ...), so no other
+code can hand it to a write, a pipeline or a Lua script, and no module but ``jobqueue/keys.py``
 spells the key itself. A dynamic one runs a submit, a cancel of a queued job, a cancel of a
 running one, a running write, a partial reply and a final write against a real Redis under
 MONITOR, and checks that every command that wrote the record key came from the owner: inside a
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The owner of the record's writes.
 OWNER = "jobqueue/record/"
 #: The module that builds every key's name (``job_key`` is defined there).
-KEYS_MODULE = "jobqueue/protocol.py"
+KEYS_MODULE = "jobqueue/keys.py"
 #: redis-py calls that only read the key they are given.
 READS = {"get", "mget", "exists", "ttl", "pttl", "type", "strlen", "watch"}
 #: Redis commands that change a string key (the record is one JSON string).
