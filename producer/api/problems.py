@@ -60,8 +60,8 @@ def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
         return JSONResponse({"detail": printable_errors(list(err.errors()))}, status_code=422)
 
     @app.exception_handler(BodyTooLarge)
-    async def too_large(_: Request, __: BodyTooLarge) -> JSONResponse:
-        return too_large_response(max_body_bytes)
+    async def too_large(_: Request, err: BodyTooLarge) -> JSONResponse:
+        return too_large_response(err.max_bytes, err.setting)  # the path's own limit (batches have theirs)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:

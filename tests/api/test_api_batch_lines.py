@@ -125,3 +125,14 @@ def test_the_json_form_names_max_batch_items_too(redis_url, db):
     assert problem["msg"] == "must hold at most 3 texts (MAX_BATCH_ITEMS), not 4: split it into batches"
     assert (schema["minItems"], schema["maxItems"]) == (1, 3)
     assert tenant_records(db, tenant) == []
+
+
+def test_a_chunked_body_over_the_batch_limit_is_413_naming_it(redis_url, db):
+    tenant, headers = new_tenant()
+    chunks = [_lines({"text": "好" * 500})] * 10  # about 15 kB, sent without a Content-Length
+    with tenant_app(redis_url, tenant, max_batch_body_bytes=4096) as http:
+        response = http.post("/v1/batches", content=iter(chunks),
+                             headers={**headers, "Content-Type": "application/x-ndjson"})
+    assert response.status_code == 413, response.text
+    assert response.json()["message"] == "the request body is over MAX_BATCH_BODY_BYTES (4096 bytes)"
+    assert tenant_records(db, tenant) == []
