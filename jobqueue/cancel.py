@@ -27,7 +27,8 @@ from jobqueue.queue import line
 from jobqueue.record import writes
 from jobqueue.store import JobStore
 
-CANCELLED_BEFORE_START = JobError(code=ErrorCode.CANCELLED, message="cancelled by its client before it started")
+CANCELLED_BEFORE_START = JobError(code=ErrorCode.CANCELLED,
+                                  message="cancelled by its client before it started")
 CANCELLED_WHILE_RUNNING = JobError(code=ErrorCode.CANCELLED, message="cancelled by its client while it ran")
 #: A running job's cancel flag is read at most this often (seconds): one MGET for the batch.
 POLL_S = 0.25

@@ -47,8 +47,9 @@ def record_key_offences(path: str, source: str) -> list[str]:
         return []
     tree = ast.parse(source)
     # The key function as this module imported it (a parameter of another meaning may share its name).
-    names = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-             and (node.module or "").startswith("jobqueue") for alias in node.names if alias.name == "job_key"}
+    names = {alias.asname or alias.name for node in ast.walk(tree)
+             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jobqueue")
+             for alias in node.names if alias.name == "job_key"}
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     offences = []
     for node in ast.walk(tree):
@@ -57,13 +58,16 @@ def record_key_offences(path: str, source: str) -> list[str]:
         named = (isinstance(node, ast.Name) and node.id in names) or \
             (isinstance(node, ast.Attribute) and node.attr == "job_key")
         if named and not isinstance(parents.get(node), ast.ImportFrom) and not _inside_a_read(node, parents):
-            offences.append(f"{path}:{node.lineno}: the record key outside a read ({ast.unparse(parents[node])})")
+            where = ast.unparse(parents[node])
+            offences.append(f"{path}:{node.lineno}: the record key outside a read ({where})")
     return offences
 
 
 def _spells_the_key(node: ast.AST, parents: dict) -> bool:
     """A string (not a docstring) that is the record key's name or its ``:job:`` part of an f-string."""
-    if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or isinstance(parents.get(node), ast.Expr):
+    if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+        return False
+    if isinstance(parents.get(node), ast.Expr):
         return False
     return node.value == ":job:" or "qwen-allinone:job:" in node.value
 
@@ -84,7 +88,8 @@ def _inside_a_read(node: ast.AST, parents: dict) -> bool:
 
 
 def test_only_the_record_module_writes_the_record_key():
-    offences = [line for path, source in _project_sources().items() for line in record_key_offences(path, source)]
+    offences = [line for path, source in _project_sources().items()
+                for line in record_key_offences(path, source)]
     assert not offences, "\n".join(offences)
 
 
@@ -145,13 +150,15 @@ class _Monitor:
 
 
 class _Callers:
-    """For every redis-py command whose arguments name one of ``keys``: which project file sent it."""
+    """For every redis-py command whose arguments name a record (a key starting with ``prefix``):
+    which project file sent it."""
 
-    def __init__(self, keys: set[str]):
-        self.keys, self.seen = keys, []
+    def __init__(self, prefix: str):
+        self.prefix, self.seen = prefix, []
 
     def __enter__(self):
-        self._patched = [(redis.Redis, "execute_command"), (redis.client.Pipeline, "pipeline_execute_command")]
+        self._patched = [(redis.Redis, "execute_command"),
+                         (redis.client.Pipeline, "pipeline_execute_command")]
         self._originals = [getattr(cls, name) for cls, name in self._patched]
         for (cls, name), original in zip(self._patched, self._originals):
             setattr(cls, name, self._wrap(original))
@@ -159,7 +166,7 @@ class _Callers:
 
     def _wrap(self, original):
         def send(instance, *args, **options):
-            if {str(arg) for arg in args[1:]} & self.keys:
+            if any(str(arg).startswith(self.prefix) for arg in args[1:]):
                 self.seen.append((str(args[0]).upper(), _project_caller()))
             return original(instance, *args, **options)
         return send
@@ -178,18 +185,20 @@ def _project_caller() -> str:
     return "?"
 
 
-def _record_writes(commands: list[tuple[bool, list[str]]], key: str) -> list[tuple[str, str | None, int]]:
-    """(command, the script it ran in or None, the key's place in that script's KEYS) for each
-    command that wrote ``key``. MONITOR shows a script's EVAL before the commands it runs."""
-    writes, script, place = [], None, 0
+def _record_writes(commands: list[tuple[bool, list[str]]], prefix: str) -> list[tuple[str, str | None, int]]:
+    """(command, the script it ran in or None, the written key's place in that script's KEYS) for
+    each command that wrote a record (a key starting with ``prefix``). MONITOR shows a script's
+    EVAL before the commands it runs."""
+    writes, script, script_keys = [], None, []
     for in_lua, words in commands:
         name = words[0].upper()
         if not in_lua:
             is_script = name in ("EVAL", "EVALSHA")
             script = words[1] if is_script else None
             script_keys = words[3:3 + int(words[2])] if is_script else []
-            place = script_keys.index(key) + 1 if key in script_keys else 0
-        if name in WRITES and key in words[1:]:
+        written = [word for word in words[1:] if word.startswith(prefix)]
+        if name in WRITES and written:
+            place = script_keys.index(written[0]) + 1 if in_lua and written[0] in script_keys else 0
             writes.append((name, script if in_lua else None, place))
     return writes
 
@@ -204,7 +213,8 @@ def _written_outside(script: str, pieces: tuple[str, ...], place: int) -> bool:
 
 def _words(line: str) -> list[str]:
     """MONITOR's quoted words, unescaped enough to compare keys and scripts."""
-    return [bytes(word, "latin-1").decode("unicode_escape") for word in re.findall(r'"((?:[^"\\]|\\.)*)"', line)]
+    quoted = re.findall(r'"((?:[^"\\]|\\.)*)"', line)
+    return [bytes(word, "latin-1").decode("unicode_escape") for word in quoted]
 
 
 @pytest.fixture
@@ -215,18 +225,22 @@ def record_redis(redis_url):
     client.close()
 
 
-def test_every_write_of_the_record_key_comes_from_the_owner(redis_url, record_redis, make_client):
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True, scope="module")
+def test_every_write_of_the_record_key_comes_from_the_owner(redis_url, record_redis, make_client, broker):
+    """A submit, one refused (the queue is full), a cancel of a queued job, a running write, a
+    partial reply, a cancel of the running job and its final write: every record write the owner's."""
     from jobqueue import cancel
+    from jobqueue.errors import QueueFull
     from jobqueue.outcome import save_final
-    from jobqueue.protocol import JobStatus, job_key
-    from jobqueue.record.lua import OWNER_PIECES
+    from jobqueue.protocol import job_key
 
     db = record_redis.connection_pool.connection_kwargs.get("db", 0)
-    client = make_client()
+    client = make_client(max_queue=3)
     queued, running = client.submit("留下", priority="bulk"), client.submit("运行")
-    keys = {job_key(queued), job_key(running)}
-    with _Monitor(redis_url, db) as monitor, _Callers(keys) as callers:
-        keys.add(job_key(client.submit("新的")))
+    with _Monitor(redis_url, db) as monitor, _Callers(job_key("")) as callers:
+        client.submit("新的")
+        with pytest.raises(QueueFull):
+            client.submit("满了")
         client.cancel(queued)
         record = client.store.get(running)
         record.start(time.time())
@@ -234,32 +248,36 @@ def test_every_write_of_the_record_key_comes_from_the_owner(redis_url, record_re
         record.reply = "部分"
         client.store.put(record)
         client.cancel(running)
-        save_final(client.store, record.finish(JobStatus.CANCELLED, cancel.CANCELLED_WHILE_RUNNING))
-    writes = [write for key in keys for write in _record_writes(monitor.commands, key)]
-    # The new record, two cancelled finals (queued, running), the running write and the partial reply.
-    assert sorted(command for command, _, _ in writes) == ["SET"] * 5, writes
-    assert _not_the_owners(writes, callers.seen, OWNER_PIECES) == []
+        save_final(client.store, cancel.stopped(record))
+    writes = _record_writes(monitor.commands, job_key(""))
+    # The new record, two cancelled finals (queued, running), the running write and the partial
+    # reply; on RabbitMQ the refused job's record is written, then taken back (DEL).
+    expected = ["SET"] * 5 + (["DEL", "SET"] if broker == "rabbitmq" else [])
+    assert sorted(command for command, _, _ in writes) == sorted(expected), writes
+    assert _not_the_owners(writes, callers.seen) == []
 
 
 def test_the_dynamic_check_finds_a_write_outside_the_owner(redis_url, record_redis):
     """A SET of the record key from a script of another module, and one sent by code outside the
     owner (here, this test), are both found."""
     from jobqueue.protocol import job_key
-    from jobqueue.record.lua import OWNER_PIECES
 
     db = record_redis.connection_pool.connection_kwargs.get("db", 0)
     key = job_key("not-a-job")
-    with _Monitor(redis_url, db) as monitor, _Callers({key}) as callers:
+    with _Monitor(redis_url, db) as monitor, _Callers(job_key("")) as callers:
         record_redis.eval("redis.call('SET', KEYS[1], ARGV[1])", 1, key, "{}")
         record_redis.set(key, "{}", ex=5)
     record_redis.delete(key)
-    found = _not_the_owners(_record_writes(monitor.commands, key), callers.seen, OWNER_PIECES)
-    assert found == ["SET from a script not the owner's", "SET outside the owner's Lua", "SET sent by ?"], found
+    found = _not_the_owners(_record_writes(monitor.commands, job_key("")), callers.seen)
+    assert found == ["SET from a script not the owner's", "SET outside the owner's Lua",
+                     "SET sent by ?"], found
 
 
-def _not_the_owners(writes, seen, pieces) -> list[str]:
+def _not_the_owners(writes, seen) -> list[str]:
     """The record writes that did not come from the owner: a script without its pieces, or that
     writes the key itself; a plain command sent by other code (or one that went around redis-py)."""
+    from jobqueue.record.lua import OWNER_PIECES as pieces
+
     found = [f"{command} from a script not the owner's" for command, script, _ in writes
              if script is not None and not any(piece in script for piece in pieces)]
     found += [f"{command} outside the owner's Lua" for command, script, place in writes
