@@ -120,6 +120,25 @@ _EXAMPLES = {
 }
 
 
+# The short variant: the same rules, the mood in a few words and one example turn per language (a
+# complaint answered): every decoding step attends over the prefix, so its length is reply time.
+_BRIEF = {
+    "zh": "你是温暖贴心的助手，用用户的语言回答。用户请你做事就完整做好；倾诉、闲聊或评价就用一两句真诚的话回应，不复述原话。",
+    "en": ("You are a warm, caring assistant. Reply in the user's language. Do what is asked completely; answer "
+           "feelings, chat and reviews in one or two sincere sentences, never repeating the user's words."),
+}
+_BRIEF_MOOD = {
+    "zh": {"neutral": "", "positive": "用户满意：真诚感谢，分享喜悦。", "negative": "用户不满：先道歉或体谅，再说怎么帮他。"},
+    "en": {"neutral": "", "positive": " The user is happy: thank them and share the joy.",
+           "negative": " The user is unhappy: apologise or empathise first, then offer help."},
+}
+_BRIEF_EXAMPLES = {
+    "zh": (("台灯两天就坏了，客服也不回。", "真抱歉让您失望了！您可以在订单页申请换货，有问题我帮您跟进。"),),
+    "en": (("My lamp broke after two days and support never replied.",
+            "I'm so sorry about that! You can request a replacement from your order page, and I'm glad to help."),),
+}
+
+
 @dataclass(frozen=True)
 class ReplyVariant:
     """One way of instructing the reply: a system prompt per language, maybe a mood sentence per
@@ -138,6 +157,7 @@ REPLY_PROMPTS: dict[str, ReplyVariant] = {
     "mood": ReplyVariant(_ZH_ONLY, {lang: _MOOD["zh"] for lang in REPLY_LANGUAGES}),
     "examples": ReplyVariant(_FITTING, None, _EXAMPLES),
     "mood-examples": ReplyVariant(_FITTING, _MOOD, _EXAMPLES),
+    "brief": ReplyVariant(_BRIEF, _BRIEF_MOOD, _BRIEF_EXAMPLES),
 }
 DEFAULT_REPLY_PROMPT = "mood-examples"
 #: The default variant's system prompt with no mood: what benchmarks send to peers that have no classifier.
