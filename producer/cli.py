@@ -207,54 +207,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL or redis://127.0.0.1:6379/0)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add_job_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("text", help="the user's text")
-        p.add_argument("--conversation-id", help="continue this conversation (its earlier turns are the history)")
-        p.add_argument("--max-new-tokens", type=int, help="longest reply, in tokens (worker default 128)")
-        p.add_argument("--min-new-tokens", type=int, help="shortest reply, in tokens (EOS ignored until then)")
-        p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (worker default 0.7)")
-        p.add_argument("--labels", choices=list(LABEL_SETS), default="zh",
-                       help="zh: 正面/负面, en: positive/negative, zh3/en3: also 中性/neutral")
-        p.add_argument("--priority", choices=["interactive", "bulk"], default="interactive",
-                       help="bulk waits behind interactive jobs, at most BULK_MAX_WAIT_S (default interactive)")
-        p.add_argument("--callback-url", help="a gateway POSTs the final record here, signed (its host must be "
-                                              "in CALLBACK_ALLOWED_HOSTS)")
-        p.add_argument("--idempotency-key", help="run again with the same key within RESULT_TTL_S, it answers the "
-                                                 "first run's job and queues no other (a retry after an error)")
-
-    def add_common(p: argparse.ArgumentParser, wait: bool = False) -> None:
-        p.add_argument("--json", action="store_true", help="print JSON instead of text")
-        if wait:
-            p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
-
     p = sub.add_parser("submit", help="enqueue a text; print the job id")
-    add_job_args(p)
-    add_common(p)
+    _add_job_arguments(p)
+    _add_output_arguments(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("get", help="print a job's current record")
     p.add_argument("job_id")
-    add_common(p)
+    _add_output_arguments(p)
     p.set_defaults(func=cmd_get)
 
     p = sub.add_parser("wait", help="wait until a job is final; print its record")
     p.add_argument("job_id")
-    add_common(p, wait=True)
+    _add_output_arguments(p, wait=True)
     p.set_defaults(func=cmd_wait)
 
     p = sub.add_parser("run", help="submit and wait: sentiment first, then the reply")
-    add_job_args(p)
-    add_common(p, wait=True)
+    _add_job_arguments(p)
+    _add_output_arguments(p, wait=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("cancel", help="cancel a job: a queued one never runs, a running one stops")
     p.add_argument("job_id")
-    add_common(p)
+    _add_output_arguments(p)
     p.set_defaults(func=cmd_cancel)
 
     _add_submit_file_parser(sub)
     _add_eval_parsers(sub)
     return parser
+
+
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The request of `submit` and `run`: the text and the job's options."""
+    p.add_argument("text", help="the user's text")
+    p.add_argument("--conversation-id", help="continue this conversation (its earlier turns are the history)")
+    p.add_argument("--max-new-tokens", type=int, help="longest reply, in tokens (worker default 128)")
+    p.add_argument("--min-new-tokens", type=int, help="shortest reply, in tokens (EOS ignored until then)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, 0 = greedy (worker default 0.7)")
+    p.add_argument("--labels", choices=list(LABEL_SETS), default="zh",
+                   help="zh: 正面/负面, en: positive/negative, zh3/en3: also 中性/neutral")
+    p.add_argument("--priority", choices=["interactive", "bulk"], default="interactive",
+                   help="bulk waits behind interactive jobs, at most BULK_MAX_WAIT_S (default interactive)")
+    p.add_argument("--callback-url", help="a gateway POSTs the final record here, signed (its host must be "
+                                          "in CALLBACK_ALLOWED_HOSTS)")
+    p.add_argument("--idempotency-key", help="run again with the same key within RESULT_TTL_S, it answers the "
+                                             "first run's job and queues no other (a retry after an error)")
+
+
+def _add_output_arguments(p: argparse.ArgumentParser, wait: bool = False) -> None:
+    """How a command prints (--json) and, for one that waits, for how long (--timeout)."""
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    if wait:
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
 
 
 def _add_submit_file_parser(sub) -> None:
