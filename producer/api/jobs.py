@@ -1,9 +1,9 @@
 """The /v1/jobs routes: submit, read, cancel and follow a job; who may call them (``Access``)."""
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations at
-# run time, and they name objects local to jobs_router.
+# run time, and they name objects local to the functions that add the routes.
 import secrets
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Response, Security
@@ -110,15 +110,9 @@ class Access:
 
 
 def jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
-    """The /v1 routes: submit, read, cancel and follow a job.
-
-    Longer than 60 lines: the four routes are declared here, next to the dependencies they close
-    over (FastAPI reads each route's signature, so they cannot be built apart from those)."""
+    """The /v1 routes: submit, read, cancel and follow a job; each route is added by a function that
+    is handed what it needs (FastAPI reads each route's signature, so the routes are built per app)."""
     access = Access(client, settings)
-    callbacks = bool(settings.allowed_callback_hosts or access.callback_hosts)
-    SubmitJob = submit_job_model(settings.max_input_chars, callbacks)  # noqa: N806 (a class, used as the body type)
-    watcher = RecordWatcher(client, settings.max_event_streams, settings.max_event_streams_per_tenant)
-    submit_rate = SubmitRate(client.store.redis, settings.tenant_submit_rate, settings.tenant_submit_burst)
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
                                   description="The caller's key, when the gateway needs one")
 
@@ -128,10 +122,20 @@ def jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
     def existing_record(job_id: str, tenant: Annotated[str | None, Depends(caller_tenant)]) -> JobRecord:
         return access.record(job_id, tenant)
 
-    async def stream_capacity(tenant: Annotated[str | None, Depends(caller_tenant)]) -> None:
-        await watcher.check_capacity(tenant)
-
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(caller_tenant)], responses=ERRORS)
+    _add_submit_route(v1, client, settings, access, caller_tenant)
+    _add_record_routes(v1, client, existing_record)
+    _add_event_stream_route(v1, client, settings, caller_tenant, existing_record)
+    return v1
+
+
+def _add_submit_route(v1: APIRouter, client: Client, settings: ApiSettings, access: Access,
+                      caller_tenant: Callable[..., str | None]) -> None:
+    """POST /v1/jobs; its body's schema shows MAX_INPUT_CHARS, and a callback_url only where callbacks
+    are allowed."""
+    callbacks = bool(settings.allowed_callback_hosts or access.callback_hosts)
+    SubmitJob = submit_job_model(settings.max_input_chars, callbacks)  # noqa: N806 (a class, used as the body type)
+    submit_rate = SubmitRate(client.store.redis, settings.tenant_submit_rate, settings.tenant_submit_burst)
 
     @v1.post(
         "/jobs",
@@ -172,6 +176,10 @@ def jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
         response.headers["Location"] = location
         return JobAccepted(job_id=job_id, status=JobStatus.QUEUED, location=location, events=f"{location}/events")
 
+
+def _add_record_routes(v1: APIRouter, client: Client, existing_record: Callable[..., JobRecord]) -> None:
+    """GET and DELETE /v1/jobs/{job_id}: read and cancel a job the caller may see."""
+
     @v1.get("/jobs/{job_id}", responses=NOT_FOUND)
     def get_job(record: Annotated[JobRecord, Depends(existing_record)]) -> JobRecord:
         """The job's record as it is now: status, sentiment, reply (partial while running), timings."""
@@ -190,6 +198,16 @@ def jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
         except JobNotFound as err:  # expired between the read and the cancel
             raise ApiProblem(404, "not_found", str(err)) from None
 
+
+def _add_event_stream_route(v1: APIRouter, client: Client, settings: ApiSettings,
+                            caller_tenant: Callable[..., str | None],
+                            existing_record: Callable[..., JobRecord]) -> None:
+    """GET /v1/jobs/{job_id}/events, within MAX_EVENT_STREAMS and MAX_EVENT_STREAMS_PER_TENANT."""
+    watcher = RecordWatcher(client, settings.max_event_streams, settings.max_event_streams_per_tenant)
+
+    async def stream_capacity(tenant: Annotated[str | None, Depends(caller_tenant)]) -> None:
+        await watcher.check_capacity(tenant)
+
     @v1.get("/jobs/{job_id}/events", response_class=EventSourceResponse, responses=STREAM_ERRORS)
     async def job_event_stream(
         record: Annotated[JobRecord, Depends(existing_record)],
@@ -198,5 +216,3 @@ def jobs_router(client: Client, settings: ApiSettings) -> APIRouter:
         """Server-Sent Events: status, queue, sentiment, reply (partial), then done with the final record."""
         async for event in job_events(watcher, record, settings.events_timeout_s):
             yield event
-
-    return v1
