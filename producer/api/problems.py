@@ -1,6 +1,7 @@
 """The gateway's errors: the ``{"code", "message"}`` answers, their Retry-After, and how each
 error the client raises is answered (``add_error_handlers``); the OpenAPI texts of those answers."""
 
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from fastapi import FastAPI, Request
@@ -53,15 +54,20 @@ def _where(field: str) -> list[str]:
     return ["header", "Idempotency-Key"] if field == "idempotency_key" else ["body", field.removeprefix("options.")]
 
 
-def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def unvalidated(_: Request, err: RequestValidationError) -> JSONResponse:
-        # FastAPI's own 422, with inputs it could not print as JSON (inf, NaN, lone surrogates) left out.
-        return JSONResponse({"detail": printable_errors(list(err.errors()))}, status_code=422)
+#: The errors answered with their message as ``{"code", "message"}``: status, code, Retry-After (or None).
+_ANSWERS: dict[type[Exception], tuple[int, str, int | None]] = {
+    QueueFull: (503, "queue_full", QUEUE_FULL_RETRY_AFTER_S),
+    TenantQueueFull: (503, "tenant_queue_full", QUEUE_FULL_RETRY_AFTER_S),
+    TenantStreamsFull: (429, "tenant_streams_full", STREAMS_FULL_RETRY_AFTER_S),
+    BrokerUnavailable: (503, "broker_unavailable", BROKER_DOWN_RETRY_AFTER_S),
+    StreamsFull: (503, "too_many_streams", STREAMS_FULL_RETRY_AFTER_S),
+    UnreadableRecord: (500, "unreadable_record", None),
+}
 
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(_: Request, err: BodyTooLarge) -> JSONResponse:
-        return too_large_response(err.max_bytes, err.setting)  # the path's own limit (batches have theirs)
+
+def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+    """How each error is answered: FastAPI's and Starlette's own in their shape, the client's and the
+    gateway's as ``{"code", "message"}`` (``_ANSWERS``), with Retry-After where a retry may help."""
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -74,45 +80,44 @@ def add_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
             headers["Allow"] = ", ".join(sorted(allowed))
         return JSONResponse({"detail": err.detail}, status_code=err.status_code, headers=headers)
 
-    @app.exception_handler(ApiProblem)
-    async def problem(_: Request, err: ApiProblem) -> JSONResponse:
-        return problem_response(err.status, err.code, err.message, err.headers)
+    app.add_exception_handler(RequestValidationError, _unvalidated)
+    app.add_exception_handler(BodyTooLarge, _too_large)
+    app.add_exception_handler(ApiProblem, _problem)
+    app.add_exception_handler(InvalidRequest, _invalid)
+    app.add_exception_handler(RateLimited, _rate_limited)
+    for error, (status, code, retry_after_s) in _ANSWERS.items():
+        app.add_exception_handler(error, _answer(status, code, retry_after_s))
 
-    @app.exception_handler(InvalidRequest)
-    async def invalid(_: Request, err: InvalidRequest) -> JSONResponse:
-        # The same shape as FastAPI's own 422, so clients read one format.
-        detail = [{"type": "invalid_request", "loc": _where(field), "msg": message}
-                  for field, message in err.problems]
-        return JSONResponse({"detail": detail}, status_code=422)
 
-    @app.exception_handler(QueueFull)
-    async def queue_full(_: Request, err: QueueFull) -> JSONResponse:
-        return problem_response(503, "queue_full", str(err), {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+async def _unvalidated(_: Request, err: RequestValidationError) -> JSONResponse:
+    # FastAPI's own 422, with inputs it could not print as JSON (inf, NaN, lone surrogates) left out.
+    return JSONResponse({"detail": printable_errors(list(err.errors()))}, status_code=422)
 
-    @app.exception_handler(TenantQueueFull)
-    async def tenant_queue_full(_: Request, err: TenantQueueFull) -> JSONResponse:
-        return problem_response(503, "tenant_queue_full", str(err), {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
 
-    @app.exception_handler(RateLimited)
-    async def rate_limited(_: Request, err: RateLimited) -> JSONResponse:
-        return problem_response(429, "rate_limited", str(err), {"Retry-After": str(err.retry_after_s)})
+async def _too_large(_: Request, err: BodyTooLarge) -> JSONResponse:
+    return too_large_response(err.max_bytes, err.setting)  # the path's own limit (batches have theirs)
 
-    @app.exception_handler(TenantStreamsFull)
-    async def tenant_streams_full(_: Request, err: TenantStreamsFull) -> JSONResponse:
-        return problem_response(429, "tenant_streams_full", str(err),
-                                 {"Retry-After": str(STREAMS_FULL_RETRY_AFTER_S)})
 
-    @app.exception_handler(BrokerUnavailable)
-    async def broker_down(_: Request, err: BrokerUnavailable) -> JSONResponse:
-        return problem_response(503, "broker_unavailable", str(err), {"Retry-After": str(BROKER_DOWN_RETRY_AFTER_S)})
+async def _problem(_: Request, err: ApiProblem) -> JSONResponse:
+    return problem_response(err.status, err.code, err.message, err.headers)
 
-    @app.exception_handler(StreamsFull)
-    async def streams_full(_: Request, err: StreamsFull) -> JSONResponse:
-        return problem_response(503, "too_many_streams", str(err), {"Retry-After": str(STREAMS_FULL_RETRY_AFTER_S)})
 
-    @app.exception_handler(UnreadableRecord)
-    async def unreadable(_: Request, err: UnreadableRecord) -> JSONResponse:
-        return problem_response(500, "unreadable_record", str(err))
+async def _invalid(_: Request, err: InvalidRequest) -> JSONResponse:
+    # The same shape as FastAPI's own 422, so clients read one format.
+    detail = [{"type": "invalid_request", "loc": _where(field), "msg": message}
+              for field, message in err.problems]
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
+async def _rate_limited(_: Request, err: RateLimited) -> JSONResponse:
+    return problem_response(429, "rate_limited", str(err), {"Retry-After": str(err.retry_after_s)})
+
+
+def _answer(status: int, code: str, retry_after_s: int | None) -> Callable[..., Awaitable[JSONResponse]]:
+    async def answer(_: Request, err: Exception) -> JSONResponse:
+        headers = None if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+        return problem_response(status, code, str(err), headers)
+    return answer
 
 
 _UNAUTHORIZED = "The gateway needs a key, and the X-API-Key header is missing or wrong"
