@@ -142,8 +142,7 @@ def render_results(batch: Batch, client: Client, fmt: str) -> Response:
 
 def batch_router(client: Client, settings: ApiSettings, tenant_of: Callable[[str | None], str | None],
                  options_base: type[JobOptions], text_pattern: str) -> APIRouter:
-    """The /v1/batches routes. Longer than 60 lines: the four routes are declared next to the
-    dependencies they close over (as in app.py's _jobs_router)."""
+    """The /v1/batches routes; each reads the batch through ``own_batch``: the caller's tenant's only."""
     store = BatchStore(client.store.redis, settings.result_ttl_s)
     multi_tenant = settings.api_keys is not None
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
@@ -175,26 +174,35 @@ def batch_router(client: Client, settings: ApiSettings, tenant_of: Callable[[str
                       ) -> Response:
         """One row per text, in input order: index, text, status, label, confidence, reply (the reply of
         a succeeded job only). 409 while jobs are queued or running, unless `partial=true`."""
-        summary = batch_summary(batch, client)
-        if summary.status in ("queued", "running") and not partial:
-            return _problem(409, "batch_not_done", f"batch {batch.batch_id} is {summary.status}: {summary.counts}; "
-                                                   "ask again when it is done, or with partial=true")
-        return render_results(batch, client, format)
+        return _results_when_done(batch, client, format, partial)
 
     @v1.delete("/batches/{batch_id}", status_code=202, responses=_NOT_FOUND)
     def cancel_batch(batch: Annotated[Batch, Depends(own_batch)]) -> BatchStatus:
         """Cancel the batch's queued jobs (they never run); running ones finish, final ones stay."""
-        for job_id, record in read_records(batch.job_ids, client.get_many):
-            if record is not None and record.status is JobStatus.QUEUED:
-                try:
-                    client.cancel(job_id)
-                except (AlreadyFinal, JobNotFound):
-                    pass  # it started (it finishes) or ended meanwhile
-        store.mark_cancelled(batch.batch_id)
-        batch.cancelled = True
+        _cancel_queued_jobs(batch, client, store)
         return batch_summary(batch, client)
 
     return v1
+
+
+def _results_when_done(batch: Batch, client: Client, fmt: str, partial: bool) -> Response:
+    summary = batch_summary(batch, client)
+    if summary.status in ("queued", "running") and not partial:
+        return _problem(409, "batch_not_done", f"batch {batch.batch_id} is {summary.status}: {summary.counts}; "
+                                               "ask again when it is done, or with partial=true")
+    return render_results(batch, client, fmt)
+
+
+def _cancel_queued_jobs(batch: Batch, client: Client, store: BatchStore) -> None:
+    """Cancel each of the batch's jobs still queued, and mark the batch cancelled."""
+    for job_id, record in read_records(batch.job_ids, client.get_many):
+        if record is not None and record.status is JobStatus.QUEUED:
+            try:
+                client.cancel(job_id)
+            except (AlreadyFinal, JobNotFound):
+                pass  # it started (it finishes) or ended meanwhile
+    store.mark_cancelled(batch.batch_id)
+    batch.cancelled = True
 
 
 def _accepted(batch_id: str, jobs: int) -> JSONResponse:
