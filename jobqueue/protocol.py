@@ -385,17 +385,3 @@ def describe_validation_error(err: ValidationError) -> str:
     """One line per problem, each naming the field: ``text: must be at most 2000 characters``."""
     return "; ".join(f"{field}: {message}" for field, message in validation_problems(err))
 
-
-# --- Celery wire format (shared by both ends) -----------------------------------
-
-#: Only JSON crosses the wire: a pickle payload is refused, never deserialized.
-CELERY_WIRE_CONFIG = {
-    "task_serializer": "json",
-    "result_serializer": "json",
-    "accept_content": ["json"],
-    "result_accept_content": ["json"],
-    "task_default_queue": QUEUE_NAME,
-    "task_routes": {TASK_NAME: {"queue": QUEUE_NAME}},
-    # Our own records are the results; Celery's result backend is not used.
-    "task_ignore_result": True,
-}

@@ -24,7 +24,6 @@ from jobqueue.errors import (
     WaitTimeout,
 )
 from jobqueue.protocol import (
-    CELERY_WIRE_CONFIG,
     IDEMPOTENCY_KEY_PATTERN,
     describe_validation_error,
     JobMessage,
@@ -40,6 +39,7 @@ from jobqueue.protocol import idempotency_key as idempotency_key_name
 from jobqueue.settings import QueueSettings
 from jobqueue.metrics_store import JobMetrics
 from jobqueue.store import JobStore, connect_redis
+from jobqueue.queue import CELERY_WIRE_CONFIG
 from jobqueue.queue.brokers import broker_for, celery_broker_config
 from jobqueue.queue.submission import Claim
 

@@ -10,8 +10,8 @@ import fakeredis
 import pytest
 
 from producer import BrokerUnavailable, Client, InvalidRequest, JobNotFound, JobStatus, QueueFull, WaitTimeout
+from jobqueue.queue import CELERY_WIRE_CONFIG
 from jobqueue.protocol import (
-    CELERY_WIRE_CONFIG,
     LINE_KEY,
     LINE_SEQ_KEY,
     OPEN_JOBS_KEY,

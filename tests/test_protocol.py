@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from jobqueue import keys, protocol
+from jobqueue.queue import CELERY_WIRE_CONFIG
 from jobqueue.protocol import (
-    CELERY_WIRE_CONFIG,
     JobMessage,
     JobRecord,
     JobRequest,

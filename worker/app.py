@@ -18,11 +18,10 @@ from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 from pydantic import ValidationError
 
-from jobqueue.protocol import CELERY_WIRE_CONFIG
 from jobqueue.store import JobStore, connect_redis
 from worker.admission import MAX_ATTEMPTS
 from worker.engine.model_source import ModelLoadError
-from jobqueue.queue import check_versions, transport_options
+from jobqueue.queue import CELERY_WIRE_CONFIG, check_versions, transport_options
 from jobqueue.queue.brokers import broker_for, celery_broker_config
 from jobqueue.queue.liveness import Heartbeat
 from jobqueue.queue.reconciler import Reconciler

@@ -28,6 +28,21 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+from jobqueue.protocol import QUEUE_NAME, TASK_NAME
+
+#: Celery's wire format, the same for producers and workers. Only JSON crosses the wire: a pickle
+#: payload is refused, never deserialized.
+CELERY_WIRE_CONFIG = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+    "task_default_queue": QUEUE_NAME,
+    "task_routes": {TASK_NAME: {"queue": QUEUE_NAME}},
+    # Our own records are the results; Celery's result backend is not used.
+    "task_ignore_result": True,
+}
+
 #: Celery's ``broker_transport`` setting that selects our Redis transport.
 QUEUE_TRANSPORT = "jobqueue.queue.transport:Transport"
 
