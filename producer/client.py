@@ -125,6 +125,8 @@ class Client:
         Raises InvalidRequest (bad input) or QueueFull (MAX_QUEUE jobs waiting; TenantQueueFull: TENANT_MAX_QUEUE of the tenant's)
         with nothing written, and BrokerUnavailable when Redis or the broker cannot be reached.
         """
+        # Over 50 lines: the keyword arguments and their documentation; the body is three steps (validate,
+        # build the message, queue).
         request = self._validate(
             {
                 "text": text,
@@ -137,15 +139,14 @@ class Client:
                 "options": {"max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
                             "temperature": temperature, "labels": labels},
             }, callback_hosts)
+        message = self._message(request)
+        return self._queue(JobRecord.queued(new_job_id(), message), message, _claim(idempotency_key, request))
+
+    def _message(self, request: JobRequest) -> JobMessage:
+        """A new job's message: its request, and the deadlines QUEUE_TIMEOUT_S and JOB_TIMEOUT_S give it."""
         now = time.time()
-        job_id = new_job_id()
-        message = JobMessage(
-            request=request,
-            submitted_at=now,
-            start_by=now + self.settings.queue_timeout_s,
-            timeout_s=self.settings.job_timeout_s,
-        )
-        return self._queue(JobRecord.queued(job_id, message), message, _claim(idempotency_key, request))
+        return JobMessage(request=request, submitted_at=now, start_by=now + self.settings.queue_timeout_s,
+                          timeout_s=self.settings.job_timeout_s)
 
     def _queue(self, record: JobRecord, message: JobMessage, claim: Claim | None) -> str:
         """Hand the job to the broker; the id of the job queued (a claimed one's, with a claim)."""
