@@ -107,3 +107,24 @@ def test_a_take_for_joiners_leaves_the_batch_s_own_messages_held(intake, redis_c
     assert [job.job_id for job in held] == running and [job.job_id for job in joined] == [waiting]
     assert redis_client.llen(QUEUE_NAME) == 0 and redis_client.hlen(UNACKED) == 3
     assert redis_client.scard(held_key(consumer_id())) == 3
+
+
+@pytest.mark.parametrize("lane", ["interactive", "bulk"])
+def test_a_job_put_back_to_wait_keeps_its_lane_and_its_tenant(intake, redis_client, lane):
+    # A job whose earlier turn still runs (or whose dead runner's claim holds) goes back to the end
+    # of its own lane: the Redis lanes count priorities the other way round from RabbitMQ's.
+    from jobqueue.queue import line
+    from jobqueue.queue.brokers import requeue_later
+    from jobqueue.queue.transport import lane_keys
+
+    app, _ = intake
+    job_id = new_job_id()
+    requeue_later(app, "redis", job_id, {"request": {"text": "好吃", "priority": lane, "tenant": "acme"}}, 0.0)
+    interactive, *_, bulk = lane_keys(QUEUE_NAME)
+    try:
+        assert redis_client.llen(interactive if lane == "interactive" else bulk) == 1
+        assert redis_client.llen(bulk if lane == "interactive" else interactive) == 0
+        assert line.tenant_depths(redis_client).get("acme") == 1
+    finally:
+        redis_client.delete(*lane_keys(QUEUE_NAME))
+        line.leave(redis_client, job_id)

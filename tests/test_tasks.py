@@ -270,7 +270,7 @@ def test_a_killed_batch_whose_mark_redis_refuses_goes_back_to_the_queue(monkeypa
             raise redis.exceptions.ReadOnlyError("READONLY You can't write against a read only replica.")
 
     sent = []
-    monkeypatch.setattr(tasks, "requeue_later", lambda app, job_id, raw, pause: sent.append((job_id, raw)))
+    monkeypatch.setattr(tasks, "requeue_later", lambda app, kind, job_id, raw, pause: sent.append((kind, job_id, raw)))
     store = JobStore(Refusing(), 60)
     tasks._mark_or_requeue(None, store, "job-1", {"message": {"request": {"text": "好吃"}}})
-    assert sent == [("job-1", {"request": {"text": "好吃"}})]
+    assert sent == [("amqp", "job-1", {"request": {"text": "好吃"}})]

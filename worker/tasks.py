@@ -30,8 +30,8 @@ from jobqueue.protocol import TASK_NAME, ErrorCode, JobError, JobRecord, JobStat
 from worker.admission import NotReadyYet, admit
 from worker.batch import run_jobs
 from worker.joining import Joiners, JoiningState, admit_taken, take_company
-from jobqueue.queue.amqp import mark_unsent, requeue_later
-from jobqueue.queue.brokers import intake_for
+from jobqueue.queue.amqp import mark_unsent
+from jobqueue.queue.brokers import intake_for, requeue_later
 from jobqueue.queue.intake import TakenJob
 from jobqueue.queue.liveness import release_runs
 from jobqueue.outcome import finish, save_final
@@ -118,7 +118,7 @@ def _mark_or_requeue(app: Celery, store, task_id: str, kwargs: dict) -> None:
     except Exception as err:
         log.warning("job=%s: not marked unsent (%s); its message goes back to the queue", task_id, err)
         try:
-            requeue_later(app, task_id, kwargs.get("message") or {}, 0.0)
+            requeue_later(app, "amqp", task_id, kwargs.get("message") or {}, 0.0)
         except Exception:
             log.exception("job=%s: neither marked nor requeued; its record stays open", task_id)
 
@@ -164,7 +164,8 @@ def register(app: Celery, runtime: WorkerRuntime) -> Task:
             # before its claim lapses (LIVENESS_TTL_S): it waits in the queue, where a running
             # batch can take it.
             try:
-                requeue_later(self.app, self.request.id, message, TURN_RETRY_S, self.request.retries + 1)
+                requeue_later(self.app, self.runtime.settings.broker_kind, self.request.id, message, TURN_RETRY_S,
+                              self.request.retries + 1)
             except Exception as err:
                 raise Reject(f"not requeued: {err}", requeue=True) from err
             return

@@ -207,18 +207,6 @@ class AmqpBroker:
         return {}
 
 
-def requeue_later(celery: Celery, job_id: str, raw_message: dict, pause_s: float, retries: int = 0) -> None:
-    """Put a delivered job that cannot run yet (an earlier turn, a claim) back at the end of the queue,
-    after ``pause_s``. Not Celery's retry: its countdown holds the message in the worker's memory
-    until the pool is free, and a batch keeps the pool busy for its whole join window, while a
-    message in the queue can join a batch. Raises kombu's errors if the publish fails (the caller
-    then hands the delivered message back). ``retries``: how many times it was put back before."""
-    time.sleep(pause_s)
-    lane = (raw_message.get("request") or {}).get("priority", "interactive")
-    celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": raw_message}, retries=retries,
-                     priority=LANE_PRIORITY.get(lane, LANE_PRIORITY["interactive"]), mandatory=True)
-
-
 def unsent_jobs(client: redis.Redis, older_than: float) -> list[str]:
     """Open jobs whose publish was not confirmed by ``older_than`` (a Unix time)."""
     return [raw.decode() for raw in client.zrangebyscore(UNSENT_JOBS_KEY, "-inf", older_than)]

@@ -8,11 +8,12 @@ metrics are in Redis (``REDIS_URL``) with either broker.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
 from celery import Celery
 
-from jobqueue.protocol import QUEUE_NAME, JobMessage, JobRecord
+from jobqueue.protocol import QUEUE_NAME, TASK_NAME, JobMessage, JobRecord
 from jobqueue.settings import QueueSettings
 from jobqueue.store import JobStore
 from jobqueue.queue import QUEUE_TRANSPORT, amqp, line, submission
@@ -91,3 +92,22 @@ def intake_for(app: Celery, settings: QueueSettings, *, heartbeat_s: float) -> I
     if settings.broker_kind == "amqp":
         return AmqpIntake(app, amqp.job_queue(settings.max_queue, settings.broker_quorum), heartbeat_s)
     return Intake(app)
+
+
+def requeue_later(celery: Celery, broker_kind: str, job_id: str, raw_message: dict, pause_s: float,
+                  retries: int = 0) -> None:
+    """Put a delivered job that cannot run yet (an earlier turn, a claim) back at the end of its lane,
+    after ``pause_s``. Not Celery's retry: its countdown holds the message in the worker's memory
+    until the pool is free, and a batch keeps the pool busy for its whole join window, while a
+    message in the queue can join a batch. Its lane's priority is counted as ``broker_kind`` counts
+    it (the two brokers count the other way round), and its tenant header keeps its place among its
+    tenant's jobs. ``retries``: how many times it was put back before. Raises kombu's errors if the
+    publish fails (the caller then hands the delivered message back)."""
+    lane_priority = amqp.LANE_PRIORITY if broker_kind == "amqp" else submission.LANE_PRIORITY
+    request = raw_message.get("request") if isinstance(raw_message, dict) else None
+    request = request if isinstance(request, dict) else {}
+    lane = request.get("priority") if request.get("priority") in lane_priority else "interactive"
+    tenant = request.get("tenant") if isinstance(request.get("tenant"), str) else ""
+    time.sleep(pause_s)
+    celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": raw_message}, retries=retries,
+                     priority=lane_priority[lane], headers={"tenant": tenant}, mandatory=True)
