@@ -185,7 +185,7 @@ def raw_sender(redis_url):
     """A Celery app that sends anything straight into the queue, bypassing the client's validation."""
     from celery import Celery
 
-    from jobqueue.protocol import CELERY_WIRE_CONFIG
+    from jobqueue.queue import CELERY_WIRE_CONFIG
 
     app = Celery("raw-sender", broker=redis_url, set_as_current=False)
     app.conf.update(CELERY_WIRE_CONFIG)

@@ -19,8 +19,8 @@ import pytest
 import redis
 from celery import Celery
 
-from jobqueue.protocol import CELERY_WIRE_CONFIG, QUEUE_NAME, JobStatus
-from jobqueue.queue import QUEUE_TRANSPORT
+from jobqueue.protocol import QUEUE_NAME, JobStatus
+from jobqueue.queue import CELERY_WIRE_CONFIG, QUEUE_TRANSPORT
 from jobqueue.queue.reconciler import Reconciler
 from jobqueue.queue.transport import lane_keys
 from jobqueue.settings import QueueSettings

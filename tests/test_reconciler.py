@@ -8,7 +8,6 @@ import pytest
 from celery import Celery
 
 from jobqueue.protocol import (
-    CELERY_WIRE_CONFIG,
     CONSUMERS_KEY,
     LINE_KEY,
     OPEN_JOBS_KEY,
@@ -22,7 +21,7 @@ from jobqueue.protocol import (
     held_key,
 )
 from jobqueue.store import JobStore
-from jobqueue.queue import QUEUE_TRANSPORT
+from jobqueue.queue import CELERY_WIRE_CONFIG, QUEUE_TRANSPORT
 from jobqueue.queue.reconciler import Reconciler
 
 GRACE_S = 3.0
