@@ -13,7 +13,7 @@ from typing import Protocol
 
 from celery import Celery
 
-from jobqueue.protocol import QUEUE_NAME, TASK_NAME, JobMessage, JobRecord
+from jobqueue.protocol import QUEUE_NAME, JobMessage, JobRecord
 from jobqueue.settings import QueueSettings
 from jobqueue.store import JobStore
 from jobqueue.queue import QUEUE_TRANSPORT, amqp, line, submission
@@ -109,5 +109,4 @@ def requeue_later(celery: Celery, broker_kind: str, job_id: str, raw_message: di
     lane = request.get("priority") if request.get("priority") in lane_priority else "interactive"
     tenant = request.get("tenant") if isinstance(request.get("tenant"), str) else ""
     time.sleep(pause_s)
-    celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": raw_message}, retries=retries,
-                     priority=lane_priority[lane], headers={"tenant": tenant}, mandatory=True)
+    submission.send_raw(celery, job_id, raw_message, lane, tenant, lane_priority, retries=retries, mandatory=True)

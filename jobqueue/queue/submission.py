@@ -164,8 +164,14 @@ def _send(celery: Celery, job_id: str, message: JobMessage) -> None:
 
 def send_job(celery: Celery, job_id: str, message: JobMessage, lane_priority: dict[str, int], **options) -> None:
     """Publish a job's Celery message, with its lane's priority as this broker counts them; ``options``
-    go to the publish (``mandatory=True``, say). The ``tenant`` header names the job's tenant for the
-    line index (``jobqueue.queue.line``: each tenant's depth and the fair intake)."""
-    celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": message.model_dump(mode="json")},
-                     priority=lane_priority[message.request.priority],
-                     headers={"tenant": message.request.tenant or ""}, **options)
+    go to the publish (``mandatory=True``, say)."""
+    send_raw(celery, job_id, message.model_dump(mode="json"), message.request.priority,
+             message.request.tenant or "", lane_priority, **options)
+
+
+def send_raw(celery: Celery, job_id: str, raw_message: dict, lane: str, tenant: str,
+             lane_priority: dict[str, int], **options) -> None:
+    """``send_job`` for a message as it came off the queue. The ``tenant`` header names the job's
+    tenant for the line index (``jobqueue.queue.line``: each tenant's depth and the fair intake)."""
+    celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": raw_message}, priority=lane_priority[lane],
+                     headers={"tenant": tenant}, **options)
