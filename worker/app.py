@@ -25,6 +25,7 @@ from jobqueue.queue import CELERY_WIRE_CONFIG, check_versions, transport_options
 from jobqueue.queue.brokers import broker_for, celery_broker_config
 from jobqueue.queue.liveness import Heartbeat
 from jobqueue.queue.reconciler import Reconciler
+from jobqueue.queue.transport import held_in_memory
 from jobqueue.settings import settings_problems
 from worker.joining import JoiningState
 from worker.runtime import WorkerRuntime
@@ -102,7 +103,8 @@ def _connect_upkeep(app: Celery, runtime: WorkerRuntime, joining: JoiningState) 
         # No retries, and a beat gives up well inside its interval: a beat stuck in retries
         # would let a live process's key lapse, and its messages be handed to another worker.
         client = connect_redis(settings.redis_url, retries=0, socket_timeout=settings.liveness_ttl_s / 4)
-        return Heartbeat(client, settings.liveness_ttl_s).start()
+        holdings = held_in_memory if settings.broker_kind == "redis" else None
+        return Heartbeat(client, settings.liveness_ttl_s, holdings=holdings).start()
 
     @worker_ready.connect(weak=False)
     def start_parent_upkeep(**_):

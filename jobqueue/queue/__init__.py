@@ -20,7 +20,7 @@ public API only (``Queue.get``, ``basic_recover``, ``basic_publish``, publisher 
 kombu's Redis internals used here: ``Channel._put``, ``_brpop_read``,
 ``_q_for_pri``, ``sep``, ``PRIORITY_STEPS``, ``unacked_key`` and
 ``unacked_index_key``; ``QoS.append``, ``ack``, ``reject``, ``restore_by_tag``,
-``restore_unacked``, ``_flush``, ``_delivered`` and ``_remove_from_indices``;
+``restore_unacked``, ``_flush``, ``_delivered`` and ``_remove_from_indices``; ``Channel.closed``;
 and the unacked entry's format ``[payload, exchange, routing_key]``.
 """
 

@@ -17,10 +17,11 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 
 import redis
 
-from jobqueue.protocol import CONSUMERS_KEY, consumer_key, runner_key
+from jobqueue.protocol import CONSUMERS_KEY, consumer_key, held_key, runner_key
 
 log = logging.getLogger("qwen_allinone.worker")
 
@@ -86,11 +87,22 @@ def release_runs(client: redis.Redis, job_ids: list[str]) -> None:
 
 
 class Heartbeat:
-    """Keeps this process's consumer key alive from a daemon thread; ``stop`` removes it."""
+    """Keeps this process's consumer key alive from a daemon thread; ``stop`` removes it.
 
-    def __init__(self, client: redis.Redis, ttl_s: float):
+    With ``holdings`` (the delivery tags this process has in memory), each beat also gives up what
+    its held set records but the process does not have: a pop whose reply was lost (Redis killed
+    after running it), or a hand-back that failed as the channel closed on a lost connection. Such
+    a message is recorded as held by a live process, so without this only kombu's visibility
+    timeout, an hour, would bring it back. A tag is given up when two beats in a row found it
+    missing; the reconciler then hands it back like a dead process's. Were it in memory after all
+    (a run in flight), its second copy meets that run's claim and waits (``claim_run``).
+    """
+
+    def __init__(self, client: redis.Redis, ttl_s: float, holdings: Callable[[], set[str]] | None = None):
         self.client = client
         self.ttl_s = ttl_s
+        self.holdings = holdings
+        self._missing: set[str] = set()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -100,6 +112,20 @@ class Heartbeat:
             pipe.set(consumer_key(me), 1, px=int(self.ttl_s * 1000))
             pipe.sadd(CONSUMERS_KEY, me)
             pipe.execute()
+
+    def give_up_orphans(self) -> list[str]:
+        """Drop from the held set what two looks in a row found there and not in memory."""
+        held = held_key(consumer_id())
+        recorded = {raw.decode() for raw in self.client.smembers(held)}  # read before memory: see below
+        # A tag recorded just now is in memory by the time it is looked for there, but for a reply
+        # still on its way; the second look, a beat later, rules that out.
+        missing = recorded - self.holdings()
+        orphans = sorted(missing & self._missing)
+        self._missing = missing - set(orphans)
+        if orphans:
+            self.client.srem(held, *orphans)
+            log.warning("gave up %d message(s) recorded as held here but not in memory: %s", len(orphans), orphans)
+        return orphans
 
     def start(self) -> Heartbeat:
         try:
@@ -122,6 +148,8 @@ class Heartbeat:
         while not self._stopped.is_set():
             try:
                 self.beat()
+                if self.holdings is not None:
+                    self.give_up_orphans()
             except redis.RedisError as err:
                 log.warning("heartbeat not written: Redis error %s", err)
             self._stopped.wait(self.ttl_s / 4)

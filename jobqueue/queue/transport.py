@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from time import time
 
 import redis
@@ -55,12 +56,29 @@ class NotRecorded(Exception):
     """Redis refused to record a delivered message as unacknowledged (OOM, READONLY, MISCONF)."""
 
 
+#: Every QoS of this process (Celery's consumer's, the batch intake's): what it holds in memory.
+_every_qos: weakref.WeakSet[QoS] = weakref.WeakSet()
+
+
+def held_in_memory() -> set[str]:
+    """The delivery tags this process holds: delivered and unsettled on an open channel, or settled
+    in memory with Redis yet to catch up. A closed channel's tags cannot be settled through it any
+    more (a connection loss closes it, and its hand-back may have failed with Redis down)."""
+    while True:
+        try:
+            return {tag for qos in list(_every_qos) if not qos.channel.closed
+                    for tags in (qos._delivered, qos._unsettled_in_redis, qos._unrestored) for tag in list(tags)}
+        except RuntimeError:  # changed size while read from the heartbeat's thread: read again
+            continue
+
+
 class QoS(kombu_redis.QoS):
     #: The tag last recorded as unacknowledged (see Channel._brpop_read).
     last_appended: str | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        _every_qos.add(self)
         #: Tags settled in memory whose Redis records could not be removed, or handed back to the
         #: queue, yet (Redis refused writes); kept in Redis meanwhile, so nothing is lost.
         self._unsettled_in_redis: set[str] = set()

@@ -3,13 +3,15 @@ job whose queue message is gone is re-sent (real Redis, real workers, the tiny m
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import pytest
 
 from jobqueue.errors import QueueFull
-from jobqueue.protocol import OPEN_JOBS_KEY, QUEUE_NAME, JobStatus
+from jobqueue.protocol import CONSUMERS_KEY, OPEN_JOBS_KEY, QUEUE_NAME, JobStatus, consumer_key, held_key
 from tests.conftest import start_worker
 from tests.test_worker_faults import wait_for
 
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.slow
 FAULT_APP = "tests.support.fault_app"
 #: JOB_TIMEOUT_S's default: the target is every killed job final within this + 30 s.
 JOB_TIMEOUT_S = 30
+UNACKED_KEY, UNACKED_INDEX_KEY = "unacked", "unacked_index"  # kombu's default key names
 
 
 def _batch_running(client, jobs: list[str]):
@@ -47,8 +50,6 @@ def test_a_killed_worker_costs_seconds_with_default_settings(worker_env, tmp_pat
             spare = start_worker(FAULT_APP, tmp_path / "b.log", worker_env, name="live-b")
         else:  # what the OOM killer does: the parent lives on and forks a new pool process
             for pid in worker.pool_child_pids():
-                import os
-                import signal
                 os.kill(pid, signal.SIGKILL)
         up = time.time()
         records = {job_id: client.wait(job_id, timeout=JOB_TIMEOUT_S + 60) for job_id in jobs}
@@ -145,3 +146,51 @@ def test_concurrent_submissions_never_exceed_max_queue(make_client, redis_client
 def _forget_queued(redis_client) -> None:
     """Empty the queue and the open jobs, so no later worker's reconciler re-sends them."""
     redis_client.delete(QUEUE_NAME, OPEN_JOBS_KEY)
+
+
+#: Move a job's message from its lane to kombu's unacked records and a live process's held set, as a
+#: pop whose reply never arrived leaves it (Redis died after running the pop). KEYS: the lane, the
+#: unacked hash, its index, the held set. ARGV: the time. Returns the job id.
+_ORPHAN_SCRIPT = """
+local raw = redis.call('RPOP', KEYS[1])
+local message = cjson.decode(raw)
+local delivery = message['properties']['delivery_info']
+local tag = message['properties']['delivery_tag']
+local entry = '[' .. raw .. ', ' .. cjson.encode(delivery['exchange']) .. ', ' .. cjson.encode(delivery['routing_key']) .. ']'
+redis.call('HSET', KEYS[2], tag, entry)
+redis.call('ZADD', KEYS[3], ARGV[1], tag)
+redis.call('SADD', KEYS[4], tag)
+return message['headers']['id']
+"""
+
+
+@pytest.mark.parametrize("holder", ["worker", "pool process"])
+def test_a_message_a_live_process_holds_but_never_got_is_handed_back(worker_env, tmp_path, make_client,
+                                                                      redis_client, figures, holder):
+    # A Redis killed right after running a worker's pop (its append-only file has it) never sends the
+    # reply: the message is recorded as held by a process that is alive and does not have it. Its
+    # heartbeat never lapses, so only kombu's visibility timeout, an hour, would bring it back (a CI
+    # run saw a job still queued 180 s after such a restart).
+    client = make_client()
+    stand_in = "stand-in:1:0"  # holds it until the worker is up (no worker may pop it first)
+    redis_client.set(consumer_key(stand_in), 1, px=120_000)
+    redis_client.sadd(CONSUMERS_KEY, stand_in)
+    submitted = client.submit("送来就凉了", max_new_tokens=8, temperature=0.0)
+    job_id = redis_client.eval(_ORPHAN_SCRIPT, 4, QUEUE_NAME, UNACKED_KEY, UNACKED_INDEX_KEY, held_key(stand_in),
+                               time.time()).decode()
+    worker = start_worker(FAULT_APP, tmp_path / "holder.log", worker_env, name="holder")
+    try:
+        pid = worker.process.pid if holder == "worker" else worker.pool_child_pids()[0]
+        consumer = wait_for(lambda: [c.decode() for c in redis_client.smembers(CONSUMERS_KEY)
+                                     if c.decode().split(":")[1] == str(pid)], timeout=30)[0]
+        with redis_client.pipeline(transaction=True) as pipe:
+            pipe.rename(held_key(stand_in), held_key(consumer)).delete(consumer_key(stand_in))
+            pipe.srem(CONSUMERS_KEY, stand_in).execute()
+        moved = time.time()
+        record = client.wait(job_id, timeout=60)
+    finally:
+        worker.stop()
+        redis_client.delete(consumer_key(stand_in), held_key(stand_in))
+    figures.update(holder=holder, final=record.status.value, after_s=round(record.finished_at - moved, 1))
+    assert job_id == submitted
+    assert record.status is JobStatus.SUCCEEDED
