@@ -44,7 +44,7 @@ SCAN_BUDGET = 2000
 #: messages of 2,000 Chinese characters (8 KB each, as base64) on the development machine.
 SCAN_CHUNK = 50
 #: Open jobs' ids one ZSCAN step asks for.
-OPEN_CHUNK = 1000
+OPEN_CHUNK = 200
 
 
 @dataclass
