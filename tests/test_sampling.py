@@ -58,6 +58,33 @@ def test_top_k_and_top_p_keep_the_words_transformers_keeps():
         assert picks <= allowed and len(picks) > 1
 
 
+def _draw_over_the_whole_vocabulary(sampler: Sampler, scores: np.ndarray, temperature: float, u: float) -> int:
+    """The sampler as it was before it worked on the top k alone: masks and exponentials over every word."""
+    scores = scores / temperature
+    if sampler.top_k is not None:
+        kth = np.partition(scores, -sampler.top_k)[-sampler.top_k]
+        scores = np.where(scores < kth, -np.inf, scores)
+    weights = np.exp(scores - scores.max())
+    if sampler.top_p is not None:
+        candidates = np.flatnonzero(weights)
+        probabilities = weights[candidates] / weights[candidates].sum()
+        order = np.argsort(probabilities, kind="stable")
+        tail = np.cumsum(probabilities[order]) <= 1 - sampler.top_p
+        tail[-1] = False
+        weights[candidates[order[tail]]] = 0.0
+    return _draw(weights, u)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(20, 0.8), (50, None), (None, 0.9)])
+def test_drawing_among_the_top_k_picks_what_a_draw_over_every_word_picks(top_k, top_p):
+    rng = np.random.default_rng(3)
+    sampler = Sampler((STOP,), top_k=top_k, top_p=top_p, rng=np.random.default_rng(4))
+    same = np.random.default_rng(4)  # the same uniforms, drawn by the reference
+    for _ in range(300):
+        scores = (rng.normal(size=30_000) * 3).astype(np.float32)
+        assert sampler._sample(scores, 0.7) == _draw_over_the_whole_vocabulary(sampler, scores, 0.7, same.random())
+
+
 def test_the_repetition_penalty_is_transformers_own():
     rng = np.random.default_rng(3)
     scores = rng.normal(size=50).astype(np.float32)
