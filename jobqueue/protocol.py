@@ -343,6 +343,32 @@ class JobRecord(_Model):
         self.attempts += 1
         self.worker = worker
 
+    def time_limit(self, asked_s: float, worker_timeout_s: float) -> None:
+        """The job's time limit: what its producer asked for, capped by the worker's JOB_TIMEOUT_S."""
+        self.timeout_s = min(asked_s, worker_timeout_s)
+
+    def in_batch_of(self, size: int) -> None:
+        self.batch_size = size
+
+    def on_model(self, model_id: str) -> None:
+        self.model_id = model_id
+
+    def labelled(self, sentiment: Sentiment, sentiment_ms: float) -> None:
+        self.sentiment, self.timings.sentiment_ms = sentiment, sentiment_ms
+
+    def reply_so_far(self, text: str | None) -> None:
+        """The reply written so far (None: a failed run's partial reply is no result)."""
+        self.reply = text
+
+    def input_flagged(self, spans: list[FlaggedSpan]) -> None:
+        """The user's text holds listed terms, where ``spans`` say: it gets no answer of the model's."""
+        self.flagged = Flagged(input=list(dict.fromkeys(span.term for span in spans)), input_spans=spans)
+
+    def reply_withheld(self, terms: list[str], safety_message: str) -> None:
+        """The reply held listed terms: the operator's message stands in for it."""
+        self.flagged = Flagged(input=self.flagged.input if self.flagged else [], reply=terms)
+        self.reply = safety_message
+
     def reply_ended(self, text: str, *, reply_ms: float, truncated: bool, stop_reason: str, cached: bool,
                     prompt_tokens: int | None, generated_tokens: int | None) -> None:
         """The reply is done (whole, cut short or cancelled): its text, how it ended, what it took."""

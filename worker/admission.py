@@ -81,7 +81,7 @@ def admit(runtime: WorkerRuntime, job_id: str, raw_message, unexpected: set[str]
     record = record or JobRecord.queued(job_id, message)
     # The worker's own JOB_TIMEOUT_S caps the job: its hard time limit and the
     # broker's visibility timeout are set from that, not from the producer.
-    record.timeout_s = min(message.timeout_s, settings.job_timeout_s)
+    record.time_limit(message.timeout_s, settings.job_timeout_s)
     # An earlier attempt started and its worker died: run it again from the
     # start, however late (the job was accepted and had begun).
     if record.status is not JobStatus.RUNNING and now > message.start_by:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from jobqueue import cancel
-from jobqueue.protocol import ErrorCode, Flagged, FlaggedSpan, JobError, JobRecord, JobStatus, Sentiment, Turn
+from jobqueue.protocol import ErrorCode, FlaggedSpan, JobError, JobRecord, JobStatus, Sentiment, Turn
 from jobqueue.store import JobStore
 from worker.admission import RunningJob
 from worker.cache import CachedReply, ResultCache
@@ -68,7 +68,7 @@ def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob], joiners: Joiners | 
             log.exception("job=%s failed", unfinished[0].record.job_id if unfinished else "-")
             error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(err).__name__}: {err}"[:500])
             for job in unfinished:
-                job.record.reply = None  # a partial reply is no result
+                job.record.reply_so_far(None)  # a partial reply is no result
                 _settle(store, job, finish(job.record, JobStatus.FAILED, error))
     return [job.record for job in jobs]
 
@@ -76,7 +76,7 @@ def run_jobs(runtime: WorkerRuntime, jobs: list[RunningJob], joiners: Joiners | 
 def _run_steps(runtime: WorkerRuntime, jobs: list[RunningJob], joiners: Joiners | None) -> None:
     engine = runtime.load_engine()
     for job in jobs:
-        job.record.batch_size = len(jobs)
+        job.record.in_batch_of(len(jobs))
     replying = _prepare_replies(runtime, engine, jobs)
     if replying:
         _decode(runtime, engine, replying, jobs, joiners)
@@ -88,7 +88,7 @@ def _prepare_replies(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJ
 
     ``classify`` runs the model's sentiment pass (default: ``engine.classify_batch``)."""
     for job in jobs:
-        job.record.model_id = engine.model_id
+        job.record.on_model(engine.model_id)
     labelled = _sentiment_step(runtime, engine, jobs, classify or engine.classify_batch)
     replying = _drop_cancelled(runtime.store, labelled)
     replying = _refuse_flagged_input(runtime, replying)
@@ -105,8 +105,7 @@ def _refuse_flagged_input(runtime: WorkerRuntime, jobs: list[RunningJob]) -> lis
         if not spans:
             rest.append(job)
             continue
-        job.record.flagged = Flagged(input=list(dict.fromkeys(term for term, _, _ in spans)),
-                                     input_spans=[FlaggedSpan(term=t, start=a, end=b) for t, a, b in spans])
+        job.record.input_flagged([FlaggedSpan(term=t, start=a, end=b) for t, a, b in spans])
         _finish_reply(runtime, job, CachedReply(runtime.settings.safety_message, 0, 0), reply_ms=0.0)
     return rest
 
@@ -121,12 +120,11 @@ def _sentiment_step(runtime: WorkerRuntime, engine: Engine, jobs: list[RunningJo
     replying = []
     for job, sentiment in zip(jobs, sentiments):
         record = job.record
-        record.timings.sentiment_ms = elapsed
         if isinstance(sentiment, Exception):  # this job asked for something the model cannot do
             error = JobError(code=ErrorCode.MODEL_ERROR, message=f"{type(sentiment).__name__}: {sentiment}"[:500])
             _settle(store, job, finish(record, JobStatus.FAILED, error))
             continue
-        record.sentiment = sentiment
+        record.labelled(sentiment, elapsed)
         if time.time() >= job.deadline:
             # Its deadline passed during the sentiment pass: it fails alone, with its label,
             # rather than take a row of the reply batch that it cannot use.
@@ -202,7 +200,7 @@ def _decode(runtime: WorkerRuntime, engine: Engine, pending: list[PendingReply],
             if joiners is not None and not waiting and session.free_rows and joiners.due():
                 joined = joiners.take(session.free_rows)
                 for job in joined:
-                    job.record.batch_size = len(session) + len(joined)
+                    job.record.in_batch_of(len(session) + len(joined))
                 jobs.extend(joined)
                 try:
                     waiting = rows.start(_prepare_joiners(runtime, engine, joined, rows))
@@ -305,10 +303,9 @@ def _finish_reply(runtime: WorkerRuntime, job: RunningJob, reply: ReplyResult | 
     record.reply_ended(reply.text, reply_ms=reply_ms, truncated=reply.truncated, stop_reason=stop_reason,
                        cached=cached, prompt_tokens=reply.prompt_tokens, generated_tokens=reply.generated_tokens)
     if runtime.safety is not None and (terms := runtime.safety.find(reply.text)):
-        record.flagged = Flagged(input=record.flagged.input if record.flagged else [], reply=terms)
-        record.reply = runtime.settings.safety_message
+        record.reply_withheld(terms, runtime.settings.safety_message)
     elif runtime.safety is not None and (cancelled or reply.truncated):
-        record.reply = runtime.safety.safe_prefix(reply.text)  # a cut reply may end with a term's start
+        record.reply_so_far(runtime.safety.safe_prefix(reply.text))  # a cut reply may end with a term's start
     if cancelled:  # the partial reply stays; no turn is stored
         _settle(store, job, cancel.stopped(record))
         return
@@ -380,7 +377,7 @@ class StepUpdates:
             if self.safety is not None:  # never a listed term, nor the start of one
                 text = self.safety.safe_prefix(text)
             if text and text != job.record.reply:
-                job.record.reply = text
+                job.record.reply_so_far(text)
                 self.store.put(job.record, runner=consumer_id())
 
 
