@@ -1,6 +1,7 @@
 """A deep queue (#30): 10,000 waiting jobs of about 2,000 characters and no worker, read by 8 polling
 clients, a gateway-like poller, cancels and the reconciler's sweeps. No Redis command of theirs may
-run over 10 ms (SLOWLOG) but a stray few a descheduled Redis explains, Client.get's p50 and p99 are printed, and every place in line is exact.
+run over 10 ms (SLOWLOG) but a stray few that a descheduled Redis explains, Client.get's p50 and p99
+are printed, and every place in line is exact.
 
 Run alone: ``REDIS_URL=redis://127.0.0.1:6379/15 python -m pytest tests/test_deep_queue.py -s``.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fakeredis
 
-from jobqueue.protocol import held_key
+from jobqueue.protocol import consumer_key, held_key
 from jobqueue.queue.liveness import Heartbeat, consumer_id
 
 
@@ -50,3 +50,16 @@ def test_the_held_set_is_read_before_memory():
     heartbeat.holdings = lambda: order.append("memory") or set()
     heartbeat.give_up_orphans()
     assert order == ["redis", "memory"]
+
+
+def test_a_failing_look_for_orphans_does_not_stop_the_heartbeat():
+    def broken() -> set[str]:
+        raise AttributeError("a kombu internal moved")
+
+    client = fakeredis.FakeRedis()
+    heartbeat = Heartbeat(client, 10.0, holdings=broken)
+    client.sadd(held_key(consumer_id()), "kept")
+    heartbeat.beat_once()  # raises nothing: the thread's loop goes on
+    heartbeat.beat_once()
+    assert client.exists(consumer_key(consumer_id()))
+    assert client.sismember(held_key(consumer_id()), "kept")

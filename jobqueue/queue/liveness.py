@@ -146,10 +146,20 @@ class Heartbeat:
     def _run(self) -> None:
         # Four beats per TTL: one late or failed beat does not make a live process look dead.
         while not self._stopped.is_set():
-            try:
-                self.beat()
-                if self.holdings is not None:
-                    self.give_up_orphans()
-            except redis.RedisError as err:
-                log.warning("heartbeat not written: Redis error %s", err)
+            self.beat_once()
             self._stopped.wait(self.ttl_s / 4)
+
+    def beat_once(self) -> None:
+        """One beat, then the look for orphans. Nothing the look raises may end this thread: a
+        stopped heartbeat makes a live process look dead, and its running jobs run twice."""
+        try:
+            self.beat()
+        except redis.RedisError as err:
+            log.warning("heartbeat not written: Redis error %s", err)
+            return
+        if self.holdings is None:
+            return
+        try:
+            self.give_up_orphans()
+        except Exception:
+            log.exception("the look for held messages not in memory failed; the next beat tries again")

@@ -6,13 +6,13 @@ vocabulary) with Qwen2.5's generation config, as a decoding step calls it. Run i
 import time
 
 import numpy as np
-import torch
 
+from worker.bench.cli_common import machine_line
 from worker.engine.generation import DecodeRow, Sampler
 
 
 def main() -> None:
-    print("CPU capability:", torch.backends.cpu.get_cpu_capability())
+    print(machine_line())
     sampler = Sampler((151645,), top_k=20, top_p=0.8, repetition_penalty=1.05)  # Qwen2.5's generation config
     logits = (np.random.default_rng(0).standard_normal(151_936) * 3).astype(np.float32)
     row = DecodeRow(max_new_tokens=64, min_new_tokens=0, temperature=0.7, deadline=float("inf"),
