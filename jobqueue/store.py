@@ -55,6 +55,21 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         return writes.parse(job_id, self.redis.get(job_key(job_id)))
 
+    def get_with_place(self, job_id: str, line_index: str | None,
+                       now: float) -> tuple[JobRecord | None, int | None, float | None]:
+        """The record, the job's place in line (1 = next; None when it is in no lane) and
+        ``service_rate``, in one round trip: a client's read of one job, at any depth of the queue.
+        ``line_index``: the broker's place-in-line sorted set (``jobqueue.queue.line``; None on
+        RabbitMQ, which has none), where the place is the job's rank + 1, O(log N)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(job_key(job_id))
+            pipe.zcount(FINISHED_RECENTLY_KEY, now - SERVICE_RATE_WINDOW_S, "+inf")
+            if line_index:
+                pipe.zrank(line_index, job_id)
+            raw, finished, *rank = pipe.execute()
+        place = rank[0] + 1 if rank and rank[0] is not None else None
+        return writes.parse(job_id, raw), place, _rate(finished)
+
     def get_many(self, job_ids: list[str]) -> list[JobRecord | None | UnreadableRecord]:
         """Several records in one round trip; an unreadable one comes back as its error."""
         if not job_ids:
@@ -97,8 +112,7 @@ class JobStore:
 
     def service_rate(self, now: float) -> float | None:
         """Jobs finished per second over the last SERVICE_RATE_WINDOW_S; None if none finished."""
-        finished = self.redis.zcount(FINISHED_RECENTLY_KEY, now - SERVICE_RATE_WINDOW_S, "+inf")
-        return finished / SERVICE_RATE_WINDOW_S if finished else None
+        return _rate(self.redis.zcount(FINISHED_RECENTLY_KEY, now - SERVICE_RATE_WINDOW_S, "+inf"))
 
     # --- conversations ---
 
@@ -177,6 +191,11 @@ class JobStore:
     def read_metrics(self) -> JobMetrics:
         """Every job counter, cache counter and stage histogram, read in one round trip."""
         return read_metrics(self.redis)
+
+
+def _rate(finished: int) -> float | None:
+    """Jobs per second from the count finished over the last SERVICE_RATE_WINDOW_S; None for none."""
+    return finished / SERVICE_RATE_WINDOW_S if finished else None
 
 
 def _parse_or_error(job_id: str, raw: bytes | None) -> JobRecord | None | UnreadableRecord:

@@ -231,14 +231,17 @@ class Client:
 
     def get(self, job_id: str) -> JobRecord | None:
         """The job's record, or None if the id is unknown or its record expired; a queued one
-        with its place in line and ETA (``place_in_line``)."""
-        record = self._read(job_id)
-        if record is not None:
-            self.place_in_line([record])
+        with its place in line and ETA (as ``place_in_line`` gives them), in one round trip."""
+        if not is_job_id(job_id):
+            return None
+        with self._broker_errors():
+            record, place, rate = self.store.get_with_place(job_id, self.broker.line_index, time.time())
+        if record is not None and record.status is JobStatus.QUEUED:
+            _set_place(record, place, rate)
         return record
 
     def _read(self, job_id: str) -> JobRecord | None:
-        """The record as stored: what ``wait`` and ``watch`` poll, without a scan of the queue."""
+        """The record as stored: what ``wait`` and ``watch`` poll, without its place in line."""
         if not is_job_id(job_id):
             return None
         with self._broker_errors():
@@ -257,8 +260,7 @@ class Client:
             positions = self.broker.positions(self._celery, [r.job_id for r in queued])
             rate = self.store.service_rate(time.time()) if positions else None
         for record in queued:
-            record.queue_position = positions.get(record.job_id)
-            record.eta_s = round(record.queue_position / rate, 1) if rate and record.queue_position else None
+            _set_place(record, positions.get(record.job_id), rate)
 
     def get_many(self, job_ids: list[str]) -> list[JobRecord | None | UnreadableRecord]:
         """Several records in one round trip (None: unknown or expired; an unreadable one as its error)."""
@@ -360,3 +362,9 @@ def _refusal(err: redis.ResponseError) -> str | None:
     text = str(err)
     return next((meaning for code, meaning in _REFUSALS.items() if text.startswith(code) or f" {code} " in text),
                 None)
+
+
+def _set_place(record: JobRecord, place: int | None, rate: float | None) -> None:
+    """A queued record's place in line and ETA (place / jobs finished per second), as read."""
+    record.queue_position = place
+    record.eta_s = round(place / rate, 1) if rate and place else None

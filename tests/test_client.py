@@ -61,8 +61,11 @@ def test_bad_input_names_field_and_limit_and_writes_nothing(client, fake, kwargs
 
 @pytest.fixture
 def queue_keys(redis_client):
-    """The real Redis's queue and open-job index, emptied before and after (db 15, the suite's own)."""
-    keys = [QUEUE_NAME, OPEN_JOBS_KEY, LINE_KEY, LINE_SEQ_KEY]
+    """The real Redis's queue (every lane: earlier tests leave bulk jobs when no worker runs) and
+    open-job index, emptied before and after (db 15, the suite's own)."""
+    from jobqueue.queue.transport import lane_keys
+
+    keys = [*lane_keys(QUEUE_NAME), OPEN_JOBS_KEY, LINE_KEY, LINE_SEQ_KEY]
     redis_client.delete(*keys)
     yield redis_client
     redis_client.delete(*keys)
@@ -302,3 +305,24 @@ def test_a_cancelled_queued_job_leaves_the_queue_and_frees_its_place(make_client
     assert client.queue_depth() == 1 and client.get(second).queue_position == 1  # it moved up
     client.submit("三")  # the cancelled job's place is free
     assert client.queue_depth() == 2
+
+
+def test_reading_a_waiting_job_is_one_round_trip_to_redis(make_client, queue_keys):
+    """A client's read of one job (record, place and ETA) waits for Redis once: under a deep queue's
+    polling clients, each further wait is another turn for the connection and the GIL (#30)."""
+    client = make_client()
+    job_id = client.submit("一")
+    commands = []
+    connection_pool = client.store.redis.connection_pool
+    real_get_connection = connection_pool.get_connection
+
+    def counting_get_connection(*args, **kwargs):
+        commands.append(args)
+        return real_get_connection(*args, **kwargs)
+
+    connection_pool.get_connection = counting_get_connection
+    try:
+        record = client.get(job_id)
+    finally:
+        connection_pool.get_connection = real_get_connection
+    assert record.queue_position is not None and len(commands) == 1

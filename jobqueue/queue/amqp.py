@@ -115,6 +115,7 @@ class AmqpBroker:
     """The job queue in RabbitMQ."""
 
     kind = "amqp"
+    line_index = None  # RabbitMQ cannot be read without taking: no places in line
 
     def __init__(self, redis_client: redis.Redis, *, max_queue: int, quorum: bool):
         self.redis = redis_client

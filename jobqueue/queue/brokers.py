@@ -13,7 +13,7 @@ from typing import Protocol
 
 from celery import Celery
 
-from jobqueue.protocol import QUEUE_NAME, JobMessage, JobRecord
+from jobqueue.protocol import LINE_KEY, QUEUE_NAME, JobMessage, JobRecord
 from jobqueue.settings import QueueSettings
 from jobqueue.store import JobStore
 from jobqueue.queue import QUEUE_TRANSPORT, amqp, line, submission
@@ -25,6 +25,9 @@ from jobqueue.queue.transport import lane_keys
 
 class Broker(Protocol):
     kind: str
+    #: The place-in-line index's key (``line``), which a read of one job asks in the same round trip;
+    #: None where the queue has none (RabbitMQ).
+    line_index: str | None
 
     def submit(self, celery: Celery, record: JobRecord, message: JobMessage, *, ttl_s: int,
                lane_limit: int = 0, claim: Claim | None = None, tenant_limit: int = 0) -> str: ...
@@ -44,6 +47,7 @@ class RedisBroker:
     """The queue in Redis: kombu's Redis transport, hardened (``transport``), with atomic admission."""
 
     kind = "redis"
+    line_index = LINE_KEY
 
     def __init__(self, store: JobStore, *, max_queue: int):
         self.store = store
