@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
@@ -94,6 +95,20 @@ def test_a_job_is_queued_whole_with_its_record_open_job_and_turn(make_client, qu
     assert queue_keys.zscore(OPEN_JOBS_KEY, job_id) is not None
     assert queue_keys.lrange(pending_turns_key("c-whole"), 0, -1) == [job_id.encode()]
     queue_keys.delete(pending_turns_key("c-whole"), job_key(job_id))
+
+
+def test_a_queued_job_s_text_travels_as_utf_8_not_as_escapes(make_client, queue_keys):
+    """A Chinese character is 3 bytes of the message, not a 6-byte \\uXXXX escape, and the text is not
+    repeated in Celery's headers: this job's message is about a third of its old size in Redis."""
+    text = "好吃" * 500
+    job_id = make_client().submit(text)
+    raw = queue_keys.lindex(QUEUE_NAME, 0)
+    envelope = json.loads(raw)
+    assert envelope["content-type"] == "application/json"
+    assert text.encode() in base64.b64decode(envelope["body"])
+    assert "好吃" not in json.dumps(envelope["headers"], ensure_ascii=False)
+    assert job_id in envelope["headers"]["kwargsrepr"]
+    assert len(raw) < 6_000  # 15,424 bytes before: the text escaped, and its first 1,024 characters again
 
 
 def test_a_retried_publish_does_not_queue_the_job_twice(make_client, queue_keys):

@@ -28,13 +28,34 @@ from __future__ import annotations
 
 from importlib.metadata import version
 
+from kombu.serialization import register
+from kombu.utils import json as kombu_json
+
 from jobqueue.protocol import QUEUE_NAME, TASK_NAME
+
+#: The messages' serializer: kombu's JSON with text as UTF-8 rather than ``\uXXXX`` escapes, the same
+#: content type (``application/json``), so any JSON reader, kombu's included, decodes it as before.
+#: A Chinese character costs 3 bytes, not 6, and 4 and 8 once the transport's base64 is applied: a
+#: job of 2,000 Chinese characters queued in Redis is about half the size.
+WIRE_SERIALIZER = "json-utf8"
+
+
+def _dumps_utf8(obj: object) -> str:
+    text = kombu_json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (a foreign message put back, say): escaped, as before
+        return kombu_json.dumps(obj)
+    return text
+
+
+register(WIRE_SERIALIZER, _dumps_utf8, kombu_json.loads, content_type="application/json", content_encoding="utf-8")
 
 #: Celery's wire format, the same for producers and workers. Only JSON crosses the wire: a pickle
 #: payload is refused, never deserialized.
 CELERY_WIRE_CONFIG = {
-    "task_serializer": "json",
-    "result_serializer": "json",
+    "task_serializer": WIRE_SERIALIZER,
+    "result_serializer": WIRE_SERIALIZER,
     "accept_content": ["json"],
     "result_accept_content": ["json"],
     "task_default_queue": QUEUE_NAME,

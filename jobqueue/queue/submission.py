@@ -173,5 +173,9 @@ def send_raw(celery: Celery, job_id: str, raw_message: dict, lane: str, tenant: 
              lane_priority: dict[str, int], **options) -> None:
     """``send_job`` for a message as it came off the queue. The ``tenant`` header names the job's
     tenant for the line index (``jobqueue.queue.line``: each tenant's depth and the fair intake)."""
+    # Celery's kwargsrepr (for monitors such as Flower) would repeat the first 1,024 characters of the
+    # user's text in the headers, escaped: half the size of a message of Chinese text, and the text
+    # shown to whoever watches the queue. The job id says which job it is.
     celery.send_task(TASK_NAME, task_id=job_id, kwargs={"message": raw_message}, priority=lane_priority[lane],
-                     headers={"tenant": tenant}, **options)
+                     headers={"tenant": tenant}, argsrepr="()", kwargsrepr=f"{{'message': <job {job_id}>}}",
+                     **options)
