@@ -63,7 +63,7 @@ class JobStore:
         RabbitMQ, which has none), where the place is the job's rank + 1, O(log N)."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(job_key(job_id))
-            pipe.zcount(FINISHED_RECENTLY_KEY, now - SERVICE_RATE_WINDOW_S, "+inf")
+            _count_finished_recently(pipe, now)
             if line_index:
                 pipe.zrank(line_index, job_id)
             raw, finished, *rank = pipe.execute()
@@ -112,7 +112,7 @@ class JobStore:
 
     def service_rate(self, now: float) -> float | None:
         """Jobs finished per second over the last SERVICE_RATE_WINDOW_S; None if none finished."""
-        return _rate(self.redis.zcount(FINISHED_RECENTLY_KEY, now - SERVICE_RATE_WINDOW_S, "+inf"))
+        return _rate(_count_finished_recently(self.redis, now))
 
     # --- conversations ---
 
@@ -191,6 +191,11 @@ class JobStore:
     def read_metrics(self) -> JobMetrics:
         """Every job counter, cache counter and stage histogram, read in one round trip."""
         return read_metrics(self.redis)
+
+
+def _count_finished_recently(client: redis.Redis | redis.client.Pipeline, now: float):
+    """ZCOUNT of the jobs finished over the last SERVICE_RATE_WINDOW_S (on a pipeline: queued)."""
+    return client.zcount(FINISHED_RECENTLY_KEY, now - SERVICE_RATE_WINDOW_S, "+inf")
 
 
 def _rate(finished: int) -> float | None:
