@@ -10,8 +10,10 @@ from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, Top
 from worker.engine.generation import (
     DEFAULT_REPETITION_PENALTY,
     DEFAULT_REPETITION_WINDOW,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
     DecodeRow,
-    Repetition,
+    ReplyControls,
     Sampler,
     _draw,
     _penalize_repeats,
@@ -105,14 +107,26 @@ def test_settings_come_from_a_generation_config_object_or_its_json():
 
 
 def test_a_config_without_a_penalty_gets_the_default_repetition_control():
-    default = Sampler.from_generation_config({}, [STOP], Repetition())
+    default = Sampler.from_generation_config({}, [STOP], ReplyControls())
     assert default.repetition_penalty == DEFAULT_REPETITION_PENALTY
     assert default.penalty_window == DEFAULT_REPETITION_WINDOW
     # The model's own penalty is kept; a setting overrides it; 1.0 turns it off.
-    assert Sampler.from_generation_config({"repetition_penalty": 1.05}, [STOP], Repetition()).repetition_penalty == 1.05
+    assert Sampler.from_generation_config({"repetition_penalty": 1.05}, [STOP], ReplyControls()).repetition_penalty == 1.05
     assert Sampler.from_generation_config({"repetition_penalty": 1.05}, [STOP],
-                                          Repetition(penalty=1.2)).repetition_penalty == 1.2
-    assert Sampler.from_generation_config({}, [STOP], Repetition(penalty=1.0)).repetition_penalty is None
+                                          ReplyControls(penalty=1.2)).repetition_penalty == 1.2
+    assert Sampler.from_generation_config({}, [STOP], ReplyControls(penalty=1.0)).repetition_penalty is None
+
+
+def test_a_config_without_top_k_or_top_p_gets_qwens_published_ones():
+    default = Sampler.from_generation_config({}, [STOP], ReplyControls())
+    assert (default.top_k, default.top_p) == (DEFAULT_TOP_K, DEFAULT_TOP_P) == (20, 0.8)
+    # The model's own values are kept; a setting overrides them; 0 and 1.0 turn them off.
+    own = Sampler.from_generation_config({"top_k": 40, "top_p": 0.9}, [STOP], ReplyControls())
+    assert (own.top_k, own.top_p) == (40, 0.9)
+    off = Sampler.from_generation_config({"top_k": 40, "top_p": 0.9}, [STOP], ReplyControls(top_k=0, top_p=1.0))
+    assert (off.top_k, off.top_p) == (None, None)
+    # Without controls (the config as it is) nothing is filled in.
+    assert Sampler.from_generation_config({}, [STOP]).top_k is None
 
 
 def test_the_penalty_window_covers_the_latest_tokens_of_prompt_and_reply():
@@ -138,3 +152,29 @@ def test_no_repeat_ngram_never_completes_an_ngram_the_reply_holds():
     assert sampler.choose(logits, [r]) == [7]
     assert logits[0, 4] == 5.0  # the caller's logits are left as they were
     assert Sampler((STOP,)).choose(logits, [r]) == [4]
+
+
+def test_no_copy_ngram_never_copies_an_ngram_of_the_jobs_text_but_may_always_stop():
+    sampler = Sampler((STOP,), no_copy_ngram=3)
+    r = row()
+    r.source_ids = [8, 1, 2, 4, 1, 2, STOP]  # the job's text holds "1 2 4" and "1 2 STOP"
+    r.tokens = [9, 1, 2]
+    logits = np.zeros((1, 10), dtype=np.float32)
+    logits[0, 4], logits[0, 7] = 5.0, 1.0
+    assert sampler.choose(logits, [r]) == [7]  # after "1 2", copying 4 is banned
+    logits[0, STOP] = 9.0
+    assert sampler.choose(logits, [r]) == [STOP]  # the stop token is never banned
+    r.tokens = [9, 1]  # the text holds no "9 1": nothing to copy on from
+    logits[0, STOP] = 0.0
+    assert sampler.choose(logits, [r]) == [4]
+    assert Sampler((STOP,)).choose(logits, [r]) == [4]
+
+
+def test_no_copy_ngram_is_a_setting_and_1_is_refused():
+    from worker.settings import WorkerSettings
+
+    assert WorkerSettings(no_copy_ngram=4).reply_controls.no_copy_ngram == 4
+    sampler = Sampler.from_generation_config({}, [STOP], WorkerSettings(no_copy_ngram=4).reply_controls)
+    assert sampler.no_copy_ngram == 4
+    with pytest.raises(ValueError, match="NO_COPY_NGRAM"):
+        WorkerSettings(no_copy_ngram=1)

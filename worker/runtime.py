@@ -95,7 +95,7 @@ class WorkerRuntime:
             self.engine = load_engine(
                 self.resolve_model(), settings.dtype, settings.threads, engine=settings.engine,
                 prompt_variant=settings.classifier_prompt, positive_threshold=settings.positive_threshold,
-                adapter=self.adapter, reply_variant=settings.reply_prompt, repetition=settings.repetition,
+                adapter=self.adapter, reply_variant=settings.reply_prompt, controls=settings.reply_controls,
                 kv_cache_tokens=settings.batch_max * settings.kv_tokens_per_job, max_rows=settings.batch_max,
             )
             info = self.engine.info()

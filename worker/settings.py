@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from jobqueue.protocol import MAX_NEW_TOKENS_LIMIT, MAX_TEMPERATURE
 from jobqueue.settings import QueueSettings
-from worker.engine.generation import DEFAULT_REPETITION_WINDOW, Repetition
+from worker.engine.generation import DEFAULT_NO_COPY_NGRAM, DEFAULT_REPETITION_WINDOW, ReplyControls
 from worker.engine.model_source import llama_cpp_installed
 from worker.engine.prompts import DEFAULT_CLASSIFIER_PROMPT, DEFAULT_POSITIVE_THRESHOLD, DEFAULT_REPLY_PROMPT, REPLY_PROMPTS
 
@@ -62,13 +62,21 @@ class WorkerSettings(QueueSettings):
     classifier_adapter: str | None = None
     #: Reply instructions: a variant name from worker/engine/prompts.py (EVAL.md compares them).
     reply_prompt: str = DEFAULT_REPLY_PROMPT
-    #: The repetition penalty of replies; unset: the model's generation config's, else 1.1 (EVAL.md).
+    #: The repetition penalty of replies; unset: the model's generation config's, else 1.2 (EVAL.md).
     #: 1.0 turns it off.
     repetition_penalty: float | None = Field(None, ge=1.0, le=2.0)
     #: The penalty covers this many of the latest tokens, prompt included; 0 = the whole prompt and reply.
     repetition_window: int = Field(DEFAULT_REPETITION_WINDOW, ge=0)
     #: A reply never repeats an n-gram of this many tokens; 0 = no such rule.
     no_repeat_ngram: int = Field(0, ge=0, le=32)
+    #: A reply never copies an n-gram of this many tokens from the job's own text (or history); 0 = no
+    #: such rule. It stops echoes that the penalty alone let through (EVAL.md).
+    no_copy_ngram: int = Field(DEFAULT_NO_COPY_NGRAM, ge=0, le=32)
+    #: Sampled replies draw from the top k words; unset: the model's generation config's, else 20; 0 = all.
+    top_k: int | None = Field(None, ge=0)
+    #: ... and from the likeliest words holding this much probability; unset: the config's, else 0.8;
+    #: 1.0 = all.
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
     #: Reply length when the job does not say.
     max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     #: Sampling temperature when the job does not say; 0 = greedy.
@@ -120,11 +128,14 @@ class WorkerSettings(QueueSettings):
             raise ValueError(f"REPLY_PROMPT={self.reply_prompt!r} is not one of {sorted(REPLY_PROMPTS)}")
         if self.no_repeat_ngram == 1:
             raise ValueError("NO_REPEAT_NGRAM must be 0 (off) or at least 2: 1 would forbid every token used once")
+        if self.no_copy_ngram == 1:
+            raise ValueError("NO_COPY_NGRAM must be 0 (off) or at least 2: 1 would forbid every token of the text")
         return self
 
     @property
-    def repetition(self) -> Repetition:
-        return Repetition(self.repetition_penalty, self.repetition_window, self.no_repeat_ngram)
+    def reply_controls(self) -> ReplyControls:
+        return ReplyControls(self.repetition_penalty, self.repetition_window, self.no_repeat_ngram,
+                             self.no_copy_ngram, self.top_k, self.top_p)
 
     @model_validator(mode="after")
     def _visibility_outlasts_time_limit(self) -> WorkerSettings:

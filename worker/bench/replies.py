@@ -7,8 +7,8 @@ Without ``--score``: reply time. With it: the shipped prompt set through the eng
 ``qwen-allinone eval-replies`` scores it: the quick way to compare variants before measuring the chosen
 one through the queue.
 
-A configuration is ``REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM]]`` (an empty or missing
-penalty: the default). One engine is loaded; each configuration's prompts are built over it in turn,
+A configuration is ``REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM[:NO_COPY_NGRAM[:TOP_K[:TOP_P]]]]]``
+(an empty or missing field: the default; ``1.0``, ``0`` and ``1.0`` turn the penalty, top-k and top-p off). One engine is loaded; each configuration's prompts are built over it in turn,
 and the rounds alternate between configurations so that drift on a shared machine hits them alike.
 Every reply has a fixed length (stop tokens ignored), so the figures compare the cost of a token.
 """
@@ -33,13 +33,17 @@ def _engine_for(base, config: str, default_sampler):
     a fixed number of sequence ids)."""
     from worker.engine.qwen import QwenEngine
 
-    variant, penalty, ngram = (config.split(":") + ["", ""])[:3]
+    variant, penalty, ngram, copy_ngram, top_k, top_p = (config.split(":") + [""] * 5)[:6]
     for prefix in [*base.reply_prefixes.built(), *base.classifier_prefixes.built()]:
         prefix.sequences.release()
     sampler = default_sampler
     if penalty:
         sampler = dataclasses.replace(sampler, repetition_penalty=None if float(penalty) == 1.0 else float(penalty))
-    sampler = dataclasses.replace(sampler, no_repeat_ngram=int(ngram or 0))
+    sampler = dataclasses.replace(sampler, no_repeat_ngram=int(ngram or 0), no_copy_ngram=int(copy_ngram or 0))
+    if top_k:
+        sampler = dataclasses.replace(sampler, top_k=int(top_k) or None)
+    if top_p:
+        sampler = dataclasses.replace(sampler, top_p=float(top_p) if float(top_p) < 1.0 else None)
     return QwenEngine(base.model, base.chat, base.model_id, base.dtype_name, sampler,
                       prompt_variant=base.prompt_variant, reply_variant=variant or "original")
 
@@ -89,7 +93,8 @@ def score(model: str, engine_name: str, configs: list[str], dtype: str, threads:
                     for item, label in zip(items, labels)]
         results = engine.reply_batch(requests, history_max_tokens=0)
         scores = [score_reply(item, r.text, r.stop_reason.value) for item, r in zip(items, results)]
-        tables[config] = format_tables(summarize(scores), per_kind(scores))
+        runs = sum(key.split(" ")[0] == config for key in tables)  # a configuration may be given twice
+        tables[config + (f" (run {runs + 1})" if runs else "")] = format_tables(summarize(scores), per_kind(scores))
     return tables
 
 
@@ -121,7 +126,7 @@ def add_parser(sub, machine_line, default_threads: int) -> None:
     p.add_argument("--model", required=True, help="model folder or .gguf file")
     p.add_argument("--engine", choices=("auto", "torch", "llama.cpp"), default="auto")
     p.add_argument("--configs", default="original:1.0,mood-examples",
-                   help="comma-separated REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM]]")
+                   help="comma-separated REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM[:NO_COPY_NGRAM[:TOP_K[:TOP_P]]]]]")
     p.add_argument("--dtype", default="int8")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--score", action="store_true", help="score replies to the shipped prompt set instead of timing")

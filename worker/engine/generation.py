@@ -12,6 +12,7 @@ lets replies join between them, is ``ReplySession`` (session.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +29,9 @@ class DecodeRow:
     deadline: float
     #: The prompt's token ids (the repetition penalty, when the model asks for one, covers them).
     prompt_ids: list[int]
+    #: The job's own part of the prompt (its text and history, not the shared prefix): what the
+    #: sampler's no-copy rule keeps the reply from parroting.
+    source_ids: list[int] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     #: A stop token ended the reply (it is not in ``tokens``).
     ended: bool = False
@@ -46,11 +50,23 @@ class DecodeRow:
 #: 0.5B model (EVAL.md): at 1.1 it still echoed reviews and reasoning questions back.
 DEFAULT_REPETITION_PENALTY = 1.2
 DEFAULT_REPETITION_WINDOW = 64
+#: Top-k and top-p when neither the model's generation config nor the settings give them: the values
+#: Qwen2 and Qwen2.5 instruct models publish beside their temperature of 0.7. A GGUF file carries no
+#: generation config, so without them a sampled reply drew from all 152k words (EVAL.md measures it).
+DEFAULT_TOP_K = 20
+#: A reply never copies a 4-token run of the job's own text (transformers' encoder_no_repeat_ngram_size).
+#: The penalty alone still let a greeting come back word for word ("晚安，明天见～"); 4 was chosen
+#: over 3 and 5 by `bench replies --score` (EVAL.md).
+DEFAULT_NO_COPY_NGRAM = 4
+#: How far past the top-p bound the sampler still looks at words, in nats (``Sampler._sample``).
+TOP_P_MARGIN = 10.0
+DEFAULT_TOP_P = 0.8
 
 
 @dataclass(frozen=True)
-class Repetition:
-    """What keeps a reply from looping or parroting its input (REPETITION_* settings; EVAL.md measures them)."""
+class ReplyControls:
+    """What keeps a reply on track: from looping, parroting its input, or drawing from the tail of
+    the distribution (REPETITION_*, NO_*_NGRAM, TOP_K and TOP_P settings; EVAL.md measures them)."""
 
     #: None: the model's generation config's penalty, else DEFAULT_REPETITION_PENALTY; 1.0 turns it off.
     penalty: float | None = None
@@ -59,6 +75,12 @@ class Repetition:
     window: int = DEFAULT_REPETITION_WINDOW
     #: A token that would repeat an n-gram the reply already holds is never chosen (0: no such rule).
     no_repeat_ngram: int = 0
+    #: A token that would copy an n-gram of the job's own text is never chosen (0: no such rule).
+    no_copy_ngram: int = DEFAULT_NO_COPY_NGRAM
+    #: None: the model's generation config's, else DEFAULT_TOP_K; 0 turns it off.
+    top_k: int | None = None
+    #: None: the model's generation config's, else DEFAULT_TOP_P; 1.0 turns it off.
+    top_p: float | None = None
 
 
 @dataclass(frozen=True)
@@ -77,19 +99,23 @@ class Sampler:
     #: The penalty looks this many tokens back (None: the whole prompt and reply).
     penalty_window: int | None = None
     no_repeat_ngram: int = 0
+    no_copy_ngram: int = 0
     rng: np.random.Generator = field(default_factory=np.random.default_rng, compare=False, repr=False)
 
     @classmethod
-    def from_generation_config(cls, config, stop_token_ids: list[int], repetition: Repetition | None = None
+    def from_generation_config(cls, config, stop_token_ids: list[int], controls: ReplyControls | None = None
                                ) -> Sampler:
-        """From a GenerationConfig, or the dict of a generation_config.json; ``repetition`` (default: none
-        given) fills in a penalty the config lacks."""
+        """From a GenerationConfig, or the dict of a generation_config.json; ``controls`` (default: none
+        given, the config as it is) override it and fill in what it lacks with the defaults above."""
         get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
         top_k, top_p = get("top_k"), get("top_p")
-        penalty, window, ngram = get("repetition_penalty"), None, 0
-        if repetition is not None:
-            penalty = repetition.penalty or penalty or DEFAULT_REPETITION_PENALTY
-            window, ngram = repetition.window or None, repetition.no_repeat_ngram
+        penalty, window, ngram, copy_ngram = get("repetition_penalty"), None, 0, 0
+        if controls is not None:
+            penalty = controls.penalty or penalty or DEFAULT_REPETITION_PENALTY
+            window, ngram = controls.window or None, controls.no_repeat_ngram
+            copy_ngram = controls.no_copy_ngram
+            top_k = _first_set(controls.top_k, top_k, DEFAULT_TOP_K)
+            top_p = _first_set(controls.top_p, top_p, DEFAULT_TOP_P)
         return cls(
             tuple(stop_token_ids),
             top_k=top_k if top_k and top_k > 0 else None,
@@ -97,6 +123,7 @@ class Sampler:
             repetition_penalty=penalty if penalty not in (None, 1.0) else None,
             penalty_window=window,
             no_repeat_ngram=ngram,
+            no_copy_ngram=copy_ngram,
         )
 
     def choose(self, logits: np.ndarray | list[np.ndarray], rows: list[DecodeRow]) -> list[int]:
@@ -106,7 +133,7 @@ class Sampler:
         chosen = []
         for j, row in enumerate(rows):
             scores = np.asarray(logits[j], dtype=np.float32)          # (vocabulary,)
-            banned = _ngram_repeats(row.tokens, self.no_repeat_ngram) if self.no_repeat_ngram else ()
+            banned = self._banned(row)
             if len(row.tokens) < row.min_new_tokens or self.repetition_penalty is not None or banned:
                 scores = scores.copy()  # the caller's logits stay as they were
             if len(row.tokens) < row.min_new_tokens:
@@ -117,6 +144,16 @@ class Sampler:
                 scores[list(banned)] = -np.inf
             chosen.append(int(scores.argmax()) if row.temperature <= 0 else self._sample(scores, row.temperature))
         return chosen
+
+    def _banned(self, row: DecodeRow) -> list[int]:
+        """Tokens the n-gram rules forbid next: a repeat of the reply's own n-gram, or a copy of the
+        job's text. A stop token is never forbidden (a reply ending as its input ends must still end)."""
+        banned = set()
+        if self.no_repeat_ngram:
+            banned |= _continuations(row.tokens, row.tokens, self.no_repeat_ngram)
+        if self.no_copy_ngram:
+            banned |= _continuations(row.source_ids, row.tokens, self.no_copy_ngram)
+        return sorted(banned.difference(self.stop_token_ids))
 
     def _penalized(self, row: DecodeRow) -> list[int]:
         """The tokens the repetition penalty covers: the latest ``penalty_window`` of prompt and reply."""
@@ -130,16 +167,21 @@ class Sampler:
     def _sample(self, scores: np.ndarray, temperature: float) -> int:
         """One draw from softmax(``scores`` / ``temperature``) after top-k and top-p.
 
-        With top-k, one pass over the vocabulary finds the k candidates and the rest works on them
-        alone: over all 152k words, scaling, exponentials and masks took 1.1 to 1.6 ms a row per step,
-        2 to 5% of a lone reply's decoding step on llama.cpp (BENCHMARKS.md). Scaling by a positive
-        temperature keeps the order, so the top k are the same before and after it.
+        Only the candidates are worked on, found in one pass over the vocabulary. With top-p, a word more
+        than ``temperature * log(vocabulary / (1 - top_p))`` below the best has a probability under
+        (1 - top_p) / vocabulary, so all such words together hold less than the 1 - top_p that top-p
+        cuts: they are dropped by one comparison (0.1 ms a row per step here, where a partition of all
+        152k scores took 1 ms; BENCHMARKS.md). TOP_P_MARGIN more keeps what they hold far below any
+        word's share, so the same words survive top-p as over the whole vocabulary. Top-k then takes
+        the k best of what is left. Scaling by a positive temperature keeps the order.
         """
-        if self.top_k is not None and self.top_k < len(scores):
-            kth = np.partition(scores, -self.top_k)[-self.top_k]
-            ids = np.flatnonzero(scores >= kth)                       # (kept,) ascending; ties at the k-th kept
-        else:
-            ids = np.arange(len(scores))                              # (vocabulary,)
+        ids = np.arange(len(scores))                                  # (vocabulary,)
+        if self.top_p is not None:
+            reach = temperature * (math.log(len(scores) / (1 - self.top_p)) + TOP_P_MARGIN)
+            ids = np.flatnonzero(scores >= scores.max() - reach)      # (candidates,) ascending
+        if self.top_k is not None and self.top_k < len(ids):
+            kth = np.partition(scores[ids], -self.top_k)[-self.top_k]
+            ids = ids[scores[ids] >= kth]                             # (kept,) ascending; ties at the k-th kept
         kept = scores[ids] / np.float32(temperature)                  # (kept,)
         weights = np.exp(kept - kept.max())                           # (kept,) unnormalized; 0 where cut
         if self.top_p is not None:
@@ -149,6 +191,10 @@ class Sampler:
             tail[-1] = False                                          # the most likely word always stays
             weights[order[tail]] = 0.0
         return int(ids[_draw(weights, self.rng.random())])
+
+
+def _first_set(*values):
+    return next(value for value in values if value is not None)
 
 
 def _draw(weights: np.ndarray, u: float, block: int = 1024) -> int:
@@ -179,9 +225,10 @@ def _penalize_repeats(scores: np.ndarray, seen: list[int], penalty: float) -> No
     scores[ids] = np.where(values < 0, values * penalty, values / penalty)
 
 
-def _ngram_repeats(tokens: list[int], n: int) -> set[int]:
-    """Tokens that would complete an n-gram ``tokens`` already holds (transformers' no_repeat_ngram_size)."""
-    if len(tokens) < n:
+def _continuations(source: list[int], tokens: list[int], n: int) -> set[int]:
+    """Tokens that would make ``tokens`` end in an n-gram ``source`` holds: with ``source`` the reply
+    itself, transformers' no_repeat_ngram_size; with the job's text, its encoder_no_repeat_ngram_size."""
+    if len(tokens) < n - 1 or len(source) < n:
         return set()
-    tail = tuple(tokens[len(tokens) - n + 1:])
-    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == tail}
+    tail = tokens[len(tokens) - n + 1:]
+    return {source[i + n - 1] for i in range(len(source) - n + 1) if source[i:i + n - 1] == tail}

@@ -31,7 +31,7 @@ import numpy as np
 
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH
 from worker.engine.chat import ChatFormat
-from worker.engine.generation import Repetition, Sampler
+from worker.engine.generation import ReplyControls, Sampler
 from worker.engine.interface import Segment, split_passes
 from worker.engine.llama_vocab import LlamaVocab
 from worker.engine.memory import release_freed_memory
@@ -247,7 +247,7 @@ def load_llama_engine(engine_class, source: ModelSource, threads: int | None, kv
     vocab = LlamaVocab(model)
     generation = _generation_config(source)
     chat = ChatFormat(vocab, source.model_id, generation.get("eos_token_id") or ())
-    sampler = Sampler.from_generation_config(generation, chat.stop_token_ids, options.pop("repetition", Repetition()))
+    sampler = Sampler.from_generation_config(generation, chat.stop_token_ids, options.pop("controls", ReplyControls()))
     # The cache holds the fixed prefixes (computed once at load) and the batches' own tokens.
     classifier, replies = engine_class.prefix_systems(chat, options.get("prompt_variant", DEFAULT_CLASSIFIER_PROMPT),
                                                       options.get("reply_variant", DEFAULT_REPLY_PROMPT))

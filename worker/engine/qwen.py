@@ -26,7 +26,7 @@ from jobqueue.labels import LABEL_SETS
 from worker.engine.adapter import ADAPTER_NEEDS_TORCH, ClassifierAdapter, check_fits
 from worker.engine.adapter import SETTING as ADAPTER_SETTING
 from worker.engine.chat import ChatFormat, HFTokenizer
-from worker.engine.generation import Repetition, Sampler
+from worker.engine.generation import ReplyControls, Sampler
 from worker.engine.interface import PassOutput, Replies, SequenceModel, Sequences
 from worker.engine.prefixes import Prefixes, PrefixSpec, PromptPrefix
 from worker.engine.results import EngineInfo, ReplyRequest, ReplyResult, SentimentResult
@@ -104,7 +104,7 @@ class QwenEngine:
     def load(cls, source: ModelSource, dtype: str = "float32", threads: int | None = None, *,
              engine: str = "torch", kv_cache_tokens: int = 8192, max_rows: int = 8, **options) -> QwenEngine:
         """Load MODEL on ``engine`` ("torch" or "llama.cpp"); ``options`` (prompt_variant, reply_variant,
-        positive_threshold, adapter) go to the constructor, ``repetition`` to the sampler. llama.cpp's one context holds ``kv_cache_tokens``
+        positive_threshold, adapter) go to the constructor, ``controls`` to the sampler. llama.cpp's one context holds ``kv_cache_tokens``
         for up to ``max_rows`` rows at once; the torch engine sizes a cache per batch instead."""
         if engine == "llama.cpp":
             from worker.engine.llama_model import load_llama_engine
@@ -133,7 +133,7 @@ class QwenEngine:
 
         config = hf_model.generation_config
         chat = ChatFormat(HFTokenizer(tokenizer), model_id, config.eos_token_id)
-        sampler = Sampler.from_generation_config(config, chat.stop_token_ids, options.pop("repetition", Repetition()))
+        sampler = Sampler.from_generation_config(config, chat.stop_token_ids, options.pop("controls", ReplyControls()))
         model = build_sequence_model(hf_model, dtype, chat.all_label_token_ids(), threads or 0, weights_folder)
         return cls(model, chat, model_id, dtype, sampler, **options)
 

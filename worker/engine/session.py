@@ -89,7 +89,8 @@ class ReplySession:
         if not self._free or (self.token_limit is not None and self.reserved + need > self.token_limit):
             return None
         row = DecodeRow(max_new_tokens=max_new, min_new_tokens=min(request.min_new_tokens, max_new),
-                        temperature=request.temperature, deadline=request.deadline, prompt_ids=prompt)
+                        temperature=request.temperature, deadline=request.deadline, prompt_ids=prompt,
+                        source_ids=rest)
         row.truncated = request.deadline <= time.time()  # out of time before it began: an empty reply
         cache_row = self._free[0]
         if not row.done:
