@@ -48,8 +48,8 @@ def _engine_for(base, config: str, default_sampler):
                       prompt_variant=base.prompt_variant, reply_variant=variant or "original")
 
 
-def measure(model: str, engine_name: str, configs: list[str], dtype: str, threads: int, rounds: int
-            ) -> dict[str, list[float]]:
+def measure(model: str, engine_name: str, configs: list[str], dtype: str, threads: int, rounds: int,
+            temperature: float = 0.0) -> dict[str, list[float]]:
     """Config -> reply ms of each round (ROWS replies of TOKENS tokens together)."""
     from worker.engine import ReplyRequest, load_engine
     from worker.engine.model_source import resolve_model_source
@@ -64,7 +64,7 @@ def measure(model: str, engine_name: str, configs: list[str], dtype: str, thread
     for _ in range(rounds + 1):  # the first round warms up and is dropped
         for config in configs:
             engine = _engine_for(engine, config, default_sampler)
-            requests = [ReplyRequest(t, max_new_tokens=TOKENS, min_new_tokens=TOKENS, mood=m)
+            requests = [ReplyRequest(t, max_new_tokens=TOKENS, min_new_tokens=TOKENS, mood=m, temperature=temperature)
                         for t, m in zip(texts, moods)]
             started = time.perf_counter()
             engine.reply_batch(requests, history_max_tokens=0)
@@ -116,8 +116,9 @@ def add_parser(sub, machine_line, default_threads: int) -> None:
                                        args.temperature).items():
                 print(f"\n{config}\n{table}")
             return 0
-        times = measure(args.model, args.engine, configs, args.dtype, args.threads, args.rounds)
-        print(f"\nreply time per configuration, ENGINE={args.engine}, {args.rounds} rounds alternating; "
+        times = measure(args.model, args.engine, configs, args.dtype, args.threads, args.rounds, args.temperature)
+        print(f"\nreply time per configuration, ENGINE={args.engine}, temperature {args.temperature:g}, "
+              f"{args.rounds} rounds alternating; "
               f"{machine_line()}, {args.threads} threads\n")
         print(format_times(times))
         return 0
@@ -130,6 +131,6 @@ def add_parser(sub, machine_line, default_threads: int) -> None:
     p.add_argument("--dtype", default="int8")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--score", action="store_true", help="score replies to the shipped prompt set instead of timing")
-    p.add_argument("--temperature", type=float, default=0.0, help="with --score (default 0: greedy)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument("--threads", type=int, default=default_threads)
     p.set_defaults(func=run)

@@ -58,7 +58,10 @@ DEFAULT_TOP_K = 20
 #: The penalty alone still let a greeting come back word for word ("晚安，明天见～"); 4 was chosen
 #: over 3 and 5 by `bench replies --score` (EVAL.md).
 DEFAULT_NO_COPY_NGRAM = 4
-#: How far past the top-p bound the sampler still looks at words, in nats (``Sampler._sample``).
+#: How far below the best score the sampler looks for top-k's words, nearest first (``Sampler._sample``):
+#: on the 0.5B model's replies, 3 to 60 words were within 4 of the best, 500 to 43,000 within 16.
+TOP_K_REACH = (6.0, 10.0, 16.0)
+#: How far past the top-p bound the sampler still looks at words without top-k, in nats.
 TOP_P_MARGIN = 10.0
 DEFAULT_TOP_P = 0.8
 
@@ -167,21 +170,28 @@ class Sampler:
     def _sample(self, scores: np.ndarray, temperature: float) -> int:
         """One draw from softmax(``scores`` / ``temperature``) after top-k and top-p.
 
-        Only the candidates are worked on, found in one pass over the vocabulary. With top-p, a word more
-        than ``temperature * log(vocabulary / (1 - top_p))`` below the best has a probability under
-        (1 - top_p) / vocabulary, so all such words together hold less than the 1 - top_p that top-p
-        cuts: they are dropped by one comparison (0.1 ms a row per step here, where a partition of all
-        152k scores took 1 ms; BENCHMARKS.md). TOP_P_MARGIN more keeps what they hold far below any
-        word's share, so the same words survive top-p as over the whole vocabulary. Top-k then takes
-        the k best of what is left. Scaling by a positive temperature keeps the order.
+        Only the candidates are worked on, found by comparisons over the vocabulary (a partition of all
+        152k scores costs several times as much). Top-k's k best are the k best of any set that holds
+        them, so of the words within TOP_K_REACH of the best, when at least k are. Without top-k, a
+        word more than ``temperature * log(vocabulary / (1 - top_p))`` below the best has a probability
+        under (1 - top_p) / vocabulary, so all such words together hold less than the 1 - top_p that
+        top-p cuts; TOP_P_MARGIN more keeps what they hold far below any word's share, so the same
+        words survive top-p as over the whole vocabulary. Scaling by a positive temperature keeps the
+        order.
         """
         ids = np.arange(len(scores))                                  # (vocabulary,)
-        if self.top_p is not None:
-            reach = temperature * (math.log(len(scores) / (1 - self.top_p)) + TOP_P_MARGIN)
-            ids = np.flatnonzero(scores >= scores.max() - reach)      # (candidates,) ascending
-        if self.top_k is not None and self.top_k < len(ids):
+        best = scores.max()
+        if self.top_k is not None and self.top_k < len(scores):
+            for reach in TOP_K_REACH:
+                near = np.flatnonzero(scores >= best - reach)         # (near,) ascending
+                if len(near) >= self.top_k:
+                    ids = near
+                    break
             kth = np.partition(scores[ids], -self.top_k)[-self.top_k]
             ids = ids[scores[ids] >= kth]                             # (kept,) ascending; ties at the k-th kept
+        elif self.top_p is not None:
+            reach = temperature * (math.log(len(scores) / (1 - self.top_p)) + TOP_P_MARGIN)
+            ids = np.flatnonzero(scores >= best - reach)              # (candidates,) ascending
         kept = scores[ids] / np.float32(temperature)                  # (kept,)
         weights = np.exp(kept - kept.max())                           # (kept,) unnormalized; 0 where cut
         if self.top_p is not None:
