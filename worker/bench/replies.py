@@ -39,7 +39,10 @@ def _engine_for(base, config: str, default_sampler):
     sampler = default_sampler
     if penalty:
         sampler = dataclasses.replace(sampler, repetition_penalty=None if float(penalty) == 1.0 else float(penalty))
-    sampler = dataclasses.replace(sampler, no_repeat_ngram=int(ngram or 0), no_copy_ngram=int(copy_ngram or 0))
+    if ngram:
+        sampler = dataclasses.replace(sampler, no_repeat_ngram=int(ngram))
+    if copy_ngram:
+        sampler = dataclasses.replace(sampler, no_copy_ngram=int(copy_ngram))
     if top_k:
         sampler = dataclasses.replace(sampler, top_k=int(top_k) or None)
     if top_p:
