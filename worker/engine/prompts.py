@@ -139,6 +139,14 @@ _BRIEF_EXAMPLES = {
 }
 
 
+# `brief` with a second example turn, praise answered: `brief` alone fitted too few replies to praise.
+_BRIEF_REVIEW_EXAMPLES = {
+    "zh": (*_BRIEF_EXAMPLES["zh"], ("披萨送得很快，还是热的，太好吃了！", "谢谢您的夸奖！很高兴您吃得开心，期待下次再为您服务！")),
+    "en": (*_BRIEF_EXAMPLES["en"], ("The pizza came fast and still hot. Loved it!",
+                                    "Thank you so much! So glad you loved it. See you next time!")),
+}
+
+
 @dataclass(frozen=True)
 class ReplyVariant:
     """One way of instructing the reply: a system prompt per language, maybe a mood sentence per
@@ -158,6 +166,7 @@ REPLY_PROMPTS: dict[str, ReplyVariant] = {
     "examples": ReplyVariant(_FITTING, None, _EXAMPLES),
     "mood-examples": ReplyVariant(_FITTING, _MOOD, _EXAMPLES),
     "brief": ReplyVariant(_BRIEF, _BRIEF_MOOD, _BRIEF_EXAMPLES),
+    "brief-reviews": ReplyVariant(_BRIEF, _BRIEF_MOOD, _BRIEF_REVIEW_EXAMPLES),
 }
 DEFAULT_REPLY_PROMPT = "mood-examples"
 #: The default variant's system prompt with no mood: what benchmarks send to peers that have no classifier.
