@@ -54,6 +54,7 @@ DEFAULT_REPETITION_WINDOW = 64
 #: Qwen2 and Qwen2.5 instruct models publish beside their temperature of 0.7. A GGUF file carries no
 #: generation config, so without them a sampled reply drew from all 152k words (EVAL.md measures it).
 DEFAULT_TOP_K = 20
+DEFAULT_TOP_P = 0.8
 #: A reply never copies a 4-token run of the job's own text (transformers' encoder_no_repeat_ngram_size).
 #: The penalty alone still let a greeting come back word for word ("晚安，明天见～"); 4 was chosen
 #: over 3 and 5 by `bench replies --score` (EVAL.md).
@@ -63,8 +64,6 @@ DEFAULT_NO_COPY_NGRAM = 4
 TOP_K_REACH = (6.0, 10.0, 16.0)
 #: How far past the top-p bound the sampler still looks at words without top-k, in nats.
 TOP_P_MARGIN = 10.0
-DEFAULT_TOP_P = 0.8
-
 
 @dataclass(frozen=True)
 class ReplyControls:
