@@ -157,7 +157,7 @@ def test_no_repeat_ngram_never_completes_an_ngram_the_reply_holds():
 def test_no_copy_ngram_never_copies_an_ngram_of_the_jobs_text_but_may_always_stop():
     sampler = Sampler((STOP,), no_copy_ngram=3)
     r = row()
-    r.source_ids = [8, 1, 2, 4, 1, 2, STOP]  # the job's text holds "1 2 4" and "1 2 STOP"
+    r.copy_index = sampler.copy_index([8, 1, 2, 4, 1, 2, STOP])  # the job's text holds "1 2 4" and "1 2 STOP"
     r.tokens = [9, 1, 2]
     logits = np.zeros((1, 10), dtype=np.float32)
     logits[0, 4], logits[0, 7] = 5.0, 1.0

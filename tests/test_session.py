@@ -106,3 +106,16 @@ def test_a_reply_cancelled_while_it_waits_for_a_row_never_runs(engine):  # noqa:
         results = dict(run_to_end(session, requests, lambda tokens: [1]))
     assert results[1].stop_reason is StopReason.CANCELLED and results[1].generated_tokens == 0
     assert results[0] == _alone(engine, requests[0])
+
+
+def test_the_copy_rule_covers_the_jobs_own_tokens_not_the_shared_prefix(engine):  # noqa: F811
+    request = greedy(LONG, max_new_tokens=4)
+    prompt = engine.reply_prompt(LONG, [], request.mood)
+    own = prompt[len(engine.reply_prefix_for(LONG, request.mood).ids):]
+    with ReplySession(engine, 1, history_max_tokens=256) as session:
+        key = session.add(request)
+        index = session._replies[key].decode.copy_index
+    n = engine.sampler.no_copy_ngram
+    assert n == 4 and index == engine.sampler.copy_index(own)
+    assert index and all(len(gram) == n - 1 for gram in index)
+    assert sum(len(follows) for follows in index.values()) <= len(own) - n + 1 < len(prompt) - n + 1

@@ -7,9 +7,9 @@ Without ``--score``: reply time. With it: the shipped prompt set through the eng
 ``qwen-allinone eval-replies`` scores it: the quick way to compare variants before measuring the chosen
 one through the queue.
 
-A configuration is ``REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM[:NO_COPY_NGRAM[:TOP_K[:TOP_P]]]]]``
-(an empty or missing field: the default; ``1.0``, ``0`` and ``1.0`` turn the penalty, top-k and top-p off). One engine is loaded; each configuration's prompts are built over it in turn,
-and the rounds alternate between configurations so that drift on a shared machine hits them alike.
+A configuration is ``REPLY_PROMPT[:REPETITION_PENALTY[:NO_REPEAT_NGRAM[:NO_COPY_NGRAM[:TOP_K[:TOP_P]]]]]``:
+an empty or missing field keeps the default; ``1.0``, ``0`` and ``1.0`` turn the penalty, top-k and top-p
+off. One engine is loaded; each configuration's prompts are built over it in turn, and the rounds alternate between configurations so that drift on a shared machine hits them alike.
 Every reply has a fixed length (stop tokens ignored), so the figures compare the cost of a token.
 """
 
@@ -36,17 +36,12 @@ def _engine_for(base, config: str, default_sampler):
     variant, penalty, ngram, copy_ngram, top_k, top_p = (config.split(":") + [""] * 5)[:6]
     for prefix in [*base.reply_prefixes.built(), *base.classifier_prefixes.built()]:
         prefix.sequences.release()
-    sampler = default_sampler
-    if penalty:
-        sampler = dataclasses.replace(sampler, repetition_penalty=None if float(penalty) == 1.0 else float(penalty))
-    if ngram:
-        sampler = dataclasses.replace(sampler, no_repeat_ngram=int(ngram))
-    if copy_ngram:
-        sampler = dataclasses.replace(sampler, no_copy_ngram=int(copy_ngram))
-    if top_k:
-        sampler = dataclasses.replace(sampler, top_k=int(top_k) or None)
-    if top_p:
-        sampler = dataclasses.replace(sampler, top_p=float(top_p) if float(top_p) < 1.0 else None)
+    given = {  # the fields the configuration sets, with the settings' meaning of "off"
+        "repetition_penalty": penalty and (None if float(penalty) == 1.0 else float(penalty)),
+        "no_repeat_ngram": ngram and int(ngram), "no_copy_ngram": copy_ngram and int(copy_ngram),
+        "top_k": top_k and (int(top_k) or None), "top_p": top_p and (float(top_p) if float(top_p) < 1.0 else None),
+    }
+    sampler = dataclasses.replace(default_sampler, **{name: value for name, value in given.items() if value != ""})
     return QwenEngine(base.model, base.chat, base.model_id, base.dtype_name, sampler,
                       prompt_variant=base.prompt_variant, reply_variant=variant or "original")
 

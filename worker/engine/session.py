@@ -90,7 +90,7 @@ class ReplySession:
             return None
         row = DecodeRow(max_new_tokens=max_new, min_new_tokens=min(request.min_new_tokens, max_new),
                         temperature=request.temperature, deadline=request.deadline, prompt_ids=prompt,
-                        source_ids=rest)
+                        copy_index=self.engine.sampler.copy_index(rest))
         row.truncated = request.deadline <= time.time()  # out of time before it began: an empty reply
         cache_row = self._free[0]
         if not row.done:
